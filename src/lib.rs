@@ -1,0 +1,2 @@
+//! sluicegate
+#![forbid(unsafe_code)]

@@ -1,2 +1,21 @@
-//! sluicegate
+//! sluicegate: an HTTP rate-limiting reverse proxy in front of AWS Lambda.
+//!
+//! Clients POST one JSON record per request. sluicegate admits each request per key with
+//! API Gateway throttling semantics, groups admitted records into Lambda batch invokes that
+//! stay inside Lambda's own limits, and hands each record's result back to its caller.
+//!
+//! # Layout
+//! - [`config`]: the typed TOML config with `SLUICEGATE_*` overrides, validated at load.
+//! - [`server`]: the axum data plane, identity extraction, error → HTTP mapping, admin listener.
+//! - [`limit`]: token-bucket admission (global → route → key), bounded keyed state, Tower layer.
+//! - [`coalesce`]: per-route batcher (handle + worker) and the batch envelope.
+//! - [`invoke`]: the `aws-sdk-lambda` client, per-function gate, Lambda error classification.
+//! - [`emulator`]: a local Lambda Invoke API that the real SDK talks to unchanged.
 #![forbid(unsafe_code)]
+
+pub mod coalesce;
+pub mod config;
+pub mod emulator;
+pub mod invoke;
+pub mod limit;
+pub mod server;

@@ -1,0 +1,98 @@
+//! Cost of one `Admission::check` (global → route → key) with the production clock.
+//!
+//! Run: `cargo bench --bench admission` (add `-- --quick` for a short run). Figures go in
+//! BENCHMARKS.md; nothing here asserts a speed.
+//!
+//! Quotas are large so every check is admitted and does the full three-layer walk.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use sluicegate::limit::{Admission, Plans, Quota, TokioClock};
+
+const WIDE_OPEN: Quota = Quota {
+    rate: 1e9,
+    burst: u32::MAX,
+};
+
+fn admission(max_keys: usize) -> Admission<TokioClock> {
+    Admission::new(
+        Some(WIDE_OPEN),
+        vec![("records".into(), Some(WIDE_OPEN))],
+        Plans::new(WIDE_OPEN, vec![]),
+        max_keys,
+        TokioClock,
+    )
+}
+
+fn keys(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("client-key-{i:08}")).collect()
+}
+
+/// Single thread, cycling through `n` distinct keys that are all already tracked.
+fn single_thread(c: &mut Criterion) {
+    let mut group = c.benchmark_group("check");
+    group.throughput(Throughput::Elements(1));
+    for n in [1usize, 10_000, 1_000_000] {
+        let keys = keys(n);
+        let admission = admission(2 * n);
+        for key in &keys {
+            admission.check(0, key).expect("wide open");
+        }
+        let mut i = 0;
+        group.bench_with_input(BenchmarkId::new("keys", n), &keys, |b, keys| {
+            b.iter(|| {
+                i = (i + 1) % keys.len();
+                black_box(admission.check(0, black_box(&keys[i])))
+            })
+        });
+    }
+    group.finish();
+}
+
+/// Two threads (this machine has two cores) checking at once: each thread does `iters`
+/// checks and the reported time is the wall time per check *per thread*.
+fn contended(c: &mut Criterion) {
+    let mut group = c.benchmark_group("check_2_threads");
+    group.throughput(Throughput::Elements(2));
+    for (name, n) in [("same_key", 1usize), ("keys_10k", 10_000)] {
+        let keys = Arc::new(keys(n));
+        let admission = Arc::new(admission(2 * n));
+        for key in keys.iter() {
+            admission.check(0, key).expect("wide open");
+        }
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                let threads: Vec<_> = (0..2)
+                    .map(|t| {
+                        let (admission, keys) = (Arc::clone(&admission), Arc::clone(&keys));
+                        thread::spawn(move || {
+                            for i in 0..iters as usize {
+                                let key = &keys[(i * 2 + t) % keys.len()];
+                                let _ = black_box(admission.check(0, black_box(key)));
+                            }
+                        })
+                    })
+                    .collect();
+                for t in threads {
+                    t.join().expect("bench thread panicked");
+                }
+                start.elapsed()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = single_thread, contended
+}
+criterion_main!(benches);

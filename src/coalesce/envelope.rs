@@ -1,0 +1,404 @@
+//! The batch envelope: building the invoke payload and reading the function's answer.
+//!
+//! Request: `{"records":[{"id":"r1","key":"<client key>","body":<record>}, ...]}`.
+//! Accepted answers: `{"results":[{"id","status":"success","body"} | {"id","status":"error","error"}]}`
+//! or the SQS-style `{"batchItemFailures":[{"itemIdentifier":"r2"}]}` (the others succeeded,
+//! with no body). Anything else, or a record the answer does not mention, is an error for
+//! that record's caller — never silence.
+
+use std::collections::{HashMap, HashSet};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{Delivered, Message, RecordError};
+use crate::config::Envelope;
+use crate::invoke::{InvokeFailure, Invoked};
+
+/// A function error (`X-Amz-Function-Error`), as every record of the batch reports it.
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
+#[error("the function failed ({kind}): {error_type}: {message}")]
+pub struct FunctionError {
+    /// `Unhandled` or `Handled`.
+    pub kind: String,
+    pub error_type: String,
+    pub message: String,
+}
+
+impl FunctionError {
+    fn parse(kind: String, payload: &[u8]) -> Self {
+        #[derive(Deserialize)]
+        struct Body {
+            #[serde(rename = "errorType")]
+            error_type: Option<String>,
+            #[serde(rename = "errorMessage")]
+            error_message: Option<String>,
+        }
+        match serde_json::from_slice::<Body>(payload) {
+            Ok(body) => FunctionError {
+                kind,
+                error_type: body.error_type.unwrap_or_else(|| "Unknown".to_owned()),
+                message: body.error_message.unwrap_or_default(),
+            },
+            Err(_) => FunctionError {
+                kind,
+                error_type: "Unknown".to_owned(),
+                message: String::from_utf8_lossy(&payload[..payload.len().min(1024)]).into_owned(),
+            },
+        }
+    }
+}
+
+/// One record's envelope entry: `{"id":"r1","key":"k","body":<record>}`.
+pub(super) fn entry(id: &str, key: &str, body: &RawValue) -> Bytes {
+    let body = body.get();
+    let mut buf = BytesMut::with_capacity(body.len() + key.len() + id.len() + 32);
+    buf.put_slice(b"{\"id\":\"");
+    buf.put_slice(id.as_bytes());
+    buf.put_slice(b"\",\"key\":");
+    let mut writer = buf.writer();
+    serde_json::to_writer(&mut writer, key).expect("writing a string into memory cannot fail");
+    let mut buf = writer.into_inner();
+    buf.put_slice(b",\"body\":");
+    buf.put_slice(body.as_bytes());
+    buf.put_slice(b"}");
+    buf.freeze()
+}
+
+/// Payload bytes for `entries` under `envelope`.
+pub(super) fn payload(envelope: Envelope, batch: &[Message]) -> Bytes {
+    match envelope {
+        Envelope::Raw => batch.first().map(|m| m.entry.clone()).unwrap_or_default(),
+        Envelope::Batch => {
+            let len = framed_len(batch.iter().map(|m| m.entry.len()).sum(), batch.len());
+            let mut buf = BytesMut::with_capacity(len);
+            buf.put_slice(b"{\"records\":[");
+            for (i, m) in batch.iter().enumerate() {
+                if i > 0 {
+                    buf.put_u8(b',');
+                }
+                buf.put_slice(&m.entry);
+            }
+            buf.put_slice(b"]}");
+            debug_assert_eq!(buf.len(), len);
+            buf.freeze()
+        }
+    }
+}
+
+/// Exact payload size of `records` entries totalling `entry_bytes` bytes.
+pub(super) fn framed_len(entry_bytes: usize, records: usize) -> usize {
+    crate::config::ENVELOPE_FRAME as usize + entry_bytes + records.saturating_sub(1)
+}
+
+#[derive(Deserialize)]
+struct BatchResponse<'a> {
+    #[serde(borrow, default)]
+    results: Option<Vec<ResultItem<'a>>>,
+    #[serde(rename = "batchItemFailures", default)]
+    batch_item_failures: Option<Vec<ItemFailure>>,
+}
+
+#[derive(Deserialize)]
+struct ResultItem<'a> {
+    id: String,
+    status: String,
+    #[serde(borrow, default)]
+    body: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    error: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ItemFailure {
+    #[serde(rename = "itemIdentifier")]
+    item_identifier: String,
+}
+
+fn null() -> Box<RawValue> {
+    RawValue::from_string("null".to_owned()).expect("`null` is JSON")
+}
+
+fn owned(raw: Option<&RawValue>) -> Box<RawValue> {
+    raw.map(RawValue::to_owned).unwrap_or_else(null)
+}
+
+/// Answers every message of a dispatched batch from the invoke's result. Each message is
+/// consumed by exactly one `answer`.
+pub(super) fn fan_out(
+    batch: Vec<Message>,
+    result: Result<Invoked, InvokeFailure>,
+    envelope: Envelope,
+) {
+    let (payload, function_error) = match result {
+        Err(failure) => {
+            for m in batch {
+                m.answer(Err(RecordError::Invoke(failure.clone())));
+            }
+            return;
+        }
+        Ok(Invoked::Accepted) => {
+            for m in batch {
+                m.answer(Ok(Delivered::Accepted));
+            }
+            return;
+        }
+        Ok(Invoked::Response {
+            payload,
+            function_error,
+        }) => (payload, function_error),
+    };
+    if let Some(kind) = function_error {
+        let error = FunctionError::parse(kind, &payload);
+        for m in batch {
+            m.answer(Err(RecordError::Function(error.clone())));
+        }
+        return;
+    }
+    match envelope {
+        Envelope::Raw => {
+            let text = if payload.is_empty() {
+                "null"
+            } else {
+                std::str::from_utf8(&payload).unwrap_or("\u{0}")
+            };
+            let outcome = serde_json::from_str::<Box<RawValue>>(text)
+                .map(|body| Delivered::Success { body })
+                .map_err(|e| RecordError::MalformedResponse(format!("response is not JSON: {e}")));
+            let mut outcome = Some(outcome);
+            for m in batch {
+                // A raw batch holds exactly one record; any other would get the same error.
+                let o = outcome.take().unwrap_or(Err(RecordError::MissingResult));
+                m.answer(o);
+            }
+        }
+        Envelope::Batch => fan_out_batch(batch, &payload),
+    }
+}
+
+fn fan_out_batch(batch: Vec<Message>, payload: &[u8]) {
+    let parsed = serde_json::from_slice::<BatchResponse<'_>>(payload);
+    match parsed {
+        Ok(BatchResponse {
+            results: Some(results),
+            ..
+        }) => {
+            let mut by_id: HashMap<&str, &ResultItem<'_>> = HashMap::with_capacity(results.len());
+            for item in &results {
+                by_id.entry(item.id.as_str()).or_insert(item);
+            }
+            for m in batch {
+                let outcome = match by_id.get(&*m.id) {
+                    None => Err(RecordError::MissingResult),
+                    Some(item) => match item.status.as_str() {
+                        "success" => Ok(Delivered::Success {
+                            body: owned(item.body),
+                        }),
+                        "error" => Ok(Delivered::Failed {
+                            error: owned(item.error),
+                        }),
+                        other => Err(RecordError::MalformedResponse(format!(
+                            "result {} has status {other:?}; expected \"success\" or \"error\"",
+                            item.id
+                        ))),
+                    },
+                };
+                m.answer(outcome);
+            }
+        }
+        Ok(BatchResponse {
+            results: None,
+            batch_item_failures: Some(failures),
+        }) => {
+            let failed: HashSet<&str> = failures
+                .iter()
+                .map(|f| f.item_identifier.as_str())
+                .collect();
+            for m in batch {
+                let outcome = if failed.contains(&*m.id) {
+                    let error = serde_json::json!({
+                        "errorType": "BatchItemFailure",
+                        "errorMessage": format!("the function reported record {} in batchItemFailures", m.id),
+                    });
+                    Ok(Delivered::Failed {
+                        error: serde_json::value::to_raw_value(&error)
+                            .expect("a json! value serializes"),
+                    })
+                } else {
+                    Ok(Delivered::Success { body: null() })
+                };
+                m.answer(outcome);
+            }
+        }
+        Ok(BatchResponse {
+            results: None,
+            batch_item_failures: None,
+        }) => {
+            for m in batch {
+                m.answer(Err(RecordError::MalformedResponse(
+                    "expected an object with \"results\" or \"batchItemFailures\"".to_owned(),
+                )));
+            }
+        }
+        Err(e) => {
+            let message = format!("cannot parse the batch response: {e}");
+            for m in batch {
+                m.answer(Err(RecordError::MalformedResponse(message.clone())));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tokio::sync::oneshot;
+    use tokio::time::Instant;
+
+    fn message(id: &str, body: &str) -> (Message, oneshot::Receiver<super::super::Outcome>) {
+        let (reply, rx) = oneshot::channel();
+        let raw = RawValue::from_string(body.to_owned()).unwrap();
+        let m = Message {
+            id: Arc::from(id),
+            entry: entry(id, "key-1", &raw),
+            enqueued: Instant::now(),
+            deadline: Instant::now() + std::time::Duration::from_secs(5),
+            reply,
+            span: tracing::Span::none(),
+        };
+        (m, rx)
+    }
+
+    #[test]
+    fn payload_is_the_documented_envelope_with_exact_length() {
+        let (a, _ra) = message("r1", r#"{"n":1}"#);
+        let (b, _rb) = message("r2", r#""two""#);
+        let batch = vec![a, b];
+        let payload = payload(Envelope::Batch, &batch);
+        let value: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"records":[{"id":"r1","key":"key-1","body":{"n":1}},{"id":"r2","key":"key-1","body":"two"}]})
+        );
+        let entries: usize = batch.iter().map(|m| m.entry.len()).sum();
+        assert_eq!(payload.len(), framed_len(entries, 2));
+    }
+
+    #[test]
+    fn keys_are_json_escaped_in_entries() {
+        let raw = RawValue::from_string("1".to_owned()).unwrap();
+        let e = entry("r9", "a\"b\\c", &raw);
+        let value: serde_json::Value = serde_json::from_slice(&e).unwrap();
+        assert_eq!(value["key"], "a\"b\\c");
+    }
+
+    #[tokio::test]
+    async fn results_shape_answers_each_record_and_flags_missing_ones() {
+        let (a, ra) = message("r1", "1");
+        let (b, rb) = message("r2", "2");
+        let (c, rc) = message("r3", "3");
+        let response = br#"{"results":[{"id":"r2","status":"error","error":{"why":"bad"}},{"id":"r1","status":"success","body":{"ok":1}}]}"#;
+        fan_out(
+            vec![a, b, c],
+            Ok(Invoked::Response {
+                payload: Bytes::from_static(response),
+                function_error: None,
+            }),
+            Envelope::Batch,
+        );
+        match ra.await.unwrap() {
+            Ok(Delivered::Success { body }) => assert_eq!(body.get(), r#"{"ok":1}"#),
+            other => panic!("r1: {other:?}"),
+        }
+        match rb.await.unwrap() {
+            Ok(Delivered::Failed { error }) => assert_eq!(error.get(), r#"{"why":"bad"}"#),
+            other => panic!("r2: {other:?}"),
+        }
+        assert!(matches!(rc.await.unwrap(), Err(RecordError::MissingResult)));
+    }
+
+    #[tokio::test]
+    async fn batch_item_failures_shape_marks_only_listed_records_failed() {
+        let (a, ra) = message("r1", "1");
+        let (b, rb) = message("r2", "2");
+        let response = br#"{"batchItemFailures":[{"itemIdentifier":"r2"}]}"#;
+        fan_out(
+            vec![a, b],
+            Ok(Invoked::Response {
+                payload: Bytes::from_static(response),
+                function_error: None,
+            }),
+            Envelope::Batch,
+        );
+        assert!(matches!(ra.await.unwrap(), Ok(Delivered::Success { .. })));
+        assert!(matches!(rb.await.unwrap(), Ok(Delivered::Failed { .. })));
+    }
+
+    #[tokio::test]
+    async fn garbled_responses_answer_every_caller_with_an_error() {
+        for response in [
+            &b"not json"[..],
+            b"{\"something\":1}",
+            b"[1,2]",
+            b"{\"results\":[{\"id\":\"r1\",\"status\":\"meh\"}]}",
+        ] {
+            let (a, ra) = message("r1", "1");
+            fan_out(
+                vec![a],
+                Ok(Invoked::Response {
+                    payload: Bytes::copy_from_slice(response),
+                    function_error: None,
+                }),
+                Envelope::Batch,
+            );
+            assert!(
+                matches!(ra.await.unwrap(), Err(RecordError::MalformedResponse(_))),
+                "{response:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn function_errors_reach_every_caller_with_the_message() {
+        let (a, ra) = message("r1", "1");
+        let (b, rb) = message("r2", "2");
+        let response = br#"{"errorType":"Runtime.ExitError","errorMessage":"boom"}"#;
+        fan_out(
+            vec![a, b],
+            Ok(Invoked::Response {
+                payload: Bytes::from_static(response),
+                function_error: Some("Unhandled".into()),
+            }),
+            Envelope::Batch,
+        );
+        for rx in [ra, rb] {
+            match rx.await.unwrap() {
+                Err(RecordError::Function(e)) => {
+                    assert_eq!(e.message, "boom");
+                    assert_eq!(e.error_type, "Runtime.ExitError");
+                    assert_eq!(e.kind, "Unhandled");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn raw_envelope_returns_the_payload_as_the_result() {
+        let (a, ra) = message("r1", r#"{"n":41}"#);
+        fan_out(
+            vec![a],
+            Ok(Invoked::Response {
+                payload: Bytes::from_static(b"{\"n\":42}"),
+                function_error: None,
+            }),
+            Envelope::Raw,
+        );
+        match ra.await.unwrap() {
+            Ok(Delivered::Success { body }) => assert_eq!(body.get(), r#"{"n":42}"#),
+            other => panic!("{other:?}"),
+        }
+    }
+}

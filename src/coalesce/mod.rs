@@ -1,0 +1,280 @@
+//! Coalescing: admitted records of one route are grouped into Lambda batch invokes, and
+//! each record's result is handed back to the caller waiting for it.
+//!
+//! The shape is tower's `Buffer`: a cheap, cloneable handle ([`Batcher`]) sends a
+//! [`Message`] — the record already serialized as its envelope entry, the caller's
+//! deadline and a `oneshot` reply sender — into a bounded channel; one worker task per
+//! route drains the channel into batches and spawns one dispatch task per batch.
+//!
+//! Guarantees:
+//! - the queue is bounded (`queue.max_pending`); a full queue refuses at once with a
+//!   `Retry-After` computed from the measured drain rate ([`RecordError::QueueFull`]);
+//! - a batch flushes at `max_records` or `max_bytes` (envelope included, so the invoke
+//!   payload never exceeds it), when `max_wait` has passed since its first record, or —
+//!   with `flush = "adaptive"` — as soon as the function's gate has a free slot;
+//! - records whose caller has gone (disconnected: its receiver dropped; or deadline
+//!   passed) are dropped before dispatch and never reach Lambda;
+//! - every submitted record's caller receives exactly one [`Outcome`]: each reply sender
+//!   is moved into exactly one `send`, and a sender dropped without a send (a panicking
+//!   dispatch task) surfaces to the caller as [`RecordError::Lost`], never as silence.
+
+mod envelope;
+mod worker;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::config::{Envelope, Flush, Invocation, RouteConfig, ENVELOPE_FRAME};
+use crate::invoke::{InvokeFailure, Invoker};
+
+pub use self::envelope::FunctionError;
+
+/// What a route's batcher needs from the config.
+#[derive(Clone, Debug)]
+pub struct BatchSpec {
+    pub route: String,
+    pub envelope: Envelope,
+    pub invocation: Invocation,
+    pub max_records: usize,
+    pub max_bytes: usize,
+    pub max_wait: Duration,
+    pub flush: Flush,
+    pub max_pending: usize,
+    /// Records per second the route can deliver at most (invoke rate × batch size); the
+    /// drain estimate before any batch has completed.
+    pub nominal_drain_rate: f64,
+}
+
+impl BatchSpec {
+    pub fn from_route(route: &RouteConfig) -> Self {
+        BatchSpec {
+            route: route.name.clone(),
+            envelope: route.envelope,
+            invocation: route.invocation,
+            max_records: route.max_records(),
+            max_bytes: usize::try_from(route.max_bytes()).unwrap_or(usize::MAX),
+            max_wait: route.batch.max_wait,
+            flush: route.batch.flush,
+            max_pending: route.queue.max_pending,
+            nominal_drain_rate: route.invoke.rate * route.max_records() as f64,
+        }
+    }
+}
+
+/// A record's result, as the function reported it.
+#[derive(Debug)]
+pub enum Delivered {
+    /// The function processed the record; `body` is its per-record result (`null` when
+    /// the response shape carries none, as with `batchItemFailures`).
+    Success { body: Box<RawValue> },
+    /// The function reported this record failed; `error` is what it said.
+    Failed { error: Box<RawValue> },
+    /// Lambda queued the batch (`invocation = "event"`).
+    Accepted,
+}
+
+/// Why a record has no result from the function.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("the route's queue is full")]
+    QueueFull { retry_after: Duration },
+    #[error("sluicegate is shutting down")]
+    Closed,
+    #[error("record of {size} bytes cannot fit one invoke of at most {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error(transparent)]
+    Invoke(#[from] InvokeFailure),
+    #[error(transparent)]
+    Function(#[from] FunctionError),
+    #[error("the function's response is malformed: {0}")]
+    MalformedResponse(String),
+    #[error("the function's response has no result for this record")]
+    MissingResult,
+    #[error("the record's result was lost (its batch task ended without answering)")]
+    Lost,
+}
+
+/// The one answer a caller gets.
+pub type Outcome = Result<Delivered, RecordError>;
+
+/// One queued record.
+#[derive(Debug)]
+pub struct Message {
+    id: Arc<str>,
+    /// The record as it goes into the payload: its envelope entry, or the raw body.
+    entry: Bytes,
+    enqueued: Instant,
+    deadline: Instant,
+    reply: oneshot::Sender<Outcome>,
+    span: tracing::Span,
+}
+
+impl Message {
+    fn answer(self, outcome: Outcome) {
+        // The caller may have gone (deadline, disconnect); nobody is left to tell.
+        let _ = self.reply.send(outcome);
+    }
+
+    fn is_gone(&self, now: Instant) -> bool {
+        self.reply.is_closed() || self.deadline <= now
+    }
+}
+
+/// A submitted record's claim on its result.
+#[derive(Debug)]
+pub struct Ticket {
+    pub id: Arc<str>,
+    rx: oneshot::Receiver<Outcome>,
+}
+
+impl Ticket {
+    /// Waits for the record's outcome. The caller bounds this with its deadline; dropping
+    /// the ticket marks the record gone so it is not dispatched.
+    pub async fn outcome(self) -> Outcome {
+        self.rx.await.unwrap_or(Err(RecordError::Lost))
+    }
+}
+
+/// Handle to one route's batcher. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Batcher {
+    tx: mpsc::Sender<Message>,
+    spec: Arc<BatchSpec>,
+    drain: Arc<DrainMeter>,
+}
+
+static NEXT_RECORD_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Batcher {
+    /// Starts the route's worker on the current runtime.
+    pub fn spawn(spec: BatchSpec, invoker: Arc<Invoker>) -> Batcher {
+        let (tx, rx) = mpsc::channel(spec.max_pending);
+        let spec = Arc::new(spec);
+        let drain = Arc::new(DrainMeter::new(spec.nominal_drain_rate));
+        tokio::spawn(worker::run(
+            rx,
+            Arc::clone(&spec),
+            invoker,
+            Arc::clone(&drain),
+        ));
+        Batcher { tx, spec, drain }
+    }
+
+    /// Queues a record for `key` and returns the ticket for its result, or refuses at once.
+    pub fn submit(
+        &self,
+        key: &str,
+        body: &RawValue,
+        deadline: Instant,
+    ) -> Result<Ticket, RecordError> {
+        let n = NEXT_RECORD_ID.fetch_add(1, Ordering::Relaxed);
+        let id: Arc<str> = format!("r{n}").into();
+        let entry = match self.spec.envelope {
+            Envelope::Raw => Bytes::copy_from_slice(body.get().as_bytes()),
+            Envelope::Batch => envelope::entry(&id, key, body),
+        };
+        let limit = self.spec.max_bytes.saturating_sub(ENVELOPE_FRAME as usize);
+        if entry.len() > limit {
+            return Err(RecordError::TooLarge {
+                size: entry.len(),
+                limit,
+            });
+        }
+        let (reply, rx) = oneshot::channel();
+        let message = Message {
+            id: Arc::clone(&id),
+            entry,
+            enqueued: Instant::now(),
+            deadline,
+            reply,
+            span: tracing::Span::current(),
+        };
+        match self.tx.try_send(message) {
+            Ok(()) => Ok(Ticket { id, rx }),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(RecordError::QueueFull {
+                retry_after: self.drain_estimate(),
+            }),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(RecordError::Closed),
+        }
+    }
+
+    /// Records waiting in the queue (not yet taken into a batch).
+    pub fn queue_depth(&self) -> usize {
+        self.spec.max_pending - self.tx.capacity()
+    }
+
+    pub fn spec(&self) -> &BatchSpec {
+        &self.spec
+    }
+
+    /// How long until the queue has drained at the measured rate.
+    fn drain_estimate(&self) -> Duration {
+        let rate = self.drain.rate();
+        let depth = self.queue_depth().max(1) as f64;
+        Duration::from_secs_f64((depth / rate).min(3600.0))
+    }
+}
+
+/// Records answered per second, smoothed over one-second windows.
+///
+/// A plain mutex: it is taken once per completed batch (not per request) and held for a
+/// few arithmetic operations.
+#[derive(Debug)]
+struct DrainMeter {
+    inner: Mutex<Meter>,
+}
+
+#[derive(Debug)]
+struct Meter {
+    window_start: Instant,
+    count: u64,
+    rate: f64,
+    measured: bool,
+}
+
+impl DrainMeter {
+    fn new(nominal: f64) -> Self {
+        DrainMeter {
+            inner: Mutex::new(Meter {
+                window_start: Instant::now(),
+                count: 0,
+                rate: nominal.max(0.001),
+                measured: false,
+            }),
+        }
+    }
+
+    fn record(&self, records: usize) {
+        let mut m = self
+            .inner
+            .lock()
+            .expect("drain meter lock is never poisoned: no panics inside");
+        m.count += records as u64;
+        let elapsed = m.window_start.elapsed();
+        if elapsed >= Duration::from_secs(1) {
+            let observed = m.count as f64 / elapsed.as_secs_f64();
+            m.rate = if m.measured {
+                0.5 * m.rate + 0.5 * observed
+            } else {
+                observed
+            };
+            m.measured = true;
+            m.count = 0;
+            m.window_start = Instant::now();
+        }
+    }
+
+    fn rate(&self) -> f64 {
+        let m = self
+            .inner
+            .lock()
+            .expect("drain meter lock is never poisoned: no panics inside");
+        m.rate.max(0.001)
+    }
+}

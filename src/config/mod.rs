@@ -1,0 +1,959 @@
+//! Typed configuration: one TOML file, every key overridable by a `SLUICEGATE_*`
+//! environment variable, validated once at load time.
+//!
+//! The key names are the contract the README, the examples and the tests use
+//! (see `config/sluicegate.toml`). Every key has a default except a route's `name`
+//! and `function`. Loading fails — with the offending key named — on unknown keys,
+//! wrong types and impossible values, so the rest of the code never re-checks config.
+//!
+//! Environment overrides: `SLUICEGATE_SERVER__LISTEN=0.0.0.0:8080` sets `server.listen`;
+//! `__` separates path segments, a numeric segment indexes an array
+//! (`SLUICEGATE_ROUTES__0__FUNCTION=other`). A value is read as a TOML value when it parses
+//! as one (`10`, `true`, `{ rate = 5.0, burst = 10 }`) and as a string otherwise; when the
+//! key already holds a string in the file the value always stays a string.
+//! Variables without `__` (such as `SLUICEGATE_CONFIG`) are not overrides.
+
+pub mod units;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+
+pub use self::units::ByteSize;
+use crate::emulator::EmulatorConfig;
+pub use crate::limit::Quota;
+
+/// The default config file, compiled in so `sluicegate serve` runs out of the box.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../config/sluicegate.toml");
+
+/// Lambda's payload limit for synchronous (RequestResponse) invokes, request and response.
+pub const SYNC_PAYLOAD_LIMIT: u64 = 6_291_456;
+/// Lambda's payload limit for asynchronous (Event) invokes.
+pub const ASYNC_PAYLOAD_LIMIT: u64 = 1_048_576;
+
+/// A config that could not be loaded, naming the key (dotted path) where it can.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The dotted key the error is about, when there is one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub identity: IdentityConfig,
+    pub limits: LimitsConfig,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plans: Vec<PlanConfig>,
+    pub lambda: LambdaConfig,
+    pub routes: Vec<RouteConfig>,
+    pub emulator: EmulatorConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            identity: IdentityConfig::default(),
+            limits: LimitsConfig::default(),
+            plans: Vec::new(),
+            lambda: LambdaConfig::default(),
+            routes: Vec::new(),
+            emulator: EmulatorConfig {
+                enabled: false,
+                ..EmulatorConfig::default()
+            },
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Data-plane listener.
+    pub listen: SocketAddr,
+    /// Admin listener (`/metrics`, `/admin/*`); loopback by default.
+    pub admin_listen: SocketAddr,
+    /// Largest accepted record body.
+    pub max_record_bytes: ByteSize,
+    /// A caller's deadline, unless the route sets its own.
+    #[serde(with = "units::duration")]
+    pub request_timeout: Duration,
+    /// On SIGTERM/SIGINT, time allowed for in-flight work to finish.
+    #[serde(with = "units::duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            max_record_bytes: ByteSize::kib(256),
+            request_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySource {
+    /// The API key header (`identity.header`, default `x-api-key`).
+    ApiKey,
+    /// The client IP: the socket peer, or `X-Forwarded-For` when the peer is a trusted proxy.
+    Ip,
+    /// The value of a named header (`identity.header`).
+    Header,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    pub source: IdentitySource,
+    pub header: String,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub require_known_key: bool,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            source: IdentitySource::ApiKey,
+            header: "x-api-key".to_owned(),
+            trusted_proxies: Vec::new(),
+            require_known_key: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitBackend {
+    Local,
+    Redis,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendErrorPolicy {
+    Local,
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub backend: LimitBackend,
+    pub redis_url: String,
+    pub on_backend_error: BackendErrorPolicy,
+    /// Bound on tracked keys across all keyed layers.
+    pub max_keys: usize,
+    /// How often idle (full) key buckets are reclaimed.
+    #[serde(with = "units::duration")]
+    pub reclaim_interval: Duration,
+    /// Account/stage layer; omit for none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub global: Option<Quota>,
+    /// Per-key layer for keys without a plan.
+    pub default: Quota,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            backend: LimitBackend::Local,
+            redis_url: "redis://127.0.0.1:6379".to_owned(),
+            on_backend_error: BackendErrorPolicy::Local,
+            max_keys: 1_000_000,
+            reclaim_interval: Duration::from_secs(10),
+            global: Some(Quota {
+                rate: 1000.0,
+                burst: 500,
+            }),
+            default: Quota {
+                rate: 100.0,
+                burst: 200,
+            },
+        }
+    }
+}
+
+/// A usage plan: API keys that share one `{rate, burst}` per key.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    pub name: String,
+    pub rate: f64,
+    pub burst: u32,
+    #[serde(default)]
+    pub keys: Vec<String>,
+}
+
+impl PlanConfig {
+    pub fn quota(&self) -> Quota {
+        Quota {
+            rate: self.rate,
+            burst: self.burst,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialsSource {
+    /// Placeholder credentials when `endpoint_url` is a loopback address (an emulator does
+    /// not check signatures), the default AWS credential chain otherwise.
+    Auto,
+    /// Always the default AWS credential chain.
+    Chain,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LambdaConfig {
+    pub region: String,
+    /// Lambda endpoint; omit for real AWS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+    pub credentials: CredentialsSource,
+    #[serde(with = "units::duration")]
+    pub connect_timeout: Duration,
+    /// Must exceed the function's own timeout, or a slow invoke is abandoned while it runs.
+    #[serde(with = "units::duration")]
+    pub read_timeout: Duration,
+    /// Refuse to start on unsafe timeouts or concurrency instead of warning.
+    pub strict: bool,
+}
+
+impl Default for LambdaConfig {
+    fn default() -> Self {
+        LambdaConfig {
+            region: "us-east-1".to_owned(),
+            endpoint_url: None,
+            credentials: CredentialsSource::Auto,
+            connect_timeout: Duration::from_secs(3),
+            read_timeout: Duration::from_secs(65),
+            strict: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Invocation {
+    RequestResponse,
+    Event,
+}
+
+impl Invocation {
+    /// Lambda's payload limit for this invocation type.
+    pub fn payload_limit(self) -> u64 {
+        match self {
+            Invocation::RequestResponse => SYNC_PAYLOAD_LIMIT,
+            Invocation::Event => ASYNC_PAYLOAD_LIMIT,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Envelope {
+    /// `{"records":[{"id","key","body"}, ...]}`.
+    Batch,
+    /// One record per invoke: the record is the payload and the payload is the result.
+    Raw,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Flush {
+    /// Dispatch as soon as an invoke slot is free; batches grow by themselves under load.
+    Adaptive,
+    /// Dispatch when `max_records`, `max_bytes` or `max_wait` is reached.
+    Window,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    pub max_records: u32,
+    /// Largest invoke payload, envelope included. Default: 5MiB for `request_response`
+    /// routes, 1MiB (Lambda's limit) for `event` routes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<ByteSize>,
+    #[serde(with = "units::duration")]
+    pub max_wait: Duration,
+    pub flush: Flush,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_records: 20,
+            max_bytes: None,
+            max_wait: Duration::from_millis(50),
+            flush: Flush::Adaptive,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    pub max_pending: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            max_pending: 10_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct InvokeConfig {
+    /// Invokes per second (client-side invoke-rate bucket).
+    pub rate: f64,
+    pub burst: u32,
+    /// Invokes in flight at once; keep it at or below the function's reserved concurrency.
+    pub max_concurrency: u32,
+    pub adaptive: bool,
+}
+
+impl Default for InvokeConfig {
+    fn default() -> Self {
+        InvokeConfig {
+            rate: 10.0,
+            burst: 10,
+            max_concurrency: 10,
+            adaptive: false,
+        }
+    }
+}
+
+/// Jitter applied to a backoff delay.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Jitter {
+    /// Uniform in `[0, delay]`.
+    Full,
+    /// `delay/2 + uniform[0, delay/2]`.
+    Equal,
+    /// `delay × (1 - ratio × uniform[0,1])`.
+    Ratio(f64),
+}
+
+impl Serialize for Jitter {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Jitter::Full => s.serialize_str("full"),
+            Jitter::Equal => s.serialize_str("equal"),
+            Jitter::Ratio(r) => s.serialize_f64(*r),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Jitter {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = Jitter;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"full\", \"equal\" or a ratio between 0 and 1")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Jitter, E> {
+                match v {
+                    "full" => Ok(Jitter::Full),
+                    "equal" => Ok(Jitter::Equal),
+                    _ => Err(E::custom(format!(
+                        "unknown jitter {v:?}; expected \"full\", \"equal\" or a ratio"
+                    ))),
+                }
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Jitter, E> {
+                if (0.0..=1.0).contains(&v) {
+                    Ok(Jitter::Ratio(v))
+                } else {
+                    Err(E::custom(format!(
+                        "jitter ratio must be between 0 and 1, got {v}"
+                    )))
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Jitter, E> {
+                self.visit_f64(v as f64)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Jitter, E> {
+                self.visit_f64(v as f64)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    pub max_attempts: u32,
+    #[serde(with = "units::duration")]
+    pub base: Duration,
+    #[serde(with = "units::duration")]
+    pub cap: Duration,
+    pub jitter: Jitter,
+    /// Retries allowed as a fraction of recent invokes.
+    pub budget: f64,
+    /// Retry a read timeout (only safe when the function is idempotent).
+    pub retry_timeouts: bool,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 5,
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(10),
+            jitter: Jitter::Full,
+            budget: 0.2,
+            retry_timeouts: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DlqConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sqs_queue_url: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Request path; default `/<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    pub function: String,
+    #[serde(default = "default_invocation")]
+    pub invocation: Invocation,
+    #[serde(default = "default_envelope")]
+    pub envelope: Envelope,
+    /// Route layer of admission; omit for none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<Quota>,
+    /// This route's caller deadline; default `server.request_timeout`.
+    #[serde(
+        default,
+        with = "units::opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub request_timeout: Option<Duration>,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    #[serde(default)]
+    pub queue: QueueConfig,
+    #[serde(default)]
+    pub invoke: InvokeConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub bisect_on_function_error: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dlq: Option<DlqConfig>,
+}
+
+fn default_invocation() -> Invocation {
+    Invocation::RequestResponse
+}
+
+fn default_envelope() -> Envelope {
+    Envelope::Batch
+}
+
+impl RouteConfig {
+    pub fn path(&self) -> String {
+        self.path
+            .clone()
+            .unwrap_or_else(|| format!("/{}", self.name))
+    }
+
+    /// Records per invoke: always 1 for the raw envelope.
+    pub fn max_records(&self) -> usize {
+        match self.envelope {
+            Envelope::Raw => 1,
+            Envelope::Batch => self.batch.max_records as usize,
+        }
+    }
+
+    /// Largest invoke payload, envelope included.
+    pub fn max_bytes(&self) -> u64 {
+        match self.batch.max_bytes {
+            Some(size) => size.bytes(),
+            None => match self.invocation {
+                Invocation::RequestResponse => ByteSize::mib(5).bytes(),
+                Invocation::Event => ASYNC_PAYLOAD_LIMIT,
+            },
+        }
+    }
+
+    pub fn request_timeout(&self, server: &ServerConfig) -> Duration {
+        self.request_timeout.unwrap_or(server.request_timeout)
+    }
+}
+
+/// Bytes the batch envelope adds around one record besides its body and key:
+/// `{"id":"<id>","key":"<key>","body":}` plus a separating comma, with ids up to 20 digits.
+pub const ENVELOPE_RECORD_OVERHEAD: u64 = 64;
+/// `{"records":[` + `]}`.
+pub const ENVELOPE_FRAME: u64 = 14;
+
+impl Config {
+    /// Reads `path`, applies `SLUICEGATE_*` overrides from the process environment, validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_with_env(&text, &path.display().to_string(), std::env::vars())
+    }
+
+    /// Parses TOML text with the given environment overrides, then validates.
+    pub fn from_toml_with_env(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut value: toml::Value = text
+            .parse::<toml::Table>()
+            .map(toml::Value::Table)
+            .map_err(|e| ConfigError::Syntax {
+                path: origin.to_owned(),
+                message: e.to_string(),
+            })?;
+        apply_env_overrides(&mut value, env)?;
+        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." {
+                "(top level)".to_owned()
+            } else {
+                key
+            };
+            ConfigError::invalid(key, e.into_inner().to_string())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without environment overrides (tests, embedded default).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Self::from_toml_with_env(text, "<inline>", std::iter::empty())
+    }
+
+    /// Checks everything `serve` needs: at least one route, and every value possible.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_common()?;
+        if self.routes.is_empty() {
+            return Err(ConfigError::invalid(
+                "routes",
+                "at least one [[routes]] entry is required",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_common(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.max_record_bytes.bytes() == 0 {
+            return Err(ConfigError::invalid(
+                "server.max_record_bytes",
+                "must be greater than 0",
+            ));
+        }
+        if s.request_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "server.request_timeout",
+                "must be greater than 0",
+            ));
+        }
+        if s.listen == s.admin_listen && s.listen.port() != 0 {
+            return Err(ConfigError::invalid(
+                "server.admin_listen",
+                "must differ from server.listen",
+            ));
+        }
+        if http::HeaderName::from_bytes(self.identity.header.as_bytes()).is_err() {
+            return Err(ConfigError::invalid(
+                "identity.header",
+                format!("{:?} is not a valid header name", self.identity.header),
+            ));
+        }
+        let l = &self.limits;
+        if l.max_keys == 0 {
+            return Err(ConfigError::invalid(
+                "limits.max_keys",
+                "must be at least 1",
+            ));
+        }
+        if l.reclaim_interval.is_zero() {
+            return Err(ConfigError::invalid(
+                "limits.reclaim_interval",
+                "must be greater than 0",
+            ));
+        }
+        if let Some(global) = &l.global {
+            global
+                .validate()
+                .map_err(|m| ConfigError::invalid("limits.global", m))?;
+        }
+        l.default
+            .validate()
+            .map_err(|m| ConfigError::invalid("limits.default", m))?;
+        let mut plan_names = HashSet::new();
+        let mut plan_keys = HashSet::new();
+        for (i, plan) in self.plans.iter().enumerate() {
+            if plan.name.is_empty() || !plan_names.insert(plan.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("plans[{i}].name"),
+                    format!("{:?} is empty or used twice", plan.name),
+                ));
+            }
+            plan.quota()
+                .validate()
+                .map_err(|m| ConfigError::invalid(format!("plans[{i}].rate"), m))?;
+            for key in &plan.keys {
+                if key.is_empty() || !plan_keys.insert(key.as_str()) {
+                    return Err(ConfigError::invalid(
+                        format!("plans[{i}].keys"),
+                        format!("key {key:?} is empty or belongs to two plans"),
+                    ));
+                }
+            }
+        }
+        let lambda = &self.lambda;
+        if lambda.region.trim().is_empty() {
+            return Err(ConfigError::invalid("lambda.region", "must not be empty"));
+        }
+        if let Some(url) = &lambda.endpoint_url {
+            let ok = url.parse::<http::Uri>().ok().filter(|u| {
+                matches!(u.scheme_str(), Some("http") | Some("https")) && u.host().is_some()
+            });
+            if ok.is_none() {
+                return Err(ConfigError::invalid(
+                    "lambda.endpoint_url",
+                    format!("{url:?} is not an http(s) URL"),
+                ));
+            }
+        }
+        for (key, d) in [
+            ("lambda.connect_timeout", lambda.connect_timeout),
+            ("lambda.read_timeout", lambda.read_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::invalid(key, "must be greater than 0"));
+            }
+        }
+        let mut names = HashSet::new();
+        let mut paths = HashSet::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            self.validate_route(i, route, &mut names, &mut paths)?;
+        }
+        self.emulator
+            .validate()
+            .map_err(|(key, message)| ConfigError::invalid(format!("emulator.{key}"), message))?;
+        Ok(())
+    }
+
+    fn validate_route<'a>(
+        &self,
+        i: usize,
+        r: &'a RouteConfig,
+        names: &mut HashSet<&'a str>,
+        paths: &mut HashSet<String>,
+    ) -> Result<(), ConfigError> {
+        let key = |field: &str| format!("routes[{i}].{field}");
+        if r.name.is_empty() || !names.insert(r.name.as_str()) {
+            return Err(ConfigError::invalid(
+                key("name"),
+                format!("{:?} is empty or used by two routes", r.name),
+            ));
+        }
+        let path = r.path();
+        if !path.starts_with('/')
+            || path.parse::<http::uri::PathAndQuery>().is_err()
+            || path.contains(['?', '{', '}', '*'])
+        {
+            return Err(ConfigError::invalid(
+                key("path"),
+                format!("{path:?} is not a plain absolute path"),
+            ));
+        }
+        if matches!(path.as_str(), "/healthz" | "/readyz") || !paths.insert(path.clone()) {
+            return Err(ConfigError::invalid(
+                key("path"),
+                format!("{path:?} is reserved or used by two routes"),
+            ));
+        }
+        if r.function.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                key("function"),
+                "must name a Lambda function",
+            ));
+        }
+        if let Some(limit) = &r.limit {
+            limit
+                .validate()
+                .map_err(|m| ConfigError::invalid(key("limit"), m))?;
+        }
+        if matches!(r.request_timeout, Some(d) if d.is_zero()) {
+            return Err(ConfigError::invalid(
+                key("request_timeout"),
+                "must be greater than 0",
+            ));
+        }
+        if r.batch.max_records == 0 {
+            return Err(ConfigError::invalid(
+                key("batch.max_records"),
+                "must be at least 1",
+            ));
+        }
+        let limit = r.invocation.payload_limit();
+        if r.max_bytes() > limit {
+            return Err(ConfigError::invalid(
+                key("batch.max_bytes"),
+                format!(
+                    "{} exceeds Lambda's {limit}-byte payload limit for {:?} invokes",
+                    ByteSize(r.max_bytes()),
+                    r.invocation
+                ),
+            ));
+        }
+        let one_record =
+            self.server.max_record_bytes.bytes() + ENVELOPE_RECORD_OVERHEAD + ENVELOPE_FRAME + 256;
+        if r.envelope == Envelope::Batch && r.max_bytes() < one_record {
+            return Err(ConfigError::invalid(
+                key("batch.max_bytes"),
+                format!("{} cannot carry one record of server.max_record_bytes ({}) with its envelope and key", ByteSize(r.max_bytes()), self.server.max_record_bytes),
+            ));
+        }
+        if r.envelope == Envelope::Raw && r.max_bytes() < self.server.max_record_bytes.bytes() {
+            return Err(ConfigError::invalid(
+                key("batch.max_bytes"),
+                "is smaller than server.max_record_bytes",
+            ));
+        }
+        if r.batch.max_wait.is_zero() {
+            return Err(ConfigError::invalid(
+                key("batch.max_wait"),
+                "must be greater than 0",
+            ));
+        }
+        if r.queue.max_pending == 0 {
+            return Err(ConfigError::invalid(
+                key("queue.max_pending"),
+                "must be at least 1",
+            ));
+        }
+        let inv = &r.invoke;
+        if !(inv.rate.is_finite() && inv.rate > 0.0) {
+            return Err(ConfigError::invalid(
+                key("invoke.rate"),
+                format!("must be a positive number, got {}", inv.rate),
+            ));
+        }
+        if inv.burst == 0 {
+            return Err(ConfigError::invalid(
+                key("invoke.burst"),
+                "must be at least 1",
+            ));
+        }
+        if inv.max_concurrency == 0 {
+            return Err(ConfigError::invalid(
+                key("invoke.max_concurrency"),
+                "must be at least 1",
+            ));
+        }
+        let retry = &r.retry;
+        if retry.max_attempts == 0 {
+            return Err(ConfigError::invalid(
+                key("retry.max_attempts"),
+                "must be at least 1",
+            ));
+        }
+        if retry.base.is_zero() || retry.base > retry.cap {
+            return Err(ConfigError::invalid(
+                key("retry.base"),
+                "must be greater than 0 and at most retry.cap",
+            ));
+        }
+        if !(0.0..=1.0).contains(&retry.budget) {
+            return Err(ConfigError::invalid(
+                key("retry.budget"),
+                format!("must be between 0 and 1, got {}", retry.budget),
+            ));
+        }
+        if let Some(dlq) = &r.dlq {
+            if dlq.file.is_some() == dlq.sqs_queue_url.is_some() {
+                return Err(ConfigError::invalid(
+                    key("dlq"),
+                    "set exactly one of `file` or `sqs_queue_url`",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses a file meant for `sluicegate emulate`: only the `[emulator]` section must be
+    /// valid; the rest may be absent.
+    pub fn load_for_emulator(path: &Path) -> Result<EmulatorConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut value: toml::Value = text
+            .parse::<toml::Table>()
+            .map(toml::Value::Table)
+            .map_err(|e| ConfigError::Syntax {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        apply_env_overrides(&mut value, std::env::vars())?;
+        let section = value
+            .get("emulator")
+            .cloned()
+            .unwrap_or_else(|| toml::Value::Table(Default::default()));
+        let emulator: EmulatorConfig = serde_path_to_error::deserialize(section).map_err(|e| {
+            ConfigError::invalid(format!("emulator.{}", e.path()), e.into_inner().to_string())
+        })?;
+        emulator
+            .validate()
+            .map_err(|(key, message)| ConfigError::invalid(format!("emulator.{key}"), message))?;
+        Ok(emulator)
+    }
+
+    /// The effective config as TOML (what `check-config` prints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// Applies `SLUICEGATE_A__B__C=value` overrides onto the parsed file.
+fn apply_env_overrides(
+    root: &mut toml::Value,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("SLUICEGATE_") && k.contains("__"))
+        .collect();
+    // Deterministic order: parents before children, so `ROUTES__0` then `ROUTES__0__NAME`.
+    vars.sort();
+    for (var, raw) in vars {
+        let path: Vec<String> = var["SLUICEGATE_".len()..]
+            .split("__")
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        if path.iter().any(String::is_empty) {
+            return Err(ConfigError::Env {
+                var,
+                message: "empty path segment".to_owned(),
+            });
+        }
+        set_path(root, &path, &raw).map_err(|message| ConfigError::Env {
+            var: var.clone(),
+            message,
+        })?;
+    }
+    Ok(())
+}
+
+fn set_path(root: &mut toml::Value, path: &[String], raw: &str) -> Result<(), String> {
+    let mut node = root;
+    for (depth, segment) in path.iter().enumerate() {
+        let last = depth + 1 == path.len();
+        let slot: &mut toml::Value = match node {
+            toml::Value::Table(table) => {
+                if !last && !table.contains_key(segment) {
+                    table.insert(segment.clone(), toml::Value::Table(Default::default()));
+                }
+                if last {
+                    let keep_string = matches!(table.get(segment), Some(toml::Value::String(_)));
+                    table.insert(segment.clone(), env_value(raw, keep_string));
+                    return Ok(());
+                }
+                table.get_mut(segment).expect("inserted above when missing")
+            }
+            toml::Value::Array(items) => {
+                let index: usize = segment
+                    .parse()
+                    .map_err(|_| format!("`{segment}` is not an array index"))?;
+                if index > items.len() {
+                    return Err(format!(
+                        "array index {index} skips entries (the array has {})",
+                        items.len()
+                    ));
+                }
+                if index == items.len() {
+                    items.push(toml::Value::Table(Default::default()));
+                }
+                if last {
+                    let keep_string = matches!(items[index], toml::Value::String(_));
+                    items[index] = env_value(raw, keep_string);
+                    return Ok(());
+                }
+                &mut items[index]
+            }
+            _ => return Err(format!("`{}` is not a table", path[..depth].join("."))),
+        };
+        node = slot;
+    }
+    Ok(())
+}
+
+fn env_value(raw: &str, keep_string: bool) -> toml::Value {
+    if !keep_string {
+        if let Ok(mut table) = format!("v = {raw}").parse::<toml::Table>() {
+            if let Some(value) = table.remove("v") {
+                return value;
+            }
+        }
+    }
+    toml::Value::String(raw.to_owned())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,294 @@
+//! The one place where outcomes become HTTP responses: statuses, JSON bodies and the
+//! `Retry-After` / `RateLimit-Policy` / `RateLimit` headers of the HTTP contract.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::Response;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::coalesce::{Delivered, RecordError};
+use crate::invoke::InvokeFailure;
+use crate::limit::{Admitted, Quota, Rejected, Scope};
+
+/// Why a request is shed with 429.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShedScope {
+    Limit(Scope),
+    Queue,
+    Upstream,
+}
+
+impl ShedScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShedScope::Limit(scope) => scope.as_str(),
+            ShedScope::Queue => "queue",
+            ShedScope::Upstream => "upstream",
+        }
+    }
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// `{"error": code, "message": message}` with `status`.
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        error: &'a str,
+        message: String,
+    }
+    let body = serde_json::to_vec(&Body {
+        error: code,
+        message: message.into(),
+    })
+    .expect("plain struct serializes");
+    json_response(status, body)
+}
+
+/// Whole seconds for `Retry-After` and the RateLimit fields: rounded up, at least 1.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+/// Milliseconds for `retry_after_ms`: rounded up, so waiting that long is never early.
+pub fn retry_after_ms(wait: Duration) -> u64 {
+    let ms = wait.as_millis() as u64;
+    ms + u64::from(wait.as_nanos() % 1_000_000 > 0)
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+fn header_value(text: String) -> HeaderValue {
+    HeaderValue::try_from(text).expect("rate-limit fields are ASCII")
+}
+
+/// `429` with the body and headers of the HTTP contract.
+pub fn shed(scope: ShedScope, wait: Duration, policy: Option<Quota>) -> Response {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        error: &'a str,
+        scope: &'a str,
+        retry_after_ms: u64,
+    }
+    let name = scope.as_str();
+    let body = Body {
+        error: "rate_limited",
+        scope: name,
+        retry_after_ms: retry_after_ms(wait),
+    };
+    let mut response = json_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        serde_json::to_vec(&body).expect("plain struct"),
+    );
+    let secs = retry_after_secs(wait);
+    let headers = response.headers_mut();
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    if let Some(quota) = policy {
+        headers.insert("ratelimit-policy", policy_field(name, quota));
+    }
+    headers.insert(
+        "ratelimit",
+        header_value(format!("\"{name}\";r=0;t={secs}")),
+    );
+    response
+}
+
+fn policy_field(scope: &str, quota: Quota) -> HeaderValue {
+    header_value(format!(
+        "\"{scope}\";q={};w={}",
+        quota.burst,
+        ceil_secs(quota.refill_time()).max(1)
+    ))
+}
+
+/// A limiter refusal.
+pub fn rejected(rejected: Rejected) -> Response {
+    shed(
+        ShedScope::Limit(rejected.scope),
+        rejected.wait,
+        Some(rejected.quota),
+    )
+}
+
+/// Adds the key layer's `RateLimit-Policy` and `RateLimit` to an admitted response.
+pub fn add_admitted_headers(response: &mut Response, admitted: &Admitted) {
+    let headers = response.headers_mut();
+    headers.insert("ratelimit-policy", policy_field("key", admitted.quota));
+    headers.insert(
+        "ratelimit",
+        header_value(format!(
+            "\"key\";r={};t={}",
+            admitted.remaining,
+            ceil_secs(admitted.reset)
+        )),
+    );
+}
+
+/// `503` with `Retry-After`.
+pub fn unavailable(message: impl Into<String>, wait: Duration) -> Response {
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(retry_after_secs(wait)),
+    );
+    response
+}
+
+/// A record's result from the function.
+pub fn delivered(id: &str, delivered: Delivered) -> Response {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        id: &'a str,
+        status: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        body: Option<&'a RawValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<&'a RawValue>,
+    }
+    let (status, body) = match &delivered {
+        Delivered::Success { body } => (
+            StatusCode::OK,
+            Body {
+                id,
+                status: "success",
+                body: Some(body),
+                error: None,
+            },
+        ),
+        Delivered::Failed { error } => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Body {
+                id,
+                status: "error",
+                body: None,
+                error: Some(error),
+            },
+        ),
+        Delivered::Accepted => (
+            StatusCode::ACCEPTED,
+            Body {
+                id,
+                status: "accepted",
+                body: None,
+                error: None,
+            },
+        ),
+    };
+    json_response(
+        status,
+        serde_json::to_vec(&body).expect("raw values serialize"),
+    )
+}
+
+/// A record that got no result, by kind.
+pub fn record_error(id: &str, err: RecordError) -> Response {
+    match err {
+        RecordError::QueueFull { retry_after } => shed(ShedScope::Queue, retry_after, None),
+        RecordError::Closed => unavailable("sluicegate is shutting down", Duration::from_secs(1)),
+        RecordError::TooLarge { .. } => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            err.to_string(),
+        ),
+        RecordError::Invoke(failure) => invoke_failure(failure),
+        RecordError::Function(e) => {
+            #[derive(Serialize)]
+            struct Body<'a> {
+                error: &'a str,
+                id: &'a str,
+                kind: &'a str,
+                error_type: &'a str,
+                message: &'a str,
+            }
+            let body = Body {
+                error: "function_error",
+                id,
+                kind: &e.kind,
+                error_type: &e.error_type,
+                message: &e.message,
+            };
+            json_response(
+                StatusCode::BAD_GATEWAY,
+                serde_json::to_vec(&body).expect("plain struct"),
+            )
+        }
+        RecordError::MalformedResponse(_) | RecordError::MissingResult | RecordError::Lost => {
+            error(
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                format!("record {id}: {err}"),
+            )
+        }
+    }
+}
+
+fn invoke_failure(failure: InvokeFailure) -> Response {
+    match failure {
+        InvokeFailure::Throttled { retry_after, .. } => shed(
+            ShedScope::Upstream,
+            retry_after.unwrap_or(Duration::from_secs(1)),
+            None,
+        ),
+        InvokeFailure::TooLarge { .. } => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            failure.to_string(),
+        ),
+        InvokeFailure::Rejected { .. } => {
+            error(StatusCode::BAD_GATEWAY, "bad_gateway", failure.to_string())
+        }
+        InvokeFailure::Unavailable { .. } => {
+            unavailable(failure.to_string(), Duration::from_secs(1))
+        }
+        InvokeFailure::Timeout { .. } => {
+            error(StatusCode::GATEWAY_TIMEOUT, "timeout", failure.to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds_and_is_at_least_one() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1000)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_ms(Duration::from_micros(1500)), 2);
+        assert_eq!(retry_after_ms(Duration::from_millis(7)), 7);
+    }
+
+    #[test]
+    fn shed_carries_retry_after_and_ratelimit_fields() {
+        let quota = Quota {
+            rate: 10.0,
+            burst: 20,
+        };
+        let response = shed(
+            ShedScope::Limit(Scope::Key),
+            Duration::from_millis(100),
+            Some(quota),
+        );
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        let h = response.headers();
+        assert_eq!(h["retry-after"], "1");
+        assert_eq!(h["ratelimit-policy"], "\"key\";q=20;w=2");
+        assert_eq!(h["ratelimit"], "\"key\";r=0;t=1");
+    }
+}

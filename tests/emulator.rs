@@ -131,7 +131,8 @@ async fn echoes_any_other_payload_byte_for_byte() {
 #[tokio::test]
 async fn throttles_with_caller_rate_limit_reason_when_quota_spent() {
     let (lambda, client) = start(vec![FunctionConfig {
-        invoke_rate: Some(1.0),
+        // One token per 10s: the quota cannot refill while the test runs.
+        invoke_rate: Some(0.1),
         invoke_burst: Some(2),
         ..function("limited")
     }])
@@ -148,7 +149,13 @@ async fn throttles_with_caller_rate_limit_reason_when_quota_spent() {
     {
         InvokeError::TooManyRequestsException(e) => {
             assert_eq!(e.reason(), Some(&ThrottleReason::CallerRateLimitExceeded));
-            assert_eq!(e.retry_after_seconds(), Some("1"));
+            // Whole seconds until the next token, rounded up: 10 minus the time spent so far.
+            let retry_after: u64 = e
+                .retry_after_seconds()
+                .expect("Retry-After")
+                .parse()
+                .expect("whole seconds");
+            assert!((1..=10).contains(&retry_after), "{retry_after}");
             assert_eq!(e.r#type(), Some("User"));
             assert_eq!(e.message(), Some("Rate Exceeded."));
         }
@@ -347,7 +354,7 @@ async fn payload_that_is_not_json_is_invalid_request_content() {
 #[tokio::test]
 async fn run_past_the_function_timeout_is_unhandled_task_timed_out() {
     let (lambda, client) = start(vec![FunctionConfig {
-        latency: Duration::from_millis(500),
+        latency: Duration::from_secs(2),
         timeout: Duration::from_millis(50),
         ..function("slow")
     }])
@@ -355,7 +362,7 @@ async fn run_past_the_function_timeout_is_unhandled_task_timed_out() {
     let started = std::time::Instant::now();
     let output = invoke(&client, "slow", b"{}".to_vec()).await;
     assert!(
-        started.elapsed() < Duration::from_millis(400),
+        started.elapsed() < Duration::from_millis(1500),
         "answered at the timeout, not the latency"
     );
     assert_eq!(output.status_code(), 200);
@@ -552,7 +559,7 @@ async fn accepts_a_full_function_arn_as_the_name() {
 #[tokio::test]
 async fn stats_count_exactly_what_was_sent() {
     let (lambda, client) = start(vec![FunctionConfig {
-        invoke_rate: Some(1.0),
+        invoke_rate: Some(0.01),
         invoke_burst: Some(5),
         ..function("counted")
     }])

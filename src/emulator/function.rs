@@ -1,6 +1,7 @@
 //! One emulated function at run time: its invoke quota, its concurrency slots, its counters,
 //! and what a run of it does (sleep for the latency, or time out).
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -142,16 +143,20 @@ impl Function {
     }
 
     /// An accepted `Event` invoke: queue for a slot, then run; nobody waits for the answer.
-    pub(crate) async fn run_event(
+    /// It counts as queued from the moment this is called (before the future is first
+    /// polled), so stats read right after the 202 already include it.
+    pub(crate) fn run_event(
         self: Arc<Self>,
         payload: Payload,
         mut closed: watch::Receiver<bool>,
-    ) {
+    ) -> impl Future<Output = ()> + Send + 'static {
         bump(&self.counters.queued_events);
-        let slot = self.acquire_queued(&mut closed).await;
-        self.counters.queued_events.fetch_sub(1, Ordering::Relaxed);
-        if let Some(slot) = slot {
-            self.execute(slot, payload).await;
+        async move {
+            let slot = self.acquire_queued(&mut closed).await;
+            self.counters.queued_events.fetch_sub(1, Ordering::Relaxed);
+            if let Some(slot) = slot {
+                self.execute(slot, payload).await;
+            }
         }
     }
 }

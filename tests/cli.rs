@@ -1,0 +1,207 @@
+//! The `sluicegate` binary as an operator runs it.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::free_port;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluicegate");
+
+/// Kills the child when the test ends, however it ends.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A command with no AWS credentials or AWS config reachable, as on a fresh machine.
+fn bare_command(dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir)
+        .env("HOME", dir)
+        .env("AWS_CONFIG_FILE", dir.join("no-aws-config"))
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            dir.join("no-aws-credentials"),
+        )
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_REGION")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// Polls `url` until it answers 200, for at most 20 s (a cold debug binary starts slowly).
+async fn wait_until_up(http: &reqwest::Client, url: &str) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if let Ok(r) = http.get(url).send().await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{url} did not come up within 20 s");
+}
+
+fn port_overrides(cmd: &mut Command) -> (u16, u16) {
+    let (listen, admin, emulator) = (free_port(), free_port(), free_port());
+    cmd.env("SLUICEGATE_SERVER__LISTEN", format!("127.0.0.1:{listen}"))
+        .env(
+            "SLUICEGATE_SERVER__ADMIN_LISTEN",
+            format!("127.0.0.1:{admin}"),
+        )
+        .env(
+            "SLUICEGATE_EMULATOR__LISTEN",
+            format!("127.0.0.1:{emulator}"),
+        )
+        .env(
+            "SLUICEGATE_LAMBDA__ENDPOINT_URL",
+            format!("http://127.0.0.1:{emulator}"),
+        );
+    (listen, emulator)
+}
+
+async fn round_trip(listen: u16) {
+    let http = reqwest::Client::new();
+    wait_until_up(&http, &format!("http://127.0.0.1:{listen}/healthz")).await;
+    let response = http
+        .post(format!("http://127.0.0.1:{listen}/records"))
+        .body(r#"{"n":41}"#)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["body"]["n"], 41);
+}
+
+#[tokio::test]
+async fn serve_runs_the_shipped_config_without_aws_credentials() {
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = bare_command(home.path());
+    cmd.args(["serve", "--config"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/sluicegate.toml"));
+    let (listen, _) = port_overrides(&mut cmd);
+    let _child = Process(cmd.spawn().expect("binary starts"));
+    round_trip(listen).await;
+}
+
+#[tokio::test]
+async fn without_a_config_file_the_built_in_default_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = bare_command(dir.path());
+    let (listen, _) = port_overrides(&mut cmd);
+    let _child = Process(cmd.spawn().expect("binary starts"));
+    round_trip(listen).await;
+}
+
+#[tokio::test]
+async fn emulate_serves_only_the_emulator_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let file = dir.path().join("emulator.toml");
+    std::fs::write(
+        &file,
+        format!("[emulator]\nlisten = \"127.0.0.1:{port}\"\n[[emulator.functions]]\nname = \"standalone\"\n"),
+    )
+    .unwrap();
+    let mut cmd = bare_command(dir.path());
+    cmd.args(["emulate", "--config"]).arg(&file);
+    let _child = Process(cmd.spawn().expect("binary starts"));
+    let http = reqwest::Client::new();
+    let stats_url = format!("http://127.0.0.1:{port}/emulator/stats");
+    wait_until_up(&http, &stats_url).await;
+    let stats: Value = http
+        .get(&stats_url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["functions"]["standalone"]["invocations"], 0);
+}
+
+#[test]
+fn check_config_prints_the_effective_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bare_command(dir.path())
+        .args(["check-config"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/sluicegate.toml"))
+        .env("SLUICEGATE_ROUTES__0__BATCH__MAX_RECORDS", "7")
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let config = sluicegate::config::Config::from_toml(&printed).expect("printed config is valid");
+    assert_eq!(
+        config.routes[0].batch.max_records, 7,
+        "environment overrides are applied"
+    );
+}
+
+#[test]
+fn check_config_names_the_offending_key_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "[[routes]]\nname = \"r\"\nfunction = \"f\"\nbatch = { max_records = 0 }\n",
+    )
+    .unwrap();
+    let out = bare_command(dir.path())
+        .arg("check-config")
+        .arg(&file)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("routes[0].batch.max_records"), "{stderr}");
+
+    std::fs::write(&file, "[server]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n").unwrap();
+    let out = bare_command(dir.path())
+        .arg("check-config")
+        .arg(&file)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("bogus"), "{stderr}");
+}
+
+#[test]
+fn serve_refuses_an_invalid_config_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "[[routes]]\nname = \"r\"\nfunction = \"f\"\n[lambda]\nread_timeout = \"soon\"\n",
+    )
+    .unwrap();
+    let out = bare_command(dir.path())
+        .args(["serve", "--config"])
+        .arg(&file)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("lambda.read_timeout"), "{stderr}");
+}

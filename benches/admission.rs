@@ -11,6 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use governor::clock::{Clock, QuantaClock};
 use sluicegate::limit::{Admission, Plans, Quota, TokioClock};
 
 const WIDE_OPEN: Quota = Quota {
@@ -88,11 +89,32 @@ fn contended(c: &mut Criterion) {
     group.finish();
 }
 
+/// What the clock costs: a check reads it twice per layer (ours, then governor's).
+/// `TokioClock` is the default so `tokio::time::pause()` drives admission; governor's
+/// TSC-based `QuantaClock` is the faster alternative.
+fn clocks(c: &mut Criterion) {
+    let mut group = c.benchmark_group("clock");
+    group.bench_function("tokio_now", |b| b.iter(|| black_box(TokioClock.now())));
+    let quanta = QuantaClock::default();
+    group.bench_function("quanta_now", |b| b.iter(|| black_box(quanta.now())));
+    let admission = Admission::new(
+        Some(WIDE_OPEN),
+        vec![("records".into(), Some(WIDE_OPEN))],
+        Plans::new(WIDE_OPEN, vec![]),
+        2,
+        quanta,
+    );
+    group.bench_function("check_1_key_with_quanta_clock", |b| {
+        b.iter(|| black_box(admission.check(0, black_box("client-key"))))
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = single_thread, contended
+    targets = single_thread, contended, clocks
 }
 criterion_main!(benches);

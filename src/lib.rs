@@ -10,12 +10,16 @@
 //! - [`limit`]: token-bucket admission (global → route → key), bounded keyed state, Tower layer.
 //! - [`coalesce`]: per-route batcher (handle + worker) and the batch envelope.
 //! - [`invoke`]: the `aws-sdk-lambda` client, per-function gate, Lambda error classification.
+//! - [`dlq`]: dead-letter sinks (JSON-lines file, SQS) and their reader for redrive.
+//! - [`pipeline`]: assembles routes: one invoker (gate) per function, one batcher per route.
 //! - [`emulator`]: a local Lambda Invoke API that the real SDK talks to unchanged.
 #![forbid(unsafe_code)]
 
 pub mod coalesce;
 pub mod config;
+pub mod dlq;
 pub mod emulator;
 pub mod invoke;
 pub mod limit;
+pub mod pipeline;
 pub mod server;

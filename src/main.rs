@@ -45,6 +45,35 @@ enum Command {
     CheckConfig {
         /// Config file to check.
         file: PathBuf,
+        /// Also ask Lambda about each route's function (timeout, reserved concurrency) and
+        /// print what does not fit. With the embedded emulator, it is started for the check.
+        #[arg(long)]
+        discover: bool,
+    },
+    /// Dead letters: inspect them, or replay them through the same limits.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DlqCommand {
+    /// Replay dead letters and report what succeeded. Letters that fail again are written
+    /// back (to the `--from` file, or appended to the route's live dead-letter file).
+    Redrive {
+        #[arg(long, short, env = "SLUICEGATE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// A JSON-lines dead-letter file; default: every route's `dlq.file`.
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
+    /// Count dead letters per route and error kind.
+    Inspect {
+        #[arg(long, short, env = "SLUICEGATE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long)]
+        from: Option<PathBuf>,
     },
 }
 
@@ -119,10 +148,13 @@ fn main() -> ExitCode {
     };
     let command = cli.command.unwrap_or(Command::Serve { config: None });
     match command {
-        Command::CheckConfig { file } => match Config::load(&file) {
+        Command::CheckConfig { file, discover } => match Config::load(&file) {
             Ok(config) => {
                 print!("{}", config.to_toml());
                 eprintln!("{}: OK", file.display());
+                if discover {
+                    return runtime.block_on(discover_findings(config));
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -130,6 +162,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Dlq { command } => runtime.block_on(dlq(command)),
         Command::Serve { config } => {
             let config = match load_serve_config(config) {
                 Ok(config) => config,
@@ -163,4 +196,181 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `check-config --discover`: prints findings; fails only when `lambda.strict` would refuse.
+async fn discover_findings(mut config: Config) -> ExitCode {
+    let mut emulator = None;
+    let embedded = format!("http://{}", config.emulator.listen);
+    if config.emulator.enabled
+        && config
+            .lambda
+            .endpoint_url
+            .as_deref()
+            .is_none_or(|url| url == embedded)
+    {
+        let mut emulator_config = config.emulator.clone();
+        emulator_config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        match tokio::net::TcpListener::bind(emulator_config.listen).await {
+            Ok(listener) => match sluicegate::emulator::spawn(emulator_config, listener).await {
+                Ok(running) => {
+                    config.lambda.endpoint_url = Some(running.endpoint_url());
+                    emulator = Some(running);
+                }
+                Err(e) => {
+                    eprintln!("warning: cannot start the embedded emulator for discovery: {e}")
+                }
+            },
+            Err(e) => eprintln!("warning: cannot start the embedded emulator for discovery: {e}"),
+        }
+    }
+    let client = sluicegate::invoke::build_client(&config.lambda).await;
+    let findings = sluicegate::invoke::discover::discover(&client, &config).await;
+    drop(emulator);
+    if findings.is_empty() {
+        eprintln!("discovery: every route fits its function");
+        return ExitCode::SUCCESS;
+    }
+    for finding in &findings {
+        eprintln!("finding: {finding}");
+    }
+    if config.lambda.strict {
+        eprintln!("lambda.strict = true: serve would refuse to start");
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// The dead-letter files a `dlq` command reads: `--from`, or every route's `dlq.file`.
+fn dlq_sources(config: &Config, from: Option<PathBuf>) -> Result<Vec<PathBuf>, String> {
+    if let Some(from) = from {
+        return Ok(vec![from]);
+    }
+    let mut files = Vec::new();
+    for route in &config.routes {
+        match &route.dlq {
+            Some(dlq) if dlq.file.is_some() => files.extend(dlq.file.clone()),
+            Some(_) => {
+                return Err(format!(
+                    "route {} dead-letters to SQS; receive the messages into a JSON-lines file and pass it with --from",
+                    route.name
+                ))
+            }
+            None => {}
+        }
+    }
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        return Err("no route has a dlq.file; pass a dead-letter file with --from".to_owned());
+    }
+    Ok(files)
+}
+
+async fn dlq(command: DlqCommand) -> ExitCode {
+    let result = match command {
+        DlqCommand::Inspect { config, from } => inspect(&config, from),
+        DlqCommand::Redrive { config, from } => redrive(&config, from).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn inspect(config: &Path, from: Option<PathBuf>) -> Result<ExitCode, String> {
+    let config = Config::load(config).map_err(|e| e.to_string())?;
+    let mut counts: std::collections::BTreeMap<(String, String), usize> = Default::default();
+    let mut total = 0;
+    for file in dlq_sources(&config, from)? {
+        if !file.exists() {
+            continue;
+        }
+        for letter in sluicegate::dlq::read_letters(&file)? {
+            total += 1;
+            *counts.entry((letter.route, letter.error_kind)).or_default() += 1;
+        }
+    }
+    let by: Vec<serde_json::Value> = counts
+        .into_iter()
+        .map(|((route, kind), n)| serde_json::json!({"route": route, "error_kind": kind, "count": n}))
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({"total": total, "by_route_and_error": by})
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Replays each source file. A route's live file is first moved aside (the running
+/// server's writer follows the rotation to a fresh file), so letters written during the
+/// redrive are never overwritten; what fails again is appended to the live file. A
+/// `--from` file is rewritten with what failed again.
+async fn redrive(config: &Path, from: Option<PathBuf>) -> Result<ExitCode, String> {
+    let config = Config::load(config).map_err(|e| e.to_string())?;
+    let explicit = from.is_some();
+    let mut reports = Vec::new();
+    let mut any_left = false;
+    for file in dlq_sources(&config, from)? {
+        if !file.exists() {
+            continue;
+        }
+        let work = if explicit {
+            file.clone()
+        } else {
+            let aside = file.with_extension(format!("redrive-{}", std::process::id()));
+            std::fs::rename(&file, &aside)
+                .map_err(|e| format!("cannot move {} aside: {e}", file.display()))?;
+            aside
+        };
+        let letters = sluicegate::dlq::read_letters(&work)?;
+        let report = sluicegate::dlq::redrive::redrive(&config, letters)
+            .await
+            .map_err(|e| e.to_string())?;
+        let written_back = if explicit {
+            let tmp = work.with_extension("redrive-tmp");
+            write_letters(&tmp, &report.remaining)?;
+            std::fs::rename(&tmp, &work)
+                .map_err(|e| format!("cannot replace {}: {e}", work.display()))?;
+            work.clone()
+        } else {
+            if !report.remaining.is_empty() {
+                let mut sink = sluicegate::dlq::FileSink::open(&file)
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                sink.write(&report.remaining)
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+            }
+            std::fs::remove_file(&work)
+                .map_err(|e| format!("cannot remove {}: {e}", work.display()))?;
+            file.clone()
+        };
+        any_left |= !report.remaining.is_empty();
+        reports.push(serde_json::json!({
+            "file": file.display().to_string(),
+            "total": report.total,
+            "succeeded": report.succeeded,
+            "function_errors": report.function_errors,
+            "failed": report.failed,
+            "failed_written_to": written_back.display().to_string(),
+        }));
+    }
+    println!("{}", serde_json::json!({ "redrive": reports }));
+    Ok(if any_left {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn write_letters(path: &Path, letters: &[sluicegate::dlq::DeadLetter]) -> Result<(), String> {
+    let mut text = String::new();
+    for letter in letters {
+        text.push_str(&serde_json::to_string(letter).map_err(|e| e.to_string())?);
+        text.push('\n');
+    }
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }

@@ -445,7 +445,12 @@ latency = "5ms"
 invoke_rate = 0.1
 invoke_burst = 1
 "#;
-    let routes = route("records", "tiny-quota", "batch = { max_records = 1 }");
+    // One attempt: no retry waits out the throttle, so the caller sees Lambda's answer.
+    let routes = route(
+        "records",
+        "tiny-quota",
+        "batch = { max_records = 1 }\nretry = { max_attempts = 1 }",
+    );
     let h = Harness::start(&config_toml(functions, &routes)).await;
     assert_eq!(h.post("/records", "1").await.status(), 200);
     let response = h.post("/records", "2").await;
@@ -514,7 +519,11 @@ reserved_concurrency = 1
         ..Default::default()
     };
     let client = sluicegate::invoke::build_client(&lambda).await;
-    let invoker = std::sync::Arc::new(Invoker::new(client, "one-at-a-time".into(), Gate::new(2)));
+    let invoker = std::sync::Arc::new(Invoker::new(
+        client,
+        "one-at-a-time".into(),
+        Gate::concurrency_only(2),
+    ));
     let (a, b) = tokio::join!(
         async {
             let slot = invoker.gate().acquire().await;

@@ -50,8 +50,9 @@ impl FunctionError {
     }
 }
 
-/// One record's envelope entry: `{"id":"r1","key":"k","body":<record>}`.
-pub(super) fn entry(id: &str, key: &str, body: &RawValue) -> Bytes {
+/// One record's envelope entry, `{"id":"r1","key":"k","body":<record>}`, and the slice of
+/// it that is the record itself.
+pub(super) fn entry(id: &str, key: &str, body: &RawValue) -> (Bytes, Bytes) {
     let body = body.get();
     let mut buf = BytesMut::with_capacity(body.len() + key.len() + id.len() + 32);
     buf.put_slice(b"{\"id\":\"");
@@ -61,9 +62,13 @@ pub(super) fn entry(id: &str, key: &str, body: &RawValue) -> Bytes {
     serde_json::to_writer(&mut writer, key).expect("writing a string into memory cannot fail");
     let mut buf = writer.into_inner();
     buf.put_slice(b",\"body\":");
+    let start = buf.len();
     buf.put_slice(body.as_bytes());
+    let end = buf.len();
     buf.put_slice(b"}");
-    buf.freeze()
+    let entry = buf.freeze();
+    let record = entry.slice(start..end);
+    (entry, record)
 }
 
 /// Payload bytes for `entries` under `envelope`.
@@ -260,9 +265,13 @@ mod tests {
     fn message(id: &str, body: &str) -> (Message, oneshot::Receiver<super::super::Outcome>) {
         let (reply, rx) = oneshot::channel();
         let raw = RawValue::from_string(body.to_owned()).unwrap();
+        let (entry, record) = entry(id, "key-1", &raw);
+        assert_eq!(&record[..], body.as_bytes());
         let m = Message {
             id: Arc::from(id),
-            entry: entry(id, "key-1", &raw),
+            key: Arc::from("key-1"),
+            entry,
+            body: record,
             enqueued: Instant::now(),
             deadline: Instant::now() + std::time::Duration::from_secs(5),
             reply,
@@ -289,7 +298,7 @@ mod tests {
     #[test]
     fn keys_are_json_escaped_in_entries() {
         let raw = RawValue::from_string("1".to_owned()).unwrap();
-        let e = entry("r9", "a\"b\\c", &raw);
+        let (e, _) = entry("r9", "a\"b\\c", &raw);
         let value: serde_json::Value = serde_json::from_slice(&e).unwrap();
         assert_eq!(value["key"], "a\"b\\c");
     }

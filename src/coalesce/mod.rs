@@ -8,7 +8,8 @@
 //!
 //! Guarantees:
 //! - the queue is bounded (`queue.max_pending`); a full queue refuses at once with a
-//!   `Retry-After` computed from the measured drain rate ([`RecordError::QueueFull`]);
+//!   `Retry-After` computed from the measured drain rate ([`RecordError::QueueFull`]), and
+//!   so does a queue that, at that rate, cannot reach the record before its caller's deadline;
 //! - a batch flushes at `max_records` or `max_bytes` (envelope included, so the invoke
 //!   payload never exceeds it), when `max_wait` has passed since its first record, or —
 //!   with `flush = "adaptive"` — as soon as the function's gate has a free slot;
@@ -18,6 +19,7 @@
 //!   is moved into exactly one `send`, and a sender dropped without a send (a panicking
 //!   dispatch task) surfaces to the caller as [`RecordError::Lost`], never as silence.
 
+mod deliver;
 mod envelope;
 mod worker;
 
@@ -30,7 +32,9 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::config::{Envelope, Flush, Invocation, RouteConfig, ENVELOPE_FRAME};
+use crate::config::{Envelope, Flush, Invocation, RetryConfig, RouteConfig, ENVELOPE_FRAME};
+use crate::dlq::DeadLetterSink;
+use crate::invoke::retry::RetryBudget;
 use crate::invoke::{InvokeFailure, Invoker};
 
 pub use self::envelope::FunctionError;
@@ -49,6 +53,9 @@ pub struct BatchSpec {
     /// Records per second the route can deliver at most (invoke rate × batch size); the
     /// drain estimate before any batch has completed.
     pub nominal_drain_rate: f64,
+    pub retry: RetryConfig,
+    /// Split a batch whose invoke failed with a function error, to isolate the failing record.
+    pub bisect: bool,
 }
 
 impl BatchSpec {
@@ -63,6 +70,8 @@ impl BatchSpec {
             flush: route.batch.flush,
             max_pending: route.queue.max_pending,
             nominal_drain_rate: route.invoke.rate * route.max_records() as f64,
+            retry: route.retry.clone(),
+            bisect: route.bisect_on_function_error,
         }
     }
 }
@@ -98,6 +107,10 @@ pub enum RecordError {
     MissingResult,
     #[error("the record's result was lost (its batch task ended without answering)")]
     Lost,
+    #[error("the caller's deadline comes before the next retry ({0})")]
+    DeadlineBeforeRetry(InvokeFailure),
+    #[error("retries exhausted; the record was dead-lettered as {id} ({failure})")]
+    DeadLettered { id: String, failure: InvokeFailure },
 }
 
 /// The one answer a caller gets.
@@ -107,8 +120,11 @@ pub type Outcome = Result<Delivered, RecordError>;
 #[derive(Debug)]
 pub struct Message {
     id: Arc<str>,
+    key: Arc<str>,
     /// The record as it goes into the payload: its envelope entry, or the raw body.
     entry: Bytes,
+    /// The record's own JSON (a slice of `entry`), for dead letters.
+    body: Bytes,
     enqueued: Instant,
     deadline: Instant,
     reply: oneshot::Sender<Outcome>,
@@ -152,31 +168,37 @@ pub struct Batcher {
 static NEXT_RECORD_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Batcher {
-    /// Starts the route's worker on the current runtime.
-    pub fn spawn(spec: BatchSpec, invoker: Arc<Invoker>) -> Batcher {
+    /// Starts the route's worker on the current runtime. `dlq` receives the records whose
+    /// retries are exhausted.
+    pub fn spawn(spec: BatchSpec, invoker: Arc<Invoker>, dlq: Option<DeadLetterSink>) -> Batcher {
         let (tx, rx) = mpsc::channel(spec.max_pending);
         let spec = Arc::new(spec);
         let drain = Arc::new(DrainMeter::new(spec.nominal_drain_rate));
-        tokio::spawn(worker::run(
-            rx,
-            Arc::clone(&spec),
+        let delivery = Arc::new(deliver::Delivery {
+            spec: Arc::clone(&spec),
             invoker,
-            Arc::clone(&drain),
-        ));
+            budget: RetryBudget::new(spec.retry.budget),
+            dlq,
+            drain: Arc::clone(&drain),
+        });
+        tokio::spawn(worker::run(rx, delivery));
         Batcher { tx, spec, drain }
     }
 
     /// Queues a record for `key` and returns the ticket for its result, or refuses at once.
     pub fn submit(
         &self,
-        key: &str,
+        key: &Arc<str>,
         body: &RawValue,
         deadline: Instant,
     ) -> Result<Ticket, RecordError> {
         let n = NEXT_RECORD_ID.fetch_add(1, Ordering::Relaxed);
         let id: Arc<str> = format!("r{n}").into();
-        let entry = match self.spec.envelope {
-            Envelope::Raw => Bytes::copy_from_slice(body.get().as_bytes()),
+        let (entry, body) = match self.spec.envelope {
+            Envelope::Raw => {
+                let entry = Bytes::copy_from_slice(body.get().as_bytes());
+                (entry.clone(), entry)
+            }
             Envelope::Batch => envelope::entry(&id, key, body),
         };
         let limit = self.spec.max_bytes.saturating_sub(ENVELOPE_FRAME as usize);
@@ -186,10 +208,25 @@ impl Batcher {
                 limit,
             });
         }
+        // A record the queue cannot drain before its caller's deadline would only time out
+        // in the queue: shed it now, while the caller can still act on Retry-After.
+        let depth = self.queue_depth();
+        if depth > 0 {
+            if let Some(rate) = self.drain.measured_rate() {
+                let wait = Duration::from_secs_f64(depth as f64 / rate);
+                if Instant::now() + wait > deadline {
+                    return Err(RecordError::QueueFull {
+                        retry_after: self.drain_estimate(),
+                    });
+                }
+            }
+        }
         let (reply, rx) = oneshot::channel();
         let message = Message {
             id: Arc::clone(&id),
+            key: Arc::clone(key),
             entry,
+            body,
             enqueued: Instant::now(),
             deadline,
             reply,
@@ -268,6 +305,15 @@ impl DrainMeter {
             m.count = 0;
             m.window_start = Instant::now();
         }
+    }
+
+    /// The drain rate once at least one window has been measured.
+    fn measured_rate(&self) -> Option<f64> {
+        let m = self
+            .inner
+            .lock()
+            .expect("drain meter lock is never poisoned: no panics inside");
+        m.measured.then_some(m.rate.max(0.001))
     }
 
     fn rate(&self) -> f64 {

@@ -6,10 +6,11 @@ use tokio::sync::mpsc::{self, error::TryRecvError};
 use tokio::time::{sleep_until, Instant};
 use tracing::Instrument;
 
-use super::envelope::{self, framed_len};
-use super::{BatchSpec, DrainMeter, Message};
+use super::deliver::Delivery;
+use super::envelope::framed_len;
+use super::{BatchSpec, Message};
 use crate::config::Flush;
-use crate::invoke::{Invoker, Slot};
+use crate::invoke::Slot;
 
 /// Records being gathered into one invoke, with their exact framed size.
 struct Batch {
@@ -48,12 +49,9 @@ impl Batch {
     }
 }
 
-pub(super) async fn run(
-    mut rx: mpsc::Receiver<Message>,
-    spec: Arc<BatchSpec>,
-    invoker: Arc<Invoker>,
-    drain: Arc<DrainMeter>,
-) {
+pub(super) async fn run(mut rx: mpsc::Receiver<Message>, delivery: Arc<Delivery>) {
+    let spec = Arc::clone(&delivery.spec);
+    let invoker = Arc::clone(&delivery.invoker);
     let adaptive = spec.flush == Flush::Adaptive;
     // A record that did not fit the previous batch's byte bound opens the next one.
     let mut carry: Option<Message> = None;
@@ -110,6 +108,11 @@ pub(super) async fn run(
             }
         }
 
+        // Callers that left while the batch filled need no slot.
+        batch.prune(Instant::now());
+        if batch.messages.is_empty() {
+            continue;
+        }
         let slot = match slot {
             Some(slot) => slot,
             None => acquire.await,
@@ -130,35 +133,9 @@ pub(super) async fn run(
             span.follows_from(m.span.id());
         }
         tokio::spawn(
-            dispatch(
-                batch.messages,
-                slot,
-                Arc::clone(&spec),
-                Arc::clone(&invoker),
-                Arc::clone(&drain),
-            )
-            .instrument(span),
+            Arc::clone(&delivery)
+                .deliver(batch.messages, Some(slot))
+                .instrument(span),
         );
     }
-}
-
-/// One batch: invoke, then answer each caller. The seam where retries and dead letters go.
-async fn dispatch(
-    batch: Vec<Message>,
-    slot: Slot,
-    spec: Arc<BatchSpec>,
-    invoker: Arc<Invoker>,
-    drain: Arc<DrainMeter>,
-) {
-    let records = batch.len();
-    let payload = envelope::payload(spec.envelope, &batch);
-    let started = Instant::now();
-    let result = invoker.invoke(payload, spec.invocation, slot).await;
-    tracing::debug!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        ok = result.is_ok(),
-        "invoke finished"
-    );
-    envelope::fan_out(batch, result, spec.envelope);
-    drain.record(records);
 }

@@ -61,7 +61,7 @@ fn event_routes_default_to_lambdas_async_payload_limit() {
 fn unknown_keys_are_rejected_with_the_key_named() {
     let err = load(&format!("{MINIMAL}batch = {{ max_recrods = 5 }}\n")).unwrap_err();
     let text = err.to_string();
-    assert_eq!(err.key(), Some("routes[0].batch"), "{text}");
+    assert_eq!(err.key(), Some("routes[0].batch.max_recrods"), "{text}");
     assert!(text.contains("max_recrods"), "{text}");
 
     let err = load("[sever]\nlisten = \"127.0.0.1:1\"\n").unwrap_err();

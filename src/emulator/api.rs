@@ -233,13 +233,22 @@ async fn invoke(
         return AwsError::function_not_found(name).into_response(&request_id);
     };
     let counters = &function.counters;
+    let limit = function
+        .cfg
+        .max_payload
+        .map_or(kind.payload_limit(), |max| {
+            max.as_usize().min(kind.payload_limit())
+        });
+    let body = match body {
+        ReadBody::Complete(raw) if raw.len() > limit => ReadBody::TooLarge,
+        other => other,
+    };
     let raw = match body {
         ReadBody::Complete(raw) => raw,
         ReadBody::TooLarge => {
             bump(&counters.too_large);
             let message = format!(
-                "Request must be smaller than {} bytes for the InvokeFunction operation",
-                kind.payload_limit()
+                "Request must be smaller than {limit} bytes for the InvokeFunction operation"
             );
             return AwsError::user(
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -133,6 +133,10 @@ pub struct FunctionConfig {
     /// Reported by `GetFunctionConfiguration`; Lambda allows 128 to 10240 (MB).
     #[serde(default = "default_memory_size")]
     pub memory_size: u32,
+    /// A payload limit below Lambda's own (6 MB sync, 1 MB async), answered with the same
+    /// `RequestTooLargeException`: lets tests exercise batch splitting with small records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_payload: Option<crate::config::ByteSize>,
 }
 
 fn default_every() -> u32 {
@@ -171,6 +175,7 @@ impl FunctionConfig {
             invoke_rate: None,
             invoke_burst: None,
             memory_size: default_memory_size(),
+            max_payload: None,
         }
     }
 

@@ -13,6 +13,11 @@ use crate::config::{CredentialsSource, LambdaConfig};
 /// `credentials = "auto"` and a loopback `endpoint_url`, placeholder keys, because an
 /// emulator does not check signatures and a fresh machine has no AWS credentials at all.
 pub async fn build_client(cfg: &LambdaConfig) -> aws_sdk_lambda::Client {
+    aws_sdk_lambda::Client::new(&sdk_config(cfg).await)
+}
+
+/// The shared SDK config behind [`build_client`] (also used for the SQS dead-letter sink).
+pub async fn sdk_config(cfg: &LambdaConfig) -> aws_config::SdkConfig {
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(cfg.connect_timeout)
         .read_timeout(cfg.read_timeout)
@@ -36,7 +41,7 @@ pub async fn build_client(cfg: &LambdaConfig) -> aws_sdk_lambda::Client {
             "sluicegate-loopback-endpoint",
         ));
     }
-    aws_sdk_lambda::Client::new(&loader.load().await)
+    loader.load().await
 }
 
 /// Whether `credentials = "auto"` resolves to placeholder keys for this endpoint.

@@ -1,58 +1,354 @@
-//! The gate every invoke passes: a concurrency permit per in-flight invoke.
+//! The gate every invoke attempt passes: a concurrency permit, then an invoke-rate token.
 //!
-//! A [`Slot`] is an owned permit; dropping it frees the slot, so a cancelled invoke
-//! (its task dropped) never leaks capacity.
+//! - Concurrency: `max_concurrency` permits; a [`Slot`] holds one for the whole attempt and
+//!   releases it on drop, so a cancelled attempt never leaks capacity.
+//! - Rate: a token bucket (`rate` tokens per second, `burst` capacity, starts full) taken
+//!   *after* the permit, so no token is spent while an attempt still waits for concurrency.
+//!   Retries pass the gate too: Lambda counts every attempt against its quota.
+//! - Adaptive (`invoke.adaptive = true`): AIMD on both. A throttle whose `Reason` names
+//!   concurrency lowers the concurrency cap; a rate reason lowers the rate to at most what
+//!   Lambda accepted over the last second (and at most 0.7× the current rate) and empties the
+//!   bucket (Lambda's own bucket is empty, so ours should be too). Both climb back slowly
+//!   while throttles stay away: the rate by 2% of the configured rate per quiet second after
+//!   2 s without a rate throttle, the concurrency cap by one per 5 quiet seconds. Neither ever
+//!   exceeds its configured value. The current values are [`Gate::limits`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
-/// Capacity to invoke one function: `max_concurrency` permits.
+/// Throttle reasons Lambda gives for concurrency, as opposed to invoke rate.
+const CONCURRENCY_REASONS: [&str; 2] = [
+    "ReservedFunctionConcurrentInvocationLimitExceeded",
+    "ConcurrentInvocationLimitExceeded",
+];
+
+const DECREASE: f64 = 0.7;
+const RATE_COOLDOWN: Duration = Duration::from_millis(100);
+const RATE_QUIET: Duration = Duration::from_secs(2);
+const RATE_STEP_EVERY: Duration = Duration::from_secs(1);
+const RATE_STEP: f64 = 0.02;
+const MIN_RATE: f64 = 0.1;
+const CONCURRENCY_COOLDOWN: Duration = Duration::from_millis(500);
+const CONCURRENCY_STEP_EVERY: Duration = Duration::from_secs(5);
+
+/// The gate's configuration.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GateConfig {
+    pub max_concurrency: usize,
+    pub rate: f64,
+    pub burst: u32,
+    pub adaptive: bool,
+}
+
+/// The gate's current limits (equal to the configured ones unless adaptive lowered them).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    pub concurrency: usize,
+    pub rate: f64,
+    pub in_flight: usize,
+}
+
+/// Capacity to invoke one function. Cheap to clone; clones share state.
 #[derive(Clone, Debug)]
 pub struct Gate {
-    permits: Arc<Semaphore>,
-    max_concurrency: usize,
+    inner: Arc<Inner>,
 }
 
-/// The right to run one invoke; released on drop.
 #[derive(Debug)]
-pub struct Slot {
-    _permit: OwnedSemaphorePermit,
+struct Inner {
+    config: GateConfig,
+    permits: Arc<Semaphore>,
+    /// Guarded together: the cap and the permits still to be withdrawn after a decrease.
+    concurrency: Mutex<Concurrency>,
+    rate: Mutex<Rate>,
 }
 
-impl Gate {
-    pub fn new(max_concurrency: usize) -> Self {
-        Gate {
-            permits: Arc::new(Semaphore::new(max_concurrency)),
-            max_concurrency,
+#[derive(Debug)]
+struct Concurrency {
+    cap: usize,
+    /// Permits to forget as they come back, because the cap was lowered while they were out.
+    debt: usize,
+    last_decrease: Option<Instant>,
+    last_change: Instant,
+}
+
+#[derive(Debug)]
+struct Rate {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    updated: Instant,
+    last_decrease: Option<Instant>,
+    last_increase: Instant,
+    /// Invokes Lambda accepted in the current and the previous one-second window.
+    window_start: Instant,
+    accepted_now: u32,
+    accepted_prev: u32,
+}
+
+impl Rate {
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.updated = now;
+    }
+
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
         }
     }
 
-    /// Waits for a slot. Cancel-safe: dropping the future gives up its place in the
-    /// semaphore's FIFO queue and takes nothing.
+    fn roll_window(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.window_start);
+        if elapsed >= Duration::from_secs(2) {
+            self.accepted_prev = 0;
+            self.accepted_now = 0;
+            self.window_start = now;
+        } else if elapsed >= Duration::from_secs(1) {
+            self.accepted_prev = self.accepted_now;
+            self.accepted_now = 0;
+            self.window_start += Duration::from_secs(1);
+        }
+    }
+}
+
+/// The right to run one invoke attempt; gives its permit back (or withdraws it, after an
+/// adaptive decrease) on drop.
+#[derive(Debug)]
+pub struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    gate: Arc<Inner>,
+    /// Set when an invoke attempt was sent with this slot. A slot dropped unused (its
+    /// batch emptied while it waited) gives its rate token back: Lambda never saw it.
+    used: bool,
+}
+
+impl Slot {
+    /// Marks the slot as spent on a real invoke attempt.
+    pub fn mark_used(&mut self) {
+        self.used = true;
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.used {
+            let mut r = self.gate.lock_rate();
+            r.tokens = (r.tokens + 1.0).min(r.burst);
+        }
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        let mut c = self.gate.lock_concurrency();
+        if c.debt > 0 {
+            c.debt -= 1;
+            permit.forget();
+        }
+    }
+}
+
+impl Gate {
+    pub fn new(config: GateConfig) -> Self {
+        let now = Instant::now();
+        Gate {
+            inner: Arc::new(Inner {
+                config,
+                permits: Arc::new(Semaphore::new(config.max_concurrency)),
+                concurrency: Mutex::new(Concurrency {
+                    cap: config.max_concurrency,
+                    debt: 0,
+                    last_decrease: None,
+                    last_change: now,
+                }),
+                rate: Mutex::new(Rate {
+                    rate: config.rate,
+                    burst: f64::from(config.burst),
+                    tokens: f64::from(config.burst),
+                    updated: now,
+                    last_decrease: None,
+                    last_increase: now,
+                    window_start: now,
+                    accepted_now: 0,
+                    accepted_prev: 0,
+                }),
+            }),
+        }
+    }
+
+    /// A gate with only a concurrency cap (an effectively unlimited rate); for tests.
+    pub fn concurrency_only(max_concurrency: usize) -> Self {
+        Gate::new(GateConfig {
+            max_concurrency,
+            rate: 1e9,
+            burst: u32::MAX,
+            adaptive: false,
+        })
+    }
+
+    /// Waits for a concurrency permit, then an invoke-rate token. Cancel-safe: dropping the
+    /// future releases a permit it holds and has taken no token.
     pub async fn acquire(&self) -> Slot {
-        let permit = Arc::clone(&self.permits)
+        let permit = Arc::clone(&self.inner.permits)
             .acquire_owned()
             .await
             .expect("the gate's semaphore is never closed");
-        Slot { _permit: permit }
+        let mut slot = Slot {
+            permit: Some(permit),
+            gate: Arc::clone(&self.inner),
+            used: true,
+        };
+        loop {
+            let wait = match self.inner.lock_rate().take(Instant::now()) {
+                Ok(()) => {
+                    slot.used = false;
+                    return slot;
+                }
+                Err(wait) => wait,
+            };
+            tokio::time::sleep(wait).await;
+        }
     }
 
-    /// A slot if one is free right now.
+    /// A slot if a permit and a token are both available right now.
     pub fn try_acquire(&self) -> Option<Slot> {
-        Arc::clone(&self.permits)
-            .try_acquire_owned()
-            .ok()
-            .map(|permit| Slot { _permit: permit })
+        let permit = Arc::clone(&self.inner.permits).try_acquire_owned().ok()?;
+        // `used: true` until a token is taken, so a failed take refunds nothing.
+        let mut slot = Slot {
+            permit: Some(permit),
+            gate: Arc::clone(&self.inner),
+            used: true,
+        };
+        self.inner.lock_rate().take(Instant::now()).ok()?;
+        slot.used = false;
+        Some(slot)
     }
 
-    /// Invokes in flight.
-    pub fn in_flight(&self) -> usize {
-        self.max_concurrency - self.permits.available_permits()
+    pub fn limits(&self) -> Limits {
+        let concurrency = self.inner.lock_concurrency();
+        let rate = self.inner.lock_rate().rate;
+        let available = self.inner.permits.available_permits();
+        Limits {
+            concurrency: concurrency.cap,
+            rate,
+            in_flight: concurrency.cap.saturating_sub(available),
+        }
     }
 
-    pub fn max_concurrency(&self) -> usize {
-        self.max_concurrency
+    pub fn config(&self) -> GateConfig {
+        self.inner.config
+    }
+
+    /// Lambda accepted an attempt: counts toward the accepted rate, and lets adaptive
+    /// limits climb back when throttles have stayed away.
+    pub fn on_accepted(&self) {
+        let now = Instant::now();
+        {
+            let mut r = self.inner.lock_rate();
+            r.roll_window(now);
+            r.accepted_now = r.accepted_now.saturating_add(1);
+            if self.inner.config.adaptive && r.rate < self.inner.config.rate {
+                let quiet = r
+                    .last_decrease
+                    .is_none_or(|t| now.saturating_duration_since(t) >= RATE_QUIET);
+                if quiet && now.saturating_duration_since(r.last_increase) >= RATE_STEP_EVERY {
+                    r.refill(now);
+                    r.rate =
+                        (r.rate + RATE_STEP * self.inner.config.rate).min(self.inner.config.rate);
+                    r.last_increase = now;
+                }
+            }
+        }
+        if self.inner.config.adaptive {
+            let mut c = self.inner.lock_concurrency();
+            if c.cap < self.inner.config.max_concurrency
+                && now.saturating_duration_since(c.last_change) >= CONCURRENCY_STEP_EVERY
+            {
+                c.cap += 1;
+                c.last_change = now;
+                if c.debt > 0 {
+                    c.debt -= 1;
+                } else {
+                    self.inner.permits.add_permits(1);
+                }
+            }
+        }
+    }
+
+    /// Lambda throttled an attempt with `reason`; with `adaptive`, lowers the matching limit.
+    pub fn on_throttle(&self, reason: &str) {
+        if !self.inner.config.adaptive {
+            return;
+        }
+        let now = Instant::now();
+        if CONCURRENCY_REASONS.contains(&reason) {
+            let mut c = self.inner.lock_concurrency();
+            if c.last_decrease
+                .is_some_and(|t| now.saturating_duration_since(t) < CONCURRENCY_COOLDOWN)
+            {
+                return;
+            }
+            let lowered = ((c.cap as f64 * DECREASE).floor() as usize)
+                .min(c.cap.saturating_sub(1))
+                .max(1);
+            let withdrawn = c.cap - lowered;
+            c.cap = lowered;
+            c.last_decrease = Some(now);
+            c.last_change = now;
+            // Take back what is free now; the rest is withdrawn as slots come back.
+            let forgotten = self.inner.permits.forget_permits(withdrawn);
+            c.debt += withdrawn - forgotten;
+            tracing::warn!(
+                reason,
+                concurrency = lowered,
+                "Lambda throttled for concurrency: lowering the concurrency cap"
+            );
+        } else {
+            let mut r = self.inner.lock_rate();
+            if r.last_decrease
+                .is_some_and(|t| now.saturating_duration_since(t) < RATE_COOLDOWN)
+            {
+                return;
+            }
+            r.roll_window(now);
+            let accepted = f64::from(r.accepted_prev.max(r.accepted_now));
+            let mut lowered = r.rate * DECREASE;
+            if accepted > 0.0 {
+                lowered = lowered.min(accepted * 0.95);
+            }
+            r.refill(now);
+            r.rate = lowered.max(MIN_RATE);
+            r.tokens = r.tokens.min(0.0);
+            r.last_decrease = Some(now);
+            r.last_increase = now;
+            tracing::warn!(
+                reason,
+                rate = r.rate,
+                "Lambda throttled the invoke rate: lowering the invoke rate"
+            );
+        }
+    }
+}
+
+impl Inner {
+    fn lock_concurrency(&self) -> MutexGuard<'_, Concurrency> {
+        self.concurrency
+            .lock()
+            .expect("gate lock is never poisoned: no panics while held")
+    }
+
+    fn lock_rate(&self) -> MutexGuard<'_, Rate> {
+        self.rate
+            .lock()
+            .expect("gate lock is never poisoned: no panics while held")
     }
 }
 
@@ -60,14 +356,136 @@ impl Gate {
 mod tests {
     use super::*;
 
+    fn gate(max_concurrency: usize, rate: f64, burst: u32, adaptive: bool) -> Gate {
+        Gate::new(GateConfig {
+            max_concurrency,
+            rate,
+            burst,
+            adaptive,
+        })
+    }
+
+    /// Releases a slot as an invoke attempt would: its token stays spent.
+    fn spend(mut slot: Slot) {
+        slot.mark_used();
+    }
+
     #[tokio::test]
     async fn slots_are_capped_and_released_on_drop() {
-        let gate = Gate::new(2);
+        let gate = Gate::concurrency_only(2);
         let a = gate.acquire().await;
         let _b = gate.try_acquire().expect("second slot free");
         assert!(gate.try_acquire().is_none(), "third slot must wait");
-        assert_eq!(gate.in_flight(), 2);
+        assert_eq!(gate.limits().in_flight, 2);
         drop(a);
         assert!(gate.try_acquire().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_bucket_allows_burst_then_rate() {
+        let gate = gate(100, 10.0, 5, false);
+        let start = Instant::now();
+        for _ in 0..5 {
+            spend(gate.try_acquire().expect("burst tokens"));
+        }
+        assert!(
+            gate.try_acquire().is_none(),
+            "bucket is empty after the burst"
+        );
+        for _ in 0..10 {
+            spend(gate.acquire().await);
+        }
+        // Ten more tokens at 10/s take one second.
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(999) && elapsed <= Duration::from_millis(1001),
+            "{elapsed:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_is_not_spent_while_waiting_for_concurrency() {
+        let gate = gate(1, 1.0, 1, false);
+        let held = gate.acquire().await;
+        assert!(gate.try_acquire().is_none());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        drop(held);
+        // One token accrued while the permit was busy (capacity 1): available at once.
+        let start = Instant::now();
+        spend(gate.acquire().await);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_throttles_lower_the_rate_to_what_lambda_accepted_and_it_recovers() {
+        let gate = gate(10, 50.0, 1, true);
+        for _ in 0..10 {
+            gate.on_accepted();
+        }
+        gate.on_throttle("CallerRateLimitExceeded");
+        let lowered = gate.limits().rate;
+        assert!(lowered <= 10.0 * 0.95 + 1e-9, "lowered to {lowered}");
+        // A second throttle inside the cooldown is the same burst: no further decrease.
+        gate.on_throttle("CallerRateLimitExceeded");
+        assert_eq!(gate.limits().rate, lowered);
+        // Quiet time: it climbs back, never past the configured rate.
+        for _ in 0..200 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            gate.on_accepted();
+        }
+        assert_eq!(gate.limits().rate, 50.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrency_throttles_lower_the_cap_and_withdraw_busy_permits() {
+        let gate = gate(10, 1e9, u32::MAX, true);
+        let slots: Vec<Slot> = (0..10).map(|_| gate.try_acquire().expect("free")).collect();
+        gate.on_throttle("ReservedFunctionConcurrentInvocationLimitExceeded");
+        assert_eq!(gate.limits().concurrency, 7);
+        drop(slots);
+        let held: Vec<Slot> = std::iter::from_fn(|| gate.try_acquire()).collect();
+        assert_eq!(
+            held.len(),
+            7,
+            "only the lowered cap is available once slots return"
+        );
+        drop(held);
+        for _ in 0..4 {
+            tokio::time::advance(CONCURRENCY_STEP_EVERY).await;
+            gate.on_accepted();
+        }
+        assert_eq!(
+            gate.limits().concurrency,
+            10,
+            "recovers to the configured cap"
+        );
+        let held: Vec<Slot> = std::iter::from_fn(|| gate.try_acquire()).collect();
+        assert_eq!(held.len(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unused_slot_gives_its_token_back() {
+        let gate = gate(2, 1.0, 1, false);
+        let slot = gate.try_acquire().expect("the one token");
+        drop(slot);
+        let mut slot = gate.try_acquire().expect("the token came back");
+        slot.mark_used();
+        drop(slot);
+        assert!(gate.try_acquire().is_none(), "a used token is gone");
+    }
+
+    #[tokio::test]
+    async fn non_adaptive_gates_ignore_throttles() {
+        let gate = gate(4, 8.0, 15, false);
+        gate.on_throttle("CallerRateLimitExceeded");
+        gate.on_throttle("ReservedFunctionConcurrentInvocationLimitExceeded");
+        assert_eq!(
+            gate.limits(),
+            Limits {
+                concurrency: 4,
+                rate: 8.0,
+                in_flight: 0
+            }
+        );
     }
 }

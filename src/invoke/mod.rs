@@ -18,7 +18,9 @@
 //! | `ResourceNotFoundException`, `InvalidRequestContentException`, credentials/permission | `Rejected` | no |
 
 mod client;
+pub mod discover;
 mod gate;
+pub mod retry;
 
 use std::time::Duration;
 
@@ -28,8 +30,8 @@ use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::InvocationType;
 use bytes::Bytes;
 
-pub use self::client::build_client;
-pub use self::gate::{Gate, Slot};
+pub use self::client::{build_client, sdk_config};
+pub use self::gate::{Gate, GateConfig, Limits, Slot};
 use crate::config::Invocation;
 
 /// What an invoke that Lambda accepted returned.
@@ -65,6 +67,25 @@ pub enum InvokeFailure {
 }
 
 impl InvokeFailure {
+    /// The wait Lambda asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            InvokeFailure::Throttled { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// A short label for logs and metrics.
+    pub fn label(&self) -> &str {
+        match self {
+            InvokeFailure::Throttled { reason, .. } => reason,
+            InvokeFailure::TooLarge { .. } => "RequestTooLargeException",
+            InvokeFailure::Rejected { kind, .. } => kind,
+            InvokeFailure::Unavailable { .. } => "Unavailable",
+            InvokeFailure::Timeout { .. } => "Timeout",
+        }
+    }
+
     /// Whether another attempt may succeed (a timeout only when the function is idempotent).
     pub fn is_retryable(&self, retry_timeouts: bool) -> bool {
         match self {
@@ -100,17 +121,21 @@ impl Invoker {
         &self.gate
     }
 
-    /// Sends one invoke. The slot is held for the whole call and released when it returns.
+    /// Sends one invoke attempt. The slot is held for the whole call and released when it
+    /// returns. Throttles and acceptances are reported to the gate (adaptive limits) and to
+    /// the metrics.
     pub async fn invoke(
         &self,
         payload: Bytes,
         invocation: Invocation,
-        slot: Slot,
+        mut slot: Slot,
     ) -> Result<Invoked, InvokeFailure> {
+        slot.mark_used();
         let invocation_type = match invocation {
             Invocation::RequestResponse => InvocationType::RequestResponse,
             Invocation::Event => InvocationType::Event,
         };
+        let started = tokio::time::Instant::now();
         let result = self
             .client
             .invoke()
@@ -120,7 +145,14 @@ impl Invoker {
             .send()
             .await;
         drop(slot);
-        match result {
+        let outcome = match &result {
+            Ok(out) if out.function_error().is_some() => "function_error",
+            Ok(_) => "ok",
+            Err(_) => "error",
+        };
+        metrics::histogram!("sluicegate_invoke_duration_seconds", "function" => self.function.clone(), "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        let result = match result {
             Ok(out) if invocation == Invocation::Event => {
                 tracing::trace!(status = out.status_code(), "event invoke accepted");
                 Ok(Invoked::Accepted)
@@ -133,7 +165,17 @@ impl Invoker {
                     .unwrap_or_default(),
             }),
             Err(err) => Err(classify(err)),
+        };
+        match &result {
+            Ok(_) => self.gate.on_accepted(),
+            Err(InvokeFailure::Throttled { reason, .. }) => {
+                metrics::counter!("sluicegate_lambda_throttles_total", "function" => self.function.clone(), "reason" => reason.clone())
+                    .increment(1);
+                self.gate.on_throttle(reason);
+            }
+            Err(_) => {}
         }
+        result
     }
 }
 

@@ -16,8 +16,11 @@ use super::{Decision, Quota, Scope};
 /// A usage plan: API keys that each get a bucket with this quota.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
+    /// The plan's name in the config (`[[plans]] name`).
     pub name: String,
+    /// The bucket each of the plan's keys gets.
     pub quota: Quota,
+    /// The API keys on this plan.
     pub keys: Vec<String>,
 }
 
@@ -66,7 +69,9 @@ pub struct Admitted {
 /// A refused request: the refusing layer, its quota and the exact wait for its next token.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Rejected {
+    /// The layer that refused.
     pub scope: Scope,
+    /// That layer's quota (for `RateLimit-Policy`).
     pub quota: Quota,
     /// Exact and never early; [`CLOSED_WAIT`](super::CLOSED_WAIT) for a closed layer. The
     /// server rounds it up to whole seconds (at least 1) for `Retry-After`.
@@ -146,8 +151,8 @@ impl<C: Clock> Admission<C> {
     ///
     /// Layers are checked in order global → route → key, and the first refusal is returned.
     /// Tokens taken by the layers above a refusing one are not given back, as in API Gateway.
-    /// A `route` without a route layer — or out of range, which the server never passes —
-    /// skips that layer.
+    /// A `route` without a route layer skips that layer; so does an index out of range (a
+    /// bug in the caller, asserted in debug builds).
     pub fn check(&self, route: usize, key: &str) -> Result<Admitted, Rejected> {
         debug_assert!(
             route < self.routes.len(),

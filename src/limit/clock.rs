@@ -69,6 +69,10 @@ mod tests {
             start + Nanos::from(7),
             TokioInstant(start.0 + Duration::from_nanos(7))
         );
-        assert_eq!(start.saturating_sub(Nanos::from(u64::MAX)), start);
+        let later = clock.now();
+        assert_eq!(
+            later.saturating_sub(Nanos::from(Duration::from_millis(1500))),
+            start
+        );
     }
 }

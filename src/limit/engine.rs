@@ -191,7 +191,6 @@ impl Hasher for PreHashedHasher {
 }
 
 /// State of a keyed layer: one cell per tracked key hash, plus the overflow cell.
-#[derive(Debug)]
 pub(crate) struct KeyStore {
     map: DashMap<u64, AtomicU64, PreHashed>,
     budget: Arc<KeyBudget>,
@@ -210,6 +209,16 @@ impl KeyStore {
             capped,
             overflow: AtomicU64::new(0),
         }
+    }
+}
+
+/// Summarised: a derived `Debug` would print every tracked key.
+impl std::fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyStore")
+            .field("keys", &self.map.len())
+            .field("capped", &self.capped)
+            .finish_non_exhaustive()
     }
 }
 

@@ -344,6 +344,30 @@ mod tests {
         assert!(svc.poll_ready(&mut cx).is_ready());
     }
 
+    proptest::proptest! {
+        /// Whatever the mix of keys, inner sees exactly the admitted requests, each key gets
+        /// at most `burst` of them (the clock does not move), and every other request is
+        /// answered by `reject`.
+        #[test]
+        fn inner_sees_exactly_the_admitted_requests(
+            burst in 1u32..5,
+            keys in proptest::collection::vec(proptest::option::of(0u8..4), 0..60),
+        ) {
+            let (mut svc, calls) = service(burst);
+            let mut ok = std::collections::HashMap::new();
+            for key in &keys {
+                let name = key.map(|k| k.to_string());
+                let resp = call_now(&mut svc, request(name.as_deref()));
+                match resp.status() {
+                    StatusCode::OK => *ok.entry(*key).or_insert(0u32) += 1,
+                    status => proptest::prop_assert_eq!(status, StatusCode::TOO_MANY_REQUESTS),
+                }
+            }
+            proptest::prop_assert_eq!(calls.load(Ordering::SeqCst) as u32, ok.values().sum::<u32>());
+            proptest::prop_assert!(ok.values().all(|&n| n <= burst));
+        }
+    }
+
     #[tokio::test]
     async fn works_with_tower_service_ext() {
         use tower::ServiceExt;

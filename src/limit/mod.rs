@@ -185,8 +185,8 @@ impl Quota {
     /// `MAX_REFILL / burst`, so governor's `period × (burst − 1)` cannot overflow.
     pub(crate) fn gcra(&self) -> Option<governor::Quota> {
         let burst = NonZeroU32::new(self.burst)?;
-        // `!(rate > 0)` also catches NaN.
-        if !(self.rate > 0.0) || !self.rate.is_finite() {
+        // NaN is not finite either.
+        if !self.rate.is_finite() || self.rate <= 0.0 {
             return None;
         }
         // Rounding the period up means the bucket never refills faster than `rate`.

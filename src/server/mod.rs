@@ -11,7 +11,6 @@ mod identity;
 mod readiness;
 pub mod respond;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,11 +32,13 @@ use tower_http::trace::TraceLayer;
 
 pub use self::identity::{client_ip, Identify, IdentityError, ANONYMOUS, MAX_KEY_BYTES};
 use self::readiness::Readiness;
-use crate::coalesce::{BatchSpec, Batcher};
-use crate::config::{Config, RouteConfig};
+use crate::coalesce::Batcher;
+use crate::config::Config;
 use crate::emulator::{self, RunningEmulator};
-use crate::invoke::{self, Gate, Invoker};
+use crate::invoke::discover::{self, Finding};
+use crate::invoke::{self, Invoker};
 use crate::limit::{Admission, AdmissionLayer, Admitted, ClientKey, DefaultClock, Plans};
+use crate::pipeline::Pipeline;
 
 /// Header with which a caller shortens (never lengthens) its route's deadline.
 pub const TIMEOUT_HEADER: &str = "x-sluicegate-timeout-ms";
@@ -51,11 +52,36 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Pipeline(std::io::Error),
+    #[error("lambda.strict = true and the config does not fit the function:\n{}", .0.iter().map(|f| format!("  - {f}")).collect::<Vec<_>>().join("\n"))]
+    Unsafe(Vec<Finding>),
+}
+
+/// Start-up discovery: with `lambda.strict` every finding refuses the start; otherwise
+/// they are logged as warnings from a background task, so a slow or unreachable control
+/// plane never delays serving.
+async fn check_fit(config: &Config, client: &aws_sdk_lambda::Client) -> Result<(), StartError> {
+    if config.lambda.strict {
+        let findings = discover::discover(client, config).await;
+        if !findings.is_empty() {
+            return Err(StartError::Unsafe(findings));
+        }
+        return Ok(());
+    }
+    let (client, config) = (client.clone(), config.clone());
+    tokio::spawn(async move {
+        for finding in discover::discover(&client, &config).await {
+            tracing::warn!(route = %finding.route, "{}", finding.message);
+        }
+    });
+    Ok(())
 }
 
 /// One route as the request path sees it.
 struct Route {
     batcher: Batcher,
+    invoker: Arc<Invoker>,
     request_timeout: Duration,
     max_record_bytes: usize,
 }
@@ -136,7 +162,21 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
     let emulator_addr = emulator.as_ref().map(|e| e.local_addr);
 
     let client = invoke::build_client(&config.lambda).await;
-    let routes = build_routes(&config, &client);
+    let pipeline = Pipeline::build(&config, &client, true)
+        .await
+        .map_err(StartError::Pipeline)?;
+    check_fit(&config, &client).await?;
+    let routes = pipeline
+        .routes
+        .into_iter()
+        .zip(&config.routes)
+        .map(|(handle, route)| Route {
+            batcher: handle.batcher,
+            invoker: handle.invoker,
+            request_timeout: route.request_timeout(&config.server),
+            max_record_bytes: config.server.max_record_bytes.as_usize(),
+        })
+        .collect();
     let admission = Arc::new(Admission::new(
         config.limits.global,
         config
@@ -262,37 +302,6 @@ async fn reclaim_keys(
     }
 }
 
-/// One batcher per route, one invoker (and so one concurrency gate) per function.
-fn build_routes(config: &Config, client: &aws_sdk_lambda::Client) -> Vec<Route> {
-    let mut invokers: HashMap<&str, Arc<Invoker>> = HashMap::new();
-    config
-        .routes
-        .iter()
-        .map(|route: &RouteConfig| {
-            let invoker = invokers.entry(route.function.as_str()).or_insert_with(|| {
-                // Routes sharing a function share its gate; the tightest cap among them holds.
-                let cap = config
-                    .routes
-                    .iter()
-                    .filter(|r| r.function == route.function)
-                    .map(|r| r.invoke.max_concurrency)
-                    .min()
-                    .unwrap_or(route.invoke.max_concurrency);
-                Arc::new(Invoker::new(
-                    client.clone(),
-                    route.function.clone(),
-                    Gate::new(cap as usize),
-                ))
-            });
-            Route {
-                batcher: Batcher::spawn(BatchSpec::from_route(route), Arc::clone(invoker)),
-                request_timeout: route.request_timeout(&config.server),
-                max_record_bytes: config.server.max_record_bytes.as_usize(),
-            }
-        })
-        .collect()
-}
-
 fn data_router(app: Arc<App>) -> Router {
     let mut router = Router::new()
         .route(
@@ -351,6 +360,14 @@ async fn admin_routes(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
                 "function": cfg.function,
                 "queue_depth": route.batcher.queue_depth(),
                 "max_pending": cfg.queue.max_pending,
+                "invoke": {
+                    "concurrency_limit": route.invoker.gate().limits().concurrency,
+                    "rate_limit": route.invoker.gate().limits().rate,
+                    "in_flight": route.invoker.gate().limits().in_flight,
+                    "configured_concurrency": route.invoker.gate().config().max_concurrency,
+                    "configured_rate": route.invoker.gate().config().rate,
+                    "adaptive": route.invoker.gate().config().adaptive,
+                },
             })
         })
         .collect();

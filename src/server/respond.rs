@@ -226,6 +226,39 @@ pub fn record_error(id: &str, err: RecordError) -> Response {
                 serde_json::to_vec(&body).expect("plain struct"),
             )
         }
+        RecordError::DeadlineBeforeRetry(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!("record {id}: {err}"),
+        ),
+        RecordError::DeadLettered {
+            id: dead_letter_id,
+            failure,
+        } => {
+            #[derive(Serialize)]
+            struct Body<'a> {
+                error: &'a str,
+                id: &'a str,
+                dead_letter_id: &'a str,
+                message: String,
+            }
+            let body = Body {
+                error: "unavailable",
+                id,
+                dead_letter_id: &dead_letter_id,
+                message: format!("Lambda did not take the record after retries: {failure}"),
+            };
+            let mut response = json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::to_vec(&body).expect("plain struct"),
+            );
+            let wait = failure.retry_after().unwrap_or(Duration::from_secs(1));
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(wait)),
+            );
+            response
+        }
         RecordError::MalformedResponse(_) | RecordError::MissingResult | RecordError::Lost => {
             error(
                 StatusCode::BAD_GATEWAY,

@@ -94,3 +94,77 @@ pub fn free_port() -> u16 {
         .expect("addr")
         .port()
 }
+
+/// One answered request of a load run.
+#[derive(Clone, Copy, Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub latency: std::time::Duration,
+}
+
+/// Offers `rate` requests per second for `duration` (bounded: `rate × duration` requests
+/// at most), each started on schedule whether or not earlier ones were answered, and
+/// returns every answer. Requests still unanswered 30 s after the load ends are abandoned.
+pub async fn paced_load(
+    http: &reqwest::Client,
+    url: &str,
+    body: &str,
+    rate: f64,
+    duration: std::time::Duration,
+) -> Vec<Answer> {
+    use std::time::{Duration, Instant};
+    let total = (rate * duration.as_secs_f64()).round() as usize;
+    let tick = Duration::from_millis(5);
+    let per_tick = rate * tick.as_secs_f64();
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = tokio::time::Instant::now();
+    let mut sent = 0usize;
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut owed = 0.0;
+    while sent < total && start.elapsed() < duration + Duration::from_secs(1) {
+        interval.tick().await;
+        owed += per_tick;
+        while owed >= 1.0 && sent < total {
+            owed -= 1.0;
+            sent += 1;
+            let request = http.post(url).body(body.to_owned());
+            tasks.spawn(async move {
+                let begun = Instant::now();
+                let status = match request.send().await {
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let _ = response.bytes().await;
+                        status
+                    }
+                    Err(_) => 0,
+                };
+                Answer {
+                    status,
+                    latency: begun.elapsed(),
+                }
+            });
+        }
+    }
+    let mut answers = Vec::with_capacity(sent);
+    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(answer) = done {
+                answers.push(answer);
+            }
+        }
+    })
+    .await;
+    answers
+}
+
+/// The `q`-quantile of `values` (sorted copy).
+pub fn quantile(values: &[std::time::Duration], q: f64) -> std::time::Duration {
+    let mut sorted = values.to_vec();
+    sorted.sort();
+    if sorted.is_empty() {
+        return std::time::Duration::ZERO;
+    }
+    let index = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[index]
+}

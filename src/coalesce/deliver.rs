@@ -1,0 +1,202 @@
+//! Delivering one batch: the attempt loop between the worker and the callers.
+//!
+//! Each attempt passes the function's gate (concurrency permit + invoke-rate token), so
+//! retries count against Lambda's limits exactly as first attempts do. Then, by outcome:
+//!
+//! - a result → fan out to the callers;
+//! - a function error with `bisect_on_function_error` → split the batch in halves and
+//!   deliver each, down to the single poison record, whose caller alone gets `502`;
+//! - `RequestTooLargeException` → split in halves; a single record that cannot fit → `413`;
+//! - a retryable failure (see the table in [`crate::invoke`]) → back off with jitter (never
+//!   sooner than a throttle's Retry-After), within `max_attempts` and the retry budget.
+//!   Callers whose deadline falls before the retry leave the batch first, with `504`;
+//! - retries exhausted → the route's dead-letter sink, and `503` with the dead-letter id
+//!   (without a sink: `429 scope=upstream` for throttles, `503` otherwise);
+//! - anything else (unknown function, permissions, a read timeout of a non-idempotent
+//!   function) → answered at once, with an error log for configuration problems.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures_util::future::BoxFuture;
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+use super::envelope;
+use super::{BatchSpec, DrainMeter, Message, RecordError};
+use crate::dlq::{self, DeadLetter, DeadLetterSink};
+use crate::invoke::retry::{backoff, RetryBudget};
+use crate::invoke::{InvokeFailure, Invoked, Invoker, Slot};
+
+/// What every batch of one route shares.
+pub(super) struct Delivery {
+    pub(super) spec: Arc<BatchSpec>,
+    pub(super) invoker: Arc<Invoker>,
+    pub(super) budget: RetryBudget,
+    pub(super) dlq: Option<DeadLetterSink>,
+    pub(super) drain: Arc<DrainMeter>,
+}
+
+/// Drops records whose caller has gone; their handlers answer (or have answered) `504`.
+fn prune(batch: &mut Vec<Message>) {
+    let now = Instant::now();
+    batch.retain(|m| !m.is_gone(now));
+}
+
+impl Delivery {
+    /// Delivers `batch`, starting with `slot` when the worker already holds one. Boxed
+    /// because splitting recurses.
+    pub(super) fn deliver(
+        self: Arc<Self>,
+        batch: Vec<Message>,
+        slot: Option<Slot>,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move { self.attempts(batch, slot).await })
+    }
+
+    async fn attempts(self: Arc<Self>, mut batch: Vec<Message>, mut slot: Option<Slot>) {
+        let spec = &self.spec;
+        let first_at = SystemTime::now();
+        let mut attempt: u32 = 0;
+        loop {
+            let acquired = match slot.take() {
+                Some(slot) => slot,
+                None => self.invoker.gate().acquire().await,
+            };
+            prune(&mut batch);
+            if batch.is_empty() {
+                return;
+            }
+            attempt += 1;
+            if attempt == 1 {
+                self.budget.record_invoke();
+            }
+            metrics::histogram!("sluicegate_batch_records", "route" => spec.route.clone())
+                .record(batch.len() as f64);
+            let payload = envelope::payload(spec.envelope, &batch);
+            metrics::histogram!("sluicegate_batch_bytes", "route" => spec.route.clone())
+                .record(payload.len() as f64);
+            let result = self
+                .invoker
+                .invoke(payload, spec.invocation, acquired)
+                .await;
+            match result {
+                Ok(Invoked::Response {
+                    function_error: Some(kind),
+                    ..
+                }) if spec.bisect && batch.len() > 1 => {
+                    tracing::info!(
+                        records = batch.len(),
+                        kind,
+                        "function error: bisecting the batch to isolate the failing record"
+                    );
+                    self.split(batch).await;
+                    return;
+                }
+                Ok(invoked) => {
+                    let records = batch.len();
+                    envelope::fan_out(batch, Ok(invoked), spec.envelope);
+                    self.drain.record(records);
+                    return;
+                }
+                Err(InvokeFailure::TooLarge { .. }) if batch.len() > 1 => {
+                    tracing::info!(
+                        records = batch.len(),
+                        "Lambda said the payload is too large: splitting the batch"
+                    );
+                    self.split(batch).await;
+                    return;
+                }
+                Err(failure) if failure.is_retryable(spec.retry.retry_timeouts) => {
+                    if attempt >= spec.retry.max_attempts || !self.budget.try_retry() {
+                        self.give_up(batch, failure, attempt, first_at);
+                        return;
+                    }
+                    let delay = backoff(
+                        &spec.retry,
+                        attempt,
+                        failure.retry_after(),
+                        &mut rand::rng(),
+                    );
+                    let retry_at = Instant::now() + delay;
+                    // A caller whose deadline comes first would only wait to time out.
+                    let (stay, leave): (Vec<Message>, Vec<Message>) =
+                        batch.into_iter().partition(|m| m.deadline > retry_at);
+                    for m in leave {
+                        m.answer(Err(RecordError::DeadlineBeforeRetry(failure.clone())));
+                    }
+                    batch = stay;
+                    if batch.is_empty() {
+                        return;
+                    }
+                    metrics::counter!("sluicegate_retries_total", "function" => self.invoker.function().to_owned(), "reason" => failure.label().to_owned())
+                        .increment(1);
+                    tracing::debug!(attempt, delay_ms = delay.as_millis() as u64, error = %failure, "retrying the batch");
+                    tokio::time::sleep_until(retry_at).await;
+                }
+                Err(failure) => {
+                    if matches!(failure, InvokeFailure::Rejected { .. }) {
+                        tracing::error!(function = self.invoker.function(), error = %failure, "Lambda refused the invoke; not retrying");
+                    }
+                    envelope::fan_out(batch, Err(failure), spec.envelope);
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn split(self: &Arc<Self>, mut left: Vec<Message>) {
+        let right = left.split_off(left.len() / 2);
+        tokio::join!(
+            Arc::clone(self).deliver(left, None),
+            Arc::clone(self).deliver(right, None)
+        );
+    }
+
+    /// Retries are exhausted: dead-letter the records (queued before the callers hear of
+    /// it), or answer with the failure when the route has no sink.
+    fn give_up(
+        &self,
+        batch: Vec<Message>,
+        failure: InvokeFailure,
+        attempts: u32,
+        first_at: SystemTime,
+    ) {
+        let Some(sink) = &self.dlq else {
+            envelope::fan_out(batch, Err(failure), self.spec.envelope);
+            return;
+        };
+        let first = dlq::timestamp(first_at);
+        let last = dlq::timestamp(SystemTime::now());
+        let mut letters = Vec::with_capacity(batch.len());
+        let mut answers = Vec::with_capacity(batch.len());
+        for m in batch {
+            let id = dlq::new_id();
+            let record = std::str::from_utf8(&m.body)
+                .ok()
+                .and_then(|text| RawValue::from_string(text.to_owned()).ok())
+                .unwrap_or_else(|| RawValue::from_string("null".to_owned()).expect("null is JSON"));
+            letters.push(DeadLetter {
+                id: id.clone(),
+                route: self.spec.route.clone(),
+                function: self.invoker.function().to_owned(),
+                key: m.key.to_string(),
+                record,
+                error: failure.to_string(),
+                error_kind: failure.label().to_owned(),
+                attempts,
+                first_attempt_at: first.clone(),
+                last_attempt_at: last.clone(),
+            });
+            answers.push((m, id));
+        }
+        tracing::warn!(records = letters.len(), attempts, error = %failure, sink = sink.kind(), "retries exhausted: dead-lettering");
+        sink.send(&self.spec.route, letters);
+        for (m, id) in answers {
+            m.answer(Err(RecordError::DeadLettered {
+                id,
+                failure: failure.clone(),
+            }));
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Retry policy: exponential backoff with jitter, and a retry budget.
+//!
+//! Backoff for the retry after attempt `n` (1-based) is `min(cap, base × 2^(n-1))`, then
+//! jittered: `full` draws uniformly from `[0, d]`, `equal` from `[d/2, d]`, a ratio `r`
+//! from `[d × (1 - r), d]`. A throttle's own `Retry-After` is a floor: the retry never comes
+//! sooner than Lambda asked.
+//!
+//! The budget keeps retries to a fraction of recent invokes (like the AWS SDK's retry
+//! quota, and Finagle's retry budget): over a sliding 10-second window, retries may reach
+//! `budget × invokes` plus a small floor so that a quiet route can still retry at all.
+//! When Lambda is in trouble, retries cannot multiply the load on it.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::time::Instant;
+
+use crate::config::{Jitter, RetryConfig};
+
+/// The delay before the retry that follows attempt `attempt` (1-based).
+pub fn backoff(
+    config: &RetryConfig,
+    attempt: u32,
+    retry_after: Option<Duration>,
+    rng: &mut impl Rng,
+) -> Duration {
+    let exp = attempt.saturating_sub(1).min(30);
+    let ceiling = config.base.saturating_mul(1u32 << exp).min(config.cap);
+    let d = ceiling.as_secs_f64();
+    let jittered = match config.jitter {
+        Jitter::Full => rng.random_range(0.0..=d),
+        Jitter::Equal => d / 2.0 + rng.random_range(0.0..=d / 2.0),
+        Jitter::Ratio(r) => d * (1.0 - r * rng.random_range(0.0..=1.0)),
+    };
+    let delay = Duration::from_secs_f64(jittered);
+    match retry_after {
+        Some(floor) => delay.max(floor),
+        None => delay,
+    }
+}
+
+const WINDOW: Duration = Duration::from_secs(10);
+const SLOT: Duration = Duration::from_secs(1);
+/// Retries allowed per window regardless of traffic.
+const FLOOR: f64 = 10.0;
+
+/// Retries ≤ `fraction` × invokes over the last 10 seconds (+ a floor of 10).
+#[derive(Debug)]
+pub struct RetryBudget {
+    fraction: f64,
+    slots: Mutex<VecDeque<(Instant, u32, u32)>>,
+}
+
+impl RetryBudget {
+    pub fn new(fraction: f64) -> Self {
+        RetryBudget {
+            fraction,
+            slots: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn with_current<T>(&self, f: impl FnOnce(&mut VecDeque<(Instant, u32, u32)>) -> T) -> T {
+        let now = Instant::now();
+        let mut slots = self
+            .slots
+            .lock()
+            .expect("budget lock is never poisoned: no panics while held");
+        while slots
+            .front()
+            .is_some_and(|(start, _, _)| now.saturating_duration_since(*start) >= WINDOW)
+        {
+            slots.pop_front();
+        }
+        if slots
+            .back()
+            .is_none_or(|(start, _, _)| now.saturating_duration_since(*start) >= SLOT)
+        {
+            slots.push_back((now, 0, 0));
+        }
+        f(&mut slots)
+    }
+
+    /// Counts a first attempt.
+    pub fn record_invoke(&self) {
+        self.with_current(|slots| {
+            if let Some(last) = slots.back_mut() {
+                last.1 = last.1.saturating_add(1);
+            }
+        });
+    }
+
+    /// Takes permission for one retry, or refuses when the budget is spent.
+    pub fn try_retry(&self) -> bool {
+        let fraction = self.fraction;
+        self.with_current(|slots| {
+            let (invokes, retries) = slots.iter().fold((0u64, 0u64), |(i, r), s| {
+                (i + u64::from(s.1), r + u64::from(s.2))
+            });
+            let allowed = FLOOR + fraction * invokes as f64;
+            if (retries + 1) as f64 > allowed {
+                return false;
+            }
+            if let Some(last) = slots.back_mut() {
+                last.2 = last.2.saturating_add(1);
+            }
+            true
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand::SeedableRng;
+
+    fn config(jitter: Jitter) -> RetryConfig {
+        RetryConfig {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(10),
+            jitter,
+            ..RetryConfig::default()
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn backoff_stays_within_its_jitter_band(attempt in 1u32..40, seed: u64, ratio in 0.0f64..=1.0) {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            for jitter in [Jitter::Full, Jitter::Equal, Jitter::Ratio(ratio)] {
+                let cfg = config(jitter);
+                let ceiling = (0.1 * 2f64.powi(attempt as i32 - 1)).min(10.0);
+                let d = backoff(&cfg, attempt, None, &mut rng).as_secs_f64();
+                let floor = match jitter {
+                    Jitter::Full => 0.0,
+                    Jitter::Equal => ceiling / 2.0,
+                    Jitter::Ratio(r) => ceiling * (1.0 - r),
+                };
+                prop_assert!(d <= ceiling + 1e-9, "{d} > {ceiling}");
+                prop_assert!(d + 1e-9 >= floor, "{d} < {floor}");
+            }
+        }
+
+        #[test]
+        fn a_throttles_retry_after_is_a_floor(attempt in 1u32..10, seed: u64, secs in 0u64..30) {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let floor = Duration::from_secs(secs);
+            prop_assert!(backoff(&config(Jitter::Full), attempt, Some(floor), &mut rng) >= floor);
+        }
+    }
+
+    #[test]
+    fn full_jitter_spreads_retries_instead_of_stampeding() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let cfg = config(Jitter::Full);
+        let delays: Vec<Duration> = (0..100).map(|_| backoff(&cfg, 3, None, &mut rng)).collect();
+        let distinct: std::collections::HashSet<_> = delays.iter().map(|d| d.as_millis()).collect();
+        assert!(
+            distinct.len() > 50,
+            "100 retries landed on only {} distinct milliseconds",
+            distinct.len()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_caps_retries_at_a_fraction_of_invokes() {
+        let budget = RetryBudget::new(0.2);
+        for _ in 0..100 {
+            budget.record_invoke();
+        }
+        let granted = (0..1000).filter(|_| budget.try_retry()).count();
+        assert_eq!(granted, 30, "floor 10 + 20% of 100 invokes");
+        tokio::time::advance(WINDOW + SLOT).await;
+        assert!(
+            budget.try_retry(),
+            "the window slides: old retries no longer count"
+        );
+    }
+}

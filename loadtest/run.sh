@@ -233,12 +233,24 @@ scenario_manykeys() {
     mkdir -p "$OUT/raw/$s"
     local url="http://$SG/records" rss0 rss1 rss2
     rss0=$($LT rss "$SG_PID")
-    # Warm-up (not measured): walk every key once so each spends its only token; after
-    # it every request, for any key, is a 429 at the key layer.
+    # Warm-up (not measured): walk every key once, in order, so each spends its only
+    # token; after it every request, for any key, is a 429 at the key layer. wrk cannot
+    # stop after N requests, so it runs (bounded by -d) until sluicegate's admin endpoint
+    # reports every key tracked, then gets SIGINT, on which it prints its summary.
     log "manykeys: warm-up, $MANY_KEYS keys once each"
-    timeout --kill-after=5 180 wrk -t1 -c64 -d120s --timeout 5s -s "$LT_DIR/lua/keys.lua" "$url" \
-        -- "$MANY_KEYS" sequential "$MANY_KEYS" >"$OUT/raw/$s/warmup.txt" 2>&1 \
-        || log "warm-up wrk exited $?"
+    start_bg "$OUT/raw/$s/warmup.txt" timeout --kill-after=5 200 \
+        wrk -t1 -c64 -d180s --timeout 5s -s "$LT_DIR/lua/keys.lua" "$url" -- "$MANY_KEYS" sequential
+    local warm=$BG_PID tracked=0
+    while kill -0 "$warm" 2>/dev/null; do
+        tracked=$($LT get "http://$ADMIN/admin/routes" 2>/dev/null \
+            | python3 -c 'import json,sys; print(json.load(sys.stdin).get("tracked_keys", 0))' 2>/dev/null)
+        [ "${tracked:-0}" -ge "$MANY_KEYS" ] && break
+        sleep 0.2
+    done
+    # `timeout` passes SIGINT on to wrk.
+    kill -INT "$warm" 2>/dev/null
+    wait "$warm" 2>/dev/null
+    log "manykeys: warm-up done, $tracked keys tracked"
     $LT wrkjson "$OUT/raw/$s/warmup.txt" "$OUT/raw/$s/warmup.json" || true
     printf '  %-34s %s\n' warmup "$($LT summary wrk "$OUT/raw/$s/warmup.json")" >&2
     $LT get "http://$ADMIN/admin/routes" >"$OUT/raw/$s/admin-routes-after-warmup.json" || true

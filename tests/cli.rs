@@ -205,3 +205,92 @@ fn serve_refuses_an_invalid_config_with_the_key_named() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("lambda.read_timeout"), "{stderr}");
 }
+
+#[test]
+fn check_config_discover_reports_what_does_not_fit_the_function() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tight.toml");
+    std::fs::write(
+        &file,
+        r#"
+[lambda]
+read_timeout = "2s"
+connect_timeout = "1s"
+[[routes]]
+name = "records"
+function = "f"
+invoke = { max_concurrency = 8 }
+[emulator]
+enabled = true
+listen = "127.0.0.1:0"
+[[emulator.functions]]
+name = "f"
+timeout = "10s"
+reserved_concurrency = 4
+"#,
+    )
+    .unwrap();
+    let out = bare_command(dir.path())
+        .args(["check-config", "--discover"])
+        .arg(&file)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "findings are warnings unless strict: {stderr}");
+    assert!(stderr.contains("lambda.read_timeout (2s) is not above f's timeout (10s)"), "{stderr}");
+    assert!(stderr.contains("reserved concurrency (4)"), "{stderr}");
+
+    let strict = std::fs::read_to_string(&file).unwrap().replace("[lambda]", "[lambda]\nstrict = true");
+    std::fs::write(&file, strict).unwrap();
+    let out = bare_command(dir.path()).args(["check-config", "--discover"]).arg(&file).output().unwrap();
+    assert!(!out.status.success(), "strict turns findings into a failure");
+}
+
+#[tokio::test]
+async fn dlq_redrive_replays_a_file_and_reports_what_succeeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let emulator_port = free_port();
+    let emulator_file = dir.path().join("emulator.toml");
+    std::fs::write(
+        &emulator_file,
+        format!("[emulator]\nlisten = \"127.0.0.1:{emulator_port}\"\n[[emulator.functions]]\nname = \"f\"\nlatency = \"1ms\"\n"),
+    )
+    .unwrap();
+    let _emulator = Process(bare_command(dir.path()).args(["emulate", "--config"]).arg(&emulator_file).spawn().unwrap());
+    let http = reqwest::Client::new();
+    wait_until_up(&http, &format!("http://127.0.0.1:{emulator_port}/emulator/stats")).await;
+
+    let config = dir.path().join("sluicegate.toml");
+    std::fs::write(
+        &config,
+        format!("[lambda]\nendpoint_url = \"http://127.0.0.1:{emulator_port}\"\n[[routes]]\nname = \"records\"\nfunction = \"f\"\n"),
+    )
+    .unwrap();
+    let letters = dir.path().join("dead.jsonl");
+    let letter = |id: &str, route: &str| {
+        format!(
+            r#"{{"id":"{id}","route":"{route}","function":"f","key":"k","record":{{"n":1}},"error":"x","error_kind":"Unavailable","attempts":5,"first_attempt_at":"2026-01-01T00:00:00.000Z","last_attempt_at":"2026-01-01T00:00:01.000Z"}}"#
+        )
+    };
+    std::fs::write(&letters, format!("{}\n{}\n{}\n", letter("a", "records"), letter("b", "records"), letter("c", "gone"))).unwrap();
+    let out = bare_command(dir.path())
+        .args(["dlq", "redrive", "--config"])
+        .arg(&config)
+        .arg("--from")
+        .arg(&letters)
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "one letter names a route that no longer exists");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let file = &report["redrive"][0];
+    assert_eq!((file["total"].as_u64(), file["succeeded"].as_u64(), file["failed"].as_u64()), (Some(3), Some(2), Some(1)));
+    let left = sluicegate::dlq::read_letters(&letters).unwrap();
+    assert_eq!(left.len(), 1, "what failed again is written back");
+    assert_eq!(left[0].id, "c");
+    assert_eq!(left[0].attempts, 5, "a letter for a missing route was not attempted");
+    assert!(left[0].error.contains("no route named"), "{}", left[0].error);
+    let stats: Value = http.get(format!("http://127.0.0.1:{emulator_port}/emulator/stats")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(stats["functions"]["f"]["records"], 2);
+}

@@ -136,7 +136,7 @@ start_nginx() {
         || die "nginx config test failed: $(cat "$prefix/test.log")"
     start_bg "$prefix/stdout.log" nginx -p "$prefix" -c "$prefix/nginx.conf"
     NGINX_PID=$BG_PID
-    $LT wait-http "http://$listen/" 20 || die "nginx did not start (see $prefix/error.log)"
+    $LT wait-http "http://$listen/healthz" 20 || die "nginx did not start (see $prefix/error.log)"
     cp "$prefix/nginx.conf" "$OUT/configs/$name.nginx.conf"
 }
 

@@ -71,7 +71,11 @@ def load_runs(scenario):
 
 
 def sqlite_rows(run):
-    """(start_s, duration_s, status) per request from oha's --db-url file, or []."""
+    """(start_s, latency_s, status) per request from oha's --db-url file, or [].
+
+    With --latency-correction oha records when each request was due to start
+    (start_latency_correction); latency is measured from then, as oha's own summary does,
+    so queueing inside the load generator is not hidden (coordinated omission)."""
     f = run.get("file", "")
     if not f.endswith(".json"):
         return []
@@ -80,7 +84,9 @@ def sqlite_rows(run):
         return []
     try:
         con = sqlite3.connect(str(db))
-        rows = con.execute("select start, duration, status from oha order by start").fetchall()
+        rows = con.execute(
+            "select coalesce(start_latency_correction, start), "
+            "end - coalesce(start_latency_correction, start), status from oha order by 1").fetchall()
         con.close()
         return rows
     except sqlite3.Error:
@@ -143,14 +149,17 @@ def pct(sorted_xs, q):
 
 
 def timeline(rows, bin_s=0.25):
-    """Per bin: {status: count/s}; returns (times, {status: [rates]})."""
+    """Responses completed per second in each bin, by status: (times, {status: [rates]}).
+
+    Binned by completion time: goodput is what callers get back per second (binning by
+    start would show a false collapse at the end, where slow requests were cut off)."""
     if not rows:
         return [], {}
-    end = max(r[0] for r in rows)
+    end = max(r[0] + r[1] for r in rows)
     n = max(1, int(end / bin_s))  # whole bins only: a partial last bin reads as a collapse
     series = {}
-    for start, _, st in rows:
-        i = int(start / bin_s)
+    for start, lat, st in rows:
+        i = int((start + lat) / bin_s)
         if i >= n:
             continue
         key = "2xx" if 200 <= st < 300 else str(st)
@@ -296,6 +305,7 @@ def plot_timelines(name, title, series_by_name, hlines=()):
             ax.axhline(y, linestyle="--", color="black", linewidth=0.8, alpha=0.6)
             ax.text(0, y, " " + label, fontsize=7, va="bottom")
         ax.set_yscale("symlog", linthresh=10)
+        ax.set_ylim(bottom=0)
         ax.set_ylabel("per second")
         ax.set_title(sub, fontsize=9)
         ax.legend(fontsize=7, loc="upper right")

@@ -112,7 +112,7 @@ render() {
 start_emulator() {
     local config=$1 name=$2 addr
     addr=$(sed -n 's/^listen = "\(.*\)"/\1/p' "$config" | tail -n 1)
-    SLUICEGATE_LOG=warn start_bg "$WORK/$name.emulator.log" "$SLUICEGATE" emulate --config "$config"
+    NO_COLOR=1 SLUICEGATE_LOG=warn start_bg "$WORK/$name.emulator.log" "$SLUICEGATE" emulate --config "$config"
     EMU_PID=$BG_PID
     $LT wait-http "http://$addr/emulator/stats" 20 || die "emulator did not start (see $WORK/$name.emulator.log)"
 }
@@ -120,7 +120,7 @@ start_emulator() {
 # start_sluicegate CONFIG NAME LISTEN : `sluicegate serve`. Sets SG_PID.
 start_sluicegate() {
     local config=$1 name=$2 listen=$3
-    SLUICEGATE_LOG=${SLUICEGATE_LOG_LEVEL:-warn} start_bg "$WORK/$name.sluicegate.log" \
+    NO_COLOR=1 SLUICEGATE_LOG=${SLUICEGATE_LOG_LEVEL:-warn} start_bg "$WORK/$name.sluicegate.log" \
         "$SLUICEGATE" serve --config "$config"
     SG_PID=$BG_PID
     $LT wait-http "http://$listen/healthz" 20 || die "sluicegate did not start (see $WORK/$name.sluicegate.log)"
@@ -194,6 +194,13 @@ record() {
     local scenario=$1
     shift
     $LT record "$OUT/raw/$scenario/runs.jsonl" file="$RUN_FILE" start="$RUN_START" end="$RUN_END" "$@"
+}
+
+# sg_metrics SCENARIO NAME : keep sluicegate's Prometheus text (admin GET /metrics), when
+# this build serves it, so unexpected statuses can be traced to a scope afterwards.
+sg_metrics() {
+    mkdir -p "$OUT/raw/$1"
+    $LT get "http://$ADMIN/metrics" >"$OUT/raw/$1/metrics-$2.prom" 2>/dev/null || rm -f "$OUT/raw/$1/metrics-$2.prom"
 }
 
 # emu_stats ADDR OUTFILE : snapshot of GET /emulator/stats.

@@ -164,6 +164,7 @@ scenario_shed() {
             record $s contender="$c" tool=oha-timeline round=0 connections=64
         done
     fi
+    sg_metrics $s sluicegate
     stop_all
 }
 
@@ -193,6 +194,7 @@ scenario_passthrough() {
                 stats_before="raw/$s/$c-r$r.stats-before.json" stats_after="raw/$s/$c-r$r.stats-after.json"
         done
     done
+    sg_metrics $s sluicegate
     stop_all
 }
 
@@ -221,6 +223,7 @@ scenario_seed000() {
             stats_before="raw/$s/$label.stats-before.json" stats_end="raw/$s/$label.stats-end.json" \
             stats_after="raw/$s/$label.stats-after.json" samples="raw/$s/$label.samples.jsonl"
     done
+    sg_metrics $s sluicegate
     stop_all
 }
 
@@ -269,6 +272,7 @@ scenario_manykeys() {
     $LT get "http://$ADMIN/admin/routes" >"$OUT/raw/$s/admin-routes-end.json" || true
     $LT record "$OUT/raw/$s/memory.jsonl" keys="$MANY_KEYS" rss_kib_start="$rss0" \
         rss_kib_after_warmup="$rss1" rss_kib_end="$rss2"
+    sg_metrics $s sluicegate
     stop_all
 }
 
@@ -292,6 +296,7 @@ scenario_batching() {
             record $s contender="$flush" tool=oha rate="$rate" connections=128 round="$r" \
                 stats_before="raw/$s/$label.stats-before.json" stats_after="raw/$s/$label.stats-after.json"
         done
+        sg_metrics $s "sluicegate-$flush"
         stop_pid "$SG_PID"
     done
     stop_all

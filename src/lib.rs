@@ -11,6 +11,7 @@
 //! - [`coalesce`]: per-route batcher (handle + worker) and the batch envelope.
 //! - [`invoke`]: the `aws-sdk-lambda` client, per-function gate, Lambda error classification.
 //! - [`dlq`]: dead-letter sinks (JSON-lines file, SQS) and their reader for redrive.
+//! - [`metrics`]: the Prometheus recorder and the metric names.
 //! - [`pipeline`]: assembles routes: one invoker (gate) per function, one batcher per route.
 //! - [`emulator`]: a local Lambda Invoke API that the real SDK talks to unchanged.
 #![forbid(unsafe_code)]
@@ -21,5 +22,6 @@ pub mod dlq;
 pub mod emulator;
 pub mod invoke;
 pub mod limit;
+pub mod metrics;
 pub mod pipeline;
 pub mod server;

@@ -90,20 +90,49 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// The config for `serve`: the given file, else `config/sluicegate.toml`, else the
-/// compiled-in copy of it (so the binary runs anywhere out of the box).
-fn load_serve_config(path: Option<PathBuf>) -> Result<Config, String> {
+/// The config for `serve` and the file it came from: the given file, else
+/// `config/sluicegate.toml`, else the compiled-in copy of it (so the binary runs anywhere
+/// out of the box; there is then no file to reload from).
+fn load_serve_config(path: Option<PathBuf>) -> Result<(Config, Option<PathBuf>), String> {
     match path {
-        Some(path) => Config::load(&path).map_err(|e| e.to_string()),
+        Some(path) => Config::load(&path)
+            .map(|c| (c, Some(path)))
+            .map_err(|e| e.to_string()),
         None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
-            Config::load(Path::new(DEFAULT_CONFIG_PATH)).map_err(|e| e.to_string())
+            let path = PathBuf::from(DEFAULT_CONFIG_PATH);
+            Config::load(&path)
+                .map(|c| (c, Some(path)))
+                .map_err(|e| e.to_string())
         }
         None => {
             tracing::info!("{DEFAULT_CONFIG_PATH} not found; using the built-in default config");
             Config::from_toml_with_env(DEFAULT_CONFIG_TOML, "<built-in default>", std::env::vars())
+                .map(|c| (c, None))
                 .map_err(|e| e.to_string())
         }
     }
+}
+
+/// SIGHUP, as a stream of reload requests.
+fn reload_signals() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; reload with POST /admin/reload");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            // A reload already pending covers this one too.
+            let _ = tx.try_send(());
+        }
+    });
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
 }
 
 async fn shutdown_signal() {
@@ -164,14 +193,17 @@ fn main() -> ExitCode {
         },
         Command::Dlq { command } => runtime.block_on(dlq(command)),
         Command::Serve { config } => {
-            let config = match load_serve_config(config) {
-                Ok(config) => config,
+            let (config, source) = match load_serve_config(config) {
+                Ok(loaded) => loaded,
                 Err(e) => {
                     eprintln!("error: {e}");
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(sluicegate::server::run(config, shutdown_signal())) {
+            let served = runtime.block_on(async move {
+                sluicegate::server::run(config, source, shutdown_signal(), reload_signals()).await
+            });
+            match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -60,7 +60,11 @@ impl Burst {
 async fn burst(h: &Harness, key: &str, n: usize) -> Burst {
     let started = Instant::now();
     let requests = (0..n).map(|i| {
-        let request = h.http.post(h.url("/records")).header("x-api-key", key).body(format!("{i}"));
+        let request = h
+            .http
+            .post(h.url("/records"))
+            .header("x-api-key", key)
+            .body(format!("{i}"));
         async move {
             let response = request.send().await.expect("answered");
             let status = response.status().as_u16();
@@ -70,7 +74,10 @@ async fn burst(h: &Harness, key: &str, n: usize) -> Burst {
         }
     });
     let statuses = futures_util::future::join_all(requests).await;
-    Burst { statuses, elapsed: started.elapsed() }
+    Burst {
+        statuses,
+        elapsed: started.elapsed(),
+    }
 }
 
 #[tokio::test]
@@ -91,15 +98,29 @@ async fn a_burst_admits_burst_plus_refill_and_sheds_the_rest_with_exact_headers(
         "admitted {admitted} of 100 in {:?}; expected {burst_size} + {refill:.1} ± 1",
         b.elapsed
     );
-    assert_eq!(b.admitted() + b.shed().count(), 100, "every other answer is 429");
+    assert_eq!(
+        b.admitted() + b.shed().count(),
+        100,
+        "every other answer is 429"
+    );
     for (_, headers, body) in b.shed() {
-        let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().expect("integer Retry-After");
+        let retry_after: u64 = headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .expect("integer Retry-After");
         assert!(retry_after >= 1);
         assert_eq!(headers["ratelimit-policy"], "\"key\";q=10;w=1");
-        assert!(headers["ratelimit"].to_str().unwrap().starts_with("\"key\";r=0;t="));
+        assert!(headers["ratelimit"]
+            .to_str()
+            .unwrap()
+            .starts_with("\"key\";r=0;t="));
         assert_eq!(body["scope"], "key");
         let ms = body["retry_after_ms"].as_u64().unwrap();
-        assert!(ms >= 1 && ms <= 50, "one token at 20/s is at most 50 ms away: {ms}");
+        assert!(
+            ms >= 1 && ms <= 50,
+            "one token at 20/s is at most 50 ms away: {ms}"
+        );
     }
 
     // A second key is unaffected.
@@ -111,7 +132,8 @@ async fn a_burst_admits_burst_plus_refill_and_sheds_the_rest_with_exact_headers(
     let again = burst(&h, "alpha", 40).await;
     let refill = rate * again.elapsed.as_secs_f64();
     assert!(
-        again.admitted() as f64 >= burst_size as f64 - 1.0 && again.admitted() as f64 <= burst_size as f64 + refill + 1.0,
+        again.admitted() as f64 >= burst_size as f64 - 1.0
+            && again.admitted() as f64 <= burst_size as f64 + refill + 1.0,
         "after idle: admitted {} in {:?}",
         again.admitted(),
         again.elapsed
@@ -121,7 +143,14 @@ async fn a_burst_admits_burst_plus_refill_and_sheds_the_rest_with_exact_headers(
 #[tokio::test]
 async fn admitted_responses_carry_the_key_layers_ratelimit_fields() {
     let h = Harness::start(&config("default = { rate = 5.0, burst = 3 }", "", "", "")).await;
-    let response = h.http.post(h.url("/records")).header("x-api-key", "k").body("1").send().await.unwrap();
+    let response = h
+        .http
+        .post(h.url("/records"))
+        .header("x-api-key", "k")
+        .body("1")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["ratelimit-policy"], "\"key\";q=3;w=1");
     assert_eq!(response.headers()["ratelimit"], "\"key\";r=2;t=1");
@@ -159,7 +188,13 @@ async fn layers_report_their_own_scope() {
 #[tokio::test]
 async fn plan_keys_get_their_plans_limits() {
     let plans = "[[plans]]\nname = \"gold\"\nrate = 0.001\nburst = 8\nkeys = [\"gold-key\"]\n";
-    let h = Harness::start(&config("default = { rate = 0.001, burst = 2 }", "", "", plans)).await;
+    let h = Harness::start(&config(
+        "default = { rate = 0.001, burst = 2 }",
+        "",
+        "",
+        plans,
+    ))
+    .await;
     assert_eq!(burst(&h, "gold-key", 12).await.admitted(), 8);
     assert_eq!(burst(&h, "someone-else", 12).await.admitted(), 2);
 }
@@ -173,20 +208,46 @@ async fn zero_rate_or_zero_burst_rejects_everything_in_that_layer() {
     let b = burst(&h, "k", 3).await;
     assert_eq!(b.admitted(), 0);
     for (_, headers, _) in b.shed() {
-        assert!(headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+        assert!(
+            headers["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                >= 1
+        );
     }
 }
 
 #[tokio::test]
 async fn required_keys_refuse_missing_and_unknown_keys_without_tracking_them() {
     let plans = "[[plans]]\nname = \"p\"\nrate = 100.0\nburst = 100\nkeys = [\"known\"]\n";
-    let h = Harness::start(&config("default = { rate = 100.0, burst = 100 }", "require_known_key = true", "", plans)).await;
-    let missing = h.http.post(h.url("/records")).body("1").send().await.unwrap();
+    let h = Harness::start(&config(
+        "default = { rate = 100.0, burst = 100 }",
+        "require_known_key = true",
+        "",
+        plans,
+    ))
+    .await;
+    let missing = h
+        .http
+        .post(h.url("/records"))
+        .body("1")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status(), 401);
     let body: Value = missing.json().await.unwrap();
     assert_eq!(body["error"], "unauthorized");
     for i in 0..50 {
-        let unknown = h.http.post(h.url("/records")).header("x-api-key", format!("spray-{i}")).body("1").send().await.unwrap();
+        let unknown = h
+            .http
+            .post(h.url("/records"))
+            .header("x-api-key", format!("spray-{i}"))
+            .body("1")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(unknown.status(), 403);
     }
     let admin: Value = h
@@ -198,16 +259,46 @@ async fn required_keys_refuse_missing_and_unknown_keys_without_tracking_them() {
         .json()
         .await
         .unwrap();
-    assert_eq!(admin["tracked_keys"], 0, "refused keys create no limiter state");
-    let known = h.http.post(h.url("/records")).header("x-api-key", "known").body("1").send().await.unwrap();
+    assert_eq!(
+        admin["tracked_keys"], 0,
+        "refused keys create no limiter state"
+    );
+    let known = h
+        .http
+        .post(h.url("/records"))
+        .header("x-api-key", "known")
+        .body("1")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(known.status(), 200);
 }
 
 #[tokio::test]
 async fn a_spoofed_forwarded_for_from_an_untrusted_peer_is_ignored() {
-    let h = Harness::start(&config("default = { rate = 0.001, burst = 1 }", "source = \"ip\"", "", "")).await;
-    let first = h.http.post(h.url("/records")).header("x-forwarded-for", "203.0.113.1").body("1").send().await.unwrap();
-    let second = h.http.post(h.url("/records")).header("x-forwarded-for", "203.0.113.2").body("1").send().await.unwrap();
+    let h = Harness::start(&config(
+        "default = { rate = 0.001, burst = 1 }",
+        "source = \"ip\"",
+        "",
+        "",
+    ))
+    .await;
+    let first = h
+        .http
+        .post(h.url("/records"))
+        .header("x-forwarded-for", "203.0.113.1")
+        .body("1")
+        .send()
+        .await
+        .unwrap();
+    let second = h
+        .http
+        .post(h.url("/records"))
+        .header("x-forwarded-for", "203.0.113.2")
+        .body("1")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(first.status(), 200);
     assert_eq!(second.status(), 429, "both came from 127.0.0.1: one bucket");
 }
@@ -221,8 +312,36 @@ async fn behind_a_trusted_proxy_the_forwarded_client_is_the_key() {
         "",
     ))
     .await;
-    let a = h.http.post(h.url("/records")).header("x-forwarded-for", "203.0.113.1").body("1").send().await.unwrap();
-    let b = h.http.post(h.url("/records")).header("x-forwarded-for", "203.0.113.2").body("1").send().await.unwrap();
-    let a_again = h.http.post(h.url("/records")).header("x-forwarded-for", "203.0.113.1").body("1").send().await.unwrap();
-    assert_eq!((a.status().as_u16(), b.status().as_u16(), a_again.status().as_u16()), (200, 200, 429));
+    let a = h
+        .http
+        .post(h.url("/records"))
+        .header("x-forwarded-for", "203.0.113.1")
+        .body("1")
+        .send()
+        .await
+        .unwrap();
+    let b = h
+        .http
+        .post(h.url("/records"))
+        .header("x-forwarded-for", "203.0.113.2")
+        .body("1")
+        .send()
+        .await
+        .unwrap();
+    let a_again = h
+        .http
+        .post(h.url("/records"))
+        .header("x-forwarded-for", "203.0.113.1")
+        .body("1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            a.status().as_u16(),
+            b.status().as_u16(),
+            a_again.status().as_u16()
+        ),
+        (200, 200, 429)
+    );
 }

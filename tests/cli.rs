@@ -237,14 +237,29 @@ reserved_concurrency = 4
         .output()
         .unwrap();
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(out.status.success(), "findings are warnings unless strict: {stderr}");
-    assert!(stderr.contains("lambda.read_timeout (2s) is not above f's timeout (10s)"), "{stderr}");
+    assert!(
+        out.status.success(),
+        "findings are warnings unless strict: {stderr}"
+    );
+    assert!(
+        stderr.contains("lambda.read_timeout (2s) is not above f's timeout (10s)"),
+        "{stderr}"
+    );
     assert!(stderr.contains("reserved concurrency (4)"), "{stderr}");
 
-    let strict = std::fs::read_to_string(&file).unwrap().replace("[lambda]", "[lambda]\nstrict = true");
+    let strict = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("[lambda]", "[lambda]\nstrict = true");
     std::fs::write(&file, strict).unwrap();
-    let out = bare_command(dir.path()).args(["check-config", "--discover"]).arg(&file).output().unwrap();
-    assert!(!out.status.success(), "strict turns findings into a failure");
+    let out = bare_command(dir.path())
+        .args(["check-config", "--discover"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "strict turns findings into a failure"
+    );
 }
 
 #[tokio::test]
@@ -257,9 +272,19 @@ async fn dlq_redrive_replays_a_file_and_reports_what_succeeded() {
         format!("[emulator]\nlisten = \"127.0.0.1:{emulator_port}\"\n[[emulator.functions]]\nname = \"f\"\nlatency = \"1ms\"\n"),
     )
     .unwrap();
-    let _emulator = Process(bare_command(dir.path()).args(["emulate", "--config"]).arg(&emulator_file).spawn().unwrap());
+    let _emulator = Process(
+        bare_command(dir.path())
+            .args(["emulate", "--config"])
+            .arg(&emulator_file)
+            .spawn()
+            .unwrap(),
+    );
     let http = reqwest::Client::new();
-    wait_until_up(&http, &format!("http://127.0.0.1:{emulator_port}/emulator/stats")).await;
+    wait_until_up(
+        &http,
+        &format!("http://127.0.0.1:{emulator_port}/emulator/stats"),
+    )
+    .await;
 
     let config = dir.path().join("sluicegate.toml");
     std::fs::write(
@@ -273,7 +298,16 @@ async fn dlq_redrive_replays_a_file_and_reports_what_succeeded() {
             r#"{{"id":"{id}","route":"{route}","function":"f","key":"k","record":{{"n":1}},"error":"x","error_kind":"Unavailable","attempts":5,"first_attempt_at":"2026-01-01T00:00:00.000Z","last_attempt_at":"2026-01-01T00:00:01.000Z"}}"#
         )
     };
-    std::fs::write(&letters, format!("{}\n{}\n{}\n", letter("a", "records"), letter("b", "records"), letter("c", "gone"))).unwrap();
+    std::fs::write(
+        &letters,
+        format!(
+            "{}\n{}\n{}\n",
+            letter("a", "records"),
+            letter("b", "records"),
+            letter("c", "gone")
+        ),
+    )
+    .unwrap();
     let out = bare_command(dir.path())
         .args(["dlq", "redrive", "--config"])
         .arg(&config)
@@ -282,15 +316,39 @@ async fn dlq_redrive_replays_a_file_and_reports_what_succeeded() {
         .stdout(Stdio::piped())
         .output()
         .unwrap();
-    assert!(!out.status.success(), "one letter names a route that no longer exists");
+    assert!(
+        !out.status.success(),
+        "one letter names a route that no longer exists"
+    );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     let file = &report["redrive"][0];
-    assert_eq!((file["total"].as_u64(), file["succeeded"].as_u64(), file["failed"].as_u64()), (Some(3), Some(2), Some(1)));
+    assert_eq!(
+        (
+            file["total"].as_u64(),
+            file["succeeded"].as_u64(),
+            file["failed"].as_u64()
+        ),
+        (Some(3), Some(2), Some(1))
+    );
     let left = sluicegate::dlq::read_letters(&letters).unwrap();
     assert_eq!(left.len(), 1, "what failed again is written back");
     assert_eq!(left[0].id, "c");
-    assert_eq!(left[0].attempts, 5, "a letter for a missing route was not attempted");
-    assert!(left[0].error.contains("no route named"), "{}", left[0].error);
-    let stats: Value = http.get(format!("http://127.0.0.1:{emulator_port}/emulator/stats")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        left[0].attempts, 5,
+        "a letter for a missing route was not attempted"
+    );
+    assert!(
+        left[0].error.contains("no route named"),
+        "{}",
+        left[0].error
+    );
+    let stats: Value = http
+        .get(format!("http://127.0.0.1:{emulator_port}/emulator/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(stats["functions"]["f"]["records"], 2);
 }

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::config::{Envelope, Flush, Invocation, RetryConfig, RouteConfig, ENVELOPE_FRAME};
@@ -163,6 +163,17 @@ pub struct Batcher {
     tx: mpsc::Sender<Message>,
     spec: Arc<BatchSpec>,
     drain: Arc<DrainMeter>,
+    closing: Arc<watch::Sender<bool>>,
+}
+
+/// Closes a [`Batcher`] (see [`Batcher::close`]) without keeping its queue open.
+#[derive(Clone, Debug)]
+pub struct Closer(Arc<watch::Sender<bool>>);
+
+impl Closer {
+    pub fn close(&self) {
+        self.0.send_replace(true);
+    }
 }
 
 static NEXT_RECORD_ID: AtomicU64 = AtomicU64::new(1);
@@ -181,8 +192,14 @@ impl Batcher {
             dlq,
             drain: Arc::clone(&drain),
         });
-        tokio::spawn(worker::run(rx, delivery));
-        Batcher { tx, spec, drain }
+        let (closing, closed) = watch::channel(false);
+        tokio::spawn(worker::run(rx, delivery, closed));
+        Batcher {
+            tx,
+            spec,
+            drain,
+            closing: Arc::new(closing),
+        }
     }
 
     /// Queues a record for `key` and returns the ticket for its result, or refuses at once.
@@ -239,6 +256,17 @@ impl Batcher {
             }),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(RecordError::Closed),
         }
+    }
+
+    /// Stops the worker: records not yet sent to Lambda are answered `503` (closed), and no
+    /// new record is taken. Batches already being delivered finish normally.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// A handle that can [`close`](Batcher::close) this batcher without keeping it alive.
+    pub fn closer(&self) -> Closer {
+        Closer(Arc::clone(&self.closing))
     }
 
     /// Records waiting in the queue (not yet taken into a batch).

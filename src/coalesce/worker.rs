@@ -1,16 +1,26 @@
-//! The per-route worker: channel → batches → one dispatch task per batch.
+//! The per-route worker: channel → batches → one delivery task per batch.
+//!
+//! Closing (shutdown after the grace period): the worker stops forming batches, answers
+//! every record it holds or that is still queued with [`RecordError::Closed`] (`503`), and
+//! exits. Batches already handed to a delivery task are not touched: Lambda may be
+//! processing them, and their callers get the real result.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::mpsc::{self, error::TryRecvError};
+use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 use tracing::Instrument;
 
 use super::deliver::Delivery;
 use super::envelope::framed_len;
-use super::{BatchSpec, Message};
+use super::{BatchSpec, Message, RecordError};
 use crate::config::Flush;
 use crate::invoke::Slot;
+
+/// Process-wide batch ids: `b1`, `b2`, … on the batch span and on each record's request span.
+static NEXT_BATCH_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Records being gathered into one invoke, with their exact framed size.
 struct Batch {
@@ -49,20 +59,42 @@ impl Batch {
     }
 }
 
-pub(super) async fn run(mut rx: mpsc::Receiver<Message>, delivery: Arc<Delivery>) {
+/// Answers everything the worker still holds with `Closed`. The channel is closed first so
+/// no sender can slip a record in after the drain.
+fn fail_all(rx: &mut mpsc::Receiver<Message>, held: Vec<Message>) {
+    rx.close();
+    for m in held {
+        m.answer(Err(RecordError::Closed));
+    }
+    while let Ok(m) = rx.try_recv() {
+        m.answer(Err(RecordError::Closed));
+    }
+}
+
+pub(super) async fn run(
+    mut rx: mpsc::Receiver<Message>,
+    delivery: Arc<Delivery>,
+    mut closing: watch::Receiver<bool>,
+) {
     let spec = Arc::clone(&delivery.spec);
     let invoker = Arc::clone(&delivery.invoker);
     let adaptive = spec.flush == Flush::Adaptive;
     // A record that did not fit the previous batch's byte bound opens the next one.
     let mut carry: Option<Message> = None;
-    let mut batch_seq: u64 = 0;
     loop {
+        if *closing.borrow() {
+            fail_all(&mut rx, carry.into_iter().collect());
+            return;
+        }
         let first = match carry.take() {
             Some(m) => m,
-            None => match rx.recv().await {
-                Some(m) => m,
-                // Every handle is gone: nothing more will arrive, and nothing is pending.
-                None => return,
+            None => tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => m,
+                    // Every handle is gone: nothing more will arrive, and nothing is pending.
+                    None => return,
+                },
+                _ = closing.changed() => continue,
             },
         };
         let flush_at = first.enqueued + spec.max_wait;
@@ -92,6 +124,7 @@ pub(super) async fn run(mut rx: mpsc::Receiver<Message>, delivery: Arc<Delivery>
             }
             tokio::select! {
                 biased;
+                _ = closing.changed() => break,
                 s = &mut acquire, if adaptive => {
                     slot = Some(s);
                     break;
@@ -115,21 +148,39 @@ pub(super) async fn run(mut rx: mpsc::Receiver<Message>, delivery: Arc<Delivery>
         }
         let slot = match slot {
             Some(slot) => slot,
-            None => acquire.await,
+            None => tokio::select! {
+                slot = &mut acquire => slot,
+                _ = closing.changed() => {
+                    let mut held = batch.messages;
+                    held.extend(carry.take());
+                    fail_all(&mut rx, held);
+                    return;
+                }
+            },
         };
+        // A batch not yet sent when closing began is not sent: the grace period is over.
+        if *closing.borrow() {
+            let mut held = batch.messages;
+            held.extend(carry.take());
+            fail_all(&mut rx, held);
+            return;
+        }
         batch.prune(Instant::now());
         if batch.messages.is_empty() {
             continue;
         }
-        batch_seq += 1;
+        let batch_id = format!("b{}", NEXT_BATCH_ID.fetch_add(1, Ordering::Relaxed));
         let span = tracing::info_span!(
             "batch",
+            batch = %batch_id,
             route = %spec.route,
-            batch = batch_seq,
             records = batch.messages.len(),
             bytes = framed_len(batch.entry_bytes, batch.messages.len()),
         );
         for m in &batch.messages {
+            // The request span declared `batch` empty: now a record can be followed into
+            // its invoke from either side.
+            m.span.record("batch", batch_id.as_str());
             span.follows_from(m.span.id());
         }
         tokio::spawn(

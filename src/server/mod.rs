@@ -1,43 +1,54 @@
 //! The HTTP side: the data-plane router (record routes, `/healthz`, `/readyz`), the
-//! identity step, the admission layer per route, and the admin listener.
+//! identity step, the admission layer per route, the admin listener, live reload and
+//! graceful drain.
 //!
 //! Only this module knows HTTP. A record request goes: identity (key from API key / IP /
-//! header, `401`/`403` when keys are required) → [`AdmissionLayer`] for its route
-//! (global → route → key, `429` on refusal) → body checks (`413`, `400`) → the route's
-//! [`Batcher`] → wait for the record's outcome until the caller's deadline (`504`).
-//! Every status is produced in [`respond`].
+//! header, `401`/`403` when keys are required) → [`AdmissionLayer`](crate::limit::AdmissionLayer)
+//! for its route (global → route → key, `429` on refusal) → body checks (`413`, `400`) →
+//! the route's [`Batcher`] → wait for the record's outcome until the caller's deadline
+//! (`504`). Every status is produced in [`respond`].
+//!
+//! Reload (SIGHUP, `POST /admin/reload`): the new config is loaded and validated; if it is
+//! invalid the running one stays and the reason is returned. Otherwise a new [`App`] is
+//! built — limits, plans, identity, routes and batch settings — and swapped in. Routes whose
+//! batching and invoke settings did not change keep their batcher (and queue) and gate;
+//! bucket state carries over for layers whose quota did not change. Connections stay open:
+//! the listener dispatches each request to whichever app is current. Listener addresses,
+//! `[lambda]` and `[emulator]` need a restart and are reported as such.
+//!
+//! Shutdown (SIGTERM/SIGINT): stop accepting, let in-flight requests finish; when
+//! `shutdown_grace` runs out, records not yet sent to Lambda are answered `503`, while
+//! invokes already in flight still answer their callers (Lambda may have processed them).
 
+mod admin;
 mod identity;
 mod readiness;
+mod records;
 pub mod respond;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
-use serde_json::value::RawValue;
+use axum::extract::Request;
+use axum::response::Response;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower::ServiceExt;
 
 pub use self::identity::{client_ip, Identify, IdentityError, ANONYMOUS, MAX_KEY_BYTES};
 use self::readiness::Readiness;
-use crate::coalesce::Batcher;
-use crate::config::Config;
+use crate::coalesce::{Batcher, Closer};
+use crate::config::{Config, RouteConfig};
 use crate::emulator::{self, RunningEmulator};
 use crate::invoke::discover::{self, Finding};
 use crate::invoke::{self, Invoker};
-use crate::limit::{Admission, AdmissionLayer, Admitted, ClientKey, DefaultClock, Plans};
+use crate::limit::{Admission, DefaultClock, Plans};
 use crate::pipeline::Pipeline;
 
 /// Header with which a caller shortens (never lengthens) its route's deadline.
@@ -80,104 +91,30 @@ async fn check_fit(config: &Config, client: &aws_sdk_lambda::Client) -> Result<(
 
 /// One route as the request path sees it.
 struct Route {
+    name: String,
     batcher: Batcher,
     invoker: Arc<Invoker>,
     request_timeout: Duration,
     max_record_bytes: usize,
 }
 
-/// Shared by every request.
+/// Everything a request needs; replaced whole on reload.
 struct App {
     routes: Vec<Route>,
     identify: Identify,
     admission: Arc<Admission<DefaultClock>>,
     readiness: Readiness,
     config: Config,
+    router: Router,
 }
 
-/// A running sluicegate: its bound addresses and a way to stop it.
-pub struct Running {
-    pub addr: SocketAddr,
-    pub admin_addr: SocketAddr,
-    /// The embedded emulator's address, when `[emulator] enabled = true`.
-    pub emulator_addr: Option<SocketAddr>,
-    stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
-    emulator: Option<RunningEmulator>,
-}
-
-impl Running {
-    /// Stops accepting, lets in-flight requests finish, and returns when the listeners closed.
-    pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        for task in self.tasks {
-            let _ = task.await;
-        }
-        if let Some(emulator) = self.emulator {
-            if let Err(e) = emulator.shutdown().await {
-                tracing::warn!(error = %e, "emulator did not stop cleanly");
-            }
-        }
-    }
-
-    /// Waits until `signal` resolves, then shuts down.
-    pub async fn run_until(self, signal: impl Future<Output = ()>) {
-        signal.await;
-        tracing::info!("shutting down");
-        self.shutdown().await;
-    }
-}
-
-/// Binds the listeners (data plane, admin, and the embedded emulator when enabled) and
-/// starts serving. Port 0 anywhere picks a free port; [`Running`] tells which.
-pub async fn start(mut config: Config) -> Result<Running, StartError> {
-    let mut emulator = None;
-    if config.emulator.enabled {
-        let addr = config.emulator.listen;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                what: "emulator",
-                addr,
-                source,
-            })?;
-        let running = emulator::spawn(config.emulator.clone(), listener)
-            .await
-            .map_err(|source| StartError::Bind {
-                what: "emulator",
-                addr,
-                source,
-            })?;
-        // The embedded emulator is the target unless the config points elsewhere; when it
-        // was asked for port 0 (tests) the endpoint follows the port it got.
-        let configured = format!("http://{addr}");
-        if config.lambda.endpoint_url.is_none()
-            || config.lambda.endpoint_url.as_deref() == Some(configured.as_str())
-        {
-            config.lambda.endpoint_url = Some(format!("http://{}", running.local_addr));
-        }
-        tracing::info!(addr = %running.local_addr, "embedded Lambda emulator listening");
-        emulator = Some(running);
-    }
-    let emulator_addr = emulator.as_ref().map(|e| e.local_addr);
-
-    let client = invoke::build_client(&config.lambda).await;
-    let pipeline = Pipeline::build(&config, &client, true)
-        .await
-        .map_err(StartError::Pipeline)?;
-    check_fit(&config, &client).await?;
-    let routes = pipeline
-        .routes
-        .into_iter()
-        .zip(&config.routes)
-        .map(|(handle, route)| Route {
-            batcher: handle.batcher,
-            invoker: handle.invoker,
-            request_timeout: route.request_timeout(&config.server),
-            max_record_bytes: config.server.max_record_bytes.as_usize(),
-        })
-        .collect();
-    let admission = Arc::new(Admission::new(
+/// The admission layers of `config`. With a previous admission (reload), bucket state is
+/// carried over where the quotas did not change.
+fn build_admission(
+    config: &Config,
+    _previous: Option<&Admission<DefaultClock>>,
+) -> Arc<Admission<DefaultClock>> {
+    Arc::new(Admission::new(
         config.limits.global,
         config
             .routes
@@ -194,69 +131,330 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         ),
         config.limits.max_keys,
         DefaultClock::default(),
-    ));
-    let functions: Vec<String> = config.routes.iter().map(|r| r.function.clone()).collect();
-    let app = Arc::new(App {
-        routes,
-        identify: Identify::new(&config.identity),
-        admission: Arc::clone(&admission),
-        readiness: Readiness::new(client, functions),
-        config,
+    ))
+}
+
+/// Whether a route's records can keep flowing through the same batcher and gate.
+fn same_pipeline(a: &RouteConfig, b: &RouteConfig) -> bool {
+    let strip = |r: &RouteConfig| RouteConfig {
+        limit: None,
+        path: None,
+        ..r.clone()
+    };
+    strip(a) == strip(b)
+}
+
+impl App {
+    async fn build(
+        config: Config,
+        client: &aws_sdk_lambda::Client,
+        previous: Option<&App>,
+    ) -> std::io::Result<Arc<App>> {
+        let pipeline = Pipeline::build(&config, client, true).await?;
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for (handle, cfg) in pipeline.routes.into_iter().zip(&config.routes) {
+            let kept = previous.and_then(|p| {
+                let (old_cfg, old) = p
+                    .config
+                    .routes
+                    .iter()
+                    .zip(&p.routes)
+                    .find(|(c, _)| c.name == cfg.name)?;
+                same_pipeline(old_cfg, cfg).then(|| (old.batcher.clone(), Arc::clone(&old.invoker)))
+            });
+            let (batcher, invoker) = kept.unwrap_or((handle.batcher, handle.invoker));
+            routes.push(Route {
+                name: cfg.name.clone(),
+                batcher,
+                invoker,
+                request_timeout: cfg.request_timeout(&config.server),
+                max_record_bytes: config.server.max_record_bytes.as_usize(),
+            });
+        }
+        let admission = build_admission(&config, previous.map(|p| &*p.admission));
+        let functions: Vec<String> = config.routes.iter().map(|r| r.function.clone()).collect();
+        Ok(Arc::new_cyclic(|weak: &std::sync::Weak<App>| {
+            // The router holds the app as its state; built here so it is part of the app.
+            let router = records::router_for(weak.clone(), &config, &admission);
+            App {
+                routes,
+                identify: Identify::new(&config.identity),
+                admission,
+                readiness: Readiness::new(client.clone(), functions),
+                config,
+                router,
+            }
+        }))
+    }
+}
+
+/// What the listeners share: the current app, and how to build the next one.
+struct Shared {
+    app: RwLock<Arc<App>>,
+    client: aws_sdk_lambda::Client,
+    /// Where reloads read from; `None` when started from an in-memory config.
+    source: Option<PathBuf>,
+    /// Every batcher ever built, so shutdown can close the ones still draining after a reload.
+    closers: std::sync::Mutex<Vec<Closer>>,
+    metrics: Option<PrometheusHandle>,
+    /// The emulator actually started, to keep `lambda.endpoint_url` pointing at it.
+    emulator_endpoint: Option<(String, String)>,
+}
+
+/// What a reload did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct ReloadReport {
+    /// Changed settings that only take effect after a restart (they were left as they are).
+    pub restart_required: Vec<String>,
+}
+
+impl Shared {
+    fn app(&self) -> Arc<App> {
+        Arc::clone(
+            &self
+                .app
+                .read()
+                .expect("app lock is never poisoned: no panics while held"),
+        )
+    }
+
+    /// Points the Lambda endpoint at the embedded emulator the way `start` did.
+    fn fix_endpoint(&self, config: &mut Config) {
+        if let Some((configured, actual)) = &self.emulator_endpoint {
+            if config.lambda.endpoint_url.is_none()
+                || config.lambda.endpoint_url.as_deref() == Some(configured)
+            {
+                config.lambda.endpoint_url = Some(actual.clone());
+            }
+        }
+    }
+
+    async fn reload_from_source(&self) -> Result<ReloadReport, String> {
+        let Some(path) = &self.source else {
+            return Err(
+                "sluicegate was started without a config file; nothing to reload".to_owned(),
+            );
+        };
+        let config = Config::load(path).map_err(|e| e.to_string())?;
+        self.reload(config).await
+    }
+
+    async fn reload(&self, mut config: Config) -> Result<ReloadReport, String> {
+        config.validate().map_err(|e| e.to_string())?;
+        self.fix_endpoint(&mut config);
+        let current = self.app();
+        let old = &current.config;
+        let mut report = ReloadReport::default();
+        if config.server.listen != old.server.listen {
+            report.restart_required.push("server.listen".to_owned());
+            config.server.listen = old.server.listen;
+        }
+        if config.server.admin_listen != old.server.admin_listen {
+            report
+                .restart_required
+                .push("server.admin_listen".to_owned());
+            config.server.admin_listen = old.server.admin_listen;
+        }
+        if config.lambda != old.lambda {
+            report.restart_required.push("lambda".to_owned());
+            config.lambda = old.lambda.clone();
+        }
+        if config.emulator != old.emulator {
+            report.restart_required.push("emulator".to_owned());
+            config.emulator = old.emulator.clone();
+        }
+        let next = App::build(config, &self.client, Some(&current))
+            .await
+            .map_err(|e| e.to_string())?;
+        self.closers
+            .lock()
+            .expect("closers lock is never poisoned: no panics while held")
+            .extend(next.routes.iter().map(|r| r.batcher.closer()));
+        *self
+            .app
+            .write()
+            .expect("app lock is never poisoned: no panics while held") = next;
+        tracing::info!(restart_required = ?report.restart_required, "config reloaded");
+        Ok(report)
+    }
+}
+
+/// A running sluicegate: its bound addresses and a way to reload or stop it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// The embedded emulator's address, when `[emulator] enabled = true`.
+    pub emulator_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    data: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
+    emulator: Option<RunningEmulator>,
+}
+
+impl Running {
+    /// Applies a new config (see the module docs); an invalid one is refused and the
+    /// running config stays.
+    pub async fn reload(&self, config: Config) -> Result<ReloadReport, String> {
+        self.shared.reload(config).await
+    }
+
+    /// Reloads from the config file sluicegate was started with.
+    pub async fn reload_from_file(&self) -> Result<ReloadReport, String> {
+        self.shared.reload_from_source().await
+    }
+
+    /// Stops accepting and drains: in-flight requests finish; after `shutdown_grace`,
+    /// records not yet sent to Lambda are answered `503`, and invokes in flight still
+    /// answer their callers (bounded by `lambda.read_timeout`).
+    pub async fn shutdown(mut self) {
+        let config = self.shared.app().config.clone();
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(config.server.shutdown_grace, &mut self.data)
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace period over: answering records not yet sent with 503");
+            for closer in self
+                .shared
+                .closers
+                .lock()
+                .expect("closers lock is never poisoned")
+                .iter()
+            {
+                closer.close();
+            }
+            let bound = config.lambda.read_timeout + Duration::from_secs(5);
+            if tokio::time::timeout(bound, &mut self.data).await.is_err() {
+                tracing::error!(
+                    "requests still open after the grace period and the read timeout; closing them"
+                );
+                self.data.abort();
+            }
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        if let Some(emulator) = self.emulator {
+            if let Err(e) = emulator.shutdown().await {
+                tracing::warn!(error = %e, "emulator did not stop cleanly");
+            }
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// [`start_with_source`] without a config file to reload from.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    start_with_source(config, None).await
+}
+
+/// Binds the listeners (data plane, admin, and the embedded emulator when enabled) and
+/// starts serving. Port 0 anywhere picks a free port; [`Running`] tells which. `source`
+/// is the file reloads read.
+pub async fn start_with_source(
+    mut config: Config,
+    source: Option<PathBuf>,
+) -> Result<Running, StartError> {
+    let mut emulator = None;
+    let mut emulator_endpoint = None;
+    if config.emulator.enabled {
+        let addr = config.emulator.listen;
+        let bind_error = |source| StartError::Bind {
+            what: "emulator",
+            addr,
+            source,
+        };
+        let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+        let running = emulator::spawn(config.emulator.clone(), listener)
+            .await
+            .map_err(bind_error)?;
+        // The embedded emulator is the target unless the config points elsewhere; when it
+        // was asked for port 0 (tests) the endpoint follows the port it got.
+        let configured = format!("http://{addr}");
+        let actual = running.endpoint_url();
+        if config.lambda.endpoint_url.is_none()
+            || config.lambda.endpoint_url.as_deref() == Some(configured.as_str())
+        {
+            config.lambda.endpoint_url = Some(actual.clone());
+        }
+        tracing::info!(addr = %running.local_addr, "embedded Lambda emulator listening");
+        emulator_endpoint = Some((configured, actual));
+        emulator = Some(running);
+    }
+    let emulator_addr = emulator.as_ref().map(|e| e.local_addr);
+
+    let client = invoke::build_client(&config.lambda).await;
+    check_fit(&config, &client).await?;
+    let app = App::build(config, &client, None)
+        .await
+        .map_err(StartError::Pipeline)?;
+    let closers = app.routes.iter().map(|r| r.batcher.closer()).collect();
+    let shared = Arc::new(Shared {
+        app: RwLock::new(Arc::clone(&app)),
+        client,
+        source,
+        closers: std::sync::Mutex::new(closers),
+        metrics: crate::metrics::install(),
+        emulator_endpoint,
     });
 
     let (stop, stopped) = watch::channel(false);
-    let mut tasks = Vec::new();
+    let server = &app.config.server;
+    let (listener, local) = bind("server", server.listen).await?;
+    let (admin_listener, admin_local) = bind("admin", server.admin_listen).await?;
 
-    let addr = app.config.server.listen;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            what: "server",
-            addr,
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| StartError::Bind {
-        what: "server",
-        addr,
-        source,
-    })?;
-    let admin = app.config.server.admin_listen;
-    let admin_listener = TcpListener::bind(admin)
-        .await
-        .map_err(|source| StartError::Bind {
-            what: "admin",
-            addr: admin,
-            source,
-        })?;
-    let admin_local = admin_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            what: "admin",
-            addr: admin,
-            source,
-        })?;
-
-    let data = data_router(Arc::clone(&app)).into_make_service_with_connect_info::<SocketAddr>();
-    tasks.push(tokio::spawn(serve(listener, data, stopped.clone())));
-    tasks.push(tokio::spawn(serve(
-        admin_listener,
-        admin_router(Arc::clone(&app)).into_make_service(),
-        stopped.clone(),
-    )));
-    tasks.push(tokio::spawn(reclaim_keys(
-        admission,
-        app.config.limits.reclaim_interval,
-        stopped,
-    )));
+    // Each request goes to whichever app is current, so a reload never drops a connection.
+    let current = Arc::clone(&shared);
+    let data = Router::new()
+        .fallback_service(tower::service_fn(move |request: Request| {
+            // Held for the whole request: an app replaced by a reload lives until the
+            // requests it took have been answered.
+            let app = current.app();
+            async move {
+                let response = app.router.clone().oneshot(request).await;
+                drop(app);
+                response
+            }
+        }))
+        .into_make_service_with_connect_info::<SocketAddr>();
+    let data = tokio::spawn(serve(listener, data, stopped.clone()));
+    let tasks = vec![
+        tokio::spawn(serve(
+            admin_listener,
+            admin::router(Arc::clone(&shared)).into_make_service(),
+            stopped.clone(),
+        )),
+        tokio::spawn(reclaim_keys(
+            Arc::clone(&shared),
+            app.config.limits.reclaim_interval,
+            stopped,
+        )),
+    ];
     tracing::info!(addr = %local, admin = %admin_local, "sluicegate listening");
     Ok(Running {
         addr: local,
         admin_addr: admin_local,
         emulator_addr,
+        shared,
         stop,
+        data,
         tasks,
         emulator,
     })
+}
+
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { what, addr, source })?;
+    Ok((listener, local))
 }
 
 async fn serve<M, S>(listener: TcpListener, make: M, mut stopped: watch::Receiver<bool>)
@@ -287,249 +485,37 @@ where
 
 /// Idle (full) buckets carry no information: dropping them keeps memory bounded by the
 /// active keys, not by every key ever seen.
-async fn reclaim_keys(
-    admission: Arc<Admission<DefaultClock>>,
-    every: Duration,
-    mut stopped: watch::Receiver<bool>,
-) {
+async fn reclaim_keys(shared: Arc<Shared>, every: Duration, mut stopped: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => admission.reclaim(),
+            _ = tick.tick() => shared.app().admission.reclaim(),
             _ = stopped.wait_for(|stop| *stop) => return,
         }
     }
 }
 
-fn data_router(app: Arc<App>) -> Router {
-    let mut router = Router::new()
-        .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
-        )
-        .route("/readyz", get(readyz));
-    for (index, route) in app.config.routes.iter().enumerate() {
-        let layer = AdmissionLayer::new(Arc::clone(&app.admission), index, respond::rejected);
-        let handler = post(
-            move |state: State<Arc<App>>,
-                  admitted: Option<Extension<Admitted>>,
-                  request: Request| { submit_record(state, index, admitted, request) },
-        )
-        .fallback(|| async {
-            respond::error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "records are sent with POST",
-            )
-        })
-        .layer(layer);
-        router = router.route(&route.path(), handler);
-    }
-    router
-        .fallback(|| async {
-            respond::error(StatusCode::NOT_FOUND, "not_found", "no route at this path")
-        })
-        .layer(middleware::from_fn_with_state(Arc::clone(&app), identify))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(TraceLayer::new_for_http())
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .with_state(app)
-}
-
-fn admin_router(app: Arc<App>) -> Router {
-    Router::new()
-        .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
-        )
-        .route("/admin/routes", get(admin_routes))
-        .with_state(app)
-}
-
-async fn admin_routes(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
-    let routes: Vec<_> = app
-        .config
-        .routes
-        .iter()
-        .zip(&app.routes)
-        .map(|(cfg, route)| {
-            serde_json::json!({
-                "name": cfg.name,
-                "path": cfg.path(),
-                "function": cfg.function,
-                "queue_depth": route.batcher.queue_depth(),
-                "max_pending": cfg.queue.max_pending,
-                "invoke": {
-                    "concurrency_limit": route.invoker.gate().limits().concurrency,
-                    "rate_limit": route.invoker.gate().limits().rate,
-                    "in_flight": route.invoker.gate().limits().in_flight,
-                    "configured_concurrency": route.invoker.gate().config().max_concurrency,
-                    "configured_rate": route.invoker.gate().config().rate,
-                    "adaptive": route.invoker.gate().config().adaptive,
-                },
-            })
-        })
-        .collect();
-    Json(serde_json::json!({ "routes": routes, "tracked_keys": app.admission.tracked_keys() }))
-}
-
-/// Puts the request's [`ClientKey`] into its extensions, or answers `401`/`403`/`400`.
-async fn identify(State(app): State<Arc<App>>, mut request: Request, next: Next) -> Response {
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0)
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-    match app
-        .identify
-        .key(request.headers(), peer, |k| app.admission.is_known_key(k))
-    {
-        Ok(key) => {
-            request.extensions_mut().insert(ClientKey(key));
-            next.run(request).await
-        }
-        Err(IdentityError::Missing) => respond::error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            format!("missing API key header {}", app.identify.header()),
-        ),
-        Err(IdentityError::Unknown) => {
-            respond::error(StatusCode::FORBIDDEN, "forbidden", "unknown API key")
-        }
-        Err(IdentityError::Invalid(message)) => {
-            respond::error(StatusCode::BAD_REQUEST, "bad_request", message)
+/// Runs sluicegate until `shutdown` resolves; each item of `reloads` reloads the config
+/// from `source` (SIGHUP in `main`). A failed reload is logged and the running config stays.
+pub async fn run(
+    config: Config,
+    source: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: tokio::sync::mpsc::Receiver<()>,
+) -> Result<(), StartError> {
+    let running = start_with_source(config, source).await?;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(()) = reloads.recv() => match running.reload_from_file().await {
+                Ok(report) => tracing::info!(?report, "reloaded on SIGHUP"),
+                Err(e) => tracing::error!(error = %e, "reload refused; the running config stays"),
+            },
         }
     }
-}
-
-async fn readyz(State(app): State<Arc<App>>) -> Response {
-    match app.readiness.check().await {
-        Ok(()) => Json(serde_json::json!({"status": "ready"})).into_response(),
-        Err(reason) => respond::unavailable(format!("not ready: {reason}"), Duration::from_secs(1)),
-    }
-}
-
-/// The caller's deadline: the route's, shortened by `x-sluicegate-timeout-ms`.
-fn deadline(headers: &HeaderMap, route_timeout: Duration) -> Result<Instant, String> {
-    let timeout = match headers.get(TIMEOUT_HEADER) {
-        None => route_timeout,
-        Some(value) => {
-            let ms = value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .filter(|ms| *ms > 0)
-                .ok_or_else(|| {
-                    format!("{TIMEOUT_HEADER} must be a positive integer number of milliseconds")
-                })?;
-            route_timeout.min(Duration::from_millis(ms))
-        }
-    };
-    Ok(Instant::now() + timeout)
-}
-
-async fn submit_record(
-    State(app): State<Arc<App>>,
-    index: usize,
-    admitted: Option<Extension<Admitted>>,
-    request: Request,
-) -> Response {
-    let mut response = record_response(&app, index, request).await;
-    if let Some(Extension(admitted)) = admitted {
-        respond::add_admitted_headers(&mut response, &admitted);
-    }
-    response
-}
-
-async fn record_response(app: &App, index: usize, request: Request) -> Response {
-    let route = &app.routes[index];
-    let (parts, body) = request.into_parts();
-    let deadline = match deadline(&parts.headers, route.request_timeout) {
-        Ok(deadline) => deadline,
-        Err(message) => return respond::error(StatusCode::BAD_REQUEST, "bad_request", message),
-    };
-    let too_large = || {
-        respond::error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!(
-                "record is larger than server.max_record_bytes ({} bytes)",
-                route.max_record_bytes
-            ),
-        )
-    };
-    let declared = parts
-        .headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > route.max_record_bytes as u64) {
-        return too_large();
-    }
-    let bytes = match axum::body::to_bytes(body, route.max_record_bytes).await {
-        Ok(bytes) => bytes,
-        Err(e) if is_length_limit(&e) => return too_large(),
-        Err(e) => {
-            return respond::error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("cannot read the body: {e}"),
-            )
-        }
-    };
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return respond::error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "the body is empty; send one JSON record",
-        );
-    }
-    let record: &RawValue = match serde_json::from_slice(&bytes) {
-        Ok(record) => record,
-        Err(e) => {
-            return respond::error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("the body is not valid JSON: {e}"),
-            )
-        }
-    };
-    let key = parts
-        .extensions
-        .get::<ClientKey>()
-        .map(|k| Arc::clone(&k.0))
-        .unwrap_or_else(|| ANONYMOUS.into());
-    let ticket = match route.batcher.submit(&key, record, deadline) {
-        Ok(ticket) => ticket,
-        Err(err) => return respond::record_error("-", err),
-    };
-    let id = Arc::clone(&ticket.id);
-    match tokio::time::timeout_at(deadline, ticket.outcome()).await {
-        Ok(Ok(delivered)) => respond::delivered(&id, delivered),
-        Ok(Err(err)) => respond::record_error(&id, err),
-        Err(_elapsed) => respond::error(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            format!("no result for record {id} before the caller's deadline"),
-        ),
-    }
-}
-
-fn is_length_limit(err: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = source {
-        if e.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
-}
-
-/// Runs sluicegate until `signal` resolves (SIGTERM/SIGINT from `main`).
-pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(), StartError> {
-    let running = start(config).await?;
-    running.run_until(signal).await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
     Ok(())
 }

@@ -1,0 +1,125 @@
+//! Prometheus metrics, served as text at `GET /metrics` on the admin listener.
+//!
+//! The code records through the `metrics` facade (`counter!`, `histogram!`, `gauge!`);
+//! one process-wide recorder from `metrics-exporter-prometheus` collects them. Gauges that
+//! describe current state (queue depth, adaptive limits, tracked keys) are set when the
+//! endpoint is scraped, from the live objects, so they are never stale.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `sluicegate_requests_total` | counter | `route`, `status`, `scope` (429s; `none` otherwise) |
+//! | `sluicegate_admission_rejections_total` | counter | `scope` (`global`, `route`, `key`) |
+//! | `sluicegate_queue_depth` | gauge | `route` |
+//! | `sluicegate_batch_records` | histogram | `route` |
+//! | `sluicegate_batch_bytes` | histogram | `route` |
+//! | `sluicegate_invoke_duration_seconds` | histogram | `function`, `outcome` |
+//! | `sluicegate_lambda_throttles_total` | counter | `function`, `reason` |
+//! | `sluicegate_retries_total` | counter | `function`, `reason` |
+//! | `sluicegate_dead_letters_total` | counter | `route`, `sink` |
+//! | `sluicegate_invoke_rate_limit` | gauge | `function` |
+//! | `sluicegate_invoke_concurrency_limit` | gauge | `function` |
+//! | `sluicegate_invokes_in_flight` | gauge | `function` |
+//! | `sluicegate_tracked_keys` | gauge | |
+//! | `sluicegate_limit_backend_errors_total` | counter | |
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder (once; later calls return the same handle). `None`
+/// when another recorder was installed first (an embedding application's own).
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("sluicegate_batch_records".to_owned()),
+                    &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("sluicegate_batch_bytes".to_owned()),
+                        &[1e3, 1e4, 1e5, 2.5e5, 5e5, 1e6, 2e6, 4e6, 6.3e6],
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("sluicegate_invoke_duration_seconds".to_owned()),
+                        &[
+                            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                            60.0, 300.0, 900.0,
+                        ],
+                    )
+                });
+            let recorder = match builder {
+                Ok(b) => b.build_recorder(),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot configure the metrics recorder");
+                    return None;
+                }
+            };
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+                return None;
+            }
+            describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(
+        "sluicegate_requests_total",
+        "Record requests answered, by route, HTTP status and shed scope."
+    );
+    describe_counter!(
+        "sluicegate_admission_rejections_total",
+        "Requests refused by an admission layer, by scope."
+    );
+    describe_gauge!(
+        "sluicegate_queue_depth",
+        "Records waiting in a route's queue."
+    );
+    describe_histogram!("sluicegate_batch_records", "Records per invoke attempt.");
+    describe_histogram!(
+        "sluicegate_batch_bytes",
+        Unit::Bytes,
+        "Invoke payload size, envelope included."
+    );
+    describe_histogram!(
+        "sluicegate_invoke_duration_seconds",
+        Unit::Seconds,
+        "Lambda Invoke latency, by function and outcome."
+    );
+    describe_counter!("sluicegate_lambda_throttles_total", "Invokes Lambda throttled (TooManyRequestsException), by Reason: the proxy's view of CloudWatch Throttles.");
+    describe_counter!(
+        "sluicegate_retries_total",
+        "Invoke retries, by function and the failure retried."
+    );
+    describe_counter!(
+        "sluicegate_dead_letters_total",
+        "Records written to a dead-letter sink."
+    );
+    describe_gauge!(
+        "sluicegate_invoke_rate_limit",
+        "Current invoke-rate limit per function (adaptive may lower it)."
+    );
+    describe_gauge!(
+        "sluicegate_invoke_concurrency_limit",
+        "Current concurrency cap per function (adaptive may lower it)."
+    );
+    describe_gauge!(
+        "sluicegate_invokes_in_flight",
+        "Invokes in flight per function."
+    );
+    describe_gauge!("sluicegate_tracked_keys", "Client keys with limiter state.");
+    describe_counter!(
+        "sluicegate_limit_backend_errors_total",
+        "Errors talking to the shared (Redis) limit backend."
+    );
+}

@@ -118,7 +118,7 @@ async fn a_burst_admits_burst_plus_refill_and_sheds_the_rest_with_exact_headers(
         assert_eq!(body["scope"], "key");
         let ms = body["retry_after_ms"].as_u64().unwrap();
         assert!(
-            ms >= 1 && ms <= 50,
+            (1..=50).contains(&ms),
             "one token at 20/s is at most 50 ms away: {ms}"
         );
     }

@@ -20,15 +20,10 @@ use super::{App, IdentityError, ANONYMOUS, TIMEOUT_HEADER};
 use crate::config::Config;
 use crate::limit::{Admission, AdmissionLayer, Admitted, ClientKey, DefaultClock};
 
-/// The app a request runs against. The listener holds a strong reference for the whole
-/// request, so this upgrade succeeds; the `503` is a guard, not a path.
-fn upgrade(app: &Weak<App>) -> Result<Arc<App>, Response> {
-    app.upgrade().ok_or_else(|| {
-        respond::unavailable(
-            "the configuration was just reloaded; retry",
-            Duration::from_secs(1),
-        )
-    })
+/// The answer when the app behind a request is gone. The listener holds a strong
+/// reference to the app for the whole request, so this is a guard, not a path.
+fn gone() -> Response {
+    respond::unavailable("the configuration was just reloaded; retry", Duration::from_secs(1))
 }
 
 /// The data-plane router of one [`App`] (rebuilt on reload). The app is reached through a
@@ -111,9 +106,8 @@ pub(super) async fn identify(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let app = match upgrade(&app) {
-        Ok(app) => app,
-        Err(response) => return response,
+    let Some(app) = app.upgrade() else {
+        return gone();
     };
     let peer = request
         .extensions()
@@ -143,9 +137,8 @@ pub(super) async fn identify(
 }
 
 async fn readyz(State(app): State<Weak<App>>) -> Response {
-    let app = match upgrade(&app) {
-        Ok(app) => app,
-        Err(response) => return response,
+    let Some(app) = app.upgrade() else {
+        return gone();
     };
     match app.readiness.check().await {
         Ok(()) => Json(serde_json::json!({"status": "ready"})).into_response(),
@@ -178,9 +171,8 @@ async fn submit_record(
     admitted: Option<Extension<Admitted>>,
     request: Request,
 ) -> Response {
-    let app = match upgrade(&app) {
-        Ok(app) => app,
-        Err(response) => return response,
+    let Some(app) = app.upgrade() else {
+        return gone();
     };
     let mut response = record_response(&app, index, request).await;
     if let Some(Extension(admitted)) = admitted {

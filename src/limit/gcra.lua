@@ -1,0 +1,73 @@
+-- sluicegate: GCRA token buckets, checked in order in one atomic step.
+--
+-- The same arithmetic as governor's GCRA (src/limit/engine.rs), in integer nanoseconds:
+-- a bucket's state is its theoretical arrival time (TAT); with period T (ns per token) and
+-- tolerance tau = T * (burst - 1), a request at `now` is admitted iff now >= TAT - tau, and
+-- then TAT becomes max(TAT, now) + T. No state means a full bucket (TAT = now).
+--
+-- KEYS[i]   bucket i, checked in order (global, route, key; or one invoke-rate bucket)
+-- ARGV[1]   now, in ns since the Unix epoch as a decimal string; '' = the server's TIME,
+--           so replicas' clocks never matter (tests pass a logical time)
+-- ARGV[2]   minimum TTL in ms (0 in production; tests whose logical clock runs slower
+--           than Redis' expiry clock pass a large value)
+-- ARGV[2i+1], ARGV[2i+2]   bucket i's T and tau in ns; T = 0 is a closed layer
+--
+-- Layers are checked in order and the first refusal ends the script: tokens taken by the
+-- layers before it stay taken (API Gateway semantics, as in the local engine); a refusing
+-- bucket is not written. An admitted bucket is written with an expiry at the instant it is
+-- full again (TAT <= now), when it is indistinguishable from no state.
+--
+-- Returns {1, i, remaining, reset_ns} for an admission (i = the last bucket), or
+-- {0, i, wait_ns, 0} for a refusal by bucket i (wait_ns = -1: closed layer).
+--
+-- Times are kept relative to the current whole second, so Lua's doubles hold them exactly
+-- (integers up to 2^53 ns, about 104 days of refill time). A TAT is stored as the decimal
+-- digits of its ns since the epoch and split, not converted, for the same reason.
+
+if redis.replicate_commands then
+  -- Redis < 5 must be told that a script reading TIME replicates its effects, not itself.
+  redis.replicate_commands()
+end
+
+local BILLION = 1000000000
+
+local sec, ns
+if ARGV[1] == '' then
+  local t = redis.call('TIME')
+  sec = tonumber(t[1])
+  ns = tonumber(t[2]) * 1000
+else
+  sec = tonumber(string.sub(ARGV[1], 1, -10)) or 0
+  ns = tonumber(string.sub(ARGV[1], -9))
+end
+local min_ttl = tonumber(ARGV[2])
+
+local result = {1, 0, 0, 0}
+for i = 1, #KEYS do
+  local t = tonumber(ARGV[2 * i + 1])
+  local tau = tonumber(ARGV[2 * i + 2])
+  if t == 0 then
+    return {0, i, -1, 0}
+  end
+  local tat = ns
+  local stored = redis.call('GET', KEYS[i])
+  if stored then
+    tat = ((tonumber(string.sub(stored, 1, -10)) or 0) - sec) * BILLION
+      + tonumber(string.sub(stored, -9))
+    -- Never more in debt than this quota allows: the quota of an invoke bucket changes with
+    -- the adaptive rate. With a constant quota this never applies (TAT <= now + tau + T).
+    if tat > ns + tau + t then
+      tat = ns + tau + t
+    end
+  end
+  if ns < tat - tau then
+    return {0, i, tat - tau - ns, 0}
+  end
+  local nxt = math.max(tat, ns) + t
+  local remaining = math.floor((ns + tau + t - nxt) / t)
+  local ttl = math.max(math.ceil((nxt - ns) / 1000000), min_ttl, 1)
+  local value = string.format('%d%09d', sec + math.floor(nxt / BILLION), nxt % BILLION)
+  redis.call('SET', KEYS[i], value, 'PX', ttl)
+  result = {1, i, remaining, nxt - ns}
+end
+return result

@@ -116,17 +116,20 @@ impl StateStore for CellStore {
 /// capped layer cannot insert past `max`; the count is exact whenever no check or reclaim is
 /// in flight. One atomic rather than summing `DashMap::len` (which read-locks every shard)
 /// keeps the cap check on the insert path O(1).
+///
+/// `max` can change (a reload's new `max_keys`): lowering it below `used` only stops new
+/// keys until reclaim brings `used` down; it never evicts a tracked key.
 #[derive(Debug)]
 pub(crate) struct KeyBudget {
     used: AtomicUsize,
-    max: usize,
+    max: AtomicUsize,
 }
 
 impl KeyBudget {
     pub(crate) fn new(max: usize) -> KeyBudget {
         KeyBudget {
             used: AtomicUsize::new(0),
-            max,
+            max: AtomicUsize::new(max),
         }
     }
 
@@ -134,13 +137,18 @@ impl KeyBudget {
         self.used.load(Ordering::Relaxed)
     }
 
+    pub(crate) fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
     /// Takes a slot if one is free. `Relaxed` suffices: the counter guards no other memory,
     /// and `fetch_update` is a CAS loop, so two racing reservations cannot both take the
     /// last slot.
     fn try_reserve(&self) -> bool {
+        let max = self.max.load(Ordering::Relaxed);
         self.used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
-                (used < self.max).then_some(used + 1)
+                (used < max).then_some(used + 1)
             })
             .is_ok()
     }
@@ -253,6 +261,14 @@ impl StateStore for KeyStore {
                 measure_and_replace_cell(&cell, probe, f)
             }
         }
+    }
+}
+
+/// A layer dropped by a reload gives its keys' slots back to the budget it shares with the
+/// layers that remain. Dropping is exclusive access, so no check can insert meanwhile.
+impl Drop for KeyStore {
+    fn drop(&mut self) {
+        self.budget.release(self.map.len());
     }
 }
 

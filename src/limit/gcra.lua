@@ -31,6 +31,18 @@ end
 
 local BILLION = 1000000000
 
+-- floor(a / b) for integers a >= 0, b > 0, exactly: the division of two doubles is rounded,
+-- and near an integer that rounding can cross it.
+local function idiv(a, b)
+  local q = math.floor(a / b)
+  if q * b > a then
+    q = q - 1
+  elseif (q + 1) * b <= a then
+    q = q + 1
+  end
+  return q
+end
+
 local sec, ns
 if ARGV[1] == '' then
   local t = redis.call('TIME')
@@ -64,9 +76,10 @@ for i = 1, #KEYS do
     return {0, i, tat - tau - ns, 0}
   end
   local nxt = math.max(tat, ns) + t
-  local remaining = math.floor((ns + tau + t - nxt) / t)
-  local ttl = math.max(math.ceil((nxt - ns) / 1000000), min_ttl, 1)
-  local value = string.format('%d%09d', sec + math.floor(nxt / BILLION), nxt % BILLION)
+  local remaining = idiv(ns + tau + t - nxt, t)
+  local ttl = math.max(idiv(nxt - ns + 999999, 1000000), min_ttl, 1)
+  local whole = idiv(nxt, BILLION)
+  local value = string.format('%d%09d', sec + whole, nxt - whole * BILLION)
   redis.call('SET', KEYS[i], value, 'PX', ttl)
   result = {1, i, remaining, nxt - ns}
 end

@@ -23,7 +23,10 @@ use crate::limit::{Admission, AdmissionLayer, Admitted, ClientKey, DefaultClock}
 /// The answer when the app behind a request is gone. The listener holds a strong
 /// reference to the app for the whole request, so this is a guard, not a path.
 fn gone() -> Response {
-    respond::unavailable("the configuration was just reloaded; retry", Duration::from_secs(1))
+    respond::unavailable(
+        "the configuration was just reloaded; retry",
+        Duration::from_secs(1),
+    )
 }
 
 /// The data-plane router of one [`App`] (rebuilt on reload). The app is reached through a

@@ -94,6 +94,8 @@ pub fn shed(scope: ShedScope, wait: Duration, policy: Option<Quota>) -> Response
         StatusCode::TOO_MANY_REQUESTS,
         serde_json::to_vec(&body).expect("plain struct"),
     );
+    // The metrics layer reads the scope from here: the body is already serialized.
+    response.extensions_mut().insert(scope);
     let secs = retry_after_secs(wait);
     let headers = response.headers_mut();
     headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -323,5 +325,9 @@ mod tests {
         assert_eq!(h["retry-after"], "1");
         assert_eq!(h["ratelimit-policy"], "\"key\";q=20;w=2");
         assert_eq!(h["ratelimit"], "\"key\";r=0;t=1");
+        assert_eq!(
+            response.extensions().get::<ShedScope>(),
+            Some(&ShedScope::Limit(Scope::Key))
+        );
     }
 }

@@ -1,0 +1,512 @@
+//! The Redis backend: token buckets shared by every replica (`[limits] backend = "redis"`).
+//!
+//! # Semantics
+//!
+//! One Lua script (`gcra.lua`, loaded once and run with `EVALSHA` through [`redis::Script`])
+//! holds the same GCRA as the local engine, in the same integer nanoseconds: period
+//! `T = ceil(1e9 / rate)` ns, tolerance `tau = T × (burst − 1)`, state = the bucket's
+//! theoretical arrival time. For the same request sequence at the same instants it gives the
+//! local engine's decisions, `remaining`, `reset` and `wait`, exactly (a property test in
+//! `redis_tests.rs` drives both with one logical clock). One script call checks every bucket
+//! of a request in order — global → route → key — atomically, and stops at the first refusal:
+//! the buckets before it keep the token they gave, as in API Gateway and as the local engine
+//! does, and the refusing bucket is not written. So a request costs **one round trip**
+//! whatever the number of layers.
+//!
+//! - **Time** is the Redis server's (`TIME` inside the script), so replicas' clocks never
+//!   matter; `wait` and `reset` are measured from that instant. The reply reaches the replica
+//!   a little later, so a client that waits `wait` from receiving its answer waits at least
+//!   the exact time: never early.
+//! - **Keys** are `<prefix>:g:<T>:<burst>` (global), `<prefix>:r:<T>:<burst>:<route>`,
+//!   `<prefix>:k:<T>:<burst>:<client key>` and `<prefix>:i:<function>` (invoke rate), where
+//!   `<prefix>` is `sluicegate:v1` by default. Admission buckets are named after their quota,
+//!   so a changed quota starts a fresh, full bucket — as [`Admission::reconfigured`] does
+//!   locally — and replicas briefly running different configs do not misread each other's
+//!   state. Invoke buckets are named after the function only, because the adaptive rate
+//!   changes their quota continuously; the script caps a bucket's debt at what the quota of
+//!   the call allows, so a lowered rate takes effect at once and a raised one does not
+//!   inherit a larger debt.
+//! - **Memory**: every write sets an expiry at the instant the bucket is full again, when it
+//!   is indistinguishable from no key at all. A key therefore lives at most its refill time
+//!   (`burst / rate`) after its last admitted request, and a refused request writes nothing:
+//!   keys sprayed at the key layer cost at most (rate the upper layers admit) × refill time.
+//!   `limits.max_keys` bounds the local engine (the fallback), not Redis.
+//!
+//! # Concurrency
+//!
+//! Every replica talks to Redis through one [`ConnectionManager`]: a single multiplexed
+//! connection that concurrent requests share, so their script calls are written back to back
+//! and their replies matched in order — pipelined, not one round trip after another. Redis
+//! runs each script atomically, so two replicas can never both take a bucket's last token.
+//! The connection manager reconnects by itself after the connection drops.
+//!
+//! # When Redis fails
+//!
+//! Every call has a deadline (`limits.redis_timeout`, 50 ms by default). A call that fails or
+//! misses it marks the backend **down**: the `sluicegate_limit_backend_up` gauge drops to 0
+//! and one warning is logged (one per transition, never per request); every failed call
+//! counts in `sluicegate_limit_backend_errors_total`. While down, no request talks to Redis
+//! at all — each one is decided at once by the `on_backend_error` policy ([`Fallback`]), so
+//! none waits on a dead Redis, even for the deadline. A background probe runs the script
+//! (with no buckets) every 250 ms; its first success marks the backend up again (gauge 1,
+//! one log line) and requests go back to the shared buckets. A restarted Redis is empty: its
+//! buckets start full, and the script is loaded again on first use (`EVALSHA` falls back to
+//! `SCRIPT LOAD`).
+//!
+//! [`Admission::reconfigured`]: super::Admission::reconfigured
+
+use std::fmt::Display;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+
+use super::{Decision, Quota, CLOSED_WAIT};
+
+/// The script, loaded once per connection and then run by its SHA1 (`EVALSHA`).
+const GCRA_LUA: &str = include_str!("gcra.lua");
+
+/// The key prefix unless [`RedisOptions::prefix`] says otherwise; `v1` names the state
+/// encoding, so a future change of it cannot misread old keys.
+pub const DEFAULT_PREFIX: &str = "sluicegate:v1";
+
+/// The default deadline of one call to Redis (`limits.redis_timeout`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// How often a down backend is probed.
+pub const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// The deadline of one probe (off the request path, so longer than a call's).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The deadline of one connection attempt.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The wait reported for requests refused by [`Fallback::Deny`]: about when the next probes
+/// will have told whether Redis is back.
+pub const DENY_WAIT: Duration = Duration::from_secs(1);
+
+/// With a logical clock (tests), keys live at least this long: Redis expires them on its own
+/// clock, which may run ahead of the logical one.
+const LOGICAL_MIN_TTL_MS: u64 = 600_000;
+
+/// What to do while Redis cannot be reached (`limits.on_backend_error`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    /// Decide with this replica's local buckets, which apply the **configured** limits: each
+    /// replica admits up to the full limits on its own, so N replicas falling back together
+    /// may admit up to N× the shared limits until Redis returns. The local buckets were idle
+    /// while Redis answered, so they start full.
+    Local,
+    /// Admit every request (invoke tokens are granted) until Redis returns.
+    Allow,
+    /// Refuse every request (`429`, scope `global`, `Retry-After: 1`), and hold invokes back,
+    /// until Redis returns.
+    Deny,
+}
+
+impl Fallback {
+    /// The name used in the config and the logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fallback::Local => "local",
+            Fallback::Allow => "allow",
+            Fallback::Deny => "deny",
+        }
+    }
+}
+
+/// How to reach Redis and what to do when it cannot be reached.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RedisOptions {
+    /// `redis://[user:password@]host[:port][/db]` (or `rediss://` where TLS is built in).
+    pub url: String,
+    /// Deadline of one call; past it the backend is down and the fallback decides.
+    pub timeout: Duration,
+    /// The `on_backend_error` policy.
+    pub fallback: Fallback,
+    /// Prefix of every key (default [`DEFAULT_PREFIX`]).
+    pub prefix: String,
+}
+
+impl RedisOptions {
+    /// Options for `url` with the defaults: 50 ms deadline, local fallback, default prefix.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisOptions {
+            url: url.into(),
+            timeout: DEFAULT_TIMEOUT,
+            fallback: Fallback::Local,
+            prefix: DEFAULT_PREFIX.to_owned(),
+        }
+    }
+}
+
+/// The backend could not decide (down, failed, or too slow); the caller applies the
+/// [`Fallback`] policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the Redis backend is unavailable")]
+pub struct Unavailable;
+
+/// A bucket's GCRA parameters in nanoseconds, as the script takes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Gcra {
+    /// `T`: nanoseconds per token; 0 for a closed layer.
+    pub(crate) period: u64,
+    /// `tau = T × (burst − 1)`.
+    pub(crate) tau: u64,
+}
+
+impl Gcra {
+    /// governor's parameters for `quota` (the same rounding as the local engine).
+    pub(crate) fn of(quota: Quota) -> Gcra {
+        match quota.gcra() {
+            Some(q) => {
+                let period = (q.replenish_interval().as_nanos() as u64).max(1);
+                let tau = period.saturating_mul(u64::from(q.burst_size().get() - 1));
+                Gcra { period, tau }
+            }
+            None => Gcra { period: 0, tau: 0 },
+        }
+    }
+}
+
+/// One bucket of a script call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BucketRef<'a> {
+    pub(crate) key: &'a str,
+    pub(crate) gcra: Gcra,
+}
+
+/// The script's answer: the deciding bucket (0-based: the refusing one, or the last one when
+/// admitted) and its decision.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Verdict {
+    pub(crate) bucket: usize,
+    pub(crate) decision: Decision,
+}
+
+/// A connection to the Redis that holds the shared buckets, with its health. Cheap to clone;
+/// clones share the connection and the health state.
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    script: Script,
+    options: RedisOptions,
+    /// `host:port/db` without credentials, for logs.
+    addr: String,
+    /// Whether requests use Redis. Only transitions are acted on (logged, gauged), and
+    /// `swap` makes each one happen exactly once however many requests race to it. The flag
+    /// guards no other memory, so `Relaxed` suffices.
+    up: AtomicBool,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("addr", &self.inner.addr)
+            .field("up", &self.is_up())
+            .field("fallback", &self.inner.options.fallback)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackend {
+    /// Sets up the connection and probes Redis once (for at most a second).
+    ///
+    /// Fails only for a URL that cannot be used. An unreachable Redis is not an error: the
+    /// backend starts down — the fallback policy applies, and a warning says so — and comes up
+    /// by itself when Redis answers. Must run inside a Tokio runtime (it spawns the probe).
+    pub async fn connect(options: RedisOptions) -> Result<RedisBackend, redis::RedisError> {
+        let client = redis::Client::open(options.url.as_str())?;
+        // Reconnection runs in the background (requests never wait for it: the backend is
+        // down meanwhile). Short, capped backoff, so a restarted Redis is found within about
+        // a second; our own deadline on every call replaces the response timeout.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(None)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500))
+            .set_number_of_retries(4);
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let backend = RedisBackend {
+            inner: Arc::new(Inner {
+                conn,
+                script: Script::new(GCRA_LUA),
+                addr: redact(&options.url),
+                options,
+                up: AtomicBool::new(false),
+            }),
+        };
+        metrics::gauge!("sluicegate_limit_backend_up").set(0.0);
+        if backend.probe().await {
+            tracing::info!(
+                redis = %backend.inner.addr,
+                "admission and invoke-rate limits are shared through Redis"
+            );
+        } else {
+            tracing::warn!(
+                redis = %backend.inner.addr,
+                on_backend_error = backend.fallback().as_str(),
+                "Redis is unreachable at start-up: applying on_backend_error until it answers"
+            );
+        }
+        tokio::spawn(probe_while_down(Arc::downgrade(&backend.inner)));
+        Ok(backend)
+    }
+
+    /// Whether requests currently use Redis (false while the fallback policy applies).
+    pub fn is_up(&self) -> bool {
+        self.inner.up.load(Ordering::Relaxed)
+    }
+
+    /// The `on_backend_error` policy.
+    pub fn fallback(&self) -> Fallback {
+        self.inner.options.fallback
+    }
+
+    /// The options this backend was connected with.
+    pub fn options(&self) -> &RedisOptions {
+        &self.inner.options
+    }
+
+    /// Key of a layer bucket: `<prefix>:<kind>:<T>:<burst>:<name>` (see the module docs).
+    pub(crate) fn layer_key(&self, kind: char, quota: Quota, name: &str) -> String {
+        let gcra = Gcra::of(quota);
+        format!(
+            "{}:{kind}:{}:{}:{name}",
+            self.inner.options.prefix, gcra.period, quota.burst
+        )
+    }
+
+    /// Key of a function's invoke-rate bucket.
+    pub(crate) fn invoke_key(&self, function: &str) -> String {
+        format!("{}:i:{function}", self.inner.options.prefix)
+    }
+
+    /// Takes a token from the single bucket `key` with `quota`: one round trip.
+    ///
+    /// The decision is the local engine's for the same bucket (`remaining`, `reset` and
+    /// `wait` exact). `Err` when Redis is down, fails or is slower than the deadline: apply
+    /// [`fallback`](Self::fallback).
+    pub async fn take(&self, key: &str, quota: Quota) -> Result<Decision, Unavailable> {
+        let bucket = BucketRef {
+            key,
+            gcra: Gcra::of(quota),
+        };
+        Ok(self.eval(&[bucket], None).await?.decision)
+    }
+
+    /// Runs the script over `buckets` in order. `now` replaces the server's clock (ns since
+    /// the Unix epoch) for tests that drive Redis and the local engine with one logical clock.
+    ///
+    /// Cancel-safety: dropping the future after the command was written leaves the script
+    /// running in Redis; the tokens it takes are then spent for nothing (never an extra
+    /// admission).
+    pub(crate) async fn eval(
+        &self,
+        buckets: &[BucketRef<'_>],
+        now: Option<Duration>,
+    ) -> Result<Verdict, Unavailable> {
+        if !self.is_up() {
+            return Err(Unavailable);
+        }
+        let mut call = self.inner.script.prepare_invoke();
+        for bucket in buckets {
+            call.key(bucket.key);
+        }
+        match now {
+            Some(now) => call.arg(now.as_nanos().to_string()).arg(LOGICAL_MIN_TTL_MS),
+            None => call.arg("").arg(0u64),
+        };
+        for bucket in buckets {
+            call.arg(bucket.gcra.period).arg(bucket.gcra.tau);
+        }
+        let mut conn = self.inner.conn.clone();
+        let reply = tokio::time::timeout(
+            self.inner.options.timeout,
+            call.invoke_async::<(i64, i64, i64, i64)>(&mut conn),
+        )
+        .await;
+        match reply {
+            Ok(Ok(reply)) => match verdict(reply, buckets.len()) {
+                Some(verdict) => Ok(verdict),
+                None => {
+                    self.failed(format_args!("unexpected script reply {reply:?}"));
+                    Err(Unavailable)
+                }
+            },
+            Ok(Err(e)) => {
+                self.failed(e);
+                Err(Unavailable)
+            }
+            Err(_elapsed) => {
+                self.failed(format_args!(
+                    "no answer within limits.redis_timeout ({:?})",
+                    self.inner.options.timeout
+                ));
+                Err(Unavailable)
+            }
+        }
+    }
+
+    /// Runs the script with no bucket: Redis answers, and the script is loaded. Marks the
+    /// backend up on success.
+    async fn probe(&self) -> bool {
+        let mut call = self.inner.script.prepare_invoke();
+        call.arg("").arg(0u64);
+        let mut conn = self.inner.conn.clone();
+        let timeout = PROBE_TIMEOUT.max(self.inner.options.timeout);
+        match tokio::time::timeout(timeout, call.invoke_async::<redis::Value>(&mut conn)).await {
+            Ok(Ok(_)) => {
+                if !self.inner.up.swap(true, Ordering::Relaxed) {
+                    metrics::gauge!("sluicegate_limit_backend_up").set(1.0);
+                }
+                true
+            }
+            Ok(Err(e)) => {
+                metrics::counter!("sluicegate_limit_backend_errors_total").increment(1);
+                tracing::debug!(redis = %self.inner.addr, error = %e, "Redis probe failed");
+                false
+            }
+            Err(_elapsed) => {
+                metrics::counter!("sluicegate_limit_backend_errors_total").increment(1);
+                tracing::debug!(redis = %self.inner.addr, "Redis probe timed out");
+                false
+            }
+        }
+    }
+
+    /// A call failed: count it, and on the up → down transition log it once.
+    fn failed(&self, error: impl Display) {
+        metrics::counter!("sluicegate_limit_backend_errors_total").increment(1);
+        if self.inner.up.swap(false, Ordering::Relaxed) {
+            metrics::gauge!("sluicegate_limit_backend_up").set(0.0);
+            tracing::warn!(
+                redis = %self.inner.addr,
+                error = %error,
+                on_backend_error = self.fallback().as_str(),
+                "Redis backend down: shared limits unavailable, applying on_backend_error"
+            );
+        }
+    }
+}
+
+/// Probes every [`PROBE_EVERY`] while the backend is down; ends when the backend is dropped.
+/// Holds only a weak reference between probes, so it never keeps a backend alive.
+async fn probe_while_down(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let backend = RedisBackend { inner };
+        if !backend.is_up() && backend.probe().await {
+            tracing::info!(
+                redis = %backend.inner.addr,
+                "Redis backend up again: shared limits restored"
+            );
+        }
+    }
+}
+
+/// Checks and converts the script's `{admitted, bucket, a, b}` reply.
+fn verdict((admitted, bucket, a, b): (i64, i64, i64, i64), buckets: usize) -> Option<Verdict> {
+    let index = usize::try_from(bucket).ok()?.checked_sub(1)?;
+    if index >= buckets {
+        return None;
+    }
+    let decision = match admitted {
+        1 => Decision::Allowed {
+            remaining: u32::try_from(a).ok()?,
+            reset: Duration::from_nanos(u64::try_from(b).ok()?),
+        },
+        0 if a < 0 => Decision::Limited { wait: CLOSED_WAIT },
+        0 => Decision::Limited {
+            wait: Duration::from_nanos(u64::try_from(a).ok()?),
+        },
+        _ => return None,
+    };
+    Some(Verdict {
+        bucket: index,
+        decision,
+    })
+}
+
+/// The URL without credentials: `redis://user:secret@host:6379/0` → `host:6379/0`.
+fn redact(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    rest.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gcra_parameters_match_the_local_engines_rounding() {
+        assert_eq!(
+            Gcra::of(Quota {
+                rate: 3.0,
+                burst: 4
+            }),
+            Gcra {
+                period: 333_333_334,
+                tau: 3 * 333_333_334
+            }
+        );
+        assert_eq!(
+            Gcra::of(Quota {
+                rate: 0.0,
+                burst: 4
+            }),
+            Gcra { period: 0, tau: 0 }
+        );
+        assert_eq!(
+            Gcra::of(Quota {
+                rate: 5.0,
+                burst: 0
+            })
+            .period,
+            0
+        );
+    }
+
+    #[test]
+    fn replies_are_checked_before_they_are_trusted() {
+        let allowed = verdict((1, 3, 7, 1_500), 3).expect("valid");
+        assert_eq!(
+            allowed,
+            Verdict {
+                bucket: 2,
+                decision: Decision::Allowed {
+                    remaining: 7,
+                    reset: Duration::from_nanos(1_500)
+                }
+            }
+        );
+        assert_eq!(
+            verdict((0, 1, -1, 0), 3).expect("valid").decision,
+            Decision::Limited { wait: CLOSED_WAIT }
+        );
+        assert_eq!(verdict((0, 4, 10, 0), 3), None);
+        assert_eq!(verdict((0, 0, 10, 0), 3), None);
+        assert_eq!(verdict((2, 1, 10, 0), 3), None);
+        assert_eq!(verdict((1, 1, -5, 0), 3), None);
+    }
+
+    #[test]
+    fn logged_addresses_carry_no_credentials() {
+        assert_eq!(redact("redis://:s3cret@cache:6380/2"), "cache:6380/2");
+        assert_eq!(redact("redis://user:pw@h"), "h");
+        assert_eq!(redact("redis://127.0.0.1:6379"), "127.0.0.1:6379");
+    }
+}

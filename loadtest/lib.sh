@@ -25,7 +25,8 @@ as_root() {
 
 ensure_oha() {
     export PATH="$HOME/.cargo/bin:$PATH"
-    command -v oha >/dev/null && return
+    # --output-format json and --db-url need a recent oha (1.x); reinstall an old one.
+    command -v oha >/dev/null && oha --help 2>/dev/null | grep -q -- '--output-format' && return
     log "installing oha (cargo install oha --locked)"
     cargo install oha --locked >&2 || die "cargo install oha failed"
 }
@@ -151,7 +152,14 @@ start_static429() {
 
 # Every generator runs under `timeout`, so even a wedged target cannot hold the run:
 # the limit is the run's own duration plus a minute.
-bounded() { timeout --kill-after=5 "$((DURATION + 60))" "$@"; }
+# It runs in the background and is waited for, so a signal to run.sh is handled at once
+# (bash defers traps while a foreground child runs) and stop_all can end it.
+bounded() {
+    timeout --kill-after=5 "$((DURATION + 60))" "$@" &
+    local pid=$!
+    STARTED_PIDS+=("$pid")
+    wait "$pid"
+}
 
 # run_oha SCENARIO LABEL URL OHA_ARGS... : one oha run of DURATION seconds.
 # Writes raw/SCENARIO/LABEL.json (oha's JSON) and, with OHA_DB=1 when this oha can,

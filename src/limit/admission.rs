@@ -1,8 +1,11 @@
-//! The layered admission decision: global → route → key.
+//! The layered admission decision: global → route → key, locally or through Redis.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use governor::clock::Clock;
@@ -11,6 +14,7 @@ use super::bucket::Bucket;
 use super::clock::DefaultClock;
 use super::engine::KeyBudget;
 use super::keyed::KeyedBuckets;
+use super::redis::{BucketRef, Fallback, Gcra, RedisBackend, DENY_WAIT};
 use super::{Decision, Quota, Scope};
 
 /// A usage plan: API keys that each get a bucket with this quota.
@@ -80,28 +84,112 @@ pub struct Rejected {
 
 struct Route<C: Clock> {
     name: String,
-    bucket: Option<Bucket<C>>,
+    bucket: Option<Arc<Bucket<C>>>,
 }
 
 /// All admission layers of one proxy: shared by every request (behind an `Arc`), lock-free
 /// for the unkeyed layers and shard-locked for keyed ones.
+///
+/// Layers are held by `Arc` so that [`reconfigured`](Self::reconfigured) can hand a layer
+/// whose quota did not change to the new `Admission` as it is: both then draw from the same
+/// bucket, so requests still in flight on the old one and new requests on the new one are
+/// counted together, and no token is lost or minted by a reload.
 pub struct Admission<C: Clock = DefaultClock> {
-    global: Option<Bucket<C>>,
+    global: Option<Arc<Bucket<C>>>,
     routes: Vec<Route<C>>,
     /// Exact API key → index into `plans`. Keyed by the full string, not its hash, so a
     /// hash collision can never grant a plan.
     plan_of: HashMap<Box<str>, usize, ahash::RandomState>,
-    plans: Vec<(String, KeyedBuckets<C>)>,
+    plans: Vec<(String, Arc<KeyedBuckets<C>>)>,
     /// Keys without a plan; owns the overflow bucket.
-    default: KeyedBuckets<C>,
+    default: Arc<KeyedBuckets<C>>,
     budget: Arc<KeyBudget>,
-    /// Hashes client keys for every keyed layer; seeded randomly per process.
+    /// Hashes client keys for every keyed layer; seeded randomly per process, and handed on
+    /// by `reconfigured` because carried-over layers are keyed by these hashes.
     hasher: ahash::RandomState,
     overflowed: AtomicU64,
+    clock: C,
+    /// With `backend = "redis"`: the same layers as Redis buckets. The local layers above
+    /// are then the fallback (`on_backend_error = "local"`).
+    shared: Option<Shared>,
+}
+
+/// The admission layers as Redis buckets: key names (for the key layers, the prefix to which
+/// the client key is appended) and GCRA parameters, computed once.
+struct Shared {
+    backend: RedisBackend,
+    global: Option<SharedLayer>,
+    routes: Vec<Option<SharedLayer>>,
+    plans: Vec<SharedLayer>,
+    default: SharedLayer,
+}
+
+struct SharedLayer {
+    key: String,
+    gcra: Gcra,
+}
+
+impl Shared {
+    fn new(
+        backend: RedisBackend,
+        global: Option<Quota>,
+        routes: &[(String, Option<Quota>)],
+        plans: &[(String, Quota)],
+        default: Quota,
+    ) -> Shared {
+        let layer = |kind, quota: Quota, name: &str| SharedLayer {
+            key: backend.layer_key(kind, quota, name),
+            gcra: Gcra::of(quota),
+        };
+        Shared {
+            global: global.map(|q| layer('g', q, "")),
+            routes: routes
+                .iter()
+                .map(|(name, quota)| quota.map(|q| layer('r', q, name)))
+                .collect(),
+            // Keys of every plan with the same quota share one namespace: a key is in at
+            // most one plan, and the same bucket whatever the plan's name.
+            plans: plans.iter().map(|(_, q)| layer('k', *q, "")).collect(),
+            default: layer('k', default, ""),
+            backend,
+        }
+    }
+}
+
+/// The answer of [`Admission::admit`]: ready at once from the local engine, or after one
+/// round trip to Redis. A future either way; the Tower layer looks inside to keep the local
+/// path free of allocation.
+pub enum Admit {
+    /// Decided locally (or without Redis): `Some` until polled.
+    Ready(Option<Result<Admitted, Rejected>>),
+    /// Waiting for Redis; never longer than `limits.redis_timeout`.
+    Pending(Pin<Box<dyn Future<Output = Result<Admitted, Rejected>> + Send>>),
+}
+
+impl Future for Admit {
+    type Output = Result<Admitted, Rejected>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Admit::Ready(decision) => {
+                Poll::Ready(decision.take().expect("Admit polled after it completed"))
+            }
+            Admit::Pending(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl std::fmt::Debug for Admit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Admit::Ready(decision) => f.debug_tuple("Ready").field(decision).finish(),
+            Admit::Pending(_) => f.write_str("Pending"),
+        }
+    }
 }
 
 impl<C: Clock + Clone> Admission<C> {
-    /// Builds every layer with full buckets.
+    /// Builds every layer with full buckets, decided locally.
     ///
     /// - `global`: the account/stage layer; `None` for none.
     /// - `routes`: `(route name, route layer)`, indexed by position in [`check`](Self::check).
@@ -116,38 +204,306 @@ impl<C: Clock + Clone> Admission<C> {
         clock: C,
     ) -> Self {
         let budget = Arc::new(KeyBudget::new(max_keys));
+        Admission::build(
+            global,
+            routes,
+            plans,
+            budget,
+            ahash::RandomState::new(),
+            clock,
+            |_| None,
+        )
+    }
+
+    /// The same layers, shared with every other replica through Redis (`backend = "redis"`).
+    ///
+    /// [`admit`](Self::admit) then decides in Redis, in one round trip, and applies
+    /// `backend`'s [`Fallback`] policy while Redis cannot be reached — with this `Admission`'s
+    /// local buckets for [`Fallback::Local`]. [`check`](Self::check) stays local.
+    pub fn with_backend(mut self, backend: RedisBackend) -> Self {
+        self.shared = Some(Shared::new(
+            backend,
+            self.global.as_ref().map(|b| b.quota()),
+            &self.route_quotas(),
+            &self.plan_quotas(),
+            self.default.quota(),
+        ));
+        self
+    }
+
+    /// The admission for a new configuration (a live reload), carrying over what did not
+    /// change.
+    ///
+    /// A layer whose quota is unchanged — the global layer, a route (matched by name), a plan
+    /// (matched by name), the `default` key layer — is the **same** bucket in the result, with
+    /// its current tokens and tracked keys; layers that are new or whose quota changed start
+    /// full. The key budget is shared too, with `max_keys` as its new bound (a lower bound
+    /// stops new keys until reclaim frees room; it evicts none), and the slots of dropped
+    /// layers come back when the old `Admission` is dropped. Plan membership is rebuilt from
+    /// `plans`. A Redis backend is kept; its buckets are named after their quotas, so there
+    /// too unchanged layers keep their state and changed ones start full.
+    ///
+    /// `self` stays usable: requests still in flight on it draw from the carried-over
+    /// buckets, so swapping the two loses or mints no token.
+    pub fn reconfigured(
+        &self,
+        global: Option<Quota>,
+        routes: Vec<(String, Option<Quota>)>,
+        plans: Plans,
+        max_keys: usize,
+    ) -> Admission<C> {
+        self.budget.set_max(max_keys);
+        let same = |old: &Quota, new: &Quota| old == new;
+        let mut result = Admission::build(
+            global,
+            routes,
+            plans,
+            Arc::clone(&self.budget),
+            self.hasher.clone(),
+            self.clock.clone(),
+            |layer| match layer {
+                Layer::Global(quota) => self
+                    .global
+                    .as_ref()
+                    .filter(|b| same(&b.quota(), quota))
+                    .map(|b| Reused::Bucket(Arc::clone(b))),
+                Layer::Route(name, quota) => self
+                    .routes
+                    .iter()
+                    .find(|r| r.name == name)
+                    .and_then(|r| r.bucket.as_ref())
+                    .filter(|b| same(&b.quota(), quota))
+                    .map(|b| Reused::Bucket(Arc::clone(b))),
+                Layer::Plan(name, quota) => self
+                    .plans
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .filter(|(_, layer)| same(&layer.quota(), quota))
+                    .map(|(_, layer)| Reused::Keyed(Arc::clone(layer))),
+                Layer::Default(quota) => Some(&self.default)
+                    .filter(|layer| same(&layer.quota(), quota))
+                    .map(|layer| Reused::Keyed(Arc::clone(layer))),
+            },
+        );
+        result
+            .overflowed
+            .store(self.overflowed.load(Ordering::Relaxed), Ordering::Relaxed);
+        match &self.shared {
+            Some(shared) => result.with_backend(shared.backend.clone()),
+            None => result,
+        }
+    }
+
+    /// Builds the layers, taking from `reuse` those it offers.
+    fn build(
+        global: Option<Quota>,
+        routes: Vec<(String, Option<Quota>)>,
+        plans: Plans,
+        budget: Arc<KeyBudget>,
+        hasher: ahash::RandomState,
+        clock: C,
+        reuse: impl Fn(Layer<'_>) -> Option<Reused<C>>,
+    ) -> Self {
+        let bucket = |layer: Layer<'_>, quota: Quota| match reuse(layer) {
+            Some(Reused::Bucket(bucket)) => bucket,
+            _ => Arc::new(Bucket::new(quota, clock.clone())),
+        };
+        let keyed = |layer: Layer<'_>, quota: Quota, capped: bool| match reuse(layer) {
+            Some(Reused::Keyed(keyed)) => keyed,
+            _ => Arc::new(KeyedBuckets::with_budget(
+                quota,
+                clock.clone(),
+                Arc::clone(&budget),
+                capped,
+            )),
+        };
         let mut plan_of = HashMap::with_hasher(ahash::RandomState::new());
         let mut plan_layers = Vec::with_capacity(plans.plans.len());
         for (index, plan) in plans.plans.into_iter().enumerate() {
             for key in plan.keys {
                 plan_of.entry(key.into_boxed_str()).or_insert(index);
             }
-            let layer =
-                KeyedBuckets::with_budget(plan.quota, clock.clone(), Arc::clone(&budget), false);
+            let layer = keyed(Layer::Plan(&plan.name, &plan.quota), plan.quota, false);
             plan_layers.push((plan.name, layer));
         }
         let routes = routes
             .into_iter()
             .map(|(name, quota)| Route {
+                bucket: quota.map(|q| bucket(Layer::Route(&name, &q), q)),
                 name,
-                bucket: quota.map(|q| Bucket::new(q, clock.clone())),
             })
             .collect();
         Admission {
-            global: global.map(|q| Bucket::new(q, clock.clone())),
+            global: global.map(|q| bucket(Layer::Global(&q), q)),
             routes,
             plan_of,
             plans: plan_layers,
-            default: KeyedBuckets::with_budget(plans.default, clock, Arc::clone(&budget), true),
+            default: keyed(Layer::Default(&plans.default), plans.default, true),
             budget,
-            hasher: ahash::RandomState::new(),
+            hasher,
             overflowed: AtomicU64::new(0),
+            clock,
+            shared: None,
+        }
+    }
+}
+
+/// A layer [`Admission::build`] is about to create, for `reconfigured` to match.
+enum Layer<'a> {
+    Global(&'a Quota),
+    Route(&'a str, &'a Quota),
+    Plan(&'a str, &'a Quota),
+    Default(&'a Quota),
+}
+
+/// A layer carried over by `reconfigured`.
+enum Reused<C: Clock> {
+    Bucket(Arc<Bucket<C>>),
+    Keyed(Arc<KeyedBuckets<C>>),
+}
+
+impl<C> Admission<C>
+where
+    C: Clock + Send + Sync + 'static,
+{
+    /// Admits or refuses one request on route number `route` for client `key`, with the
+    /// configured backend.
+    ///
+    /// Locally this is [`check`](Self::check), ready at once. With a Redis backend it is one
+    /// script call for all layers (same order, same semantics), or — when Redis is down,
+    /// fails or misses its deadline — the [`Fallback`] policy's answer.
+    pub fn admit(self: &Arc<Self>, route: usize, key: &str) -> Admit {
+        match &self.shared {
+            None => Admit::Ready(Some(self.check(route, key))),
+            Some(shared) if !shared.backend.is_up() => {
+                Admit::Ready(Some(self.fallback(shared, route, key)))
+            }
+            Some(_) => Admit::Pending(Box::pin(Arc::clone(self).check_shared(
+                route,
+                key.to_owned(),
+                None,
+            ))),
+        }
+    }
+
+    /// The Redis path of [`admit`](Self::admit); `now` replaces Redis' clock in tests.
+    pub(crate) async fn check_shared(
+        self: Arc<Self>,
+        route: usize,
+        key: String,
+        now: Option<Duration>,
+    ) -> Result<Admitted, Rejected> {
+        let shared = self
+            .shared
+            .as_ref()
+            .expect("check_shared is only called with a Redis backend");
+        let (layer, quota) = match self.plan_of.get(key.as_str()) {
+            Some(&index) => (&shared.plans[index], self.plans[index].1.quota()),
+            None => (&shared.default, self.default.quota()),
+        };
+        let key_bucket = format!("{}{key}", layer.key);
+        // At most three buckets, in the order the local engine checks them.
+        let mut buckets = Vec::with_capacity(3);
+        let mut scopes = Vec::with_capacity(3);
+        if let (Some(layer), Some(bucket)) = (&shared.global, &self.global) {
+            buckets.push(BucketRef {
+                key: &layer.key,
+                gcra: layer.gcra,
+            });
+            scopes.push((Scope::Global, bucket.quota()));
+        }
+        if let Some((Some(layer), Some(bucket))) = shared
+            .routes
+            .get(route)
+            .zip(self.routes.get(route))
+            .map(|(s, r)| (s.as_ref(), r.bucket.as_ref()))
+        {
+            buckets.push(BucketRef {
+                key: &layer.key,
+                gcra: layer.gcra,
+            });
+            scopes.push((Scope::Route, bucket.quota()));
+        }
+        buckets.push(BucketRef {
+            key: &key_bucket,
+            gcra: layer.gcra,
+        });
+        scopes.push((Scope::Key, quota));
+        match shared.backend.eval(&buckets, now).await {
+            Ok(verdict) => {
+                let (scope, quota) = scopes[verdict.bucket];
+                match verdict.decision {
+                    Decision::Allowed { remaining, reset } => Ok(Admitted {
+                        quota,
+                        remaining,
+                        reset,
+                    }),
+                    Decision::Limited { wait } => Err(Rejected { scope, quota, wait }),
+                }
+            }
+            Err(_unavailable) => self.fallback(shared, route, &key),
         }
     }
 }
 
 impl<C: Clock> Admission<C> {
-    /// Admits or refuses one request on route number `route` for client `key`.
+    /// The decision while Redis cannot be reached, by the backend's policy.
+    fn fallback(&self, shared: &Shared, route: usize, key: &str) -> Result<Admitted, Rejected> {
+        let policy = shared.backend.fallback();
+        metrics::counter!("sluicegate_limit_backend_fallbacks_total", "policy" => policy.as_str())
+            .increment(1);
+        match policy {
+            Fallback::Local => self.check(route, key),
+            Fallback::Allow => {
+                // No bucket was consulted: report the key layer as full.
+                let quota = self.key_quota(key);
+                Ok(Admitted {
+                    quota,
+                    remaining: quota.burst,
+                    reset: Duration::ZERO,
+                })
+            }
+            Fallback::Deny => Err(Rejected {
+                scope: Scope::Global,
+                quota: self
+                    .global
+                    .as_ref()
+                    .map_or_else(|| self.key_quota(key), |b| b.quota()),
+                wait: DENY_WAIT,
+            }),
+        }
+    }
+
+    fn key_quota(&self, key: &str) -> Quota {
+        match self.plan_of.get(key) {
+            Some(&index) => self.plans[index].1.quota(),
+            None => self.default.quota(),
+        }
+    }
+
+    fn route_quotas(&self) -> Vec<(String, Option<Quota>)> {
+        self.routes
+            .iter()
+            .map(|r| (r.name.clone(), r.bucket.as_ref().map(|b| b.quota())))
+            .collect()
+    }
+
+    fn plan_quotas(&self) -> Vec<(String, Quota)> {
+        self.plans
+            .iter()
+            .map(|(name, layer)| (name.clone(), layer.quota()))
+            .collect()
+    }
+
+    /// The Redis backend, with `backend = "redis"`.
+    pub fn backend(&self) -> Option<&RedisBackend> {
+        self.shared.as_ref().map(|s| &s.backend)
+    }
+}
+
+impl<C: Clock> Admission<C> {
+    /// Admits or refuses one request on route number `route` for client `key`, with the
+    /// **local** engine (whatever the backend: this is also the `local` fallback).
     ///
     /// Layers are checked in order global → route → key, and the first refusal is returned.
     /// Tokens taken by the layers above a refusing one are not given back, as in API Gateway.
@@ -228,13 +584,13 @@ impl<C: Clock> Admission<C> {
 impl<C: Clock> std::fmt::Debug for Admission<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Admission")
-            .field("global", &self.global.as_ref().map(Bucket::quota))
+            .field("global", &self.global.as_ref().map(|b| b.quota()))
             .field(
                 "routes",
                 &self
                     .routes
                     .iter()
-                    .map(|r| (&r.name, r.bucket.as_ref().map(Bucket::quota)))
+                    .map(|r| (&r.name, r.bucket.as_ref().map(|b| b.quota())))
                     .collect::<Vec<_>>(),
             )
             .field(
@@ -247,6 +603,7 @@ impl<C: Clock> std::fmt::Debug for Admission<C> {
             )
             .field("default", &self.default.quota())
             .field("tracked_keys", &self.tracked_keys())
+            .field("backend", &self.backend())
             .finish_non_exhaustive()
     }
 }

@@ -92,20 +92,24 @@ mod clock;
 mod engine;
 mod keyed;
 mod layer;
+pub mod redis;
 
 #[cfg(test)]
 mod props;
+#[cfg(test)]
+mod redis_tests;
 
 use std::num::NonZeroU32;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::admission::{Admission, Admitted, Plan, Plans, Rejected};
+pub use self::admission::{Admission, Admit, Admitted, Plan, Plans, Rejected};
 pub use self::bucket::Bucket;
 pub use self::clock::{DefaultClock, TokioClock, TokioInstant};
 pub use self::keyed::KeyedBuckets;
 pub use self::layer::{AdmissionLayer, AdmissionService, ClientKey, ResponseFuture, ANONYMOUS_KEY};
+pub use self::redis::{Fallback, RedisBackend, RedisOptions};
 
 /// The wait reported by a closed layer (`rate = 0` or `burst = 0`): one hour.
 ///

@@ -2,7 +2,7 @@
 //!
 //! # Semantics
 //!
-//! One Lua script (`gcra.lua`, loaded once and run with `EVALSHA` through [`redis::Script`])
+//! One Lua script (`gcra.lua`, loaded once and run with `EVALSHA` through [`Script`])
 //! holds the same GCRA as the local engine, in the same integer nanoseconds: period
 //! `T = ceil(1e9 / rate)` ns, tolerance `tau = T × (burst − 1)`, state = the bucket's
 //! theoretical arrival time. For the same request sequence at the same instants it gives the
@@ -60,8 +60,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::Script;
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::Script;
 
 use super::{Decision, Quota, CLOSED_WAIT};
 
@@ -222,8 +222,8 @@ impl RedisBackend {
     /// Fails only for a URL that cannot be used. An unreachable Redis is not an error: the
     /// backend starts down — the fallback policy applies, and a warning says so — and comes up
     /// by itself when Redis answers. Must run inside a Tokio runtime (it spawns the probe).
-    pub async fn connect(options: RedisOptions) -> Result<RedisBackend, redis::RedisError> {
-        let client = redis::Client::open(options.url.as_str())?;
+    pub async fn connect(options: RedisOptions) -> Result<RedisBackend, ::redis::RedisError> {
+        let client = ::redis::Client::open(options.url.as_str())?;
         // Reconnection runs in the background (requests never wait for it: the backend is
         // down meanwhile). Short, capped backoff, so a restarted Redis is found within about
         // a second; our own deadline on every call replaces the response timeout.
@@ -362,7 +362,7 @@ impl RedisBackend {
         call.arg("").arg(0u64);
         let mut conn = self.inner.conn.clone();
         let timeout = PROBE_TIMEOUT.max(self.inner.options.timeout);
-        match tokio::time::timeout(timeout, call.invoke_async::<redis::Value>(&mut conn)).await {
+        match tokio::time::timeout(timeout, call.invoke_async::<::redis::Value>(&mut conn)).await {
             Ok(Ok(_)) => {
                 if !self.inner.up.swap(true, Ordering::Relaxed) {
                     metrics::gauge!("sluicegate_limit_backend_up").set(1.0);

@@ -254,7 +254,22 @@ invoke = { max_concurrency = 1 }"#,
                     .parse()
                     .unwrap();
                 assert!(retry_after >= 1);
-                assert!(response.headers().contains_key("ratelimit"));
+                assert_eq!(
+                    response.headers()["ratelimit-policy"]
+                        .to_str()
+                        .unwrap()
+                        .split(';')
+                        .next(),
+                    Some("\"queue\"")
+                );
+                assert!(response.headers()["ratelimit-policy"]
+                    .to_str()
+                    .unwrap()
+                    .contains(";q=2;"));
+                assert!(response.headers()["ratelimit"]
+                    .to_str()
+                    .unwrap()
+                    .starts_with("\"queue\";r=0;t="));
                 let body: Value = response.json().await.unwrap();
                 assert_eq!(body["error"], "rate_limited");
                 assert_eq!(body["scope"], "queue");
@@ -462,6 +477,10 @@ invoke_burst = 1
             .parse::<u64>()
             .unwrap()
             >= 1
+    );
+    assert_eq!(
+        response.headers()["ratelimit-policy"],
+        "\"upstream\";q=10;w=1"
     );
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["scope"], "upstream");

@@ -269,6 +269,14 @@ impl Batcher {
         Closer(Arc::clone(&self.closing))
     }
 
+    /// The queue as a rate-limit policy: capacity `max_pending`, refilled at the drain rate.
+    pub fn queue_policy(&self) -> crate::limit::Quota {
+        crate::limit::Quota {
+            rate: self.drain.rate(),
+            burst: u32::try_from(self.spec.max_pending).unwrap_or(u32::MAX),
+        }
+    }
+
     /// Records waiting in the queue (not yet taken into a batch).
     pub fn queue_depth(&self) -> usize {
         self.spec.max_pending - self.tx.capacity()

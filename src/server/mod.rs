@@ -98,6 +98,19 @@ struct Route {
     max_record_bytes: usize,
 }
 
+impl Route {
+    fn policies(&self) -> respond::Policies {
+        let gate = self.invoker.gate();
+        respond::Policies {
+            queue: self.batcher.queue_policy(),
+            upstream: crate::limit::Quota {
+                rate: gate.limits().rate,
+                burst: gate.config().burst,
+            },
+        }
+    }
+}
+
 /// Everything a request needs; replaced whole on reload.
 struct App {
     routes: Vec<Route>,

@@ -244,13 +244,13 @@ async fn record_response(app: &App, index: usize, request: Request) -> Response 
         .unwrap_or_else(|| ANONYMOUS.into());
     let ticket = match route.batcher.submit(&key, record, deadline) {
         Ok(ticket) => ticket,
-        Err(err) => return respond::record_error("-", err),
+        Err(err) => return respond::record_error("-", err, &route.policies()),
     };
     let id = Arc::clone(&ticket.id);
     tracing::Span::current().record("record", &*id);
     match tokio::time::timeout_at(deadline, ticket.outcome()).await {
         Ok(Ok(delivered)) => respond::delivered(&id, delivered),
-        Ok(Err(err)) => respond::record_error(&id, err),
+        Ok(Err(err)) => respond::record_error(&id, err, &route.policies()),
         Err(_elapsed) => respond::error(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",

@@ -126,8 +126,12 @@ pub fn rejected(rejected: Rejected) -> Response {
     )
 }
 
-/// Adds the key layer's `RateLimit-Policy` and `RateLimit` to an admitted response.
+/// Adds the key layer's `RateLimit-Policy` and `RateLimit` to an admitted response, unless
+/// a later stage already described its own scope (a queue or upstream `429`).
 pub fn add_admitted_headers(response: &mut Response, admitted: &Admitted) {
+    if response.headers().contains_key("ratelimit") {
+        return;
+    }
     let headers = response.headers_mut();
     headers.insert("ratelimit-policy", policy_field("key", admitted.quota));
     headers.insert(
@@ -197,16 +201,27 @@ pub fn delivered(id: &str, delivered: Delivered) -> Response {
 }
 
 /// A record that got no result, by kind.
-pub fn record_error(id: &str, err: RecordError) -> Response {
+/// The policies a route's non-admission `429`s report in `RateLimit-Policy`.
+#[derive(Clone, Copy, Debug)]
+pub struct Policies {
+    /// The queue: `q` = `max_pending`, refilled at the measured drain rate.
+    pub queue: Quota,
+    /// The function's invoke-rate bucket.
+    pub upstream: Quota,
+}
+
+pub fn record_error(id: &str, err: RecordError, policies: &Policies) -> Response {
     match err {
-        RecordError::QueueFull { retry_after } => shed(ShedScope::Queue, retry_after, None),
+        RecordError::QueueFull { retry_after } => {
+            shed(ShedScope::Queue, retry_after, Some(policies.queue))
+        }
         RecordError::Closed => unavailable("sluicegate is shutting down", Duration::from_secs(1)),
         RecordError::TooLarge { .. } => error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             err.to_string(),
         ),
-        RecordError::Invoke(failure) => invoke_failure(failure),
+        RecordError::Invoke(failure) => invoke_failure(failure, policies),
         RecordError::Function(e) => {
             #[derive(Serialize)]
             struct Body<'a> {
@@ -271,12 +286,12 @@ pub fn record_error(id: &str, err: RecordError) -> Response {
     }
 }
 
-fn invoke_failure(failure: InvokeFailure) -> Response {
+fn invoke_failure(failure: InvokeFailure, policies: &Policies) -> Response {
     match failure {
         InvokeFailure::Throttled { retry_after, .. } => shed(
             ShedScope::Upstream,
             retry_after.unwrap_or(Duration::from_secs(1)),
-            None,
+            Some(policies.upstream),
         ),
         InvokeFailure::TooLarge { .. } => error(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -9,7 +9,7 @@
 set -uo pipefail
 
 usage() {
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
     cat <<'EOF'
 
 Options:
@@ -328,7 +328,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 $LT record "$OUT/meta.jsonl" \
     started="$(date -Is)" scenarios="${SCENARIOS[*]}" duration_s="$DURATION" rounds="$ROUNDS" \
     quick="$QUICK" git="$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null)$(cd "$ROOT" && git diff --quiet 2>/dev/null || echo -dirty)" \
-    oha="$OHA_VERSION" wrk="$(wrk -v 2>&1 | head -n 1 | cut -c1-40)" \
+    oha="$OHA_VERSION" wrk="$(wrk -v 2>&1 | head -n 1 | awk "{print \$1, \$2}")" \
     nginx="$(nginx -v 2>&1 | cut -d/ -f2)" nproc="$(nproc)" \
     loadavg="$(cut -d' ' -f1-3 /proc/loadavg)" kernel="$(uname -r)" many_keys="$MANY_KEYS"
 

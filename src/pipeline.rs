@@ -1,14 +1,19 @@
 //! Assembling the routes: one [`Invoker`] (and so one gate) per function, one
 //! [`Batcher`] per route, one dead-letter sink per route that names one. Used by `serve`
 //! and by `dlq redrive`, so replays pass the same limits as live traffic.
+//!
+//! With `[limits] backend = "redis"` the pipeline also connects the [`RedisBackend`]
+//! ([`limit_backend`]): each function's gate takes its invoke-rate token from Redis, and the
+//! server hands the same backend (one connection, one health state) to admission.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::coalesce::{BatchSpec, Batcher};
-use crate::config::Config;
+use crate::config::{BackendErrorPolicy, Config, LimitBackend, LimitsConfig};
 use crate::dlq::DeadLetterSink;
 use crate::invoke::{Gate, GateConfig, Invoker};
+use crate::limit::{Fallback, RedisBackend, RedisOptions};
 
 /// One route, ready to take records.
 pub struct RouteHandle {
@@ -20,6 +25,33 @@ pub struct RouteHandle {
 /// Every route of a config, in config order.
 pub struct Pipeline {
     pub routes: Vec<RouteHandle>,
+    /// The shared-limits backend, with `[limits] backend = "redis"`; admission uses it too.
+    pub limit_backend: Option<RedisBackend>,
+}
+
+/// Connects the backend `[limits]` asks for: `None` for `local`.
+///
+/// An unreachable Redis does not fail this (the backend starts down and the
+/// `on_backend_error` policy applies until Redis answers); only an unusable `redis_url` does.
+pub async fn limit_backend(limits: &LimitsConfig) -> std::io::Result<Option<RedisBackend>> {
+    if limits.backend == LimitBackend::Local {
+        return Ok(None);
+    }
+    let options = RedisOptions {
+        timeout: limits.redis_timeout,
+        fallback: match limits.on_backend_error {
+            BackendErrorPolicy::Local => Fallback::Local,
+            BackendErrorPolicy::Allow => Fallback::Allow,
+            BackendErrorPolicy::Deny => Fallback::Deny,
+        },
+        ..RedisOptions::new(limits.redis_url.clone())
+    };
+    RedisBackend::connect(options).await.map(Some).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("limits.redis_url: {e}"),
+        )
+    })
 }
 
 /// The gate of a function shared by several routes: the tightest of their invoke limits.
@@ -41,12 +73,24 @@ fn gate_config(config: &Config, function: &str) -> GateConfig {
 }
 
 impl Pipeline {
-    /// Builds and starts every route. `dead_letters = false` leaves the sinks closed
-    /// (redrive reports failures itself instead of writing them back).
+    /// Builds and starts every route, connecting the `[limits]` backend first. `dead_letters
+    /// = false` leaves the sinks closed (redrive reports failures itself instead of writing
+    /// them back).
     pub async fn build(
         config: &Config,
         client: &aws_sdk_lambda::Client,
         dead_letters: bool,
+    ) -> std::io::Result<Pipeline> {
+        let backend = limit_backend(&config.limits).await?;
+        Pipeline::build_with(config, client, dead_letters, backend).await
+    }
+
+    /// [`build`](Self::build) with an already connected backend (`None`: local buckets).
+    pub async fn build_with(
+        config: &Config,
+        client: &aws_sdk_lambda::Client,
+        dead_letters: bool,
+        limit_backend: Option<RedisBackend>,
     ) -> std::io::Result<Pipeline> {
         let mut invokers: HashMap<&str, Arc<Invoker>> = HashMap::new();
         let mut routes = Vec::with_capacity(config.routes.len());
@@ -54,7 +98,13 @@ impl Pipeline {
             let invoker = invokers
                 .entry(route.function.as_str())
                 .or_insert_with(|| {
-                    let gate = Gate::new(gate_config(config, &route.function));
+                    let gate_config = gate_config(config, &route.function);
+                    let gate = match &limit_backend {
+                        Some(backend) => {
+                            Gate::shared(gate_config, backend.clone(), &route.function)
+                        }
+                        None => Gate::new(gate_config),
+                    };
                     Arc::new(Invoker::new(client.clone(), route.function.clone(), gate))
                 })
                 .clone();
@@ -80,7 +130,10 @@ impl Pipeline {
                 invoker,
             });
         }
-        Ok(Pipeline { routes })
+        Ok(Pipeline {
+            routes,
+            limit_backend,
+        })
     }
 }
 

@@ -3,23 +3,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-use common::free_port;
+use common::{free_port, wait_until_up, Process};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sluicegate");
-
-/// Kills the child when the test ends, however it ends.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A command with no AWS credentials or AWS config reachable, as on a fresh machine.
 fn bare_command(dir: &Path) -> Command {
@@ -41,20 +30,6 @@ fn bare_command(dir: &Path) -> Command {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     cmd
-}
-
-/// Polls `url` until it answers 200, for at most 20 s (a cold debug binary starts slowly).
-async fn wait_until_up(http: &reqwest::Client, url: &str) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(20) {
-        if let Ok(r) = http.get(url).send().await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{url} did not come up within 20 s");
 }
 
 fn port_overrides(cmd: &mut Command) -> (u16, u16) {

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{config_toml, free_port, Harness};
+use common::{config_toml, free_port, wait_until_up, Harness, Process};
 use serde_json::Value;
 use sluicegate::config::Config;
 
@@ -14,7 +14,7 @@ const ECHO: &str = "[[emulator.functions]]\nname = \"echo\"\nlatency = \"2ms\"\n
 const BIN: &str = env!("CARGO_BIN_EXE_sluicegate");
 
 fn route(name: &str, extra: &str) -> String {
-    format!("[[routes]]\nname = \"{name}\"\nfunction = \"echo\"\n{extra}\n")
+    common::route(name, "echo", extra)
 }
 
 /// The value of the sample `name{labels}` in a Prometheus text page (labels in any order).
@@ -266,33 +266,12 @@ async fn admin_config_redacts_secrets() {
     assert_eq!(config["routes"][0]["name"], "records");
 }
 
-/// Kills the child when the test ends, however it ends.
-struct Process(std::process::Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn signal(pid: u32, name: &str) {
     let status = Command::new("kill")
         .args([&format!("-{name}"), &pid.to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-}
-
-async fn wait_until_up(http: &reqwest::Client, url: &str) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(20) {
-        if http.get(url).send().await.is_ok_and(|r| r.status() == 200) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{url} did not come up");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

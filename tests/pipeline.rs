@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{config_toml, Harness};
+use common::{config_toml, route, Harness};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -14,10 +14,6 @@ const ECHO: &str = r#"
 name = "echo"
 latency = "10ms"
 "#;
-
-fn route(name: &str, function: &str, extra: &str) -> String {
-    format!("[[routes]]\nname = \"{name}\"\nfunction = \"{function}\"\n{extra}\n")
-}
 
 #[tokio::test]
 async fn a_record_round_trips_to_its_caller() {
@@ -616,4 +612,22 @@ async fn raw_socket_pipelining_gets_one_response_per_request() {
         String::from_utf8_lossy(&seen).matches("HTTP/1.1").count(),
         2
     );
+}
+
+#[tokio::test]
+async fn a_burst_after_an_idle_pause_is_not_shed() {
+    // The drain rate is measured only while records wait: an idle pause must not make the
+    // queue look too slow to reach the next burst before its deadline.
+    let routes = route(
+        "raw",
+        "echo",
+        "envelope = \"raw\"\ninvoke = { rate = 100.0, burst = 10, max_concurrency = 10 }",
+    );
+    let h = Harness::start(&config_toml(ECHO, &routes)).await;
+    assert_eq!(h.post("/raw", "0").await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let bodies: Vec<String> = (1..=64).map(|n| n.to_string()).collect();
+    let answers = futures_util::future::join_all(bodies.iter().map(|b| h.post("/raw", b))).await;
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status().as_u16()).collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
 }

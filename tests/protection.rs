@@ -6,13 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{config_toml, paced_load, quantile, Harness};
+use common::{config_toml, paced_load, quantile, route, Harness};
 use serde_json::Value;
 use sluicegate::config::Config;
-
-fn route(name: &str, function: &str, extra: &str) -> String {
-    format!("[[routes]]\nname = \"{name}\"\nfunction = \"{function}\"\n{extra}\n")
-}
 
 fn count(answers: &[common::Answer], status: u16) -> usize {
     answers.iter().filter(|a| a.status == status).count()

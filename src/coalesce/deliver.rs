@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use super::envelope;
 use super::{BatchSpec, DrainMeter, Message, RecordError};
+
 use crate::dlq::{self, DeadLetter, DeadLetterSink};
 use crate::invoke::retry::{backoff, RetryBudget};
 use crate::invoke::{InvokeFailure, Invoked, Invoker, Slot};
@@ -94,9 +95,7 @@ impl Delivery {
                     return;
                 }
                 Ok(invoked) => {
-                    let records = batch.len();
                     envelope::fan_out(batch, Ok(invoked), spec.envelope);
-                    self.drain.record(records);
                     return;
                 }
                 Err(InvokeFailure::TooLarge { .. }) if batch.len() > 1 => {

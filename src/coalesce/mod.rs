@@ -51,7 +51,7 @@ pub struct BatchSpec {
     pub flush: Flush,
     pub max_pending: usize,
     /// Records per second the route can deliver at most (invoke rate × batch size); the
-    /// drain estimate before any batch has completed.
+    /// drain estimate until a backlog has been measured.
     pub nominal_drain_rate: f64,
     pub retry: RetryConfig,
     /// Split a batch whose invoke failed with a function error, to isolate the failing record.
@@ -294,9 +294,12 @@ impl Batcher {
     }
 }
 
-/// Records answered per second, smoothed over one-second windows.
+/// How fast the queue drains *when it is backlogged*: records dispatched per second of
+/// time during which records were waiting. Idle time is not counted — a queue that was
+/// empty says nothing about how fast it can drain, and counting it would make a burst
+/// after a pause look undrainable. Smoothed over windows of at least one busy second.
 ///
-/// A plain mutex: it is taken once per completed batch (not per request) and held for a
+/// A plain mutex: it is taken once per dispatched batch (not per request) and held for a
 /// few arithmetic operations.
 #[derive(Debug)]
 struct DrainMeter {
@@ -305,17 +308,23 @@ struct DrainMeter {
 
 #[derive(Debug)]
 struct Meter {
-    window_start: Instant,
+    /// The previous dispatch, if records were still waiting then.
+    busy_since: Option<Instant>,
+    busy: Duration,
     count: u64,
     rate: f64,
     measured: bool,
 }
 
+/// Busy time that makes one measurement.
+const DRAIN_WINDOW: Duration = Duration::from_secs(1);
+
 impl DrainMeter {
     fn new(nominal: f64) -> Self {
         DrainMeter {
             inner: Mutex::new(Meter {
-                window_start: Instant::now(),
+                busy_since: None,
+                busy: Duration::ZERO,
                 count: 0,
                 rate: nominal.max(0.001),
                 measured: false,
@@ -323,40 +332,76 @@ impl DrainMeter {
         }
     }
 
-    fn record(&self, records: usize) {
-        let mut m = self
-            .inner
+    fn lock(&self) -> std::sync::MutexGuard<'_, Meter> {
+        self.inner
             .lock()
-            .expect("drain meter lock is never poisoned: no panics inside");
-        m.count += records as u64;
-        let elapsed = m.window_start.elapsed();
-        if elapsed >= Duration::from_secs(1) {
-            let observed = m.count as f64 / elapsed.as_secs_f64();
-            m.rate = if m.measured {
-                0.5 * m.rate + 0.5 * observed
-            } else {
-                observed
-            };
-            m.measured = true;
-            m.count = 0;
-            m.window_start = Instant::now();
-        }
+            .expect("drain meter lock is never poisoned: no panics inside")
     }
 
-    /// The drain rate once at least one window has been measured.
+    /// A batch of `records` was dispatched at `now`; `backlogged` says whether records were
+    /// still waiting behind it.
+    fn on_dispatch(&self, records: usize, backlogged: bool, now: Instant) {
+        let mut m = self.lock();
+        if let Some(since) = m.busy_since {
+            m.busy += now.saturating_duration_since(since);
+            m.count += records as u64;
+            if m.busy >= DRAIN_WINDOW {
+                let observed = m.count as f64 / m.busy.as_secs_f64();
+                m.rate = if m.measured {
+                    0.5 * m.rate + 0.5 * observed
+                } else {
+                    observed
+                };
+                m.measured = true;
+                m.busy = Duration::ZERO;
+                m.count = 0;
+            }
+        }
+        m.busy_since = backlogged.then_some(now);
+    }
+
+    /// The drain rate once at least one busy window has been measured.
     fn measured_rate(&self) -> Option<f64> {
-        let m = self
-            .inner
-            .lock()
-            .expect("drain meter lock is never poisoned: no panics inside");
+        let m = self.lock();
         m.measured.then_some(m.rate.max(0.001))
     }
 
     fn rate(&self) -> f64 {
-        let m = self
-            .inner
-            .lock()
-            .expect("drain meter lock is never poisoned: no panics inside");
-        m.rate.max(0.001)
+        self.lock().rate.max(0.001)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drain_rate_ignores_idle_time() {
+        let meter = DrainMeter::new(100.0);
+        let t0 = Instant::now();
+        // Idle for a minute between single dispatches: no backlog, no measurement.
+        meter.on_dispatch(1, false, t0);
+        meter.on_dispatch(1, false, t0 + Duration::from_secs(60));
+        assert_eq!(meter.measured_rate(), None);
+        assert_eq!(
+            meter.rate(),
+            100.0,
+            "the nominal rate stands until a backlog is seen"
+        );
+        // Backlogged: 20 records every 100 ms is 200 records/s.
+        let busy = t0 + Duration::from_secs(120);
+        for i in 0..=11 {
+            meter.on_dispatch(20, true, busy + Duration::from_millis(100 * i));
+        }
+        let rate = meter.measured_rate().expect("a busy second was measured");
+        assert!((rate - 200.0).abs() < 1.0, "{rate}");
+        // A long pause, then another backlog: the pause is not counted.
+        let later = busy + Duration::from_secs(600);
+        meter.on_dispatch(20, false, busy + Duration::from_millis(1200));
+        for i in 0..=11 {
+            meter.on_dispatch(20, true, later + Duration::from_millis(100 * i));
+        }
+        let rate = meter.measured_rate().unwrap();
+        assert!((rate - 200.0).abs() < 1.0, "{rate}");
     }
 }

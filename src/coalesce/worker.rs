@@ -183,6 +183,10 @@ pub(super) async fn run(
             m.span.record("batch", batch_id.as_str());
             span.follows_from(m.span.id());
         }
+        let backlogged = carry.is_some() || !rx.is_empty();
+        delivery
+            .drain
+            .on_dispatch(batch.messages.len(), backlogged, Instant::now());
         tokio::spawn(
             Arc::clone(&delivery)
                 .deliver(batch.messages, Some(slot))

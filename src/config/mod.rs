@@ -179,6 +179,11 @@ pub struct LimitsConfig {
     pub backend: LimitBackend,
     pub redis_url: String,
     pub on_backend_error: BackendErrorPolicy,
+    /// With `backend = "redis"`: deadline of one call to Redis. A call that fails or misses
+    /// it marks Redis down and `on_backend_error` decides until a probe finds it back, so no
+    /// request waits on Redis longer than this.
+    #[serde(with = "units::duration")]
+    pub redis_timeout: Duration,
     /// Bound on tracked keys across all keyed layers.
     pub max_keys: usize,
     /// How often idle (full) key buckets are reclaimed.
@@ -197,12 +202,10 @@ impl Default for LimitsConfig {
             backend: LimitBackend::Local,
             redis_url: "redis://127.0.0.1:6379".to_owned(),
             on_backend_error: BackendErrorPolicy::Local,
+            redis_timeout: Duration::from_millis(50),
             max_keys: 1_000_000,
             reclaim_interval: Duration::from_secs(10),
-            global: Some(Quota {
-                rate: 1000.0,
-                burst: 500,
-            }),
+            global: None,
             default: Quota {
                 rate: 100.0,
                 burst: 200,
@@ -558,14 +561,7 @@ impl Config {
         origin: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut value: toml::Value = text
-            .parse::<toml::Table>()
-            .map(toml::Value::Table)
-            .map_err(|e| ConfigError::Syntax {
-                path: origin.to_owned(),
-                message: e.to_string(),
-            })?;
-        apply_env_overrides(&mut value, env)?;
+        let value = parse_with_env(text, origin, env)?;
         let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
             let key = e.path().to_string();
             let key = if key == "." {
@@ -628,6 +624,20 @@ impl Config {
                 "limits.max_keys",
                 "must be at least 1",
             ));
+        }
+        if l.redis_timeout.is_zero() || l.redis_timeout > Duration::from_secs(10) {
+            return Err(ConfigError::invalid(
+                "limits.redis_timeout",
+                "must be greater than 0 and at most 10s (requests wait on Redis up to this long)",
+            ));
+        }
+        if l.backend == LimitBackend::Redis {
+            if let Err(e) = redis::Client::open(l.redis_url.as_str()) {
+                return Err(ConfigError::invalid(
+                    "limits.redis_url",
+                    format!("{:?} is not a usable Redis URL: {e}", l.redis_url),
+                ));
+            }
         }
         if l.reclaim_interval.is_zero() {
             return Err(ConfigError::invalid(
@@ -844,14 +854,7 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let mut value: toml::Value = text
-            .parse::<toml::Table>()
-            .map(toml::Value::Table)
-            .map_err(|e| ConfigError::Syntax {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })?;
-        apply_env_overrides(&mut value, std::env::vars())?;
+        let value = parse_with_env(&text, &path.display().to_string(), std::env::vars())?;
         let section = value
             .get("emulator")
             .cloned()
@@ -869,6 +872,23 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
+}
+
+/// Parses TOML text and applies the environment overrides onto it.
+fn parse_with_env(
+    text: &str,
+    origin: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<toml::Value, ConfigError> {
+    let mut value = text
+        .parse::<toml::Table>()
+        .map(toml::Value::Table)
+        .map_err(|e| ConfigError::Syntax {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+    apply_env_overrides(&mut value, env)?;
+    Ok(value)
 }
 
 /// Applies `SLUICEGATE_A__B__C=value` overrides onto the parsed file.

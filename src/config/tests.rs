@@ -186,3 +186,17 @@ fn jitter_accepts_names_and_ratios() {
     let err = load(&format!("{MINIMAL}retry = {{ jitter = \"some\" }}\n")).unwrap_err();
     assert_eq!(err.key(), Some("routes[0].retry.jitter"), "{err}");
 }
+
+#[test]
+fn omitting_the_global_layer_means_none() {
+    let config = load(MINIMAL).unwrap();
+    assert_eq!(config.limits.global, None);
+    let config = load(DEFAULT_CONFIG_TOML).unwrap();
+    assert_eq!(
+        config.limits.global,
+        Some(Quota {
+            rate: 1000.0,
+            burst: 500
+        })
+    );
+}

@@ -12,12 +12,35 @@
 //!   while throttles stay away: the rate by 2% of the configured rate per quiet second after
 //!   2 s without a rate throttle, the concurrency cap by one per 5 quiet seconds. Neither ever
 //!   exceeds its configured value. The current values are [`Gate::limits`].
+//!
+//! # Shared invoke rate (`[limits] backend = "redis"`)
+//!
+//! A function's invoke quota belongs to the AWS account and Region, not to one sidecar. With
+//! a Redis backend ([`Gate::shared`]) the rate token comes from one Redis bucket per function
+//! (`<prefix>:i:<function>`, the same GCRA script as admission, one round trip), so N
+//! replicas' invokes *together* stay within `invoke.rate`. Each replica passes its current
+//! rate — the configured one, or what adaptive AIMD lowered it to — with every call, so a
+//! throttled replica slows the shared bucket down for everyone at once. While Redis cannot
+//! be reached the `on_backend_error` policy applies to the token: `local` takes it from this
+//! replica's own bucket (the configured rate per replica: N replicas may then invoke up to
+//! N× the rate), `allow` grants it, `deny` waits for Redis (callers' deadlines bound the
+//! wait). Concurrency permits stay per replica: set `max_concurrency` to the function's
+//! reserved concurrency divided by the number of replicas.
+//!
+//! Two local-bucket details do not carry over to the shared bucket: a slot dropped unused
+//! does not give its shared token back (conservative: a token lost, never an extra invoke),
+//! and a rate throttle does not empty the shared bucket (lowering the rate passed to the
+//! script already caps the bucket's debt at the new quota). Cancelling [`Gate::acquire`]
+//! during its Redis round trip may spend a shared token for nothing, for the same reason.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+
+use crate::limit::redis::{Fallback, RedisBackend, DENY_WAIT};
+use crate::limit::{Decision, Quota};
 
 /// Throttle reasons Lambda gives for concurrency, as opposed to invoke rate.
 const CONCURRENCY_REASONS: [&str; 2] = [
@@ -60,10 +83,19 @@ pub struct Gate {
 #[derive(Debug)]
 struct Inner {
     config: GateConfig,
+    /// With a Redis backend: the function's shared invoke-rate bucket.
+    shared: Option<SharedRate>,
     permits: Arc<Semaphore>,
     /// Guarded together: the cap and the permits still to be withdrawn after a decrease.
     concurrency: Mutex<Concurrency>,
     rate: Mutex<Rate>,
+}
+
+#[derive(Debug)]
+struct SharedRate {
+    backend: RedisBackend,
+    /// The function's bucket: `<prefix>:i:<function>`.
+    key: String,
 }
 
 #[derive(Debug)]
@@ -130,6 +162,8 @@ pub struct Slot {
     /// Set when an invoke attempt was sent with this slot. A slot dropped unused (its
     /// batch emptied while it waited) gives its rate token back: Lambda never saw it.
     used: bool,
+    /// Whether the token came from the local bucket (only those are given back).
+    local_token: bool,
 }
 
 impl Slot {
@@ -141,7 +175,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if !self.used {
+        if !self.used && self.local_token {
             let mut r = self.gate.lock_rate();
             r.tokens = (r.tokens + 1.0).min(r.burst);
         }
@@ -157,11 +191,25 @@ impl Drop for Slot {
 }
 
 impl Gate {
+    /// A gate whose invoke-rate bucket is local to this process.
     pub fn new(config: GateConfig) -> Self {
+        Gate::build(config, None)
+    }
+
+    /// A gate whose invoke-rate token comes from `function`'s bucket in Redis, shared with
+    /// every replica (see the [module docs](self)); the local bucket serves the `local`
+    /// fallback.
+    pub fn shared(config: GateConfig, backend: RedisBackend, function: &str) -> Self {
+        let key = backend.invoke_key(function);
+        Gate::build(config, Some(SharedRate { backend, key }))
+    }
+
+    fn build(config: GateConfig, shared: Option<SharedRate>) -> Self {
         let now = Instant::now();
         Gate {
             inner: Arc::new(Inner {
                 config,
+                shared,
                 permits: Arc::new(Semaphore::new(config.max_concurrency)),
                 concurrency: Mutex::new(Concurrency {
                     cap: config.max_concurrency,
@@ -195,21 +243,25 @@ impl Gate {
     }
 
     /// Waits for a concurrency permit, then an invoke-rate token. Cancel-safe: dropping the
-    /// future releases a permit it holds and has taken no token.
+    /// future releases a permit it holds and has taken no local token (a shared token may
+    /// be in flight; see the module docs).
     pub async fn acquire(&self) -> Slot {
         let permit = Arc::clone(&self.inner.permits)
             .acquire_owned()
             .await
             .expect("the gate's semaphore is never closed");
+        // `used: true` until a token is taken, so a cancelled wait refunds nothing.
         let mut slot = Slot {
             permit: Some(permit),
             gate: Arc::clone(&self.inner),
             used: true,
+            local_token: false,
         };
         loop {
-            let wait = match self.inner.lock_rate().take(Instant::now()) {
-                Ok(()) => {
+            let wait = match self.take_token().await {
+                Ok(local_token) => {
                     slot.used = false;
+                    slot.local_token = local_token;
                     return slot;
                 }
                 Err(wait) => wait,
@@ -218,14 +270,43 @@ impl Gate {
         }
     }
 
-    /// A slot if a permit and a token are both available right now.
+    /// Takes an invoke-rate token: `Ok(true)` from the local bucket, `Ok(false)` from the
+    /// shared one (or granted by `allow`), `Err(wait)` when none is there yet.
+    async fn take_token(&self) -> Result<bool, Duration> {
+        let Some(shared) = &self.inner.shared else {
+            return self.inner.lock_rate().take(Instant::now()).map(|()| true);
+        };
+        let quota = Quota {
+            // The lock is released at the end of this statement, before any await.
+            rate: self.inner.lock_rate().rate,
+            burst: self.inner.config.burst,
+        };
+        match shared.backend.take(&shared.key, quota).await {
+            Ok(Decision::Allowed { .. }) => Ok(false),
+            Ok(Decision::Limited { wait }) => Err(wait),
+            Err(_unavailable) => match shared.backend.fallback() {
+                Fallback::Local => self.inner.lock_rate().take(Instant::now()).map(|()| true),
+                Fallback::Allow => Ok(false),
+                Fallback::Deny => Err(DENY_WAIT),
+            },
+        }
+    }
+
+    /// A slot if a permit and a *local* token are both available right now.
+    ///
+    /// A shared (Redis) token cannot be taken without a round trip, so a gate built with
+    /// [`Gate::shared`] answers `None` here; use [`acquire`](Self::acquire).
     pub fn try_acquire(&self) -> Option<Slot> {
+        if self.inner.shared.is_some() {
+            return None;
+        }
         let permit = Arc::clone(&self.inner.permits).try_acquire_owned().ok()?;
         // `used: true` until a token is taken, so a failed take refunds nothing.
         let mut slot = Slot {
             permit: Some(permit),
             gate: Arc::clone(&self.inner),
             used: true,
+            local_token: true,
         };
         self.inner.lock_rate().take(Instant::now()).ok()?;
         slot.used = false;

@@ -215,19 +215,22 @@ impl<C: Clock + Clone> Admission<C> {
         )
     }
 
-    /// The same layers, shared with every other replica through Redis (`backend = "redis"`).
+    /// The same layers, shared with every other replica through Redis (`backend = "redis"`),
+    /// or decided locally again with `None`.
     ///
-    /// [`admit`](Self::admit) then decides in Redis, in one round trip, and applies
-    /// `backend`'s [`Fallback`] policy while Redis cannot be reached — with this `Admission`'s
-    /// local buckets for [`Fallback::Local`]. [`check`](Self::check) stays local.
-    pub fn with_backend(mut self, backend: RedisBackend) -> Self {
-        self.shared = Some(Shared::new(
-            backend,
-            self.global.as_ref().map(|b| b.quota()),
-            &self.route_quotas(),
-            &self.plan_quotas(),
-            self.default.quota(),
-        ));
+    /// With a backend, [`admit`](Self::admit) decides in Redis, in one round trip, and applies
+    /// the backend's [`Fallback`] policy while Redis cannot be reached — with this
+    /// `Admission`'s local buckets for [`Fallback::Local`]. [`check`](Self::check) stays local.
+    pub fn with_backend(mut self, backend: Option<RedisBackend>) -> Self {
+        self.shared = backend.map(|backend| {
+            Shared::new(
+                backend,
+                self.global.as_ref().map(|b| b.quota()),
+                &self.route_quotas(),
+                &self.plan_quotas(),
+                self.default.quota(),
+            )
+        });
         self
     }
 
@@ -254,7 +257,7 @@ impl<C: Clock + Clone> Admission<C> {
     ) -> Admission<C> {
         self.budget.set_max(max_keys);
         let same = |old: &Quota, new: &Quota| old == new;
-        let mut result = Admission::build(
+        let result = Admission::build(
             global,
             routes,
             plans,
@@ -288,10 +291,7 @@ impl<C: Clock + Clone> Admission<C> {
         result
             .overflowed
             .store(self.overflowed.load(Ordering::Relaxed), Ordering::Relaxed);
-        match &self.shared {
-            Some(shared) => result.with_backend(shared.backend.clone()),
-            None => result,
-        }
+        result.with_backend(self.backend().cloned())
     }
 
     /// Builds the layers, taking from `reuse` those it offers.
@@ -809,6 +809,161 @@ mod tests {
         assert_eq!(a.route_index("records"), Some(0));
         assert_eq!(a.route_index("other"), Some(1));
         assert_eq!(a.route_index("nope"), None);
+    }
+
+    fn reconfigure(
+        a: &Admission<FakeRelativeClock>,
+        global: Option<Quota>,
+        route: Option<Quota>,
+        gold: Quota,
+        max_keys: usize,
+    ) -> Admission<FakeRelativeClock> {
+        a.reconfigured(
+            global,
+            vec![("records".into(), route), ("other".into(), None)],
+            Plans::new(
+                DEFAULT,
+                vec![("gold".into(), gold, vec!["gold-1".into(), "gold-2".into()])],
+            ),
+            max_keys,
+        )
+    }
+
+    #[test]
+    fn reconfigured_keeps_the_state_of_unchanged_layers_and_starts_changed_ones_full() {
+        let global = Quota {
+            rate: 1.0,
+            burst: 100,
+        };
+        let route = Quota {
+            rate: 1.0,
+            burst: 3,
+        };
+        let (a, clock) = admission(Some(global), Some(route), 100);
+        // Empty the route bucket, key "k"'s default bucket and gold-1's plan bucket.
+        for key in ["x1", "x2", "x3"] {
+            a.check(0, key).expect("route bucket has 3");
+        }
+        assert_eq!(
+            a.check(0, "x4").expect_err("route empty").scope,
+            Scope::Route
+        );
+        a.check(1, "k").expect("1st");
+        a.check(1, "k").expect("2nd");
+        assert_eq!(a.check(1, "k").expect_err("key empty").scope, Scope::Key);
+        for _ in 0..GOLD.burst {
+            a.check(1, "gold-1").expect("gold has 5");
+        }
+        let used_global = 3 + 1 + 3 + GOLD.burst;
+
+        let gold = Quota {
+            rate: 10.0,
+            burst: 7,
+        };
+        let b = reconfigure(&a, Some(global), Some(route), gold, 100);
+        // Unchanged: global, the route, the default key layer — same tokens as before.
+        assert_eq!(
+            b.check(0, "y").expect_err("still empty").scope,
+            Scope::Route
+        );
+        let r = b.check(1, "k").expect_err("k's bucket carried over");
+        assert_eq!((r.scope, r.wait), (Scope::Key, Duration::from_secs(1)));
+        // Changed: the gold plan starts full, with its new quota.
+        let g = b.check(1, "gold-1").expect("fresh plan bucket");
+        assert_eq!((g.quota, g.remaining), (gold, gold.burst - 1));
+        // The global bucket went on counting across the reload: of its 100 tokens, `a` took
+        // `used_global` and `b` three so far.
+        let mut more = 0;
+        let refusal = loop {
+            match b.check(1, &format!("fresh-{more}")) {
+                Ok(_) => more += 1,
+                Err(r) => break r,
+            }
+        };
+        assert_eq!(refusal.scope, Scope::Global);
+        assert_eq!(more, global.burst - used_global - 3);
+        // Old and new draw from the same carried-over buckets, and share the clock's refill.
+        clock.advance(Duration::from_secs(1));
+        a.check(0, "y").expect("one route token refilled");
+        assert_eq!(
+            b.check(0, "y2").expect_err("a took it").scope,
+            Scope::Global
+        );
+    }
+
+    #[test]
+    fn reconfigured_matches_layers_by_name_and_quota() {
+        let route = Quota {
+            rate: 1.0,
+            burst: 1,
+        };
+        let (a, _clock) = admission(None, Some(route), 100);
+        a.check(0, "k").expect("route has 1");
+        // Same quota, same name: carried over.
+        let same = reconfigure(&a, None, Some(route), GOLD, 100);
+        assert_eq!(
+            same.check(0, "k2").expect_err("carried").scope,
+            Scope::Route
+        );
+        // Changed quota: fresh.
+        let faster = Quota {
+            rate: 2.0,
+            burst: 1,
+        };
+        let changed = reconfigure(&a, None, Some(faster), GOLD, 100);
+        assert!(changed.check(0, "k3").is_ok());
+        // A route that did not exist before, or lost its layer and got it back: fresh.
+        let renamed = a.reconfigured(None, vec![("renamed".into(), Some(route))], plans(), 100);
+        assert!(renamed.check(0, "k4").is_ok());
+        // A new global layer starts full (its one token goes to the request the carried-over
+        // route bucket then refuses).
+        let with_global = reconfigure(&a, Some(route), Some(route), GOLD, 100);
+        assert_eq!(
+            with_global
+                .check(0, "k5")
+                .expect_err("route still empty")
+                .scope,
+            Scope::Route
+        );
+        assert_eq!(
+            with_global.check(1, "k6").expect_err("global spent").scope,
+            Scope::Global
+        );
+    }
+
+    #[test]
+    fn reconfigured_shares_the_key_budget_with_its_new_bound() {
+        let (a, clock) = admission(None, None, 3);
+        a.check(0, "gold-1").expect("plan key");
+        a.check(0, "x").expect("tracked");
+        a.check(0, "y").expect("tracked");
+        assert_eq!(a.tracked_keys(), 3);
+        // Gold's quota changes: its layer (1 key) is replaced; the default layer is kept.
+        let gold = Quota {
+            rate: 1.0,
+            burst: 1,
+        };
+        let b = reconfigure(&a, None, None, gold, 4);
+        assert_eq!(
+            b.tracked_keys(),
+            3,
+            "the old gold layer still exists in `a`"
+        );
+        drop(a);
+        assert_eq!(b.tracked_keys(), 2, "dropping it gave its slot back");
+        b.check(0, "z").expect("room under the new bound");
+        b.check(0, "w").expect("room under the new bound");
+        assert_eq!(b.tracked_keys(), 4);
+        assert!(b.check(0, "v").is_ok(), "overflow bucket, not a new slot");
+        assert_eq!(b.tracked_keys(), 4);
+        assert_eq!(b.overflowed(), 1);
+        // A lower bound evicts nobody; reclaim brings the count down.
+        let c = reconfigure(&b, None, None, gold, 1);
+        assert_eq!(c.tracked_keys(), 4);
+        clock.advance(Duration::from_secs(60));
+        c.reclaim();
+        assert_eq!(c.tracked_keys(), 0);
+        assert_eq!(c.overflowed(), 1, "the overflow count is carried over");
     }
 
     #[test]

@@ -3,13 +3,13 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use governor::clock::Clock;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use super::admission::{Admission, Rejected};
+use super::admission::{Admission, Admit, Admitted, Rejected};
 
 /// The client key a request is admitted under, put into the request's extensions by the
 /// server's identity step (API key, client IP or a named header).
@@ -76,6 +76,13 @@ impl<S, C: Clock, R: Clone> Layer<S> for AdmissionLayer<C, R> {
 /// (which cannot see the request). `poll_ready` only delegates to `inner`: a refused request
 /// then leaves `inner`'s readiness unused, which Tower allows — it stays reserved for the
 /// next call on this service.
+///
+/// With the local engine the decision is made inside `call`, and the response future is
+/// `inner`'s future or the ready rejection: no allocation, nothing pending. With a Redis
+/// backend the decision needs a round trip, so `call` moves the `inner` that `poll_ready`
+/// made ready into the response future (leaving a clone in its place, as tower's `Oneshot`
+/// pattern does) and calls it there once Redis admitted the request. Dropping that future
+/// drops the request before `inner` ever saw it.
 pub struct AdmissionService<S, C: Clock, R> {
     inner: S,
     admission: Arc<Admission<C>>,
@@ -105,13 +112,13 @@ impl<S: std::fmt::Debug, C: Clock, R> std::fmt::Debug for AdmissionService<S, C,
 
 impl<S, C, R, B> Service<http::Request<B>> for AdmissionService<S, C, R>
 where
-    S: Service<http::Request<B>>,
-    C: Clock,
-    R: Fn(Rejected) -> S::Response,
+    S: Service<http::Request<B>> + Clone,
+    C: Clock + Send + Sync + 'static,
+    R: Fn(Rejected) -> S::Response + Clone,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, S::Response>;
+    type Future = ResponseFuture<S, B, R>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -122,7 +129,22 @@ where
             .extensions()
             .get::<ClientKey>()
             .map_or(ANONYMOUS_KEY, |key| &*key.0);
-        match self.admission.check(self.route, key) {
+        let decision = match self.admission.admit(self.route, key) {
+            Admit::Ready(decision) => decision.expect("a fresh Admit holds its decision"),
+            Admit::Pending(check) => {
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                return ResponseFuture {
+                    kind: Kind::Admitting {
+                        check,
+                        inner: Some(inner),
+                        request: Some(req),
+                        reject: self.reject.clone(),
+                    },
+                };
+            }
+        };
+        match decision {
             Ok(admitted) => {
                 req.extensions_mut().insert(admitted);
                 ResponseFuture {
@@ -131,56 +153,103 @@ where
                     },
                 }
             }
-            Err(rejected) => {
-                tracing::debug!(
-                    scope = rejected.scope.as_str(),
-                    wait_ms = rejected.wait.as_millis() as u64,
-                    "admission refused"
-                );
-                ResponseFuture {
-                    kind: Kind::Rejected {
-                        response: Some((self.reject)(rejected)),
-                    },
-                }
-            }
+            Err(rejected) => ResponseFuture {
+                kind: Kind::Rejected {
+                    response: Some(refuse(&self.reject, rejected)),
+                },
+            },
         }
     }
 }
 
+fn refuse<T>(reject: &impl Fn(Rejected) -> T, rejected: Rejected) -> T {
+    tracing::debug!(
+        scope = rejected.scope.as_str(),
+        wait_ms = rejected.wait.as_millis() as u64,
+        "admission refused"
+    );
+    reject(rejected)
+}
+
 pin_project! {
-    /// The response of [`AdmissionService`]: `inner`'s future, or the rejection response,
-    /// ready on first poll.
-    pub struct ResponseFuture<F, T> {
+    /// The response of [`AdmissionService`]: `inner`'s future, the rejection response (ready
+    /// on first poll), or — with a Redis backend — the pending decision, then one of those.
+    pub struct ResponseFuture<S, B, R>
+    where
+        S: Service<http::Request<B>>,
+    {
         #[pin]
-        kind: Kind<F, T>,
+        kind: Kind<S, B, R>,
     }
 }
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F, T> {
-        Called { #[pin] future: F },
-        Rejected { response: Option<T> },
+    enum Kind<S, B, R>
+    where
+        S: Service<http::Request<B>>,
+    {
+        Called { #[pin] future: S::Future },
+        Rejected { response: Option<S::Response> },
+        Admitting {
+            check: Pin<Box<dyn Future<Output = Result<Admitted, Rejected>> + Send>>,
+            inner: Option<S>,
+            request: Option<http::Request<B>>,
+            reject: R,
+        },
     }
 }
 
-impl<F, T, E> Future for ResponseFuture<F, T>
+impl<S, B, R> Future for ResponseFuture<S, B, R>
 where
-    F: Future<Output = Result<T, E>>,
+    S: Service<http::Request<B>>,
+    R: Fn(Rejected) -> S::Response,
 {
-    type Output = Result<T, E>;
+    type Output = Result<S::Response, S::Error>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Called { future } => future.poll(cx),
-            KindProj::Rejected { response } => Poll::Ready(Ok(response
-                .take()
-                .expect("ResponseFuture polled after it completed"))),
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let called = match self.as_mut().project().kind.project() {
+                KindProj::Called { future } => return future.poll(cx),
+                KindProj::Rejected { response } => {
+                    return Poll::Ready(Ok(response
+                        .take()
+                        .expect("ResponseFuture polled after it completed")))
+                }
+                KindProj::Admitting {
+                    check,
+                    inner,
+                    request,
+                    reject,
+                } => {
+                    let decision = ready!(check.as_mut().poll(cx));
+                    let mut request = request
+                        .take()
+                        .expect("ResponseFuture polled after it completed");
+                    match decision {
+                        Ok(admitted) => {
+                            request.extensions_mut().insert(admitted);
+                            inner
+                                .take()
+                                .expect("the request is still here, so inner is too")
+                                .call(request)
+                        }
+                        Err(rejected) => return Poll::Ready(Ok(refuse(reject, rejected))),
+                    }
+                }
+            };
+            self.as_mut()
+                .project()
+                .kind
+                .set(Kind::Called { future: called });
         }
     }
 }
 
-impl<F, T> std::fmt::Debug for ResponseFuture<F, T> {
+impl<S, B, R> std::fmt::Debug for ResponseFuture<S, B, R>
+where
+    S: Service<http::Request<B>>,
+{
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }

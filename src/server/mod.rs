@@ -48,7 +48,7 @@ use crate::config::{Config, RouteConfig};
 use crate::emulator::{self, RunningEmulator};
 use crate::invoke::discover::{self, Finding};
 use crate::invoke::{self, Invoker};
-use crate::limit::{Admission, DefaultClock, Plans};
+use crate::limit::{Admission, DefaultClock, Plans, RedisBackend};
 use crate::pipeline::Pipeline;
 
 /// Header with which a caller shortens (never lengthens) its route's deadline.
@@ -121,30 +121,35 @@ struct App {
     router: Router,
 }
 
-/// The admission layers of `config`. With a previous admission (reload), bucket state is
-/// carried over where the quotas did not change.
+/// The admission layers of `config`, decided in Redis when `backend` is given (the
+/// pipeline's, so admission and invoke gates share one connection and one health state).
+/// With a previous admission (reload), bucket state is carried over where the quotas did
+/// not change.
 fn build_admission(
     config: &Config,
-    _previous: Option<&Admission<DefaultClock>>,
+    previous: Option<&Admission<DefaultClock>>,
+    backend: Option<RedisBackend>,
 ) -> Arc<Admission<DefaultClock>> {
-    Arc::new(Admission::new(
-        config.limits.global,
+    let global = config.limits.global;
+    let routes = config
+        .routes
+        .iter()
+        .map(|r| (r.name.clone(), r.limit))
+        .collect();
+    let plans = Plans::new(
+        config.limits.default,
         config
-            .routes
+            .plans
             .iter()
-            .map(|r| (r.name.clone(), r.limit))
+            .map(|p| (p.name.clone(), p.quota(), p.keys.clone()))
             .collect(),
-        Plans::new(
-            config.limits.default,
-            config
-                .plans
-                .iter()
-                .map(|p| (p.name.clone(), p.quota(), p.keys.clone()))
-                .collect(),
-        ),
-        config.limits.max_keys,
-        DefaultClock::default(),
-    ))
+    );
+    let max_keys = config.limits.max_keys;
+    let admission = match previous {
+        Some(previous) => previous.reconfigured(global, routes, plans, max_keys),
+        None => Admission::new(global, routes, plans, max_keys, DefaultClock::default()),
+    };
+    Arc::new(admission.with_backend(backend))
 }
 
 /// Whether a route's records can keep flowing through the same batcher and gate.
@@ -184,7 +189,11 @@ impl App {
                 max_record_bytes: config.server.max_record_bytes.as_usize(),
             });
         }
-        let admission = build_admission(&config, previous.map(|p| &*p.admission));
+        let admission = build_admission(
+            &config,
+            previous.map(|p| &*p.admission),
+            pipeline.limit_backend.clone(),
+        );
         let functions: Vec<String> = config.routes.iter().map(|r| r.function.clone()).collect();
         Ok(Arc::new_cyclic(|weak: &std::sync::Weak<App>| {
             // The router holds the app as its state; built here so it is part of the app.

@@ -168,3 +168,30 @@ pub fn quantile(values: &[std::time::Duration], q: f64) -> std::time::Duration {
     let index = ((sorted.len() - 1) as f64 * q).round() as usize;
     sorted[index]
 }
+
+/// A `[[routes]]` entry for `function` with extra TOML lines.
+pub fn route(name: &str, function: &str, extra: &str) -> String {
+    format!("[[routes]]\nname = \"{name}\"\nfunction = \"{function}\"\n{extra}\n")
+}
+
+/// A child process killed when the test ends, however it ends.
+pub struct Process(pub std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `url` until it answers 200, for at most 20 s (a cold debug binary starts slowly).
+pub async fn wait_until_up(http: &reqwest::Client, url: &str) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(20) {
+        if http.get(url).send().await.is_ok_and(|r| r.status() == 200) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("{url} did not come up within 20 s");
+}

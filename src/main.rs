@@ -8,6 +8,11 @@ use sluicegate::config::{Config, DEFAULT_CONFIG_TOML};
 
 const DEFAULT_CONFIG_PATH: &str = "config/sluicegate.toml";
 
+/// mimalloc: the request path allocates many small, short-lived objects (headers, bodies,
+/// futures) across threads; measured in BENCHMARKS.md against the system allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "sluicegate",

@@ -150,11 +150,14 @@ async fn three_replicas_admit_one_shared_burst_not_three() {
         .expect("answered");
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["ratelimit-policy"], "\"key\";q=20;w=2");
+    // A bucket of its own would have 19 left; the shared one refilled for a few 100 ms.
     let field = response.headers()["ratelimit"].to_str().unwrap().to_owned();
-    assert!(
-        field.starts_with("\"key\";r=0;") || field.starts_with("\"key\";r=1;"),
-        "{field}"
-    );
+    let remaining: u32 = field
+        .strip_prefix("\"key\";r=")
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("RateLimit field {field}"));
+    assert!(remaining < 10, "{field}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,7 +177,7 @@ invoke_rate = 10.0
 name = "records"
 function = "quota"
 batch = { max_records = 10, max_wait = "50ms" }
-queue = { max_pending = 200 }
+queue = { max_pending = 50 }
 invoke = { rate = 9.5, burst = 5, max_concurrency = 4 }
 request_timeout = "5s"
 "#;
@@ -242,7 +245,11 @@ request_timeout = "5s"
         invocations as f64 >= 0.5 * 9.5 * seconds,
         "the load kept the quota busy: {invocations} invokes"
     );
-    assert!(answers.iter().all(|a| a.status != 0 && a.status < 500));
+    // Overload is shed (429), never failed: queues are short enough for the deadline.
+    assert!(
+        answers.iter().all(|a| a.status == 200 || a.status == 429),
+        "every record delivered or shed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,27 +14,26 @@
 --
 -- Layers are checked in order and the first refusal ends the script: tokens taken by the
 -- layers before it stay taken (API Gateway semantics, as in the local engine); a refusing
--- bucket is not written. An admitted bucket is written with an expiry at the instant it is
--- full again (TAT <= now), when it is indistinguishable from no state.
+-- bucket is not written. All buckets are read with one MGET; an admitted bucket is written
+-- (PSETEX) with an expiry at the instant it is full again (TAT <= now), when it is
+-- indistinguishable from no state.
 --
 -- Returns {1, i, remaining, reset_ns} for an admission (i = the last bucket), or
 -- {0, i, wait_ns, 0} for a refusal by bucket i (wait_ns = -1: closed layer).
+--
+-- Needs Redis >= 5, where scripts replicate their effects (so a write after TIME is fine).
 --
 -- Times are kept relative to the current whole second, so Lua's doubles hold them exactly
 -- (integers up to 2^53 ns, about 104 days of refill time). A TAT is stored as the decimal
 -- digits of its ns since the epoch and split, not converted, for the same reason.
 
-if redis.replicate_commands then
-  -- Redis < 5 must be told that a script reading TIME replicates its effects, not itself.
-  redis.replicate_commands()
-end
-
 local BILLION = 1000000000
+local call, tonumber, sub, floor = redis.call, tonumber, string.sub, math.floor
 
 -- floor(a / b) for integers a >= 0, b > 0, exactly: the division of two doubles is rounded,
 -- and near an integer that rounding can cross it.
 local function idiv(a, b)
-  local q = math.floor(a / b)
+  local q = floor(a / b)
   if q * b > a then
     q = q - 1
   elseif (q + 1) * b <= a then
@@ -45,16 +44,21 @@ end
 
 local sec, ns
 if ARGV[1] == '' then
-  local t = redis.call('TIME')
+  local t = call('TIME')
   sec = tonumber(t[1])
   ns = tonumber(t[2]) * 1000
 else
-  sec = tonumber(string.sub(ARGV[1], 1, -10)) or 0
-  ns = tonumber(string.sub(ARGV[1], -9))
+  sec = tonumber(sub(ARGV[1], 1, -10)) or 0
+  ns = tonumber(sub(ARGV[1], -9))
 end
 local min_ttl = tonumber(ARGV[2])
 
 local result = {1, 0, 0, 0}
+if #KEYS == 0 then
+  return result
+end
+-- One read for every bucket (most requests are refused or admitted without writing all).
+local stored = call('MGET', unpack(KEYS))
 for i = 1, #KEYS do
   local t = tonumber(ARGV[2 * i + 1])
   local tau = tonumber(ARGV[2 * i + 2])
@@ -62,10 +66,9 @@ for i = 1, #KEYS do
     return {0, i, -1, 0}
   end
   local tat = ns
-  local stored = redis.call('GET', KEYS[i])
-  if stored then
-    tat = ((tonumber(string.sub(stored, 1, -10)) or 0) - sec) * BILLION
-      + tonumber(string.sub(stored, -9))
+  local value = stored[i]
+  if value then
+    tat = ((tonumber(sub(value, 1, -10)) or 0) - sec) * BILLION + tonumber(sub(value, -9))
     -- Never more in debt than this quota allows: the quota of an invoke bucket changes with
     -- the adaptive rate. With a constant quota this never applies (TAT <= now + tau + T).
     if tat > ns + tau + t then
@@ -75,12 +78,14 @@ for i = 1, #KEYS do
   if ns < tat - tau then
     return {0, i, tat - tau - ns, 0}
   end
-  local nxt = math.max(tat, ns) + t
+  local nxt = (tat > ns and tat or ns) + t
   local remaining = idiv(ns + tau + t - nxt, t)
-  local ttl = math.max(idiv(nxt - ns + 999999, 1000000), min_ttl, 1)
+  local ttl = idiv(nxt - ns + 999999, 1000000)
+  if ttl < min_ttl then
+    ttl = min_ttl
+  end
   local whole = idiv(nxt, BILLION)
-  local value = string.format('%d%09d', sec + whole, nxt - whole * BILLION)
-  redis.call('SET', KEYS[i], value, 'PX', ttl)
+  call('PSETEX', KEYS[i], ttl, string.format('%d%09d', sec + whole, nxt - whole * BILLION))
   result = {1, i, remaining, nxt - ns}
 end
 return result

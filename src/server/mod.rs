@@ -35,6 +35,7 @@ use std::time::Duration;
 use axum::extract::Request;
 use axum::response::Response;
 use axum::Router;
+use axum::ServiceExt as _;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -428,18 +429,17 @@ pub async fn start_with_source(
 
     // Each request goes to whichever app is current, so a reload never drops a connection.
     let current = Arc::clone(&shared);
-    let data = Router::new()
-        .fallback_service(tower::service_fn(move |request: Request| {
-            // Held for the whole request: an app replaced by a reload lives until the
-            // requests it took have been answered.
-            let app = current.app();
-            async move {
-                let response = app.router.clone().oneshot(request).await;
-                drop(app);
-                response
-            }
-        }))
-        .into_make_service_with_connect_info::<SocketAddr>();
+    let data = tower::service_fn(move |request: Request| {
+        // Held for the whole request: an app replaced by a reload lives until the
+        // requests it took have been answered.
+        let app = current.app();
+        async move {
+            let response = app.router.clone().oneshot(request).await;
+            drop(app);
+            response
+        }
+    })
+    .into_make_service_with_connect_info::<SocketAddr>();
     let data = tokio::spawn(serve(listener, data, stopped.clone()));
     let tasks = vec![
         tokio::spawn(serve(

@@ -12,7 +12,9 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde_json::value::RawValue;
 use tokio::time::Instant;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::TraceLayer;
 
 use super::respond::{self, ShedScope};
@@ -45,6 +47,7 @@ pub(super) fn router_for(
     for (index, route) in config.routes.iter().enumerate() {
         let layer = AdmissionLayer::new(Arc::clone(admission), index, respond::rejected);
         let name: Arc<str> = route.name.as_str().into();
+        let counters = Arc::new(RouteCounters::default());
         let handler = post(
             move |state: State<Weak<App>>,
                   admitted: Option<Extension<Admitted>>,
@@ -60,7 +63,7 @@ pub(super) fn router_for(
         .layer(layer)
         // Outside admission, so shed requests are counted too.
         .layer(middleware::from_fn(move |request: Request, next: Next| {
-            count(Arc::clone(&name), request, next)
+            count(Arc::clone(&name), Arc::clone(&counters), request, next)
         }));
         router = router.route(&route.path(), handler);
     }
@@ -70,8 +73,9 @@ pub(super) fn router_for(
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
             // `record` and `batch` are filled in later, so a record can be followed into
-            // the batch (and invoke) that carried it.
-            tracing::info_span!(
+            // the batch (and invoke) that carried it. Debug level: at `info` a span per
+            // request would only cost, as nothing inside it logs at `info`.
+            tracing::debug_span!(
                 "request",
                 method = %request.method(),
                 uri = %request.uri(),
@@ -80,22 +84,55 @@ pub(super) fn router_for(
                 batch = tracing::field::Empty,
             )
         }))
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(SetRequestIdLayer::x_request_id(SequentialRequestId::new()))
         .with_state(app)
 }
 
 /// `sluicegate_requests_total{route,status,scope}` and admission rejections by scope.
-async fn count(route: Arc<str>, request: Request, next: Next) -> Response {
+///
+/// Counter handles are looked up once per (status, scope) and cached per route: the label
+/// strings are not rebuilt, and the registry not searched, on every request.
+#[derive(Default)]
+pub(super) struct RouteCounters {
+    cells: std::sync::RwLock<std::collections::HashMap<(u16, &'static str), metrics::Counter>>,
+}
+
+impl RouteCounters {
+    fn get(&self, route: &str, status: u16, scope: &'static str) -> metrics::Counter {
+        if let Some(counter) = self
+            .cells
+            .read()
+            .expect("counter cache lock is never poisoned")
+            .get(&(status, scope))
+        {
+            return counter.clone();
+        }
+        let counter = metrics::counter!(
+            "sluicegate_requests_total",
+            "route" => route.to_owned(),
+            "status" => status.to_string(),
+            "scope" => scope
+        );
+        self.cells
+            .write()
+            .expect("counter cache lock is never poisoned")
+            .insert((status, scope), counter.clone());
+        counter
+    }
+}
+
+async fn count(
+    route: Arc<str>,
+    counters: Arc<RouteCounters>,
+    request: Request,
+    next: Next,
+) -> Response {
     let response = next.run(request).await;
     let scope = response.extensions().get::<ShedScope>().copied();
     let scope_label = scope.map_or("none", ShedScope::as_str);
-    metrics::counter!(
-        "sluicegate_requests_total",
-        "route" => route.to_string(),
-        "status" => response.status().as_str().to_owned(),
-        "scope" => scope_label
-    )
-    .increment(1);
+    counters
+        .get(&route, response.status().as_u16(), scope_label)
+        .increment(1);
     if let Some(ShedScope::Limit(scope)) = scope {
         metrics::counter!("sluicegate_admission_rejections_total", "scope" => scope.as_str())
             .increment(1);
@@ -103,7 +140,31 @@ async fn count(route: Arc<str>, request: Request, next: Next) -> Response {
     response
 }
 
-/// Puts the request's [`ClientKey`] into its extensions, or answers `401`/`403`/`400`.
+/// Request ids `<process prefix>-<sequence>`: unique, and cheap (no random draw per request).
+#[derive(Clone)]
+struct SequentialRequestId {
+    prefix: u32,
+    next: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SequentialRequestId {
+    fn new() -> Self {
+        SequentialRequestId {
+            prefix: rand::random(),
+            next: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+        }
+    }
+}
+
+impl MakeRequestId for SequentialRequestId {
+    fn make_request_id<B>(&mut self, _request: &axum::http::Request<B>) -> Option<RequestId> {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        axum::http::HeaderValue::from_str(&format!("{:08x}-{n:x}", self.prefix))
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
 pub(super) async fn identify(
     State(app): State<Weak<App>>,
     mut request: Request,

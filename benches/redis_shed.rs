@@ -93,7 +93,12 @@ async fn drive_admit(admission: &Arc<Admission<TokioClock>>, tasks: usize, secs:
 
 fn proxy_config(redis: Option<&RedisServer>) -> Config {
     let backend = match redis {
-        Some(redis) => format!("backend = \"redis\"\nredis_url = \"{}\"", redis.url()),
+        // A saturated proxy can take longer than the default 50 ms to see a reply; this
+        // measures the Redis path, so no call may fall back (a fallback would admit a 200).
+        Some(redis) => format!(
+            "backend = \"redis\"\nredis_url = \"{}\"\nredis_timeout = \"5s\"",
+            redis.url()
+        ),
         None => "backend = \"local\"".to_owned(),
     };
     Config::from_toml(&format!(

@@ -29,15 +29,9 @@ pub struct Pipeline {
     pub limit_backend: Option<RedisBackend>,
 }
 
-/// Connects the backend `[limits]` asks for: `None` for `local`.
-///
-/// An unreachable Redis does not fail this (the backend starts down and the
-/// `on_backend_error` policy applies until Redis answers); only an unusable `redis_url` does.
-pub async fn limit_backend(limits: &LimitsConfig) -> std::io::Result<Option<RedisBackend>> {
-    if limits.backend == LimitBackend::Local {
-        return Ok(None);
-    }
-    let options = RedisOptions {
+/// The Redis options `[limits]` asks for; `None` for `backend = "local"`.
+pub fn redis_options(limits: &LimitsConfig) -> Option<RedisOptions> {
+    (limits.backend == LimitBackend::Redis).then(|| RedisOptions {
         timeout: limits.redis_timeout,
         fallback: match limits.on_backend_error {
             BackendErrorPolicy::Local => Fallback::Local,
@@ -45,7 +39,25 @@ pub async fn limit_backend(limits: &LimitsConfig) -> std::io::Result<Option<Redi
             BackendErrorPolicy::Deny => Fallback::Deny,
         },
         ..RedisOptions::new(limits.redis_url.clone())
+    })
+}
+
+/// Connects the backend `[limits]` asks for: `None` for `local`. With `previous` (a reload)
+/// whose options are the same, that backend — its connection and health state — is kept.
+///
+/// An unreachable Redis does not fail this (the backend starts down and the
+/// `on_backend_error` policy applies until Redis answers; connecting waits for it at most a
+/// second); only an unusable `redis_url` does.
+pub async fn limit_backend(
+    limits: &LimitsConfig,
+    previous: Option<&RedisBackend>,
+) -> std::io::Result<Option<RedisBackend>> {
+    let Some(options) = redis_options(limits) else {
+        return Ok(None);
     };
+    if let Some(previous) = previous.filter(|p| *p.options() == options) {
+        return Ok(Some(previous.clone()));
+    }
     RedisBackend::connect(options).await.map(Some).map_err(|e| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -81,7 +93,7 @@ impl Pipeline {
         client: &aws_sdk_lambda::Client,
         dead_letters: bool,
     ) -> std::io::Result<Pipeline> {
-        let backend = limit_backend(&config.limits).await?;
+        let backend = limit_backend(&config.limits, None).await?;
         Pipeline::build_with(config, client, dead_letters, backend).await
     }
 

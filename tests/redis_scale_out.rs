@@ -344,3 +344,26 @@ async fn killing_redis_mid_run_answers_every_request_and_shared_limits_return() 
         "admitted {admitted} in {elapsed:?}: the shared limit did not return"
     );
 }
+
+#[test]
+fn redis_settings_have_defaults_and_bad_values_name_their_key() {
+    let toml = |limits: &str| {
+        format!(
+            "[limits]\nbackend = \"redis\"\n{limits}\n\
+             [[routes]]\nname = \"records\"\nfunction = \"f\"\n"
+        )
+    };
+    let config = Config::from_toml(&toml("")).expect("defaults are valid");
+    assert_eq!(config.limits.redis_timeout, Duration::from_millis(50));
+    assert_eq!(config.limits.redis_url, "redis://127.0.0.1:6379");
+    for (limits, key) in [
+        ("redis_timeout = \"0ms\"", "limits.redis_timeout"),
+        ("redis_timeout = \"1m\"", "limits.redis_timeout"),
+        ("redis_url = \"http://nope\"", "limits.redis_url"),
+    ] {
+        let err = Config::from_toml(&toml(limits))
+            .expect_err(limits)
+            .to_string();
+        assert!(err.contains(key), "{limits}: {err}");
+    }
+}

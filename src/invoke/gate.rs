@@ -197,7 +197,7 @@ impl Gate {
     }
 
     /// A gate whose invoke-rate token comes from `function`'s bucket in Redis, shared with
-    /// every replica (see the [module docs](self)); the local bucket serves the `local`
+    /// every replica (see the gate module's docs); the local bucket serves the `local`
     /// fallback.
     pub fn shared(config: GateConfig, backend: RedisBackend, function: &str) -> Self {
         let key = backend.invoke_key(function);

@@ -60,6 +60,29 @@
 //!   `require_known_key`, the server refuses them with [`Admission::is_known_key`] before
 //!   calling [`Admission::check`], so they never create state.
 //!
+//! # Shared limits: the Redis backend
+//!
+//! With `[limits] backend = "redis"` every replica checks the same buckets in Redis
+//! ([`redis`] module, [`Admission::with_backend`]): one Lua script holds the same GCRA in the
+//! same integer nanoseconds, checks a request's layers in the same order with the same
+//! "upper tokens stay taken" rule, and so gives the local engine's decisions — including
+//! `remaining`, `reset` and the exact `wait` — for the same request sequence (a property
+//! test holds the two to it). Time is Redis' own clock, so replicas' clocks never matter;
+//! a request costs one round trip on a connection that concurrent requests share
+//! (pipelined). [`Admission::admit`] is the entry point that follows the configured
+//! backend: locally it is [`Admission::check`], ready at once; with Redis it is a future,
+//! bounded by `limits.redis_timeout`. While Redis cannot be reached, `on_backend_error`
+//! ([`Fallback`]) decides at once, without waiting on Redis: `local` uses this replica's
+//! buckets with the configured limits (N replicas may then admit up to N× the shared
+//! limits), `allow` admits, `deny` refuses. Each function's invoke-rate bucket is shared the
+//! same way (`invoke::Gate::shared`).
+//!
+//! # Reload
+//!
+//! [`Admission::reconfigured`] builds the admission for a new config and hands every layer
+//! whose quota did not change over as the same bucket (keys keep their tokens); new or
+//! changed layers start full.
+//!
 //! # Use
 //!
 //! ```

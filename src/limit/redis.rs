@@ -244,17 +244,17 @@ impl RedisBackend {
             }),
         };
         metrics::gauge!("sluicegate_limit_backend_up").set(0.0);
-        if backend.probe().await {
-            tracing::info!(
+        match backend.probe().await {
+            Ok(()) => tracing::info!(
                 redis = %backend.inner.addr,
                 "admission and invoke-rate limits are shared through Redis"
-            );
-        } else {
-            tracing::warn!(
+            ),
+            Err(error) => tracing::warn!(
                 redis = %backend.inner.addr,
+                %error,
                 on_backend_error = backend.fallback().as_str(),
                 "Redis is unreachable at start-up: applying on_backend_error until it answers"
-            );
+            ),
         }
         tokio::spawn(probe_while_down(Arc::downgrade(&backend.inner)));
         Ok(backend)
@@ -356,30 +356,28 @@ impl RedisBackend {
     }
 
     /// Runs the script with no bucket: Redis answers, and the script is loaded. Marks the
-    /// backend up on success.
-    async fn probe(&self) -> bool {
+    /// backend up on success; says why not otherwise.
+    async fn probe(&self) -> Result<(), String> {
         let mut call = self.inner.script.prepare_invoke();
         call.arg("").arg(0u64);
         let mut conn = self.inner.conn.clone();
         let timeout = PROBE_TIMEOUT.max(self.inner.options.timeout);
-        match tokio::time::timeout(timeout, call.invoke_async::<::redis::Value>(&mut conn)).await {
-            Ok(Ok(_)) => {
-                if !self.inner.up.swap(true, Ordering::Relaxed) {
-                    metrics::gauge!("sluicegate_limit_backend_up").set(1.0);
+        let failure =
+            match tokio::time::timeout(timeout, call.invoke_async::<::redis::Value>(&mut conn))
+                .await
+            {
+                Ok(Ok(_)) => {
+                    if !self.inner.up.swap(true, Ordering::Relaxed) {
+                        metrics::gauge!("sluicegate_limit_backend_up").set(1.0);
+                    }
+                    return Ok(());
                 }
-                true
-            }
-            Ok(Err(e)) => {
-                metrics::counter!("sluicegate_limit_backend_errors_total").increment(1);
-                tracing::debug!(redis = %self.inner.addr, error = %e, "Redis probe failed");
-                false
-            }
-            Err(_elapsed) => {
-                metrics::counter!("sluicegate_limit_backend_errors_total").increment(1);
-                tracing::debug!(redis = %self.inner.addr, "Redis probe timed out");
-                false
-            }
-        }
+                Ok(Err(e)) => e.to_string(),
+                Err(_elapsed) => format!("no answer within {timeout:?}"),
+            };
+        metrics::counter!("sluicegate_limit_backend_errors_total").increment(1);
+        tracing::debug!(redis = %self.inner.addr, error = %failure, "Redis probe failed");
+        Err(failure)
     }
 
     /// A call failed: count it, and on the up → down transition log it once.
@@ -408,7 +406,7 @@ async fn probe_while_down(inner: Weak<Inner>) {
             return;
         };
         let backend = RedisBackend { inner };
-        if !backend.is_up() && backend.probe().await {
+        if !backend.is_up() && backend.probe().await.is_ok() {
             tracing::info!(
                 redis = %backend.inner.addr,
                 "Redis backend up again: shared limits restored"

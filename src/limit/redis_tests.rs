@@ -39,8 +39,10 @@ async fn raw(server: &RedisServer) -> ::redis::aio::MultiplexedConnection {
         .expect("redis answers")
 }
 
-fn one_route(default: Quota) -> (Option<Quota>, Vec<(String, Option<Quota>)>, Plans) {
-    (None, vec![("r".into(), None)], Plans::new(default, vec![]))
+/// Local layers: `global`, one route without a route layer, `default` for every key.
+fn one_route(global: Option<Quota>, default: Quota) -> Admission<TokioClock> {
+    let routes = vec![("r".into(), None)];
+    Admission::new(global, routes, Plans::new(default, vec![]), 100, TokioClock)
 }
 
 /// Rates from one token per 100 s to 100k/s, bursts up to 64; now and then a closed layer.
@@ -242,12 +244,15 @@ async fn a_dead_redis_is_bypassed_at_once_and_found_again_when_it_returns() {
     let mut server = RedisServer::start();
     let port = server.port();
     let backend = backend(&server, Fallback::Local).await;
-    let (global, routes, plans) = one_route(Quota {
-        rate: 0.001,
-        burst: 1,
-    });
     let admission = Arc::new(
-        Admission::new(global, routes, plans, 100, TokioClock).with_backend(Some(backend.clone())),
+        one_route(
+            None,
+            Quota {
+                rate: 0.001,
+                burst: 1,
+            },
+        )
+        .with_backend(Some(backend.clone())),
     );
     admission.admit(0, "k").await.expect("shared bucket");
     admission
@@ -300,10 +305,7 @@ async fn an_unreachable_redis_applies_the_allow_and_deny_policies() {
         };
         let backend = RedisBackend::connect(options).await.expect("valid URL");
         assert!(!backend.is_up());
-        let (_, routes, plans) = one_route(quota);
-        let admission = Arc::new(
-            Admission::new(Some(quota), routes, plans, 100, TokioClock).with_backend(Some(backend)),
-        );
+        let admission = Arc::new(one_route(Some(quota), quota).with_backend(Some(backend)));
         for _ in 0..10 {
             let admit = admission.admit(0, "k");
             assert!(matches!(admit, Admit::Ready(_)));
@@ -373,4 +375,64 @@ async fn backend_with_prefix(server: &RedisServer, prefix: &str) -> RedisBackend
         ..RedisOptions::new(server.url())
     };
     RedisBackend::connect(options).await.expect("valid URL")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tower_layer_awaits_redis_and_calls_inner_only_for_admitted_requests() {
+    use std::convert::Infallible;
+
+    use http::{Request, Response, StatusCode};
+    use tower::{Layer, ServiceExt};
+
+    use super::{AdmissionLayer, ClientKey};
+
+    let server = RedisServer::start();
+    let admission = Arc::new(
+        one_route(
+            None,
+            Quota {
+                rate: 0.001,
+                burst: 2,
+            },
+        )
+        .with_backend(Some(backend(&server, Fallback::Deny).await)),
+    );
+    let calls = Arc::new(AtomicUsize::new(0));
+    let inner = tower::service_fn({
+        let calls = Arc::clone(&calls);
+        move |req: Request<()>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let remaining = req.extensions().get::<Admitted>().map(|a| a.remaining);
+            async move { Ok::<_, Infallible>(Response::new(format!("{remaining:?}"))) }
+        }
+    });
+    let reject = |rejected: Rejected| {
+        let mut response = Response::new(rejected.scope.as_str().to_owned());
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        response
+    };
+    let service = AdmissionLayer::new(Arc::clone(&admission), 0, reject).layer(inner);
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        let mut request = Request::new(());
+        request
+            .extensions_mut()
+            .insert(ClientKey(Arc::from("layered")));
+        let response = service.clone().oneshot(request).await.expect("infallible");
+        answers.push((response.status(), response.into_body()));
+    }
+    assert_eq!(
+        answers,
+        vec![
+            (StatusCode::OK, "Some(1)".to_owned()),
+            (StatusCode::OK, "Some(0)".to_owned()),
+            (StatusCode::TOO_MANY_REQUESTS, "key".to_owned()),
+            (StatusCode::TOO_MANY_REQUESTS, "key".to_owned()),
+        ]
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "inner saw only the admitted"
+    );
 }

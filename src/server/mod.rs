@@ -169,7 +169,14 @@ impl App {
         client: &aws_sdk_lambda::Client,
         previous: Option<&App>,
     ) -> std::io::Result<Arc<App>> {
-        let pipeline = Pipeline::build(&config, client, true).await?;
+        // A reload keeps the Redis connection (and its health state) when [limits] did not
+        // change how to reach it.
+        let backend = crate::pipeline::limit_backend(
+            &config.limits,
+            previous.and_then(|p| p.admission.backend()),
+        )
+        .await?;
+        let pipeline = Pipeline::build_with(&config, client, true, backend).await?;
         let mut routes = Vec::with_capacity(config.routes.len());
         for (handle, cfg) in pipeline.routes.into_iter().zip(&config.routes) {
             let kept = previous.and_then(|p| {

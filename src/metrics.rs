@@ -21,6 +21,8 @@
 //! | `sluicegate_invokes_in_flight` | gauge | `function` |
 //! | `sluicegate_tracked_keys` | gauge | |
 //! | `sluicegate_limit_backend_errors_total` | counter | |
+//! | `sluicegate_limit_backend_up` | gauge | |
+//! | `sluicegate_limit_backend_fallbacks_total` | counter | `policy` |
 
 use std::sync::OnceLock;
 
@@ -121,5 +123,13 @@ fn describe() {
     describe_counter!(
         "sluicegate_limit_backend_errors_total",
         "Errors talking to the shared (Redis) limit backend."
+    );
+    describe_gauge!(
+        "sluicegate_limit_backend_up",
+        "1 while the shared (Redis) limit backend answers, 0 while the fallback policy applies."
+    );
+    describe_counter!(
+        "sluicegate_limit_backend_fallbacks_total",
+        "Decisions made by the on_backend_error policy while Redis was down."
     );
 }

@@ -208,6 +208,15 @@ async fn reload_changes_a_limit_live_and_a_bad_reload_is_refused() {
     assert_eq!(send("b").await, 200);
     assert_eq!(send("b").await, 429, "the old limit still holds");
 
+    // A valid reload that leaves the key quota alone keeps the key's bucket as it was.
+    std::fs::write(&file, tight.replace("max_keys = 1000", "max_keys = 2000")).unwrap();
+    assert_eq!(http.post(&admin).send().await.unwrap().status(), 200);
+    assert_eq!(
+        send("b").await,
+        429,
+        "bucket state survives a reload that did not change its quota"
+    );
+
     // A valid file with a larger burst applies at once, on the same connections.
     std::fs::write(&file, tight.replace("burst = 2 }", "burst = 5 }")).unwrap();
     let applied = http.post(&admin).send().await.unwrap();

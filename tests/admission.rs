@@ -250,15 +250,11 @@ async fn required_keys_refuse_missing_and_unknown_keys_without_tracking_them() {
             .unwrap();
         assert_eq!(unknown.status(), 403);
     }
-    let admin: Value = h
-        .http
-        .get(format!("http://{}/admin/routes", h.running.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin: Value = common::get_json(
+        &h.http,
+        &format!("http://{}/admin/routes", h.running.admin_addr),
+    )
+    .await;
     assert_eq!(
         admin["tracked_keys"], 0,
         "refused keys create no limiter state"

@@ -100,14 +100,7 @@ async fn emulate_serves_only_the_emulator_section() {
     let http = reqwest::Client::new();
     let stats_url = format!("http://127.0.0.1:{port}/emulator/stats");
     wait_until_up(&http, &stats_url).await;
-    let stats: Value = http
-        .get(&stats_url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = common::get_json(&http, &stats_url).await;
     assert_eq!(stats["functions"]["standalone"]["invocations"], 0);
 }
 
@@ -317,13 +310,10 @@ async fn dlq_redrive_replays_a_file_and_reports_what_succeeded() {
         "{}",
         left[0].error
     );
-    let stats: Value = http
-        .get(format!("http://127.0.0.1:{emulator_port}/emulator/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = common::get_json(
+        &http,
+        &format!("http://127.0.0.1:{emulator_port}/emulator/stats"),
+    )
+    .await;
     assert_eq!(stats["functions"]["f"]["records"], 2);
 }

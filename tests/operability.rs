@@ -380,14 +380,11 @@ invoke = {{ max_concurrency = 2, rate = 1000.0, burst = 1000 }}
         unavailable > 0,
         "the grace period ran out with records still queued"
     );
-    let stats: Value = http
-        .get(format!("http://127.0.0.1:{emulator_port}/emulator/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = common::get_json(
+        &http,
+        &format!("http://127.0.0.1:{emulator_port}/emulator/stats"),
+    )
+    .await;
     assert_eq!(
         stats["functions"]["slow"]["records"].as_u64().unwrap() as usize,
         ok,
@@ -452,14 +449,8 @@ async fn sighup_reloads_the_config_file() {
     // The reload is applied asynchronously; poll the admin view of the key, bounded.
     let start = Instant::now();
     loop {
-        let body: Value = http
-            .get(format!("http://127.0.0.1:{admin}/admin/config"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body: Value =
+            common::get_json(&http, &format!("http://127.0.0.1:{admin}/admin/config")).await;
         if body["limits"]["default"]["burst"] == 3 {
             break;
         }

@@ -569,15 +569,11 @@ reserved_concurrency = 1
 #[tokio::test]
 async fn the_admin_listener_reports_routes() {
     let h = Harness::start(&config_toml(ECHO, &route("records", "echo", ""))).await;
-    let body: Value = h
-        .http
-        .get(format!("http://{}/admin/routes", h.running.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = common::get_json(
+        &h.http,
+        &format!("http://{}/admin/routes", h.running.admin_addr),
+    )
+    .await;
     assert_eq!(body["routes"][0]["name"], "records");
     assert_eq!(body["routes"][0]["queue_depth"], 0);
 }

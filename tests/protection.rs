@@ -129,15 +129,11 @@ request_timeout = "5s""#,
     let throttles = stats["throttles"]["CallerRateLimitExceeded"]
         .as_u64()
         .unwrap();
-    let admin: Value = h
-        .http
-        .get(format!("http://{}/admin/routes", h.running.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin: Value = common::get_json(
+        &h.http,
+        &format!("http://{}/admin/routes", h.running.admin_addr),
+    )
+    .await;
     let rate_now = admin["routes"][0]["invoke"]["rate_limit"].as_f64().unwrap();
     eprintln!(
         "adaptive: {invocations} invokes, {throttles} throttled ({:.1}%), rate now {rate_now:.2}/s, {} ok",

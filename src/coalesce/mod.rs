@@ -166,11 +166,13 @@ pub struct Batcher {
     closing: Arc<watch::Sender<bool>>,
 }
 
-/// Closes a [`Batcher`] (see [`Batcher::close`]) without keeping its queue open.
+/// Closes a [`Batcher`] without keeping its queue open.
 #[derive(Clone, Debug)]
 pub struct Closer(Arc<watch::Sender<bool>>);
 
 impl Closer {
+    /// Stops the worker: records not yet sent to Lambda are answered `503` (closed), and no
+    /// new record is taken. Batches already being delivered finish normally.
     pub fn close(&self) {
         self.0.send_replace(true);
     }
@@ -258,13 +260,7 @@ impl Batcher {
         }
     }
 
-    /// Stops the worker: records not yet sent to Lambda are answered `503` (closed), and no
-    /// new record is taken. Batches already being delivered finish normally.
-    pub fn close(&self) {
-        self.closing.send_replace(true);
-    }
-
-    /// A handle that can [`close`](Batcher::close) this batcher without keeping it alive.
+    /// A handle that closes this batcher (see [`Closer::close`]) without keeping it alive.
     pub fn closer(&self) -> Closer {
         Closer(Arc::clone(&self.closing))
     }

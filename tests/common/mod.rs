@@ -195,3 +195,14 @@ pub async fn wait_until_up(http: &reqwest::Client, url: &str) {
     }
     panic!("{url} did not come up within 20 s");
 }
+
+/// GETs `url` and parses its JSON body (the test fails if either step does).
+pub async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
+    http.get(url)
+        .send()
+        .await
+        .expect("answered")
+        .json()
+        .await
+        .expect("a JSON body")
+}

@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //! - [`config`]: the typed TOML config with `SLUICEGATE_*` overrides, validated at load.
-//! - [`server`]: the axum data plane, identity extraction, error → HTTP mapping, admin listener.
+//! - [`server`]: the data plane (hyper HTTP/1, one hand-written service), identity extraction, error → HTTP mapping, admin listener.
 //! - [`limit`]: token-bucket admission (global → route → key), bounded keyed state, Tower layer.
 //! - [`coalesce`]: per-route batcher (handle + worker) and the batch envelope.
 //! - [`invoke`]: the `aws-sdk-lambda` client, per-function gate, Lambda error classification.

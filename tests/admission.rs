@@ -268,6 +268,9 @@ async fn required_keys_refuse_missing_and_unknown_keys_without_tracking_them() {
         .await
         .unwrap();
     assert_eq!(known.status(), 200);
+    // Probes carry no key: the health endpoints are not behind identity.
+    let health = h.http.get(h.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
 }
 
 #[tokio::test]

@@ -327,7 +327,7 @@ invoke = {{ max_concurrency = 2, rate = 1000.0, burst = 1000 }}
     let mut child = Command::new(BIN)
         .args(["--log-format", "json", "serve", "--config"])
         .arg(&config)
-        .env("SLUICEGATE_LOG", "info,sluicegate=debug,tower_http=debug")
+        .env("SLUICEGATE_LOG", "info,sluicegate=debug")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

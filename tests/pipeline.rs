@@ -409,6 +409,10 @@ async fn malformed_and_oversized_bodies_get_clear_errors() {
 
     let response = h.http.get(h.url("/records")).send().await.unwrap();
     assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "POST");
+    let response = h.post("/healthz", "1").await;
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "GET");
 
     assert_eq!(
         h.stats("echo").await["invocations"],
@@ -626,4 +630,80 @@ async fn a_burst_after_an_idle_pause_is_not_shed() {
     let answers = futures_util::future::join_all(bodies.iter().map(|b| h.post("/raw", b))).await;
     let statuses: Vec<u16> = answers.iter().map(|a| a.status().as_u16()).collect();
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+}
+
+#[tokio::test]
+async fn every_answer_carries_a_request_id_the_callers_own_when_it_sent_one() {
+    let h = Harness::start(&config_toml(
+        r#"[[emulator.functions]]
+name = "echo"
+handler = "echo"
+"#,
+        &route("records", "echo", ""),
+    ))
+    .await;
+    let mine = h
+        .http
+        .post(h.url("/records"))
+        .header("x-request-id", "trace-42")
+        .body("1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mine.status(), 200);
+    assert_eq!(mine.headers()["x-request-id"], "trace-42");
+    let mut seen = std::collections::HashSet::new();
+    for path in ["/records", "/records", "/healthz", "/nowhere"] {
+        let response = h.post(path, "1").await;
+        let id = response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let (prefix, sequence) = id.split_once('-').expect("prefix-sequence");
+        assert_eq!(prefix.len(), 8, "{id}");
+        assert!(u64::from_str_radix(sequence, 16).is_ok(), "{id}");
+        assert!(seen.insert(id), "request ids are unique");
+    }
+}
+
+#[tokio::test]
+async fn pipelined_requests_on_one_connection_are_answered_in_order() {
+    let h = Harness::start(&config_toml(
+        r#"[[emulator.functions]]
+name = "echo"
+handler = "echo"
+"#,
+        &route("records", "echo", ""),
+    ))
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(h.running.addr)
+        .await
+        .unwrap();
+    let mut requests = String::new();
+    for n in 0..3 {
+        let body = format!("{{\"n\":{n}}}");
+        requests.push_str(&format!(
+            "POST /records HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    }
+    requests.push_str("GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    stream.write_all(requests.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_string(&mut answer),
+    )
+    .await
+    .expect("the server closes after the last request")
+    .unwrap();
+    let at = |needle: &str| {
+        answer
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle} in {answer}"))
+    };
+    assert!(at(r#""body":{"n":0}"#) < at(r#""body":{"n":1}"#));
+    assert!(at(r#""body":{"n":1}"#) < at(r#""body":{"n":2}"#));
+    assert!(at(r#""body":{"n":2}"#) < at(r#"{"status":"ok"}"#));
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 4, "{answer}");
 }

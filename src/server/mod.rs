@@ -1,5 +1,5 @@
-//! The HTTP side: the data-plane router (record routes, `/healthz`, `/readyz`), the
-//! identity step, the admission layer per route, the admin listener, live reload and
+//! The HTTP side: the data plane (record routes, `/healthz`, `/readyz`), the identity
+//! step, the admission layer per route, the admin listener (axum), live reload and
 //! graceful drain.
 //!
 //! Only this module knows HTTP. A record request goes: identity (key from API key / IP /
@@ -34,13 +34,10 @@ use std::time::Duration;
 
 use axum::extract::Request;
 use axum::response::Response;
-use axum::Router;
-use axum::ServiceExt as _;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tower::ServiceExt;
 
 pub use self::identity::{client_ip, Identify, IdentityError, ANONYMOUS, MAX_KEY_BYTES};
 use self::readiness::Readiness;
@@ -93,6 +90,7 @@ async fn check_fit(config: &Config, client: &aws_sdk_lambda::Client) -> Result<(
 /// One route as the request path sees it.
 struct Route {
     name: String,
+    path: String,
     batcher: Batcher,
     invoker: Arc<Invoker>,
     request_timeout: Duration,
@@ -114,12 +112,13 @@ impl Route {
 
 /// Everything a request needs; replaced whole on reload.
 struct App {
-    routes: Vec<Route>,
+    routes: Vec<Arc<Route>>,
+    /// The record routes as the data plane dispatches them (same order as `routes`).
+    endpoints: Vec<records::Endpoint>,
     identify: Identify,
     admission: Arc<Admission<DefaultClock>>,
     readiness: Readiness,
     config: Config,
-    router: Router,
 }
 
 /// The admission layers of `config`, decided in Redis when `backend` is given (the
@@ -189,13 +188,14 @@ impl App {
                 same_pipeline(old_cfg, cfg).then(|| (old.batcher.clone(), Arc::clone(&old.invoker)))
             });
             let (batcher, invoker) = kept.unwrap_or((handle.batcher, handle.invoker));
-            routes.push(Route {
+            routes.push(Arc::new(Route {
                 name: cfg.name.clone(),
+                path: cfg.path(),
                 batcher,
                 invoker,
                 request_timeout: cfg.request_timeout(&config.server),
                 max_record_bytes: config.server.max_record_bytes.as_usize(),
-            });
+            }));
         }
         let admission = build_admission(
             &config,
@@ -203,17 +203,13 @@ impl App {
             pipeline.limit_backend.clone(),
         );
         let functions: Vec<String> = config.routes.iter().map(|r| r.function.clone()).collect();
-        Ok(Arc::new_cyclic(|weak: &std::sync::Weak<App>| {
-            // The router holds the app as its state; built here so it is part of the app.
-            let router = records::router_for(weak.clone(), &config, &admission);
-            App {
-                routes,
-                identify: Identify::new(&config.identity),
-                admission,
-                readiness: Readiness::new(client.clone(), functions),
-                config,
-                router,
-            }
+        Ok(Arc::new(App {
+            endpoints: records::endpoints(&routes, &admission),
+            routes,
+            identify: Identify::new(&config.identity),
+            admission,
+            readiness: Readiness::new(client.clone(), functions),
+            config,
         }))
     }
 }
@@ -434,20 +430,7 @@ pub async fn start_with_source(
     let (listener, local) = bind("server", server.listen).await?;
     let (admin_listener, admin_local) = bind("admin", server.admin_listen).await?;
 
-    // Each request goes to whichever app is current, so a reload never drops a connection.
-    let current = Arc::clone(&shared);
-    let data = tower::service_fn(move |request: Request| {
-        // Held for the whole request: an app replaced by a reload lives until the
-        // requests it took have been answered.
-        let app = current.app();
-        async move {
-            let response = app.router.clone().oneshot(request).await;
-            drop(app);
-            response
-        }
-    })
-    .into_make_service_with_connect_info::<SocketAddr>();
-    let data = tokio::spawn(serve(listener, data, stopped.clone()));
+    let data = tokio::spawn(serve_data(listener, Arc::clone(&shared), stopped.clone()));
     let tasks = vec![
         tokio::spawn(serve(
             admin_listener,
@@ -485,6 +468,63 @@ async fn bind(
         .map_err(|source| StartError::Bind { what, addr, source })?;
     Ok((listener, local))
 }
+
+/// The data plane's accept loop. Each request goes to whichever app is current, so a
+/// reload never drops a connection. On stop: no more accepts, each connection finishes the
+/// request it is in and closes; returns when all are closed.
+///
+/// Connections are served by hyper's HTTP/1 server directly (keep-alive, pipelining,
+/// `TCP_NODELAY`, a 30 s limit for a request's head so a slow client cannot hold a
+/// connection forever).
+async fn serve_data(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let ids = records::RequestIds::new();
+    let stop = async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let service = records::DataPlane {
+            shared: Arc::clone(&shared),
+            peer,
+            ids: ids.clone(),
+        };
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::trace!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// How long a client may take to send a request's head (request line and headers).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn serve<M, S>(listener: TcpListener, make: M, mut stopped: watch::Receiver<bool>)
 where

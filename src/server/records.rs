@@ -1,190 +1,172 @@
 //! The data plane: `POST <route path>`, `/healthz`, `/readyz`.
+//!
+//! This is the path every shed request takes, so it is one hand-written hyper service, not
+//! a router under a stack of boxed middleware: per request it takes the current app, the
+//! request id (the caller's `x-request-id`, or a new one), a debug-level span, looks the
+//! path up among the record routes, identifies the caller, and calls the route's stack —
+//! [`AdmissionService`] in front of [`RecordService`] — then counts the answer. One
+//! allocation for the request's future; a refusal is built without waiting on anything.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Weak};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::middleware::{self, Next};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::Json;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
-use tower_http::request_id::{
-    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
-use tower_http::trace::TraceLayer;
+use tower::{Service, ServiceExt};
+use tracing::Instrument;
 
 use super::respond::{self, ShedScope};
-use super::{App, IdentityError, ANONYMOUS, TIMEOUT_HEADER};
-use crate::config::Config;
-use crate::limit::{Admission, AdmissionLayer, Admitted, ClientKey, DefaultClock};
+use super::{App, IdentityError, Route, Shared, ANONYMOUS, TIMEOUT_HEADER};
+use crate::limit::Rejected;
+use crate::limit::{
+    Admission, AdmissionLayer, AdmissionService, Admitted, ClientKey, DefaultClock,
+};
 
-/// The answer when the app behind a request is gone. The listener holds a strong
-/// reference to the app for the whole request, so this is a guard, not a path.
-fn gone() -> Response {
-    respond::unavailable(
-        "the configuration was just reloaded; retry",
-        Duration::from_secs(1),
-    )
+/// The header that carries the request id, both ways.
+pub(super) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A record route's stack: admission (global → route → key), then the record itself.
+type Stack = AdmissionService<RecordService, DefaultClock, fn(Rejected) -> Response>;
+
+/// One record route as the data plane dispatches it.
+pub(super) struct Endpoint {
+    path: String,
+    stack: Stack,
+    counters: RouteCounters,
 }
 
-/// The data-plane router of one [`App`] (rebuilt on reload). The app is reached through a
-/// weak reference: the app owns its router, and a strong one would be a cycle.
-pub(super) fn router_for(
-    app: Weak<App>,
-    config: &Config,
+/// The endpoints of an app's routes, in route order (admission's route indexes).
+pub(super) fn endpoints(
+    routes: &[Arc<Route>],
     admission: &Arc<Admission<DefaultClock>>,
-) -> Router {
-    let mut router = Router::new()
-        .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
-        )
-        .route("/readyz", get(readyz));
-    for (index, route) in config.routes.iter().enumerate() {
-        let layer = AdmissionLayer::new(Arc::clone(admission), index, respond::rejected);
-        let name: Arc<str> = route.name.as_str().into();
-        let counters = Arc::new(RouteCounters::default());
-        let handler = post(
-            move |state: State<Weak<App>>,
-                  admitted: Option<Extension<Admitted>>,
-                  request: Request| { submit_record(state, index, admitted, request) },
-        )
-        .fallback(|| async {
-            respond::error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "records are sent with POST",
-            )
+) -> Vec<Endpoint> {
+    let reject: fn(Rejected) -> Response = respond::rejected;
+    routes
+        .iter()
+        .enumerate()
+        .map(|(index, route)| {
+            let layer = AdmissionLayer::new(Arc::clone(admission), index, reject);
+            Endpoint {
+                path: route.path.clone(),
+                stack: tower::Layer::layer(&layer, RecordService(Arc::clone(route))),
+                counters: RouteCounters::new(&route.name),
+            }
         })
-        .layer(layer)
-        // Outside admission, so shed requests are counted too.
-        .layer(middleware::from_fn(move |request: Request, next: Next| {
-            count(Arc::clone(&name), Arc::clone(&counters), request, next)
-        }));
-        router = router.route(&route.path(), handler);
-    }
-    router
-        .fallback(|| async { respond::error(StatusCode::NOT_FOUND, "not_found", "no route at this path") })
-        .layer(middleware::from_fn_with_state(app.clone(), identify))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
-            // `record` and `batch` are filled in later, so a record can be followed into
-            // the batch (and invoke) that carried it. Debug level: at `info` a span per
-            // request would only cost, as nothing inside it logs at `info`.
-            tracing::debug_span!(
-                "request",
-                method = %request.method(),
-                uri = %request.uri(),
-                request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or(""),
-                record = tracing::field::Empty,
-                batch = tracing::field::Empty,
-            )
-        }))
-        .layer(SetRequestIdLayer::x_request_id(SequentialRequestId::new()))
-        .with_state(app)
+        .collect()
 }
 
-/// `sluicegate_requests_total{route,status,scope}` and admission rejections by scope.
-///
-/// Counter handles are looked up once per (status, scope) and cached per route: the label
-/// strings are not rebuilt, and the registry not searched, on every request.
-#[derive(Default)]
-pub(super) struct RouteCounters {
-    cells: std::sync::RwLock<std::collections::HashMap<(u16, &'static str), metrics::Counter>>,
+/// The data plane's hyper service, one per connection.
+pub(super) struct DataPlane {
+    pub(super) shared: Arc<Shared>,
+    pub(super) peer: SocketAddr,
+    pub(super) ids: RequestIds,
 }
 
-impl RouteCounters {
-    fn get(&self, route: &str, status: u16, scope: &'static str) -> metrics::Counter {
-        if let Some(counter) = self
-            .cells
-            .read()
-            .expect("counter cache lock is never poisoned")
-            .get(&(status, scope))
-        {
-            return counter.clone();
-        }
-        let counter = metrics::counter!(
-            "sluicegate_requests_total",
-            "route" => route.to_owned(),
-            "status" => status.to_string(),
-            "scope" => scope
+impl hyper::service::Service<Request<Incoming>> for DataPlane {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
+        // Held for the whole request: an app replaced by a reload lives until the requests
+        // it took have been answered.
+        let app = self.shared.app();
+        let id = match request.headers().get(REQUEST_ID) {
+            Some(id) => id.clone(),
+            None => {
+                let id = self.ids.next();
+                request.headers_mut().insert(REQUEST_ID, id.clone());
+                id
+            }
+        };
+        // `record` and `batch` are filled in later, so a record can be followed into the
+        // batch (and invoke) that carried it. Debug level: nothing inside logs at `info`,
+        // and a disabled span costs next to nothing.
+        let span = tracing::debug_span!(
+            "request",
+            method = %request.method(),
+            uri = %request.uri(),
+            request_id = id.to_str().unwrap_or(""),
+            record = tracing::field::Empty,
+            batch = tracing::field::Empty,
         );
-        self.cells
-            .write()
-            .expect("counter cache lock is never poisoned")
-            .insert((status, scope), counter.clone());
-        counter
+        let peer = self.peer;
+        Box::pin(
+            async move {
+                let mut response = serve(&app, request, peer).await;
+                response.headers_mut().insert(REQUEST_ID, id);
+                tracing::debug!(status = response.status().as_u16(), "answered");
+                Ok(response)
+            }
+            .instrument(span),
+        )
     }
 }
 
-async fn count(
-    route: Arc<str>,
-    counters: Arc<RouteCounters>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let response = next.run(request).await;
-    let scope = response.extensions().get::<ShedScope>().copied();
-    let scope_label = scope.map_or("none", ShedScope::as_str);
-    counters
-        .get(&route, response.status().as_u16(), scope_label)
-        .increment(1);
-    if let Some(ShedScope::Limit(scope)) = scope {
-        metrics::counter!("sluicegate_admission_rejections_total", "scope" => scope.as_str())
-            .increment(1);
+async fn serve(app: &App, request: Request<Incoming>, peer: SocketAddr) -> Response {
+    let path = request.uri().path();
+    if let Some(endpoint) = app.endpoints.iter().find(|e| e.path == path) {
+        let response = record_route(app, endpoint, request, peer).await;
+        endpoint.counters.count(&response);
+        return response;
     }
+    let readable = matches!(*request.method(), Method::GET | Method::HEAD);
+    match path {
+        "/healthz" if readable => Json(serde_json::json!({"status": "ok"})).into_response(),
+        "/readyz" if readable => match app.readiness.check().await {
+            Ok(()) => Json(serde_json::json!({"status": "ready"})).into_response(),
+            Err(reason) => {
+                respond::unavailable(format!("not ready: {reason}"), Duration::from_secs(1))
+            }
+        },
+        "/healthz" | "/readyz" => method_not_allowed("GET"),
+        _ => respond::error(StatusCode::NOT_FOUND, "not_found", "no route at this path"),
+    }
+}
+
+fn method_not_allowed(allow: &'static str) -> Response {
+    let mut response = respond::error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("this path takes {allow}"),
+    );
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
     response
 }
 
-/// Request ids `<process prefix>-<sequence>`: unique, and cheap (no random draw per request).
-#[derive(Clone)]
-struct SequentialRequestId {
-    prefix: u32,
-    next: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl SequentialRequestId {
-    fn new() -> Self {
-        SequentialRequestId {
-            prefix: rand::random(),
-            next: Arc::new(std::sync::atomic::AtomicU64::new(1)),
-        }
-    }
-}
-
-impl MakeRequestId for SequentialRequestId {
-    fn make_request_id<B>(&mut self, _request: &axum::http::Request<B>) -> Option<RequestId> {
-        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        axum::http::HeaderValue::from_str(&format!("{:08x}-{n:x}", self.prefix))
-            .ok()
-            .map(RequestId::new)
-    }
-}
-
-pub(super) async fn identify(
-    State(app): State<Weak<App>>,
-    mut request: Request,
-    next: Next,
+/// Identity, then the route's stack.
+async fn record_route(
+    app: &App,
+    endpoint: &Endpoint,
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
 ) -> Response {
-    let Some(app) = app.upgrade() else {
-        return gone();
-    };
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0)
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-    match app
+    if request.method() != Method::POST {
+        return method_not_allowed("POST");
+    }
+    let key = app
         .identify
-        .key(request.headers(), peer, |k| app.admission.is_known_key(k))
-    {
+        .key(request.headers(), peer, |k| app.admission.is_known_key(k));
+    match key {
         Ok(key) => {
             request.extensions_mut().insert(ClientKey(key));
-            next.run(request).await
+            match endpoint.stack.clone().oneshot(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
         }
         Err(IdentityError::Missing) => respond::error(
             StatusCode::UNAUTHORIZED,
@@ -200,14 +182,137 @@ pub(super) async fn identify(
     }
 }
 
-async fn readyz(State(app): State<Weak<App>>) -> Response {
-    let Some(app) = app.upgrade() else {
-        return gone();
-    };
-    match app.readiness.check().await {
-        Ok(()) => Json(serde_json::json!({"status": "ready"})).into_response(),
-        Err(reason) => respond::unavailable(format!("not ready: {reason}"), Duration::from_secs(1)),
+/// An admitted record: read, checked, submitted to the route's batcher, and answered with
+/// its own outcome (plus the key layer's `RateLimit` fields).
+#[derive(Clone)]
+pub(super) struct RecordService(Arc<Route>);
+
+impl Service<Request<Incoming>> for RecordService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Capacity is the batcher's bounded queue, claimed (or refused) at submit.
+        Poll::Ready(Ok(()))
     }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let route = Arc::clone(&self.0);
+        Box::pin(async move {
+            let admitted = request.extensions().get::<Admitted>().cloned();
+            let mut response = record_response(&route, request).await;
+            if let Some(admitted) = admitted {
+                respond::add_admitted_headers(&mut response, &admitted);
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// `sluicegate_requests_total{route,status,scope}` and admission rejections by scope.
+///
+/// Counter handles are looked up once per (status, scope) and cached per route: the label
+/// strings are not rebuilt, and the registry not searched, on every request.
+pub(super) struct RouteCounters {
+    route: Arc<str>,
+    cells: std::sync::RwLock<std::collections::HashMap<(u16, ShedScopeKey), Cell>>,
+}
+
+/// A cache key for the scope label (`None`: not shed).
+type ShedScopeKey = Option<&'static str>;
+
+#[derive(Clone)]
+struct Cell {
+    requests: metrics::Counter,
+    /// `sluicegate_admission_rejections_total{scope}` for admission refusals.
+    rejections: Option<metrics::Counter>,
+}
+
+impl RouteCounters {
+    fn new(route: &str) -> Self {
+        RouteCounters {
+            route: route.into(),
+            cells: Default::default(),
+        }
+    }
+
+    fn count(&self, response: &Response) {
+        let scope = response.extensions().get::<ShedScope>().copied();
+        let key = (response.status().as_u16(), scope.map(ShedScope::as_str));
+        let cached = self
+            .cells
+            .read()
+            .expect("counter cache lock is never poisoned")
+            .get(&key)
+            .cloned();
+        let cell = cached.unwrap_or_else(|| self.cell(key, scope));
+        cell.requests.increment(1);
+        if let Some(rejections) = cell.rejections {
+            rejections.increment(1);
+        }
+    }
+
+    #[cold]
+    fn cell(&self, key: (u16, ShedScopeKey), scope: Option<ShedScope>) -> Cell {
+        let cell = Cell {
+            requests: metrics::counter!(
+                "sluicegate_requests_total",
+                "route" => self.route.to_string(),
+                "status" => key.0.to_string(),
+                "scope" => key.1.unwrap_or("none")
+            ),
+            rejections: match scope {
+                Some(ShedScope::Limit(scope)) => Some(metrics::counter!(
+                    "sluicegate_admission_rejections_total",
+                    "scope" => scope.as_str()
+                )),
+                _ => None,
+            },
+        };
+        self.cells
+            .write()
+            .expect("counter cache lock is never poisoned")
+            .insert(key, cell.clone());
+        cell
+    }
+}
+
+/// Request ids `<process prefix>-<sequence>` in hex: unique, and cheap (no random draw,
+/// no formatting machinery per request).
+#[derive(Clone)]
+pub(super) struct RequestIds {
+    prefix: u32,
+    next: Arc<AtomicU64>,
+}
+
+impl RequestIds {
+    pub(super) fn new() -> Self {
+        RequestIds {
+            prefix: rand::random(),
+            next: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    fn next(&self) -> HeaderValue {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut text = [0u8; 8 + 1 + 16];
+        let mut len = hex(u64::from(self.prefix), 8, &mut text);
+        text[len] = b'-';
+        len += 1;
+        len += hex(n, 1, &mut text[len..]);
+        HeaderValue::from_bytes(&text[..len]).expect("hex digits are a valid header value")
+    }
+}
+
+/// Writes `n` in lower-case hex, at least `min_digits` long; returns the digits written.
+fn hex(n: u64, min_digits: usize, out: &mut [u8]) -> usize {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let digits = (16 - n.leading_zeros() as usize / 4).max(min_digits);
+    for (i, byte) in out[..digits].iter_mut().enumerate() {
+        *byte = DIGITS[((n >> (4 * (digits - 1 - i))) & 0xf) as usize];
+    }
+    digits
 }
 
 /// The caller's deadline: the route's, shortened by `x-sluicegate-timeout-ms`.
@@ -229,24 +334,7 @@ fn deadline(headers: &HeaderMap, route_timeout: Duration) -> Result<Instant, Str
     Ok(Instant::now() + timeout)
 }
 
-async fn submit_record(
-    State(app): State<Weak<App>>,
-    index: usize,
-    admitted: Option<Extension<Admitted>>,
-    request: Request,
-) -> Response {
-    let Some(app) = app.upgrade() else {
-        return gone();
-    };
-    let mut response = record_response(&app, index, request).await;
-    if let Some(Extension(admitted)) = admitted {
-        respond::add_admitted_headers(&mut response, &admitted);
-    }
-    response
-}
-
-async fn record_response(app: &App, index: usize, request: Request) -> Response {
-    let route = &app.routes[index];
+async fn record_response(route: &Route, request: Request<Incoming>) -> Response {
     let (parts, body) = request.into_parts();
     let deadline = match deadline(&parts.headers, route.request_timeout) {
         Ok(deadline) => deadline,
@@ -264,15 +352,15 @@ async fn record_response(app: &App, index: usize, request: Request) -> Response 
     };
     let declared = parts
         .headers
-        .get(axum::http::header::CONTENT_LENGTH)
+        .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > route.max_record_bytes as u64) {
         return too_large();
     }
-    let bytes = match axum::body::to_bytes(body, route.max_record_bytes).await {
-        Ok(bytes) => bytes,
-        Err(e) if is_length_limit(&e) => return too_large(),
+    let bytes = match Limited::new(body, route.max_record_bytes).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
         Err(e) => {
             return respond::error(
                 StatusCode::BAD_REQUEST,
@@ -320,13 +408,31 @@ async fn record_response(app: &App, index: usize, request: Request) -> Response 
     }
 }
 
-fn is_length_limit(err: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = source {
-        if e.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = e.source();
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_pads_to_the_minimum_and_grows_past_it() {
+        let mut out = [0u8; 16];
+        let n = hex(0xab, 8, &mut out);
+        assert_eq!(&out[..n], b"000000ab");
+        let n = hex(0, 1, &mut out);
+        assert_eq!(&out[..n], b"0");
+        let n = hex(u64::MAX, 1, &mut out);
+        assert_eq!(&out[..n], b"ffffffffffffffff");
+        let n = hex(0x1_0000_0000, 8, &mut out);
+        assert_eq!(&out[..n], b"100000000");
     }
-    false
+
+    #[test]
+    fn request_ids_are_unique_and_share_the_process_prefix() {
+        let ids = RequestIds::new();
+        let a = ids.next();
+        let b = ids.clone().next();
+        assert_ne!(a, b);
+        let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+        assert_eq!(a.split('-').next(), b.split('-').next());
+        assert_eq!(a.split('-').next().unwrap().len(), 8);
+    }
 }

@@ -1,8 +1,9 @@
-//! The ceiling for the load tests: a bare HTTP/1 server that answers every request
+//! The ceiling for the load tests: a bare hyper HTTP/1 server that answers every request
 //! `429 Too Many Requests` with `retry-after: 1` and a small JSON body, the same shape
 //! sluicegate sends when it sheds. It does no admission work at all, so its throughput
 //! is the most any shedding proxy can reach on this machine with the same HTTP stack
-//! (axum over hyper 1 on tokio, as sluicegate uses).
+//! (hyper 1 on tokio's multi-threaded runtime, one accept loop, `TCP_NODELAY`, as
+//! sluicegate's data plane is served).
 //!
 //! It reads each request's body to the end before answering, as a real proxy must, so
 //! that keep-alive connections stay in sync and the comparison is fair.
@@ -13,30 +14,47 @@
 //!
 //! Used by `loadtest/run.sh shed`; stops on SIGINT or SIGTERM.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use axum::body::Bytes;
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Router;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
 
 const BODY: &str = r#"{"error":"rate_limited","scope":"key","retry_after_ms":1000}"#;
 
-/// Every request ends here. Taking `Bytes` makes axum read the whole body first.
-async fn shed(_body: Bytes) -> Response {
-    (
-        StatusCode::TOO_MANY_REQUESTS,
-        [
-            (header::RETRY_AFTER, HeaderValue::from_static("1")),
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            ),
-        ],
-        BODY,
-    )
-        .into_response()
+/// Every request ends here, after its body has been read.
+async fn shed(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    // A broken body changes nothing: the answer is the same.
+    let _ = request.into_body().collect().await;
+    let mut response = Response::new(Full::new(Bytes::from_static(BODY.as_bytes())));
+    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    let headers = response.headers_mut();
+    headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(response)
+}
+
+async fn serve(listener: tokio::net::TcpListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                eprintln!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), hyper::service::service_fn(shed))
+                .await;
+        });
+    }
 }
 
 async fn shutdown_signal() {
@@ -83,16 +101,9 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let app = Router::new().fallback(shed);
     eprintln!("static429 listening on {addr}");
-    match axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
+    tokio::select! {
+        () = serve(listener) => ExitCode::FAILURE,
+        () = shutdown_signal() => ExitCode::SUCCESS,
     }
 }

@@ -213,14 +213,15 @@ impl Service<Request<Incoming>> for RecordService {
 /// `sluicegate_requests_total{route,status,scope}` and admission rejections by scope.
 ///
 /// Counter handles are looked up once per (status, scope) and cached per route: the label
-/// strings are not rebuilt, and the registry not searched, on every request.
+/// strings are not rebuilt, and the registry not searched, on every request. A route sees
+/// a handful of (status, scope) pairs, so the cache is a short list.
 pub(super) struct RouteCounters {
     route: Arc<str>,
-    cells: std::sync::RwLock<std::collections::HashMap<(u16, ShedScopeKey), Cell>>,
+    cells: std::sync::RwLock<Vec<((u16, ScopeLabel), Cell)>>,
 }
 
-/// A cache key for the scope label (`None`: not shed).
-type ShedScopeKey = Option<&'static str>;
+/// The scope label of a response (`None`: not shed).
+type ScopeLabel = Option<&'static str>;
 
 #[derive(Clone)]
 struct Cell {
@@ -244,8 +245,9 @@ impl RouteCounters {
             .cells
             .read()
             .expect("counter cache lock is never poisoned")
-            .get(&key)
-            .cloned();
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, cell)| cell.clone());
         let cell = cached.unwrap_or_else(|| self.cell(key, scope));
         cell.requests.increment(1);
         if let Some(rejections) = cell.rejections {
@@ -254,7 +256,7 @@ impl RouteCounters {
     }
 
     #[cold]
-    fn cell(&self, key: (u16, ShedScopeKey), scope: Option<ShedScope>) -> Cell {
+    fn cell(&self, key: (u16, ScopeLabel), scope: Option<ShedScope>) -> Cell {
         let cell = Cell {
             requests: metrics::counter!(
                 "sluicegate_requests_total",
@@ -273,7 +275,7 @@ impl RouteCounters {
         self.cells
             .write()
             .expect("counter cache lock is never poisoned")
-            .insert(key, cell.clone());
+            .push((key, cell.clone()));
         cell
     }
 }

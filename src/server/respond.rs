@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -72,49 +72,59 @@ fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-fn header_value(text: String) -> HeaderValue {
-    HeaderValue::try_from(text).expect("rate-limit fields are ASCII")
+/// A structured field such as `"key";q=10;w=1`: the scope, then `;name=value` pairs.
+/// Written by hand: this runs for every shed request.
+fn field(scope: &str, pairs: [(u8, u64); 2]) -> HeaderValue {
+    let mut text = Vec::with_capacity(scope.len() + 2 + 2 * (3 + 20));
+    text.push(b'"');
+    text.extend_from_slice(scope.as_bytes());
+    text.push(b'"');
+    let mut digits = itoa::Buffer::new();
+    for (name, value) in pairs {
+        text.extend_from_slice(&[b';', name, b'=']);
+        text.extend_from_slice(digits.format(value).as_bytes());
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+        .expect("scope names and digits are valid header text")
 }
 
 /// `429` with the body and headers of the HTTP contract.
 pub fn shed(scope: ShedScope, wait: Duration, policy: Option<Quota>) -> Response {
-    #[derive(Serialize)]
-    struct Body<'a> {
-        error: &'a str,
-        scope: &'a str,
-        retry_after_ms: u64,
-    }
     let name = scope.as_str();
-    let body = Body {
-        error: "rate_limited",
-        scope: name,
-        retry_after_ms: retry_after_ms(wait),
-    };
-    let mut response = json_response(
-        StatusCode::TOO_MANY_REQUESTS,
-        serde_json::to_vec(&body).expect("plain struct"),
-    );
+    // `{"error":"rate_limited","scope":<name>,"retry_after_ms":<ms>}`, written by hand
+    // (this runs for every shed request): scope names are fixed identifiers, no escaping.
+    let mut digits = itoa::Buffer::new();
+    let ms = digits.format(retry_after_ms(wait));
+    let mut body = Vec::with_capacity(64 + name.len() + ms.len());
+    body.extend_from_slice(br#"{"error":"rate_limited","scope":""#);
+    body.extend_from_slice(name.as_bytes());
+    body.extend_from_slice(br#"","retry_after_ms":"#);
+    body.extend_from_slice(ms.as_bytes());
+    body.push(b'}');
+    let mut response = json_response(StatusCode::TOO_MANY_REQUESTS, body);
     // The metrics layer reads the scope from here: the body is already serialized.
     response.extensions_mut().insert(scope);
     let secs = retry_after_secs(wait);
     let headers = response.headers_mut();
     headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     if let Some(quota) = policy {
-        headers.insert("ratelimit-policy", policy_field(name, quota));
+        headers.insert(RATELIMIT_POLICY, policy_field(name, quota));
     }
-    headers.insert(
-        "ratelimit",
-        header_value(format!("\"{name}\";r=0;t={secs}")),
-    );
+    headers.insert(RATELIMIT, field(name, [(b'r', 0), (b't', secs)]));
     response
 }
 
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+
 fn policy_field(scope: &str, quota: Quota) -> HeaderValue {
-    header_value(format!(
-        "\"{scope}\";q={};w={}",
-        quota.burst,
-        ceil_secs(quota.refill_time()).max(1)
-    ))
+    field(
+        scope,
+        [
+            (b'q', u64::from(quota.burst)),
+            (b'w', ceil_secs(quota.refill_time()).max(1)),
+        ],
+    )
 }
 
 /// A limiter refusal.
@@ -129,18 +139,20 @@ pub fn rejected(rejected: Rejected) -> Response {
 /// Adds the key layer's `RateLimit-Policy` and `RateLimit` to an admitted response, unless
 /// a later stage already described its own scope (a queue or upstream `429`).
 pub fn add_admitted_headers(response: &mut Response, admitted: &Admitted) {
-    if response.headers().contains_key("ratelimit") {
+    if response.headers().contains_key(RATELIMIT) {
         return;
     }
     let headers = response.headers_mut();
-    headers.insert("ratelimit-policy", policy_field("key", admitted.quota));
+    headers.insert(RATELIMIT_POLICY, policy_field("key", admitted.quota));
     headers.insert(
-        "ratelimit",
-        header_value(format!(
-            "\"key\";r={};t={}",
-            admitted.remaining,
-            ceil_secs(admitted.reset)
-        )),
+        RATELIMIT,
+        field(
+            "key",
+            [
+                (b'r', u64::from(admitted.remaining)),
+                (b't', ceil_secs(admitted.reset)),
+            ],
+        ),
     );
 }
 
@@ -322,6 +334,33 @@ mod tests {
         assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
         assert_eq!(retry_after_ms(Duration::from_micros(1500)), 2);
         assert_eq!(retry_after_ms(Duration::from_millis(7)), 7);
+    }
+
+    #[tokio::test]
+    async fn the_shed_body_is_json_with_the_scope_and_the_exact_wait() {
+        let scopes = [
+            ShedScope::Limit(Scope::Global),
+            ShedScope::Limit(Scope::Route),
+            ShedScope::Limit(Scope::Key),
+            ShedScope::Queue,
+            ShedScope::Upstream,
+        ];
+        for (scope, wait_us) in scopes.into_iter().zip([1, 999, 1_000, 1_500_001, u32::MAX]) {
+            let wait = Duration::from_micros(u64::from(wait_us));
+            let response = shed(scope, wait, None);
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(
+                body,
+                serde_json::json!({
+                    "error": "rate_limited",
+                    "scope": scope.as_str(),
+                    "retry_after_ms": retry_after_ms(wait),
+                })
+            );
+        }
     }
 
     #[test]

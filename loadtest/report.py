@@ -418,7 +418,7 @@ def report_seed000(runs):
         ok = m["status"].get("200", 0)
         d_end, d_all = delta(r, "stats_before_json", "stats_end_json"), delta(r)
         quota = float(r.get("emulator_quota", 10)) * int(r.get("max_records", 20))
-        paced = float(r.get("invoke_rate", 9.5)) * int(r.get("max_records", 20))
+        paced = float(r.get("invoke_rate", 10)) * int(r.get("max_records", 20))
         sl = per_status_latency(sqlite_rows(r))
         other = {k: v for k, v in m["status"].items() if k not in ("200", "429")}
         row = {
@@ -443,7 +443,7 @@ def report_seed000(runs):
         samples = jsonl(OUT / r["samples"]) if r.get("samples") else []
         req_rows = sqlite_rows(r)
         if req_rows:
-            # 1 s bins: at ~9.5 invokes/s of 20 records a shorter bin shows invoke aliasing.
+            # 1 s bins: at ~10 invokes/s of 20 records a shorter bin shows invoke aliasing.
             tl[f"offered {r.get('rate')}/s: client responses/s by status"] = timeline(req_rows, 1.0)
         if len(samples) > 1:
             # Records/s the emulator saw between consecutive samples, on the load's clock.
@@ -453,7 +453,7 @@ def report_seed000(runs):
             em = [(b[1] - a[1]) / max(1e-6, b[0] - a[0]) for a, b in zip(recs, recs[1:])]
             tl[f"offered {r.get('rate')}/s: records/s delivered to Lambda (emulator)"] = (em_t, {"records/s": em})
     md.append("sluicegate → emulator (invoke_rate 10/s, reserved concurrency 5, 100 ms); "
-              "sluicegate batches 20, paces 9.5 invokes/s, ≤5 in flight; oha `-q RATE -c200 --latency-correction`\n")
+              "sluicegate batches 20, paces 10 invokes/s, ≤5 in flight; oha `-q RATE -c200 --latency-correction`\n")
     md.append(table(["offered", "responses/s", "delivered rec/s (200s)", "emulator rec/s",
                      "quota × max_records", "invokes", "throttled", "rec/invoke", "peak conc.",
                      "429 p50 ms", "429 p99 ms", "200 p99 ms", "statuses"], rows))

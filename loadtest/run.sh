@@ -219,7 +219,7 @@ scenario_seed000() {
         emu_stats "$EMU" "$OUT/raw/$s/$label.stats-after.json"
         wait "$sampler" 2>/dev/null
         record $s contender=sluicegate tool=oha rate="$rate" connections=200 duration="$DURATION" \
-            invoke_rate=9.5 emulator_quota=10 max_records=20 \
+            invoke_rate=10 emulator_quota=10 max_records=20 \
             stats_before="raw/$s/$label.stats-before.json" stats_end="raw/$s/$label.stats-end.json" \
             stats_after="raw/$s/$label.stats-after.json" samples="raw/$s/$label.samples.jsonl"
     done

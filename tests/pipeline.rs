@@ -707,3 +707,37 @@ handler = "echo"
     assert!(at(r#""body":{"n":2}"#) < at(r#"{"status":"ok"}"#));
     assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 4, "{answer}");
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_request_head_is_disconnected() {
+    let h = Harness::start(
+        &config_toml(
+            r#"[[emulator.functions]]
+name = "echo"
+handler = "echo"
+"#,
+            &route("records", "echo", ""),
+        )
+        .replace("[server]\n", "[server]\nheader_read_timeout = \"300ms\"\n"),
+    )
+    .await;
+    let mut slow = tokio::net::TcpStream::connect(h.running.addr)
+        .await
+        .unwrap();
+    slow.write_all(b"POST /records HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the connection is closed instead of waiting for the head forever"
+    );
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("200 OK"),
+        "the half-sent request is never answered as if complete"
+    );
+    // A client that sends its head in time is served as usual.
+    let response = h.post("/records", "1").await;
+    assert_eq!(response.status(), 200);
+}

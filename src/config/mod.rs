@@ -113,6 +113,10 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT, time allowed for in-flight work to finish.
     #[serde(with = "units::duration")]
     pub shutdown_grace: Duration,
+    /// How long a client may take to send a request's head (request line and headers)
+    /// before its connection is closed; keeps slow clients from holding connections.
+    #[serde(with = "units::duration")]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -123,6 +127,7 @@ impl Default for ServerConfig {
             max_record_bytes: ByteSize::kib(256),
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(20),
+            header_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -603,6 +608,12 @@ impl Config {
         if s.request_timeout.is_zero() {
             return Err(ConfigError::invalid(
                 "server.request_timeout",
+                "must be greater than 0",
+            ));
+        }
+        if s.header_read_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "server.header_read_timeout",
                 "must be greater than 0",
             ));
         }

@@ -117,6 +117,11 @@ fn impossible_values_are_rejected_with_the_key_named() {
     assert_eq!(err.key(), Some("routes[1].name"), "{err}");
     let err = load(&format!("[lambda]\nendpoint_url = \"ftp://x\"\n{MINIMAL}")).unwrap_err();
     assert_eq!(err.key(), Some("lambda.endpoint_url"), "{err}");
+    let err = load(&format!(
+        "[server]\nheader_read_timeout = \"0s\"\n{MINIMAL}"
+    ))
+    .unwrap_err();
+    assert_eq!(err.key(), Some("server.header_read_timeout"), "{err}");
 }
 
 #[test]

@@ -474,8 +474,8 @@ async fn bind(
 /// request it is in and closes; returns when all are closed.
 ///
 /// Connections are served by hyper's HTTP/1 server directly (keep-alive, pipelining,
-/// `TCP_NODELAY`, a 30 s limit for a request's head so a slow client cannot hold a
-/// connection forever).
+/// `TCP_NODELAY`, `server.header_read_timeout` for a request's head so a slow client
+/// cannot hold a connection forever).
 async fn serve_data(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -503,6 +503,8 @@ async fn serve_data(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
+        // Read per connection, so a reload applies to the connections after it.
+        let head_timeout = shared.app().config.server.header_read_timeout;
         let service = records::DataPlane {
             shared: Arc::clone(&shared),
             peer,
@@ -510,7 +512,7 @@ async fn serve_data(
         };
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .header_read_timeout(head_timeout)
             .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
@@ -522,9 +524,6 @@ async fn serve_data(
     drop(listener);
     graceful.shutdown().await;
 }
-
-/// How long a client may take to send a request's head (request line and headers).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn serve<M, S>(listener: TcpListener, make: M, mut stopped: watch::Receiver<bool>)
 where

@@ -659,9 +659,13 @@ handler = "echo"
             .to_str()
             .unwrap()
             .to_owned();
-        let (prefix, sequence) = id.split_once('-').expect("prefix-sequence");
-        assert_eq!(prefix.len(), 8, "{id}");
-        assert!(u64::from_str_radix(sequence, 16).is_ok(), "{id}");
+        let parts: Vec<&str> = id.split('-').collect();
+        assert_eq!(parts.len(), 3, "prefix-connection-request: {id}");
+        assert_eq!(parts[0].len(), 8, "{id}");
+        assert!(
+            parts.iter().all(|p| u64::from_str_radix(p, 16).is_ok()),
+            "{id}"
+        );
         assert!(seen.insert(id), "request ids are unique");
     }
 }

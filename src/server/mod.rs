@@ -29,7 +29,9 @@ pub mod respond;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use axum::extract::Request;
@@ -216,7 +218,9 @@ impl App {
 
 /// What the listeners share: the current app, and how to build the next one.
 struct Shared {
-    app: RwLock<Arc<App>>,
+    /// Read on every request: an `ArcSwap` loads without writing to a lock word that both
+    /// cores would fight over.
+    app: ArcSwap<App>,
     client: aws_sdk_lambda::Client,
     /// Where reloads read from; `None` when started from an in-memory config.
     source: Option<PathBuf>,
@@ -236,12 +240,7 @@ pub struct ReloadReport {
 
 impl Shared {
     fn app(&self) -> Arc<App> {
-        Arc::clone(
-            &self
-                .app
-                .read()
-                .expect("app lock is never poisoned: no panics while held"),
-        )
+        self.app.load_full()
     }
 
     /// Points the Lambda endpoint at the embedded emulator the way `start` did.
@@ -296,10 +295,7 @@ impl Shared {
             .lock()
             .expect("closers lock is never poisoned: no panics while held")
             .extend(next.routes.iter().map(|r| r.batcher.closer()));
-        *self
-            .app
-            .write()
-            .expect("app lock is never poisoned: no panics while held") = next;
+        self.app.store(next);
         tracing::info!(restart_required = ?report.restart_required, "config reloaded");
         Ok(report)
     }
@@ -417,7 +413,7 @@ pub async fn start_with_source(
         .map_err(StartError::Pipeline)?;
     let closers = app.routes.iter().map(|r| r.batcher.closer()).collect();
     let shared = Arc::new(Shared {
-        app: RwLock::new(Arc::clone(&app)),
+        app: ArcSwap::new(Arc::clone(&app)),
         client,
         source,
         closers: std::sync::Mutex::new(closers),
@@ -508,7 +504,7 @@ async fn serve_data(
         let service = records::DataPlane {
             shared: Arc::clone(&shared),
             peer,
-            ids: ids.clone(),
+            ids: ids.connection(),
         };
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())

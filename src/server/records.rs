@@ -70,7 +70,7 @@ pub(super) fn endpoints(
 pub(super) struct DataPlane {
     pub(super) shared: Arc<Shared>,
     pub(super) peer: SocketAddr,
-    pub(super) ids: RequestIds,
+    pub(super) ids: ConnectionIds,
 }
 
 impl hyper::service::Service<Request<Incoming>> for DataPlane {
@@ -213,15 +213,36 @@ impl Service<Request<Incoming>> for RecordService {
 /// `sluicegate_requests_total{route,status,scope}` and admission rejections by scope.
 ///
 /// Counter handles are looked up once per (status, scope) and cached per route: the label
-/// strings are not rebuilt, and the registry not searched, on every request. A route sees
-/// a handful of (status, scope) pairs, so the cache is a short list.
+/// strings are not rebuilt, and the registry not searched, on every request. The answers
+/// the data plane gives have fixed slots, read without a lock (both cores count at once);
+/// anything else goes to a short locked list.
 pub(super) struct RouteCounters {
     route: Arc<str>,
-    cells: std::sync::RwLock<Vec<((u16, ScopeLabel), Cell)>>,
+    slots: [std::sync::OnceLock<Cell>; SLOTS.len()],
+    others: std::sync::RwLock<Vec<((u16, ScopeLabel), Cell)>>,
 }
 
 /// The scope label of a response (`None`: not shed).
 type ScopeLabel = Option<&'static str>;
+
+/// The (status, scope) pairs with a fixed slot.
+const SLOTS: [(u16, ScopeLabel); 15] = [
+    (200, None),
+    (202, None),
+    (422, None),
+    (429, Some("key")),
+    (429, Some("route")),
+    (429, Some("global")),
+    (429, Some("queue")),
+    (429, Some("upstream")),
+    (400, None),
+    (401, None),
+    (403, None),
+    (405, None),
+    (413, None),
+    (503, None),
+    (504, None),
+];
 
 #[derive(Clone)]
 struct Cell {
@@ -234,30 +255,43 @@ impl RouteCounters {
     fn new(route: &str) -> Self {
         RouteCounters {
             route: route.into(),
-            cells: Default::default(),
+            slots: Default::default(),
+            others: Default::default(),
         }
     }
 
     fn count(&self, response: &Response) {
         let scope = response.extensions().get::<ShedScope>().copied();
         let key = (response.status().as_u16(), scope.map(ShedScope::as_str));
-        let cached = self
-            .cells
+        match SLOTS.iter().position(|slot| *slot == key) {
+            Some(slot) => self.slots[slot]
+                .get_or_init(|| self.cell(key, scope))
+                .increment(),
+            None => self.other(key, scope).increment(),
+        }
+    }
+
+    #[cold]
+    fn other(&self, key: (u16, ScopeLabel), scope: Option<ShedScope>) -> Cell {
+        let known = self
+            .others
             .read()
             .expect("counter cache lock is never poisoned")
             .iter()
             .find(|(k, _)| *k == key)
             .map(|(_, cell)| cell.clone());
-        let cell = cached.unwrap_or_else(|| self.cell(key, scope));
-        cell.requests.increment(1);
-        if let Some(rejections) = cell.rejections {
-            rejections.increment(1);
-        }
+        known.unwrap_or_else(|| {
+            let cell = self.cell(key, scope);
+            self.others
+                .write()
+                .expect("counter cache lock is never poisoned")
+                .push((key, cell.clone()));
+            cell
+        })
     }
 
-    #[cold]
     fn cell(&self, key: (u16, ScopeLabel), scope: Option<ShedScope>) -> Cell {
-        let cell = Cell {
+        Cell {
             requests: metrics::counter!(
                 "sluicegate_requests_total",
                 "route" => self.route.to_string(),
@@ -271,38 +305,63 @@ impl RouteCounters {
                 )),
                 _ => None,
             },
-        };
-        self.cells
-            .write()
-            .expect("counter cache lock is never poisoned")
-            .push((key, cell.clone()));
-        cell
+        }
     }
 }
 
-/// Request ids `<process prefix>-<sequence>` in hex: unique, and cheap (no random draw,
-/// no formatting machinery per request).
+impl Cell {
+    fn increment(&self) {
+        self.requests.increment(1);
+        if let Some(rejections) = &self.rejections {
+            rejections.increment(1);
+        }
+    }
+}
+
+/// Request ids `<process prefix>-<connection>-<request>` in hex: unique, and cheap (no
+/// random draw, no formatting machinery, and no counter shared between cores per request).
 #[derive(Clone)]
 pub(super) struct RequestIds {
     prefix: u32,
-    next: Arc<AtomicU64>,
+    connections: Arc<AtomicU64>,
 }
 
 impl RequestIds {
     pub(super) fn new() -> Self {
         RequestIds {
             prefix: rand::random(),
-            next: Arc::new(AtomicU64::new(1)),
+            connections: Arc::new(AtomicU64::new(1)),
         }
     }
 
+    /// The ids of one new connection's requests.
+    pub(super) fn connection(&self) -> ConnectionIds {
+        ConnectionIds {
+            prefix: self.prefix,
+            connection: self.connections.fetch_add(1, Ordering::Relaxed),
+            next: AtomicU64::new(1),
+        }
+    }
+}
+
+/// [`RequestIds`] for one connection. Its requests are answered one after another, so the
+/// sequence is only ever touched by the core serving it.
+pub(super) struct ConnectionIds {
+    prefix: u32,
+    connection: u64,
+    next: AtomicU64,
+}
+
+impl ConnectionIds {
     fn next(&self) -> HeaderValue {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut text = [0u8; 8 + 1 + 16];
+        let mut text = [0u8; 8 + 1 + 16 + 1 + 16];
         let mut len = hex(u64::from(self.prefix), 8, &mut text);
-        text[len] = b'-';
-        len += 1;
-        len += hex(n, 1, &mut text[len..]);
+        for part in [self.connection, n] {
+            text[len] = b'-';
+            len += 1;
+            len += hex(part, 1, &mut text[len..]);
+        }
         HeaderValue::from_bytes(&text[..len]).expect("hex digits are a valid header value")
     }
 }
@@ -430,11 +489,39 @@ mod tests {
     #[test]
     fn request_ids_are_unique_and_share_the_process_prefix() {
         let ids = RequestIds::new();
-        let a = ids.next();
-        let b = ids.clone().next();
-        assert_ne!(a, b);
-        let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
-        assert_eq!(a.split('-').next(), b.split('-').next());
-        assert_eq!(a.split('-').next().unwrap().len(), 8);
+        let (one, two) = (ids.connection(), ids.clone().connection());
+        let all = [one.next(), one.next(), two.next(), two.next()];
+        let all: Vec<&str> = all.iter().map(|id| id.to_str().unwrap()).collect();
+        for (i, a) in all.iter().enumerate() {
+            let parts: Vec<&str> = a.split('-').collect();
+            assert_eq!(parts.len(), 3, "{a}");
+            assert_eq!(parts[0].len(), 8, "{a}");
+            assert!(
+                parts.iter().all(|p| u64::from_str_radix(p, 16).is_ok()),
+                "{a}"
+            );
+            assert_eq!(parts[0], all[0].split('-').next().unwrap());
+            assert!(all[i + 1..].iter().all(|b| a != b), "{all:?}");
+        }
+    }
+
+    #[test]
+    fn every_known_answer_has_its_own_counter_slot() {
+        let counters = RouteCounters::new("r");
+        for (i, (status, scope)) in SLOTS.iter().enumerate() {
+            assert!(
+                SLOTS[..i].iter().all(|s| s != &(*status, *scope)),
+                "slot {i} is listed twice"
+            );
+        }
+        let shed = respond::shed(ShedScope::Queue, Duration::from_secs(1), None);
+        counters.count(&shed);
+        let queue = SLOTS
+            .iter()
+            .position(|s| *s == (429, Some("queue")))
+            .unwrap();
+        assert!(counters.slots[queue].get().is_some());
+        counters.count(&respond::error(StatusCode::IM_A_TEAPOT, "x", "y"));
+        assert_eq!(counters.others.read().unwrap().len(), 1);
     }
 }

@@ -406,6 +406,14 @@ invoke = {{ max_concurrency = 2, rate = 1000.0, burst = 1000 }}
             .is_some_and(|b| b.starts_with('b'))),
         "request spans carry their batch id"
     );
+    let warned_503s = json
+        .iter()
+        .filter(|l| l["level"] == "WARN" && l["fields"]["status"] == 503)
+        .count();
+    assert_eq!(
+        warned_503s, unavailable,
+        "each 5xx answer is logged at warn: {logs:?}"
+    );
 }
 
 #[tokio::test]

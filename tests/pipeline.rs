@@ -412,7 +412,9 @@ async fn malformed_and_oversized_bodies_get_clear_errors() {
     assert_eq!(response.headers()["allow"], "POST");
     let response = h.post("/healthz", "1").await;
     assert_eq!(response.status(), 405);
-    assert_eq!(response.headers()["allow"], "GET");
+    assert_eq!(response.headers()["allow"], "GET, HEAD");
+    let response = h.http.head(h.url("/healthz")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
 
     assert_eq!(
         h.stats("echo").await["invocations"],

@@ -605,17 +605,11 @@ impl Config {
                 "must be greater than 0",
             ));
         }
-        if s.request_timeout.is_zero() {
-            return Err(ConfigError::invalid(
-                "server.request_timeout",
-                "must be greater than 0",
-            ));
-        }
-        if s.header_read_timeout.is_zero() {
-            return Err(ConfigError::invalid(
-                "server.header_read_timeout",
-                "must be greater than 0",
-            ));
+        for (name, timeout) in [
+            ("server.request_timeout", s.request_timeout),
+            ("server.header_read_timeout", s.header_read_timeout),
+        ] {
+            check_timeout(name, timeout)?;
         }
         if s.listen == s.admin_listen && s.listen.port() != 0 {
             return Err(ConfigError::invalid(
@@ -760,11 +754,8 @@ impl Config {
                 .validate()
                 .map_err(|m| ConfigError::invalid(key("limit"), m))?;
         }
-        if matches!(r.request_timeout, Some(d) if d.is_zero()) {
-            return Err(ConfigError::invalid(
-                key("request_timeout"),
-                "must be greater than 0",
-            ));
+        if let Some(timeout) = r.request_timeout {
+            check_timeout(&key("request_timeout"), timeout)?;
         }
         if r.batch.max_records == 0 {
             return Err(ConfigError::invalid(
@@ -984,6 +975,21 @@ fn env_value(raw: &str, keep_string: bool) -> toml::Value {
         }
     }
     toml::Value::String(raw.to_owned())
+}
+
+/// The longest a caller deadline or a connection timeout may be. Lambda itself stops a
+/// function after 15 minutes; anything past an hour is a typo (and a deadline that far out
+/// would overflow the clock).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+fn check_timeout(key: &str, timeout: Duration) -> Result<(), ConfigError> {
+    if timeout.is_zero() {
+        return Err(ConfigError::invalid(key, "must be greater than 0"));
+    }
+    if timeout > MAX_TIMEOUT {
+        return Err(ConfigError::invalid(key, "must be at most 1h"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

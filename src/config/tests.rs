@@ -117,11 +117,20 @@ fn impossible_values_are_rejected_with_the_key_named() {
     assert_eq!(err.key(), Some("routes[1].name"), "{err}");
     let err = load(&format!("[lambda]\nendpoint_url = \"ftp://x\"\n{MINIMAL}")).unwrap_err();
     assert_eq!(err.key(), Some("lambda.endpoint_url"), "{err}");
-    let err = load(&format!(
-        "[server]\nheader_read_timeout = \"0s\"\n{MINIMAL}"
-    ))
-    .unwrap_err();
-    assert_eq!(err.key(), Some("server.header_read_timeout"), "{err}");
+    for (line, key) in [
+        ("header_read_timeout = \"0s\"", "server.header_read_timeout"),
+        ("header_read_timeout = \"2h\"", "server.header_read_timeout"),
+        (
+            "request_timeout = \"300000000000h\"",
+            "server.request_timeout",
+        ),
+    ] {
+        let err = load(&format!("[server]\n{line}\n{MINIMAL}")).unwrap_err();
+        assert_eq!(err.key(), Some(key), "{line}: {err}");
+    }
+    let err = load(&format!("{MINIMAL}request_timeout = \"61m\"\n")).unwrap_err();
+    assert_eq!(err.key(), Some("routes[0].request_timeout"), "{err}");
+    assert!(load(&format!("{MINIMAL}request_timeout = \"1h\"\n")).is_ok());
 }
 
 #[test]

@@ -470,14 +470,17 @@ async fn bind(
 /// request it is in and closes; returns when all are closed.
 ///
 /// Connections are served by hyper's HTTP/1 server directly (keep-alive, pipelining,
-/// `TCP_NODELAY`, `server.header_read_timeout` for a request's head so a slow client
-/// cannot hold a connection forever).
+/// `TCP_NODELAY`, `server.header_read_timeout` for a request's head — which also closes a
+/// keep-alive connection idle that long — so a slow client cannot hold a connection
+/// forever). Connection tasks live in a `JoinSet`: if this task is aborted (shutdown ran
+/// out of time), they are aborted with it.
 async fn serve_data(
     listener: TcpListener,
     shared: Arc<Shared>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     let ids = records::RequestIds::new();
     let stop = async move {
         let _ = stopped.wait_for(|stop| *stop).await;
@@ -487,6 +490,7 @@ async fn serve_data(
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
+                Err(e) if is_connection_error(&e) => continue,
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -511,7 +515,8 @@ async fn serve_data(
             .header_read_timeout(head_timeout)
             .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::trace!(error = %e, "connection ended with an error");
             }
@@ -519,6 +524,18 @@ async fn serve_data(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Accept errors that concern one connection only (the peer gave up before it was
+/// accepted): the listener is fine, so accept the next one at once.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::Interrupted
+    )
 }
 
 async fn serve<M, S>(listener: TcpListener, make: M, mut stopped: watch::Receiver<bool>)

@@ -102,11 +102,19 @@ impl hyper::service::Service<Request<Incoming>> for DataPlane {
             batch = tracing::field::Empty,
         );
         let peer = self.peer;
+        let started = Instant::now();
         Box::pin(
             async move {
                 let mut response = serve(&app, request, peer).await;
                 response.headers_mut().insert(REQUEST_ID, id);
-                tracing::debug!(status = response.status().as_u16(), "answered");
+                let status = response.status();
+                let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+                if status.is_server_error() {
+                    // Deadlines, drains, Lambda failures: worth a line at the default level.
+                    tracing::warn!(status = status.as_u16(), elapsed_ms, "answered");
+                } else {
+                    tracing::debug!(status = status.as_u16(), elapsed_ms, "answered");
+                }
                 Ok(response)
             }
             .instrument(span),
@@ -130,7 +138,7 @@ async fn serve(app: &App, request: Request<Incoming>, peer: SocketAddr) -> Respo
                 respond::unavailable(format!("not ready: {reason}"), Duration::from_secs(1))
             }
         },
-        "/healthz" | "/readyz" => method_not_allowed("GET"),
+        "/healthz" | "/readyz" => method_not_allowed("GET, HEAD"),
         _ => respond::error(StatusCode::NOT_FOUND, "not_found", "no route at this path"),
     }
 }

@@ -636,14 +636,7 @@ async fn a_burst_after_an_idle_pause_is_not_shed() {
 
 #[tokio::test]
 async fn every_answer_carries_a_request_id_the_callers_own_when_it_sent_one() {
-    let h = Harness::start(&config_toml(
-        r#"[[emulator.functions]]
-name = "echo"
-handler = "echo"
-"#,
-        &route("records", "echo", ""),
-    ))
-    .await;
+    let h = Harness::start(&config_toml(ECHO, &route("records", "echo", ""))).await;
     let mine = h
         .http
         .post(h.url("/records"))
@@ -674,14 +667,7 @@ handler = "echo"
 
 #[tokio::test]
 async fn pipelined_requests_on_one_connection_are_answered_in_order() {
-    let h = Harness::start(&config_toml(
-        r#"[[emulator.functions]]
-name = "echo"
-handler = "echo"
-"#,
-        &route("records", "echo", ""),
-    ))
-    .await;
+    let h = Harness::start(&config_toml(ECHO, &route("records", "echo", ""))).await;
     let mut stream = tokio::net::TcpStream::connect(h.running.addr)
         .await
         .unwrap();
@@ -717,14 +703,8 @@ handler = "echo"
 #[tokio::test]
 async fn a_client_that_never_finishes_its_request_head_is_disconnected() {
     let h = Harness::start(
-        &config_toml(
-            r#"[[emulator.functions]]
-name = "echo"
-handler = "echo"
-"#,
-            &route("records", "echo", ""),
-        )
-        .replace("[server]\n", "[server]\nheader_read_timeout = \"300ms\"\n"),
+        &config_toml(ECHO, &route("records", "echo", ""))
+            .replace("[server]\n", "[server]\nheader_read_timeout = \"300ms\"\n"),
     )
     .await;
     let mut slow = tokio::net::TcpStream::connect(h.running.addr)

@@ -31,8 +31,8 @@ impl ShedScope {
     }
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
-    let mut response = Response::new(Body::from(body));
+fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
+    let mut response = Response::new(body.into());
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -75,17 +75,42 @@ fn ceil_secs(d: Duration) -> u64 {
 /// A structured field such as `"key";q=10;w=1`: the scope, then `;name=value` pairs.
 /// Written by hand: this runs for every shed request.
 fn field(scope: &str, pairs: [(u8, u64); 2]) -> HeaderValue {
-    let mut text = Vec::with_capacity(scope.len() + 2 + 2 * (3 + 20));
-    text.push(b'"');
-    text.extend_from_slice(scope.as_bytes());
-    text.push(b'"');
+    let mut text = StackText::new();
+    text.push(b"\"");
+    text.push(scope.as_bytes());
+    text.push(b"\"");
     let mut digits = itoa::Buffer::new();
     for (name, value) in pairs {
-        text.extend_from_slice(&[b';', name, b'=']);
-        text.extend_from_slice(digits.format(value).as_bytes());
+        text.push(&[b';', name, b'=']);
+        text.push(digits.format(value).as_bytes());
     }
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
-        .expect("scope names and digits are valid header text")
+    HeaderValue::from_bytes(text.as_bytes()).expect("scope names and digits are valid header text")
+}
+
+/// A short text built on the stack, then copied once into the allocation that keeps it
+/// (instead of a growable buffer plus a second allocation to share it).
+struct StackText {
+    bytes: [u8; 128],
+    len: usize,
+}
+
+impl StackText {
+    fn new() -> Self {
+        StackText {
+            bytes: [0; 128],
+            len: 0,
+        }
+    }
+
+    /// Panics past 128 bytes: only fixed identifiers and integers are written here.
+    fn push(&mut self, part: &[u8]) {
+        self.bytes[self.len..self.len + part.len()].copy_from_slice(part);
+        self.len += part.len();
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 /// `429` with the body and headers of the HTTP contract.
@@ -94,14 +119,16 @@ pub fn shed(scope: ShedScope, wait: Duration, policy: Option<Quota>) -> Response
     // `{"error":"rate_limited","scope":<name>,"retry_after_ms":<ms>}`, written by hand
     // (this runs for every shed request): scope names are fixed identifiers, no escaping.
     let mut digits = itoa::Buffer::new();
-    let ms = digits.format(retry_after_ms(wait));
-    let mut body = Vec::with_capacity(64 + name.len() + ms.len());
-    body.extend_from_slice(br#"{"error":"rate_limited","scope":""#);
-    body.extend_from_slice(name.as_bytes());
-    body.extend_from_slice(br#"","retry_after_ms":"#);
-    body.extend_from_slice(ms.as_bytes());
-    body.push(b'}');
-    let mut response = json_response(StatusCode::TOO_MANY_REQUESTS, body);
+    let mut body = StackText::new();
+    body.push(br#"{"error":"rate_limited","scope":""#);
+    body.push(name.as_bytes());
+    body.push(br#"","retry_after_ms":"#);
+    body.push(digits.format(retry_after_ms(wait)).as_bytes());
+    body.push(b"}");
+    let mut response = json_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        bytes::Bytes::copy_from_slice(body.as_bytes()),
+    );
     // The metrics layer reads the scope from here: the body is already serialized.
     response.extensions_mut().insert(scope);
     let secs = retry_after_secs(wait);

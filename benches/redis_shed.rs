@@ -61,27 +61,37 @@ fn admission(backend: Option<RedisBackend>) -> Arc<Admission<TokioClock>> {
 async fn drive_admit(admission: &Arc<Admission<TokioClock>>, tasks: usize, secs: f64) -> f64 {
     // Drains the key's bucket (if an earlier run has not already).
     let _ = admission.admit(0, "k").await;
+    per_second(tasks, secs, |stop, count| {
+        let admission = Arc::clone(admission);
+        async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let refused = admission.admit(0, "k").await;
+                assert!(refused.is_err(), "the key bucket stays empty");
+                n += 1;
+                if n % 64 == 0 {
+                    // A ready future never yields; let the other tasks (and the timer) run.
+                    tokio::task::yield_now().await;
+                }
+            }
+            count.fetch_add(n, Ordering::Relaxed);
+        }
+    })
+    .await
+}
+
+/// Runs `tasks` copies of `work` for `secs`: each counts what it did into its `count` and
+/// returns once `stop` is set. Returns the total count per second.
+async fn per_second<F, Fut>(tasks: usize, secs: f64, work: F) -> f64
+where
+    F: Fn(Arc<AtomicBool>, Arc<AtomicU64>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let handles: Vec<_> = (0..tasks)
-        .map(|_| {
-            let (admission, stop, count) =
-                (Arc::clone(admission), Arc::clone(&stop), Arc::clone(&count));
-            tokio::spawn(async move {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let refused = admission.admit(0, "k").await;
-                    assert!(refused.is_err(), "the key bucket stays empty");
-                    n += 1;
-                    if n % 64 == 0 {
-                        // A ready future never yields; let the other tasks (and the timer) run.
-                        tokio::task::yield_now().await;
-                    }
-                }
-                count.fetch_add(n, Ordering::Relaxed);
-            })
-        })
+        .map(|_| tokio::spawn(work(Arc::clone(&stop), Arc::clone(&count))))
         .collect();
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     stop.store(true, Ordering::Relaxed);
@@ -150,39 +160,24 @@ fn drive_http(config: Config, secs: f64) -> f64 {
             .await
             .expect("answered");
         assert!(matches!(first.status().as_u16(), 200 | 429));
-        let stop = Arc::new(AtomicBool::new(false));
-        let count = Arc::new(AtomicU64::new(0));
-        let started = Instant::now();
-        let handles: Vec<_> = (0..64)
-            .map(|_| {
-                let (http, url, stop, count) = (
-                    http.clone(),
-                    url.clone(),
-                    Arc::clone(&stop),
-                    Arc::clone(&count),
-                );
-                tokio::spawn(async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        let response = http
-                            .post(&url)
-                            .header("x-api-key", "k")
-                            .body("1")
-                            .send()
-                            .await
-                            .expect("answered");
-                        assert_eq!(response.status(), 429);
-                        let _ = response.bytes().await;
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-            })
-            .collect();
-        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-        stop.store(true, Ordering::Relaxed);
-        for handle in handles {
-            handle.await.expect("client task");
-        }
-        count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+        per_second(64, secs, |stop, count| {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let response = http
+                        .post(&url)
+                        .header("x-api-key", "k")
+                        .body("1")
+                        .send()
+                        .await
+                        .expect("answered");
+                    assert_eq!(response.status(), 429);
+                    let _ = response.bytes().await;
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+        .await
     });
     server_rt.block_on(running.shutdown());
     rate

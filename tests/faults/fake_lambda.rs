@@ -241,16 +241,24 @@ async fn handle(
         Ok(body) => body.to_bytes(),
         Err(_) => return Err(Dropped),
     };
-    let records = serde_json::from_slice::<Value>(&payload)
-        .ok()
-        .and_then(|v| v.get("records").and_then(Value::as_array).cloned())
+    // Read as a serde_json-based runtime would (recursion limit 128, envelope included); a
+    // body that is JSON but not representable as a `Value` (`1e400`) still counts as run.
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        records: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        id: String,
+        body: Box<serde_json::value::RawValue>,
+    }
+    let records = serde_json::from_slice::<Envelope>(&payload)
+        .map(|envelope| envelope.records)
         .unwrap_or_default()
         .into_iter()
         .map(|r| {
-            (
-                r["id"].as_str().unwrap_or_default().to_owned(),
-                r["body"].clone(),
-            )
+            let body = serde_json::from_str(r.body.get()).unwrap_or(Value::Null);
+            (r.id, body)
         })
         .collect();
     let call = {

@@ -1,5 +1,5 @@
 //! Dead letters to SQS, against a real SQS-compatible server: moto's server (PyPI
-//! `moto[server]`, installed by `.ci/run`), started on a free loopback port by the test.
+//! `moto[server]`, installed by `scripts/test`), started on a free loopback port by the test.
 
 mod common;
 
@@ -38,7 +38,7 @@ fn start_moto(port: u16) -> Moto {
                 .stderr(Stdio::null())
                 .spawn()
         })
-        .expect("moto's server is installed: pip install 'moto[server]' (.ci/run does this)");
+        .expect("moto's server is installed: pip install 'moto[server]' (scripts/test does this)");
     Moto(child)
 }
 

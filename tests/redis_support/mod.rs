@@ -2,7 +2,7 @@
 //! persistence off, killed when dropped. Shared by the library's unit tests
 //! (`src/limit/redis_tests.rs`), `tests/redis_*.rs` and `benches/redis_*.rs` via `#[path]`.
 //!
-//! It needs Debian's `redis-server` on the `PATH` (`.ci/run` installs it); without it the
+//! It needs Debian's `redis-server` on the `PATH` (`scripts/test` installs it); without it the
 //! tests fail with a message that says so rather than pass without testing anything.
 #![allow(dead_code)]
 
@@ -63,7 +63,7 @@ impl RedisServer {
             .map_err(|e| {
                 format!(
                     "cannot run redis-server ({e}); install Debian's redis-server \
-                     (`apt-get install redis-server`, as .ci/run does)"
+                     (`apt-get install redis-server`, as scripts/test does)"
                 )
             })?;
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -214,3 +214,20 @@ fn omitting_the_global_layer_means_none() {
         })
     );
 }
+
+#[test]
+fn records_are_checked_at_the_edge_and_bisected_by_default() {
+    let config = load(MINIMAL).unwrap();
+    assert_eq!(config.server.max_json_depth, 128);
+    assert!(config.routes[0].bisect_on_function_error);
+    let shipped = load(DEFAULT_CONFIG_TOML).unwrap();
+    assert_eq!(shipped.server.max_json_depth, 128);
+    assert!(shipped.routes[0].bisect_on_function_error);
+    for depth in ["0", "129", "100000"] {
+        let err = load(&format!("[server]\nmax_json_depth = {depth}\n{MINIMAL}")).unwrap_err();
+        assert_eq!(err.key(), Some("server.max_json_depth"), "{depth}: {err}");
+    }
+    for depth in ["1", "128"] {
+        load(&format!("[server]\nmax_json_depth = {depth}\n{MINIMAL}")).unwrap();
+    }
+}

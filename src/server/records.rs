@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
+use super::parseable;
 use super::respond::{self, ShedScope};
 use super::{App, IdentityError, Route, Shared, ANONYMOUS, TIMEOUT_HEADER};
 use crate::limit::Rejected;
@@ -455,6 +456,13 @@ async fn record_response(route: &Route, request: Request<Incoming>) -> Response 
             )
         }
     };
+    if let Err(unparseable) = parseable::check(record.get().as_bytes(), route.max_json_depth) {
+        return respond::error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            unparseable.to_string(),
+        );
+    }
     let key = parts
         .extensions
         .get::<ClientKey>()

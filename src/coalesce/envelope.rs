@@ -318,6 +318,10 @@ mod tests {
             deadline: Instant::now() + std::time::Duration::from_secs(5),
             reply,
             span: tracing::Span::none(),
+            charge: super::super::Charge {
+                queue: Arc::default(),
+                bytes: 0,
+            },
         };
         (m, rx)
     }

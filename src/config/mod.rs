@@ -346,12 +346,15 @@ impl Default for BatchConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
     pub max_pending: usize,
+    /// Bound on the bytes of records waiting in the queue (their envelope entries).
+    pub max_bytes: ByteSize,
 }
 
 impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
             max_pending: 10_000,
+            max_bytes: ByteSize::mib(64),
         }
     }
 }
@@ -820,6 +823,15 @@ impl Config {
             return Err(ConfigError::invalid(
                 key("queue.max_pending"),
                 "must be at least 1",
+            ));
+        }
+        if r.queue.max_bytes.bytes() < one_record {
+            return Err(ConfigError::invalid(
+                key("queue.max_bytes"),
+                format!(
+                    "{} cannot hold one record of server.max_record_bytes ({}) with its envelope and key",
+                    r.queue.max_bytes, self.server.max_record_bytes
+                ),
             ));
         }
         let inv = &r.invoke;

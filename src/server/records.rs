@@ -468,7 +468,11 @@ async fn record_response(route: &Route, request: Request<Incoming>) -> Response 
         .get::<ClientKey>()
         .map(|k| Arc::clone(&k.0))
         .unwrap_or_else(|| ANONYMOUS.into());
-    let ticket = match route.batcher.submit(&key, record, deadline) {
+    let submitted = route.batcher.submit(&key, record, deadline);
+    // The queued record is its own copy (its envelope entry): the request body is let go
+    // now rather than held until the answer, so a waiting record costs one copy, not two.
+    drop(bytes);
+    let ticket = match submitted {
         Ok(ticket) => ticket,
         Err(err) => return respond::record_error("-", err, &route.policies()),
     };

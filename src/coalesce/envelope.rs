@@ -4,7 +4,10 @@
 //! Accepted answers: `{"results":[{"id","status":"success","body"} | {"id","status":"error","error"}]}`
 //! or the SQS-style `{"batchItemFailures":[{"itemIdentifier":"r2"}]}` (the others succeeded,
 //! with no body). Anything else, or a record the answer does not mention, is an error for
-//! that record's caller — never silence.
+//! that record's caller — never silence. An answer that names an id the batch does not hold
+//! (or an empty one) cannot be attributed, so — as Lambda's event-source mappings treat it —
+//! the whole batch failed (`502`, not retried: the function did run it); a record listed
+//! twice in `results` has no single result (`502` for that record).
 
 use std::collections::{HashMap, HashSet};
 
@@ -183,75 +186,114 @@ pub(super) fn fan_out(
 }
 
 fn fan_out_batch(batch: Vec<Message>, payload: &[u8]) {
-    let parsed = serde_json::from_slice::<BatchResponse<'_>>(payload);
-    match parsed {
+    let (results, failures) = match serde_json::from_slice::<BatchResponse<'_>>(payload) {
         Ok(BatchResponse {
-            results: Some(results),
-            ..
-        }) => {
-            let mut by_id: HashMap<&str, &ResultItem<'_>> = HashMap::with_capacity(results.len());
-            for item in &results {
-                by_id.entry(item.id.as_str()).or_insert(item);
-            }
-            for m in batch {
-                let outcome = match by_id.get(&*m.id) {
-                    None => Err(RecordError::MissingResult),
-                    Some(item) => match item.status.as_str() {
-                        "success" => Ok(Delivered::Success {
-                            body: owned(item.body),
-                        }),
-                        "error" => Ok(Delivered::Failed {
-                            error: owned(item.error),
-                        }),
-                        other => Err(RecordError::MalformedResponse(format!(
-                            "result {} has status {other:?}; expected \"success\" or \"error\"",
-                            item.id
-                        ))),
-                    },
-                };
-                m.answer(outcome);
-            }
-        }
-        Ok(BatchResponse {
-            results: None,
-            batch_item_failures: Some(failures),
-        }) => {
-            let failed: HashSet<&str> = failures
-                .iter()
-                .map(|f| f.item_identifier.as_str())
-                .collect();
-            for m in batch {
-                let outcome = if failed.contains(&*m.id) {
-                    let error = serde_json::json!({
-                        "errorType": "BatchItemFailure",
-                        "errorMessage": format!("the function reported record {} in batchItemFailures", m.id),
-                    });
-                    Ok(Delivered::Failed {
-                        error: serde_json::value::to_raw_value(&error)
-                            .expect("a json! value serializes"),
-                    })
-                } else {
-                    Ok(Delivered::Success { body: null() })
-                };
-                m.answer(outcome);
-            }
-        }
-        Ok(BatchResponse {
-            results: None,
-            batch_item_failures: None,
-        }) => {
-            for m in batch {
-                m.answer(Err(RecordError::MalformedResponse(
-                    "expected an object with \"results\" or \"batchItemFailures\"".to_owned(),
-                )));
-            }
-        }
+            results,
+            batch_item_failures,
+        }) => (results, batch_item_failures),
         Err(e) => {
-            let message = format!("cannot parse the batch response: {e}");
-            for m in batch {
-                m.answer(Err(RecordError::MalformedResponse(message.clone())));
-            }
+            return fail_batch(batch, format!("cannot parse the batch response: {e}"));
         }
+    };
+    match (results, failures) {
+        (Some(results), None) => fan_out_results(batch, &results),
+        (Some(results), Some(failures)) if failures.is_empty() => fan_out_results(batch, &results),
+        (Some(_), Some(_)) => fail_batch(
+            batch,
+            "the response has both \"results\" and a non-empty \"batchItemFailures\"".to_owned(),
+        ),
+        (None, Some(failures)) => fan_out_item_failures(batch, &failures),
+        (None, None) => fail_batch(
+            batch,
+            "expected an object with \"results\" or \"batchItemFailures\"".to_owned(),
+        ),
+    }
+}
+
+/// The first of `ids` that is not a record of `batch` (an empty id never is).
+fn stranger<'i>(batch: &[Message], mut ids: impl Iterator<Item = &'i str>) -> Option<&'i str> {
+    let in_batch: HashSet<&str> = batch.iter().map(|m| &*m.id).collect();
+    ids.find(|id| !in_batch.contains(id))
+}
+
+/// A response that cannot be attributed record by record fails every record of the batch.
+/// Not retried: the function ran the batch (at least partly), and running it again could
+/// repeat whatever it did.
+fn fail_batch(batch: Vec<Message>, message: String) {
+    tracing::warn!(records = batch.len(), reason = %message, "the function's batch response is malformed: failing the whole batch");
+    for m in batch {
+        m.answer(Err(RecordError::MalformedResponse(message.clone())));
+    }
+}
+
+/// A response naming a record the batch does not hold (or an empty id) says that *some*
+/// record failed without saying which: as Lambda's event-source mappings do, the whole batch
+/// is failed rather than any record being told it succeeded.
+fn unattributable(batch: Vec<Message>, shape: &str, id: &str) {
+    fail_batch(
+        batch,
+        format!(
+            "{shape} names {id:?}, which is not a record of this batch; the whole batch failed"
+        ),
+    );
+}
+
+fn fan_out_results(batch: Vec<Message>, results: &[ResultItem<'_>]) {
+    if let Some(id) = stranger(&batch, results.iter().map(|r| r.id.as_str())) {
+        return unattributable(batch, "\"results\"", id);
+    }
+    // Each id with its result and how often the response lists it: a record listed twice
+    // has no single result to report.
+    let mut by_id: HashMap<&str, (&ResultItem<'_>, usize)> = HashMap::with_capacity(results.len());
+    for item in results {
+        by_id.entry(item.id.as_str()).or_insert((item, 0)).1 += 1;
+    }
+    for m in batch {
+        let outcome = match by_id.get(&*m.id) {
+            None => Err(RecordError::MissingResult),
+            Some((_, times)) if *times > 1 => Err(RecordError::MalformedResponse(format!(
+                "the response lists record {} {times} times (twice or more); its result is ambiguous",
+                m.id
+            ))),
+            Some((item, _)) => match item.status.as_str() {
+                "success" => Ok(Delivered::Success {
+                    body: owned(item.body),
+                }),
+                "error" => Ok(Delivered::Failed {
+                    error: owned(item.error),
+                }),
+                other => Err(RecordError::MalformedResponse(format!(
+                    "result {} has status {other:?}; expected \"success\" or \"error\"",
+                    item.id
+                ))),
+            },
+        };
+        m.answer(outcome);
+    }
+}
+
+fn fan_out_item_failures(batch: Vec<Message>, failures: &[ItemFailure]) {
+    let ids = failures.iter().map(|f| f.item_identifier.as_str());
+    if let Some(id) = stranger(&batch, ids) {
+        return unattributable(batch, "\"batchItemFailures\"", id);
+    }
+    let failed: HashSet<&str> = failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect();
+    for m in batch {
+        let outcome = if failed.contains(&*m.id) {
+            let error = serde_json::json!({
+                "errorType": "BatchItemFailure",
+                "errorMessage": format!("the function reported record {} in batchItemFailures", m.id),
+            });
+            Ok(Delivered::Failed {
+                error: serde_json::value::to_raw_value(&error).expect("a json! value serializes"),
+            })
+        } else {
+            Ok(Delivered::Success { body: null() })
+        };
+        m.answer(outcome);
     }
 }
 
@@ -276,6 +318,10 @@ mod tests {
             deadline: Instant::now() + std::time::Duration::from_secs(5),
             reply,
             span: tracing::Span::none(),
+            charge: super::super::Charge {
+                queue: Arc::default(),
+                bytes: 0,
+            },
         };
         (m, rx)
     }
@@ -343,6 +389,86 @@ mod tests {
         );
         assert!(matches!(ra.await.unwrap(), Ok(Delivered::Success { .. })));
         assert!(matches!(rb.await.unwrap(), Ok(Delivered::Failed { .. })));
+    }
+
+    /// Answers a batch of `r1`, `r2` with `response` and returns both outcomes.
+    async fn answers_to(response: &str) -> [super::super::Outcome; 2] {
+        let (a, ra) = message("r1", "1");
+        let (b, rb) = message("r2", "2");
+        fan_out(
+            vec![a, b],
+            Ok(Invoked::Response {
+                payload: Bytes::copy_from_slice(response.as_bytes()),
+                function_error: None,
+            }),
+            Envelope::Batch,
+        );
+        [ra.await.unwrap(), rb.await.unwrap()]
+    }
+
+    #[tokio::test]
+    async fn unattributable_responses_fail_the_whole_batch() {
+        for (response, naming) in [
+            (r#"{"batchItemFailures":[{"itemIdentifier":""}]}"#, r#""""#),
+            (
+                r#"{"batchItemFailures":[{"itemIdentifier":"r2"},{"itemIdentifier":"r7"}]}"#,
+                r#""r7""#,
+            ),
+            (
+                r#"{"results":[{"id":"r1","status":"success"},{"id":"r2","status":"success"},{"id":"r9","status":"error"}]}"#,
+                r#""r9""#,
+            ),
+            (
+                r#"{"results":[{"id":"r1","status":"success"},{"id":"r2","status":"success"}],"batchItemFailures":[{"itemIdentifier":"r1"}]}"#,
+                "both",
+            ),
+            (
+                r#"{"batchItemFailures":[{"itemIdentifier":null}]}"#,
+                "parse",
+            ),
+            (r#"{"batchItemFailures":[{}]}"#, "parse"),
+            (r#"{"batchItemFailures":["r1"]}"#, "parse"),
+            (r#"{"results":[{"id":"r1","status":"success"},7]}"#, "parse"),
+        ] {
+            for outcome in answers_to(response).await {
+                match outcome {
+                    Err(RecordError::MalformedResponse(m)) => {
+                        assert!(m.contains(naming), "{response}: {m}")
+                    }
+                    other => panic!("{response}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_record_listed_twice_has_no_result_and_the_others_keep_theirs() {
+        let [r1, r2] = answers_to(
+            r#"{"results":[{"id":"r1","status":"success"},{"id":"r2","status":"success"},{"id":"r1","status":"error"}]}"#,
+        )
+        .await;
+        assert!(
+            matches!(r1, Err(RecordError::MalformedResponse(_))),
+            "{r1:?}"
+        );
+        assert!(matches!(r2, Ok(Delivered::Success { .. })), "{r2:?}");
+        // Empty item failures beside results add nothing; repeated failures are one failure.
+        let [r1, r2] = answers_to(
+            r#"{"results":[{"id":"r1","status":"success"},{"id":"r2","status":"success"}],"batchItemFailures":[]}"#,
+        )
+        .await;
+        assert!(matches!(
+            (r1, r2),
+            (Ok(Delivered::Success { .. }), Ok(Delivered::Success { .. }))
+        ));
+        let [r1, r2] = answers_to(
+            r#"{"batchItemFailures":[{"itemIdentifier":"r2"},{"itemIdentifier":"r2"}]}"#,
+        )
+        .await;
+        assert!(matches!(
+            (r1, r2),
+            (Ok(Delivered::Success { .. }), Ok(Delivered::Failed { .. }))
+        ));
     }
 
     #[tokio::test]

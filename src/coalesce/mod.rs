@@ -7,9 +7,12 @@
 //! route drains the channel into batches and spawns one dispatch task per batch.
 //!
 //! Guarantees:
-//! - the queue is bounded (`queue.max_pending`); a full queue refuses at once with a
-//!   `Retry-After` computed from the measured drain rate ([`RecordError::QueueFull`]), and
-//!   so does a queue that, at that rate, cannot reach the record before its caller's deadline;
+//! - the queue is bounded in records (`queue.max_pending`) and in bytes (`queue.max_bytes`,
+//!   the records' envelope entries, counted from `submit` until the worker takes the record
+//!   into a batch); a full queue refuses at once with a `Retry-After` computed from the
+//!   measured drain rate ([`RecordError::QueueFull`]), and so does a queue that, at that
+//!   rate, cannot reach the record before its caller's deadline;
+//! - a queued record is held once: its envelope entry, with the record itself a slice of it;
 //! - a batch flushes at `max_records` or `max_bytes` (envelope included, so the invoke
 //!   payload never exceeds it), when `max_wait` has passed since its first record, or —
 //!   with `flush = "adaptive"` — as soon as the function's gate has a free slot;
@@ -23,7 +26,7 @@ mod deliver;
 mod envelope;
 mod worker;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,6 +53,8 @@ pub struct BatchSpec {
     pub max_wait: Duration,
     pub flush: Flush,
     pub max_pending: usize,
+    /// Bound on the bytes of queued records' entries.
+    pub max_queued_bytes: usize,
     /// Records per second the route can deliver at most (invoke rate × batch size); the
     /// drain estimate until a backlog has been measured.
     pub nominal_drain_rate: f64,
@@ -69,6 +74,7 @@ impl BatchSpec {
             max_wait: route.batch.max_wait,
             flush: route.batch.flush,
             max_pending: route.queue.max_pending,
+            max_queued_bytes: route.queue.max_bytes.as_usize(),
             nominal_drain_rate: route.invoke.rate * route.max_records() as f64,
             retry: route.retry.clone(),
             bisect: route.bisect_on_function_error,
@@ -129,9 +135,19 @@ pub struct Message {
     deadline: Instant,
     reply: oneshot::Sender<Outcome>,
     span: tracing::Span,
+    /// The entry's share of the queue's byte bound, given back when the worker takes the
+    /// record (or when the record is dropped before that).
+    charge: Charge,
 }
 
 impl Message {
+    /// The worker took the record out of the queue: its bytes no longer count against
+    /// `queue.max_bytes`.
+    fn taken(mut self) -> Self {
+        self.charge.release();
+        self
+    }
+
     fn answer(self, outcome: Outcome) {
         // The caller may have gone (deadline, disconnect); nobody is left to tell.
         let _ = self.reply.send(outcome);
@@ -161,6 +177,7 @@ impl Ticket {
 #[derive(Clone, Debug)]
 pub struct Batcher {
     tx: mpsc::Sender<Message>,
+    queued: Arc<QueuedBytes>,
     spec: Arc<BatchSpec>,
     drain: Arc<DrainMeter>,
     closing: Arc<watch::Sender<bool>>,
@@ -198,6 +215,7 @@ impl Batcher {
         tokio::spawn(worker::run(rx, delivery, closed));
         Batcher {
             tx,
+            queued: Arc::new(QueuedBytes::default()),
             spec,
             drain,
             closing: Arc::new(closing),
@@ -227,6 +245,11 @@ impl Batcher {
                 limit,
             });
         }
+        let Some(charge) = self.queued.charge(entry.len(), self.spec.max_queued_bytes) else {
+            return Err(RecordError::QueueFull {
+                retry_after: self.drain_estimate(),
+            });
+        };
         // A record the queue cannot drain before its caller's deadline would only time out
         // in the queue: shed it now, while the caller can still act on Retry-After.
         let depth = self.queue_depth();
@@ -250,7 +273,9 @@ impl Batcher {
             deadline,
             reply,
             span: tracing::Span::current(),
+            charge,
         };
+        // A refused message is dropped here, and its charge with it.
         match self.tx.try_send(message) {
             Ok(()) => Ok(Ticket { id, rx }),
             Err(mpsc::error::TrySendError::Full(_)) => Err(RecordError::QueueFull {
@@ -278,6 +303,11 @@ impl Batcher {
         self.spec.max_pending - self.tx.capacity()
     }
 
+    /// Bytes of the records waiting in the queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.0.load(Ordering::Relaxed)
+    }
+
     pub fn spec(&self) -> &BatchSpec {
         &self.spec
     }
@@ -287,6 +317,52 @@ impl Batcher {
         let rate = self.drain.rate();
         let depth = self.queue_depth().max(1) as f64;
         Duration::from_secs_f64((depth / rate).min(3600.0))
+    }
+}
+
+/// The bytes of a route's queued records.
+#[derive(Debug, Default)]
+struct QueuedBytes(AtomicUsize);
+
+impl QueuedBytes {
+    /// Counts `bytes` more against `max`, or refuses when they would pass it.
+    ///
+    /// Add first, then check and undo: concurrent submitters never together pass `max` (a
+    /// submitter may be refused while another's undo is pending — harmless at the bound).
+    fn charge(self: &Arc<Self>, bytes: usize, max: usize) -> Option<Charge> {
+        let before = self.0.fetch_add(bytes, Ordering::AcqRel);
+        if before.saturating_add(bytes) > max {
+            self.0.fetch_sub(bytes, Ordering::AcqRel);
+            return None;
+        }
+        Some(Charge {
+            queue: Arc::clone(self),
+            bytes,
+        })
+    }
+}
+
+/// One record's bytes in [`QueuedBytes`]. Released exactly once: when the worker takes the
+/// record, or on drop — a refused `try_send`, a record answered `Closed` from the queue,
+/// a worker that ended — whichever comes first.
+#[derive(Debug)]
+struct Charge {
+    queue: Arc<QueuedBytes>,
+    bytes: usize,
+}
+
+impl Charge {
+    fn release(&mut self) {
+        let bytes = std::mem::take(&mut self.bytes);
+        if bytes > 0 {
+            self.queue.0.fetch_sub(bytes, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -370,6 +446,33 @@ impl DrainMeter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queued_bytes_are_bounded_and_given_back_exactly_once() {
+        let queue = Arc::new(QueuedBytes::default());
+        let mut a = queue.charge(600, 1000).expect("600 of 1000 fit");
+        assert!(
+            queue.charge(401, 1000).is_none(),
+            "600 + 401 passes the bound"
+        );
+        assert_eq!(
+            queue.0.load(Ordering::Relaxed),
+            600,
+            "a refusal leaves no trace"
+        );
+        let b = queue.charge(400, 1000).expect("600 + 400 fit exactly");
+        a.release();
+        a.release();
+        assert_eq!(queue.0.load(Ordering::Relaxed), 400);
+        drop(a);
+        assert_eq!(
+            queue.0.load(Ordering::Relaxed),
+            400,
+            "a released charge gives nothing back twice"
+        );
+        drop(b);
+        assert_eq!(queue.0.load(Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn the_drain_rate_ignores_idle_time() {

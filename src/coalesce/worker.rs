@@ -59,9 +59,31 @@ impl Batch {
     }
 }
 
+/// The route's queue as the worker reads it: a record stops counting against
+/// `queue.max_bytes` the moment the worker takes it, on every path that takes one.
+struct Inbox(mpsc::Receiver<Message>);
+
+impl Inbox {
+    async fn recv(&mut self) -> Option<Message> {
+        self.0.recv().await.map(Message::taken)
+    }
+
+    fn try_recv(&mut self) -> Result<Message, TryRecvError> {
+        self.0.try_recv().map(Message::taken)
+    }
+
+    fn close(&mut self) {
+        self.0.close();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Answers everything the worker still holds with `Closed`. The channel is closed first so
 /// no sender can slip a record in after the drain.
-fn fail_all(rx: &mut mpsc::Receiver<Message>, held: Vec<Message>) {
+fn fail_all(rx: &mut Inbox, held: Vec<Message>) {
     rx.close();
     for m in held {
         m.answer(Err(RecordError::Closed));
@@ -72,10 +94,11 @@ fn fail_all(rx: &mut mpsc::Receiver<Message>, held: Vec<Message>) {
 }
 
 pub(super) async fn run(
-    mut rx: mpsc::Receiver<Message>,
+    rx: mpsc::Receiver<Message>,
     delivery: Arc<Delivery>,
     mut closing: watch::Receiver<bool>,
 ) {
+    let mut rx = Inbox(rx);
     let spec = Arc::clone(&delivery.spec);
     let invoker = Arc::clone(&delivery.invoker);
     let adaptive = spec.flush == Flush::Adaptive;

@@ -117,6 +117,9 @@ pub struct ServerConfig {
     /// before its connection is closed; keeps slow clients from holding connections.
     #[serde(with = "units::duration")]
     pub header_read_timeout: Duration,
+    /// Deepest nesting of arrays and objects a record may have; deeper records are refused
+    /// with `400` before they can fail a batch in a runtime that cannot parse them.
+    pub max_json_depth: u32,
 }
 
 impl Default for ServerConfig {
@@ -128,6 +131,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(20),
             header_read_timeout: Duration::from_secs(30),
+            max_json_depth: DEFAULT_MAX_JSON_DEPTH,
         }
     }
 }
@@ -342,12 +346,15 @@ impl Default for BatchConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
     pub max_pending: usize,
+    /// Bound on the bytes of records waiting in the queue (their envelope entries).
+    pub max_bytes: ByteSize,
 }
 
 impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
             max_pending: 10_000,
+            max_bytes: ByteSize::mib(64),
         }
     }
 }
@@ -499,7 +506,9 @@ pub struct RouteConfig {
     pub invoke: InvokeConfig,
     #[serde(default)]
     pub retry: RetryConfig,
-    #[serde(default)]
+    /// Split a batch that failed with a function error until the failing record is found,
+    /// so one poison record costs only its own caller (on by default).
+    #[serde(default = "default_bisect")]
     pub bisect_on_function_error: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dlq: Option<DlqConfig>,
@@ -511,6 +520,10 @@ fn default_invocation() -> Invocation {
 
 fn default_envelope() -> Envelope {
     Envelope::Batch
+}
+
+fn default_bisect() -> bool {
+    true
 }
 
 impl RouteConfig {
@@ -543,6 +556,9 @@ impl RouteConfig {
         self.request_timeout.unwrap_or(server.request_timeout)
     }
 }
+
+/// `server.max_json_depth`'s default and largest value: `serde_json`'s recursion limit.
+pub const DEFAULT_MAX_JSON_DEPTH: u32 = 128;
 
 /// Bytes the batch envelope adds around one record besides its body and key:
 /// `{"id":"<id>","key":"<key>","body":}` plus a separating comma, with ids up to 20 digits.
@@ -603,6 +619,15 @@ impl Config {
             return Err(ConfigError::invalid(
                 "server.max_record_bytes",
                 "must be greater than 0",
+            ));
+        }
+        if !(1..=DEFAULT_MAX_JSON_DEPTH).contains(&s.max_json_depth) {
+            return Err(ConfigError::invalid(
+                "server.max_json_depth",
+                format!(
+                    "must be 1 to {DEFAULT_MAX_JSON_DEPTH} (serde_json's recursion limit), got {}",
+                    s.max_json_depth
+                ),
             ));
         }
         for (name, timeout) in [
@@ -798,6 +823,15 @@ impl Config {
             return Err(ConfigError::invalid(
                 key("queue.max_pending"),
                 "must be at least 1",
+            ));
+        }
+        if r.queue.max_bytes.bytes() < one_record {
+            return Err(ConfigError::invalid(
+                key("queue.max_bytes"),
+                format!(
+                    "{} cannot hold one record of server.max_record_bytes ({}) with its envelope and key",
+                    r.queue.max_bytes, self.server.max_record_bytes
+                ),
             ));
         }
         let inv = &r.invoke;

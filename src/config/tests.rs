@@ -214,3 +214,38 @@ fn omitting_the_global_layer_means_none() {
         })
     );
 }
+
+#[test]
+fn records_are_checked_at_the_edge_and_bisected_by_default() {
+    let config = load(MINIMAL).unwrap();
+    assert_eq!(config.server.max_json_depth, 128);
+    assert!(config.routes[0].bisect_on_function_error);
+    let shipped = load(DEFAULT_CONFIG_TOML).unwrap();
+    assert_eq!(shipped.server.max_json_depth, 128);
+    assert!(shipped.routes[0].bisect_on_function_error);
+    for depth in ["0", "129", "100000"] {
+        let err = load(&format!("[server]\nmax_json_depth = {depth}\n{MINIMAL}")).unwrap_err();
+        assert_eq!(err.key(), Some("server.max_json_depth"), "{depth}: {err}");
+    }
+    for depth in ["1", "128"] {
+        load(&format!("[server]\nmax_json_depth = {depth}\n{MINIMAL}")).unwrap();
+    }
+}
+
+#[test]
+fn the_queue_is_bounded_in_bytes_that_hold_at_least_one_record() {
+    let config = load(MINIMAL).unwrap();
+    assert_eq!(config.routes[0].queue.max_bytes, ByteSize::mib(64));
+    assert_eq!(
+        load(DEFAULT_CONFIG_TOML).unwrap().routes[0].queue.max_bytes,
+        ByteSize::mib(64)
+    );
+    let err = load(&format!("{MINIMAL}queue = {{ max_bytes = \"100KiB\" }}\n")).unwrap_err();
+    assert_eq!(err.key(), Some("routes[0].queue.max_bytes"), "{err}");
+    let small = "[server]\nmax_record_bytes = \"1KiB\"\n";
+    let config = load(&format!(
+        "{small}{MINIMAL}queue = {{ max_bytes = \"100KiB\" }}\n"
+    ))
+    .unwrap();
+    assert_eq!(config.routes[0].queue.max_bytes, ByteSize::kib(100));
+}

@@ -22,6 +22,7 @@
 
 mod admin;
 mod identity;
+mod parseable;
 mod readiness;
 mod records;
 pub mod respond;
@@ -97,6 +98,8 @@ struct Route {
     invoker: Arc<Invoker>,
     request_timeout: Duration,
     max_record_bytes: usize,
+    /// Deepest nesting of arrays and objects a record may have (`server.max_json_depth`).
+    max_json_depth: u32,
 }
 
 impl Route {
@@ -197,6 +200,7 @@ impl App {
                 invoker,
                 request_timeout: cfg.request_timeout(&config.server),
                 max_record_bytes: config.server.max_record_bytes.as_usize(),
+                max_json_depth: config.server.max_json_depth,
             }));
         }
         let admission = build_admission(

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
+use super::parseable;
 use super::respond::{self, ShedScope};
 use super::{App, IdentityError, Route, Shared, ANONYMOUS, TIMEOUT_HEADER};
 use crate::limit::Rejected;
@@ -455,12 +456,23 @@ async fn record_response(route: &Route, request: Request<Incoming>) -> Response 
             )
         }
     };
+    if let Err(unparseable) = parseable::check(record.get().as_bytes(), route.max_json_depth) {
+        return respond::error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            unparseable.to_string(),
+        );
+    }
     let key = parts
         .extensions
         .get::<ClientKey>()
         .map(|k| Arc::clone(&k.0))
         .unwrap_or_else(|| ANONYMOUS.into());
-    let ticket = match route.batcher.submit(&key, record, deadline) {
+    let submitted = route.batcher.submit(&key, record, deadline);
+    // The queued record is its own copy (its envelope entry): the request body is let go
+    // now rather than held until the answer, so a waiting record costs one copy, not two.
+    drop(bytes);
+    let ticket = match submitted {
         Ok(ticket) => ticket,
         Err(err) => return respond::record_error("-", err, &route.policies()),
     };

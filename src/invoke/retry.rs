@@ -3,7 +3,8 @@
 //! Backoff for the retry after attempt `n` (1-based) is `min(cap, base × 2^(n-1))`, then
 //! jittered: `full` draws uniformly from `[0, d]`, `equal` from `[d/2, d]`, a ratio `r`
 //! from `[d × (1 - r), d]`. A throttle's own `Retry-After` is a floor: the retry never comes
-//! sooner than Lambda asked.
+//! sooner than Lambda asked — up to `cap`, because that number comes from the network and
+//! `1e300` seconds must neither overflow a `Duration` nor park a batch past every deadline.
 //!
 //! The budget keeps retries to a fraction of recent invokes (like the AWS SDK's retry
 //! quota, and Finagle's retry budget): over a sliding 10-second window, retries may reach
@@ -34,9 +35,13 @@ pub fn backoff(
         Jitter::Equal => d / 2.0 + rng.random_range(0.0..=d / 2.0),
         Jitter::Ratio(r) => d * (1.0 - r * rng.random_range(0.0..=1.0)),
     };
-    let delay = Duration::from_secs_f64(jittered);
+    // `jittered` lies in `[0, d]`; float rounding could still take it a hair past `ceiling`
+    // (or past `Duration`'s range when `cap` is huge), so convert without panicking and bound.
+    let delay = Duration::try_from_secs_f64(jittered)
+        .unwrap_or(ceiling)
+        .min(ceiling);
     match retry_after {
-        Some(floor) => delay.max(floor),
+        Some(floor) => delay.max(floor.min(config.cap)),
         None => delay,
     }
 }
@@ -144,10 +149,37 @@ mod tests {
         }
 
         #[test]
-        fn a_throttles_retry_after_is_a_floor(attempt in 1u32..10, seed: u64, secs in 0u64..30) {
+        fn a_throttles_retry_after_is_a_floor_up_to_the_cap(attempt in 1u32..10, seed: u64, secs in 0u64..30) {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let cfg = config(Jitter::Full);
             let floor = Duration::from_secs(secs);
-            prop_assert!(backoff(&config(Jitter::Full), attempt, Some(floor), &mut rng) >= floor);
+            let delay = backoff(&cfg, attempt, Some(floor), &mut rng);
+            prop_assert!(delay >= floor.min(cfg.cap));
+            prop_assert!(delay <= cfg.cap);
+        }
+
+        #[test]
+        fn backoff_never_panics_and_never_exceeds_the_cap(
+            attempt: u32,
+            seed: u64,
+            base_ns in 1u64..=u64::MAX,
+            cap_secs: u64,
+            retry_after_secs: u64,
+            ratio in 0.0f64..=1.0,
+        ) {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let cap = Duration::from_secs(cap_secs);
+            for jitter in [Jitter::Full, Jitter::Equal, Jitter::Ratio(ratio)] {
+                let cfg = RetryConfig {
+                    base: Duration::from_nanos(base_ns).min(cap),
+                    cap,
+                    jitter,
+                    ..RetryConfig::default()
+                };
+                let retry_after = Some(Duration::from_secs(retry_after_secs));
+                prop_assert!(backoff(&cfg, attempt, retry_after, &mut rng) <= cap);
+                prop_assert!(backoff(&cfg, attempt, None, &mut rng) <= cap);
+            }
         }
     }
 

@@ -8,8 +8,11 @@
 //!
 //! The budget keeps retries to a fraction of recent invokes (like the AWS SDK's retry
 //! quota, and Finagle's retry budget): over a sliding 10-second window, retries may reach
-//! `budget × invokes` plus a small floor so that a quiet route can still retry at all.
-//! When Lambda is in trouble, retries cannot multiply the load on it.
+//! `budget × invokes` plus a floor of 10 per second (Finagle's `minRetriesPerSec`), so that
+//! a quiet route with a few batches in flight can still retry each of them through a short
+//! blip. When Lambda is in trouble, retries cannot multiply the load on it: above the
+//! floor they stay a fraction of the traffic, and every retry passes the function's gate
+//! (invoke rate and concurrency) like a first attempt.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -48,10 +51,13 @@ pub fn backoff(
 
 const WINDOW: Duration = Duration::from_secs(10);
 const SLOT: Duration = Duration::from_secs(1);
+/// Retries allowed per second of the window regardless of traffic: enough for a quiet route's
+/// in-flight batches (up to `max_concurrency`, 10 by default) to each retry through a blip.
+const MIN_RETRIES_PER_SEC: f64 = 10.0;
 /// Retries allowed per window regardless of traffic.
-const FLOOR: f64 = 10.0;
+const FLOOR: f64 = MIN_RETRIES_PER_SEC * WINDOW.as_secs_f64();
 
-/// Retries ≤ `fraction` × invokes over the last 10 seconds (+ a floor of 10).
+/// Retries ≤ `fraction` × invokes over the last 10 seconds (+ a floor of 100).
 #[derive(Debug)]
 pub struct RetryBudget {
     fraction: f64,
@@ -203,11 +209,27 @@ mod tests {
             budget.record_invoke();
         }
         let granted = (0..1000).filter(|_| budget.try_retry()).count();
-        assert_eq!(granted, 30, "floor 10 + 20% of 100 invokes");
+        assert_eq!(granted, 120, "floor 100 + 20% of 100 invokes");
         tokio::time::advance(WINDOW + SLOT).await;
         assert!(
             budget.try_retry(),
             "the window slides: old retries no longer count"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_route_can_retry_each_batch_in_flight_through_a_blip() {
+        // Ten batches (a default max_concurrency's worth) each retried four times within
+        // a few seconds: a blip, not a storm.
+        let budget = RetryBudget::new(0.2);
+        for _ in 0..10 {
+            budget.record_invoke();
+        }
+        for round in 0..4 {
+            for batch in 0..10 {
+                assert!(budget.try_retry(), "round {round}, batch {batch} refused");
+            }
+            tokio::time::advance(Duration::from_millis(700)).await;
+        }
     }
 }

@@ -3,9 +3,11 @@
 //! or stall a batch (row 3); the shipped retry settings ride out a short blip (row 12).
 
 use std::collections::HashSet;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use sluicegate::config::{Config, DEFAULT_CONFIG_TOML};
 
 use crate::common::{self, Harness};
 use crate::fake_config;
@@ -243,5 +245,40 @@ async fn an_absurd_retry_after_from_lambda_is_clamped_to_the_retry_cap() {
         for (id, n) in processed_counts(&fake) {
             assert_eq!(n, 1, "Retry-After {retry_after}: record {id} ran {n} times");
         }
+    }
+}
+
+#[tokio::test]
+async fn the_shipped_retry_settings_ride_out_a_two_second_blip() {
+    // Lambda fails every invoke for 2 s from the first one (as an endpoint that restarts),
+    // then works. Several batches are in flight at once, as on a quiet route.
+    let first: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
+    let blip = Arc::clone(&first);
+    let fake = FakeLambda::start(move |call| {
+        let began = *blip.get_or_init(Instant::now);
+        if began.elapsed() < Duration::from_secs(2) {
+            Action::Reply(Reply::service_error(503, "ServiceException"))
+        } else {
+            Action::Process(Reply::echo(call))
+        }
+    })
+    .await;
+    let shipped = Config::from_toml(DEFAULT_CONFIG_TOML).expect("the shipped config is valid");
+    // A generous invoke rate, so that only the retry settings space the attempts out.
+    let route = common::route(
+        "records",
+        "f",
+        "batch = { max_records = 5 }\ninvoke = { rate = 1000.0, burst = 1000, max_concurrency = 10 }",
+    );
+    let mut config =
+        Config::from_toml(&fake_config(&fake, &route)).expect("the test config is valid");
+    config.routes[0].retry = shipped.routes[0].retry.clone();
+    let harness = Harness::start_config(config).await;
+    let answers = post_all(&harness, 40).await;
+    for (status, body) in &answers {
+        assert_eq!(*status, 200, "{body}");
+    }
+    for (id, n) in processed_counts(&fake) {
+        assert_eq!(n, 1, "record {id} ran {n} times");
     }
 }

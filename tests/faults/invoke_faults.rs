@@ -282,3 +282,61 @@ async fn the_shipped_retry_settings_ride_out_a_two_second_blip() {
         assert_eq!(n, 1, "record {id} ran {n} times");
     }
 }
+
+#[tokio::test]
+async fn a_connect_timeout_is_retried_as_unavailable() {
+    // A listener that never accepts, its backlog already full: the kernel drops further
+    // SYNs, so connecting hangs until `connect_timeout` — before any byte was sent.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let listener = socket.listen(0).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(stream)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(stream);
+        }
+    }
+    let fake = FakeLambda::echo().await;
+    // The metrics recorder is process-wide: a function name of its own keeps the count ours.
+    let route = common::route(
+        "records",
+        "blackhole",
+        r#"retry = { max_attempts = 2, base = "10ms", cap = "50ms", retry_timeouts = false }"#,
+    );
+    let toml = fake_config(&fake, &route)
+        .replace(&fake.endpoint(), &format!("http://{addr}"))
+        .replace(r#"connect_timeout = "1s""#, r#"connect_timeout = "300ms""#);
+    let harness = Harness::start(&toml).await;
+    let response = harness.post("/records", r#"{"n":1}"#).await;
+    let status = response.status();
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(status, 503, "a connect that timed out sent nothing: {body}");
+    let metrics = harness
+        .http
+        .get(format!("http://{}/metrics", harness.running.admin_addr))
+        .send()
+        .await
+        .expect("metrics answered")
+        .text()
+        .await
+        .expect("text");
+    let retries: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("sluicegate_retries_total")
+                && l.contains(r#"function="blackhole""#)
+                && l.contains("Unavailable")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(retries, 1.0, "max_attempts = 2: one retry\n{metrics}");
+    drop(fillers);
+}

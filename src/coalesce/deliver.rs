@@ -8,11 +8,16 @@
 //!   deliver each, down to the single poison record, whose caller alone gets `502`;
 //! - `RequestTooLargeException` → split in halves; a single record that cannot fit → `413`;
 //! - a retryable failure (see the table in [`crate::invoke`]) → back off with jitter (never
-//!   sooner than a throttle's Retry-After), within `max_attempts` and the retry budget.
-//!   Callers whose deadline falls before the retry leave the batch first, with `504`;
+//!   sooner than a throttle's Retry-After, never longer than `retry.cap`), within
+//!   `max_attempts` and the retry budget. Callers whose deadline falls before the retry
+//!   leave the batch first, with `504`. An unknown outcome (the request may have reached
+//!   the function) is retryable only with `retry.retry_timeouts`;
 //! - retries exhausted → the route's dead-letter sink, and `503` with the dead-letter id
-//!   (without a sink: `429 scope=upstream` for throttles, `503` otherwise);
-//! - anything else (unknown function, permissions, a read timeout of a non-idempotent
+//!   (without a sink: `429 scope=upstream` for throttles, `503` otherwise). When any attempt
+//!   of the batch ended in an unknown outcome, the letters say `possibly_processed`, and
+//!   without a sink the callers hear that the outcome is unknown (`504`), not merely that
+//!   Lambda was unavailable at the last attempt;
+//! - anything else (unknown function, permissions, an unknown outcome of a non-idempotent
 //!   function) → answered at once, with an error log for configuration problems.
 
 use std::sync::Arc;
@@ -52,10 +57,26 @@ impl Delivery {
         batch: Vec<Message>,
         slot: Option<Slot>,
     ) -> BoxFuture<'static, ()> {
-        Box::pin(async move { self.attempts(batch, slot).await })
+        self.deliver_part(batch, slot, None)
     }
 
-    async fn attempts(self: Arc<Self>, mut batch: Vec<Message>, mut slot: Option<Slot>) {
+    /// [`Delivery::deliver`] for a batch, or half of one, that an earlier attempt may already
+    /// have run (`earlier_unknown`: that attempt's failure).
+    fn deliver_part(
+        self: Arc<Self>,
+        batch: Vec<Message>,
+        slot: Option<Slot>,
+        earlier_unknown: Option<InvokeFailure>,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move { self.attempts(batch, slot, earlier_unknown).await })
+    }
+
+    async fn attempts(
+        self: Arc<Self>,
+        mut batch: Vec<Message>,
+        mut slot: Option<Slot>,
+        mut unknown: Option<InvokeFailure>,
+    ) {
         let spec = &self.spec;
         let first_at = SystemTime::now();
         let mut attempt: u32 = 0;
@@ -80,7 +101,14 @@ impl Delivery {
             let result = self
                 .invoker
                 .invoke(payload, spec.invocation, acquired)
-                .await;
+                .await
+                // Lambda's Retry-After is a number off the network: never wait past the cap.
+                .map_err(|failure| failure.with_retry_after_at_most(spec.retry.cap));
+            if let Err(failure) = &result {
+                if failure.may_have_run() && unknown.is_none() {
+                    unknown = Some(failure.clone());
+                }
+            }
             match result {
                 Ok(Invoked::Response {
                     function_error: Some(kind),
@@ -91,7 +119,7 @@ impl Delivery {
                         kind,
                         "function error: bisecting the batch to isolate the failing record"
                     );
-                    self.split(batch).await;
+                    self.split(batch, unknown).await;
                     return;
                 }
                 Ok(invoked) => {
@@ -103,12 +131,21 @@ impl Delivery {
                         records = batch.len(),
                         "Lambda said the payload is too large: splitting the batch"
                     );
-                    self.split(batch).await;
+                    self.split(batch, unknown).await;
                     return;
                 }
                 Err(failure) if failure.is_retryable(spec.retry.retry_timeouts) => {
                     if attempt >= spec.retry.max_attempts || !self.budget.try_retry() {
-                        self.give_up(batch, failure, attempt, first_at);
+                        let possibly_processed = unknown.is_some();
+                        let failure = match unknown {
+                            // No dead letter will carry `possibly_processed`: the callers'
+                            // answer itself must say the record may have run.
+                            Some(earlier) if self.dlq.is_none() && !failure.may_have_run() => {
+                                unknown_then(earlier, &failure)
+                            }
+                            _ => failure,
+                        };
+                        self.give_up(batch, failure, attempt, first_at, possibly_processed);
                         return;
                     }
                     let delay = backoff(
@@ -117,17 +154,20 @@ impl Delivery {
                         failure.retry_after(),
                         &mut rand::rng(),
                     );
-                    let retry_at = Instant::now() + delay;
+                    // `delay` is at most `retry.cap`; should the clock still overflow, no
+                    // deadline can come after the retry.
+                    let retry_at = Instant::now().checked_add(delay);
                     // A caller whose deadline comes first would only wait to time out.
-                    let (stay, leave): (Vec<Message>, Vec<Message>) =
-                        batch.into_iter().partition(|m| m.deadline > retry_at);
+                    let (stay, leave): (Vec<Message>, Vec<Message>) = batch
+                        .into_iter()
+                        .partition(|m| retry_at.is_some_and(|at| m.deadline > at));
                     for m in leave {
                         m.answer(Err(RecordError::DeadlineBeforeRetry(failure.clone())));
                     }
                     batch = stay;
-                    if batch.is_empty() {
+                    let Some(retry_at) = retry_at.filter(|_| !batch.is_empty()) else {
                         return;
-                    }
+                    };
                     metrics::counter!("sluicegate_retries_total", "function" => self.invoker.function().to_owned(), "reason" => failure.label().to_owned())
                         .increment(1);
                     tracing::debug!(attempt, delay_ms = delay.as_millis() as u64, error = %failure, "retrying the batch");
@@ -144,11 +184,12 @@ impl Delivery {
         }
     }
 
-    async fn split(self: &Arc<Self>, mut left: Vec<Message>) {
+    /// Delivers each half of `left`; both inherit whether the whole may already have run.
+    async fn split(self: &Arc<Self>, mut left: Vec<Message>, unknown: Option<InvokeFailure>) {
         let right = left.split_off(left.len() / 2);
         tokio::join!(
-            Arc::clone(self).deliver(left, None),
-            Arc::clone(self).deliver(right, None)
+            Arc::clone(self).deliver_part(left, None, unknown.clone()),
+            Arc::clone(self).deliver_part(right, None, unknown)
         );
     }
 
@@ -160,6 +201,7 @@ impl Delivery {
         failure: InvokeFailure,
         attempts: u32,
         first_at: SystemTime,
+        possibly_processed: bool,
     ) {
         let Some(sink) = &self.dlq else {
             envelope::fan_out(batch, Err(failure), self.spec.envelope);
@@ -184,6 +226,7 @@ impl Delivery {
                 error: failure.to_string(),
                 error_kind: failure.label().to_owned(),
                 attempts,
+                possibly_processed,
                 first_attempt_at: first.clone(),
                 last_attempt_at: last.clone(),
             });
@@ -197,5 +240,17 @@ impl Delivery {
                 failure: failure.clone(),
             }));
         }
+    }
+}
+
+/// The failure to report for a batch whose earlier attempt may have run it (`earlier`) and
+/// whose last attempt failed with `last`: the outcome is unknown, and the text says both.
+fn unknown_then(earlier: InvokeFailure, last: &InvokeFailure) -> InvokeFailure {
+    match earlier {
+        InvokeFailure::OutcomeUnknown { cause, message } => InvokeFailure::OutcomeUnknown {
+            cause,
+            message: format!("{message}; the last attempt failed: {last}"),
+        },
+        other => other,
     }
 }

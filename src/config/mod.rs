@@ -456,11 +456,16 @@ pub struct RetryConfig {
 
 impl Default for RetryConfig {
     fn default() -> Self {
+        // Four equal-jittered backoffs of 0.4, 0.8, 1.6 and 3.2 s (each drawn from its upper
+        // half) add up to 3–6 s: a batch outlives a Lambda endpoint that is gone for up to
+        // 3 s (a restart, a deploy, a dropped load balancer), and the worst case stays far
+        // inside the default 30 s `request_timeout`. Full jitter over `base = 100ms` gave up
+        // within 1.5 s at most.
         RetryConfig {
             max_attempts: 5,
-            base: Duration::from_millis(100),
+            base: Duration::from_millis(400),
             cap: Duration::from_secs(10),
-            jitter: Jitter::Full,
+            jitter: Jitter::Equal,
             budget: 0.2,
             retry_timeouts: false,
         }

@@ -44,7 +44,7 @@ fn a_minimal_route_gets_documented_defaults() {
         route.request_timeout(&config.server),
         Duration::from_secs(30)
     );
-    assert_eq!(route.retry.jitter, Jitter::Full);
+    assert_eq!(route.retry.jitter, Jitter::Equal);
     assert!(
         !config.emulator.enabled,
         "the emulator is only on when the file asks for it"

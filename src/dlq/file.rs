@@ -95,6 +95,7 @@ mod tests {
             record: RawValue::from_string(r#"{"n":1}"#.into()).unwrap(),
             error: "throttled".into(),
             error_kind: "CallerRateLimitExceeded".into(),
+            possibly_processed: false,
             attempts: 5,
             first_attempt_at: "2026-01-01T00:00:00.000Z".into(),
             last_attempt_at: "2026-01-01T00:00:01.000Z".into(),

@@ -38,6 +38,11 @@ pub struct DeadLetter {
     /// Lambda's error label (throttle reason, `Unavailable`, …).
     pub error_kind: String,
     pub attempts: u32,
+    /// An attempt ended without knowing whether the function ran (a lost connection or a
+    /// read timeout, retried because `retry.retry_timeouts` is on): a redrive may run the
+    /// record a second time. Absent in letters written before this field existed.
+    #[serde(default)]
+    pub possibly_processed: bool,
     /// RFC 3339 UTC.
     pub first_attempt_at: String,
     pub last_attempt_at: String,

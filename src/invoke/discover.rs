@@ -48,7 +48,7 @@ pub fn static_findings(config: &Config) -> Vec<Finding> {
         .routes
         .iter()
         .filter_map(|route| {
-            let per_attempt = lambda.connect_timeout + lambda.read_timeout;
+            let per_attempt = lambda.connect_timeout.saturating_add(lambda.read_timeout);
             let worst = per_attempt.saturating_mul(route.retry.max_attempts);
             let deadline = route.request_timeout(&config.server);
             (worst > deadline).then(|| Finding {

@@ -10,12 +10,22 @@
 //!
 //! | Lambda says | [`InvokeFailure`] | retryable |
 //! |---|---|---|
-//! | `TooManyRequestsException` (any `Reason`) | `Throttled` | yes, after its Retry-After |
+//! | `TooManyRequestsException` (any `Reason`) | `Throttled` | yes, after its Retry-After (at most `retry.cap`) |
 //! | `ServiceException`, other 5xx, `EC2ThrottledException`, `ResourceNotReadyException`… | `Unavailable` | yes |
-//! | connection refused / reset | `Unavailable` | yes |
-//! | no answer within `read_timeout` | `Timeout` | only if the function is idempotent |
+//! | the request was provably never sent: connect refused / reset / timed out, DNS, TLS handshake, a pooled connection closed before the request started | `Unavailable` | yes |
+//! | no answer within `read_timeout` | `OutcomeUnknown` (`ReadTimeout`) | only with `retry.retry_timeouts` (idempotent functions) |
+//! | the connection failed once the request may have been sent: closed before the response (`IncompleteMessage`), reset while reading, an unreadable response, any failure not provably before sending | `OutcomeUnknown` (`ConnectionLost`) | only with `retry.retry_timeouts` |
 //! | `RequestTooLargeException` | `TooLarge` | split the batch |
 //! | `ResourceNotFoundException`, `InvalidRequestContentException`, credentials/permission | `Rejected` | no |
+//!
+//! The line between `Unavailable` and `OutcomeUnknown` is what the proxy *knows*: Lambda
+//! runs a batch as soon as it has read the request, so once the request may have left,
+//! silence says nothing about whether the function ran. Retrying then risks running every
+//! record twice; only an error that proves the request never left (the SDK error's source
+//! chain holds a connect failure, or a request hyper canceled before writing it) is safe
+//! to retry. Numbers Lambda sends (a throttle's `Retry-After`) are parsed without trusting
+//! them: unparsable, negative or NaN is absent, anything larger is capped at
+//! [`MAX_RETRY_AFTER`] here and at the route's `retry.cap` by the retry loop.
 
 mod client;
 pub mod discover;
@@ -47,6 +57,30 @@ pub enum Invoked {
     Accepted,
 }
 
+/// The longest `Retry-After` kept from a throttle, whatever Lambda sent; the retry loop then
+/// caps it at the route's `retry.cap`.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Why an invoke's outcome is unknown: the request may have reached the function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnknownCause {
+    /// No answer within `lambda.read_timeout`.
+    ReadTimeout,
+    /// The connection failed after the request may have been sent.
+    ConnectionLost,
+}
+
+impl std::fmt::Display for UnknownCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UnknownCause::ReadTimeout => "Lambda did not answer within the read timeout",
+            UnknownCause::ConnectionLost => {
+                "the connection to Lambda failed after the request may have been sent"
+            }
+        })
+    }
+}
+
 /// Why an invoke did not produce a function result.
 #[derive(Clone, Debug, thiserror::Error, PartialEq)]
 pub enum InvokeFailure {
@@ -60,10 +94,15 @@ pub enum InvokeFailure {
     TooLarge { message: String },
     #[error("Lambda refused the invoke: {kind}: {message}")]
     Rejected { kind: String, message: String },
+    /// Lambda did not take the request; nothing ran, so another attempt is safe.
     #[error("Lambda is unavailable: {message}")]
     Unavailable { message: String },
-    #[error("Lambda did not answer within the read timeout: {message}")]
-    Timeout { message: String },
+    /// The request may have reached the function: it may have run.
+    #[error("{cause}; the outcome is unknown and the record may have been processed: {message}")]
+    OutcomeUnknown {
+        cause: UnknownCause,
+        message: String,
+    },
 }
 
 impl InvokeFailure {
@@ -82,15 +121,32 @@ impl InvokeFailure {
             InvokeFailure::TooLarge { .. } => "RequestTooLargeException",
             InvokeFailure::Rejected { kind, .. } => kind,
             InvokeFailure::Unavailable { .. } => "Unavailable",
-            InvokeFailure::Timeout { .. } => "Timeout",
+            InvokeFailure::OutcomeUnknown { cause, .. } => match cause {
+                UnknownCause::ReadTimeout => "ReadTimeout",
+                UnknownCause::ConnectionLost => "ConnectionLost",
+            },
         }
     }
 
-    /// Whether another attempt may succeed (a timeout only when the function is idempotent).
+    /// Whether the function may have run the batch although no result came back.
+    pub fn may_have_run(&self) -> bool {
+        matches!(self, InvokeFailure::OutcomeUnknown { .. })
+    }
+
+    /// The same failure with its `Retry-After` no longer than `cap`.
+    pub fn with_retry_after_at_most(mut self, cap: Duration) -> Self {
+        if let InvokeFailure::Throttled { retry_after, .. } = &mut self {
+            *retry_after = retry_after.map(|wait| wait.min(cap));
+        }
+        self
+    }
+
+    /// Whether another attempt may succeed; one whose outcome is unknown only when the
+    /// function is idempotent (`retry_timeouts`), since the retry may run it twice.
     pub fn is_retryable(&self, retry_timeouts: bool) -> bool {
         match self {
             InvokeFailure::Throttled { .. } | InvokeFailure::Unavailable { .. } => true,
-            InvokeFailure::Timeout { .. } => retry_timeouts,
+            InvokeFailure::OutcomeUnknown { .. } => retry_timeouts,
             InvokeFailure::TooLarge { .. } | InvokeFailure::Rejected { .. } => false,
         }
     }
@@ -187,36 +243,78 @@ pub fn classify(err: SdkError<InvokeError>) -> InvokeFailure {
             let err = service.into_err();
             classify_service(err, status)
         }
-        SdkError::TimeoutError(_) => InvokeFailure::Timeout {
+        // The SDK's operation/attempt timeouts cut the call wherever it was.
+        SdkError::TimeoutError(_) => InvokeFailure::OutcomeUnknown {
+            cause: UnknownCause::ReadTimeout,
             message: "operation timed out".to_owned(),
         },
         SdkError::DispatchFailure(failure) => {
-            if failure.is_timeout() {
-                InvokeFailure::Timeout {
-                    message: format!("{failure:?}"),
-                }
-            } else if failure.is_user() {
+            let chain = failure
+                .as_connector_error()
+                .map(|e| e as &(dyn std::error::Error + 'static));
+            if failure.is_user() {
                 InvokeFailure::Rejected {
                     kind: "ClientConfiguration".to_owned(),
                     message: describe(&failure),
                 }
-            } else {
+            } else if chain.is_some_and(never_sent) {
                 InvokeFailure::Unavailable {
+                    message: describe(&failure),
+                }
+            } else if failure.is_timeout() {
+                InvokeFailure::OutcomeUnknown {
+                    cause: UnknownCause::ReadTimeout,
+                    message: describe(&failure),
+                }
+            } else {
+                InvokeFailure::OutcomeUnknown {
+                    cause: UnknownCause::ConnectionLost,
                     message: describe(&failure),
                 }
             }
         }
-        SdkError::ResponseError(resp) => InvokeFailure::Unavailable {
+        // A response arrived but could not be read: the function may well have run.
+        SdkError::ResponseError(resp) => InvokeFailure::OutcomeUnknown {
+            cause: UnknownCause::ConnectionLost,
             message: format!("unreadable response: {:?}", resp.raw().status()),
         },
         SdkError::ConstructionFailure(failure) => InvokeFailure::Rejected {
             kind: "RequestConstruction".to_owned(),
             message: format!("{failure:?}"),
         },
-        other => InvokeFailure::Unavailable {
+        // Variants added to the SDK later: nothing proves the request was not sent.
+        other => InvokeFailure::OutcomeUnknown {
+            cause: UnknownCause::ConnectionLost,
             message: other.to_string(),
         },
     }
+}
+
+/// Whether the error chain proves the request never left: the connector failed (connect
+/// refused, reset or timed out, DNS, TLS handshake — hyper-util's `is_connect`), or hyper
+/// canceled the request before writing any of it (a pooled connection that closed first).
+fn never_sent(error: &(dyn std::error::Error + 'static)) -> bool {
+    error_chain(error).any(|e| {
+        e.downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(hyper_util::client::legacy::Error::is_connect)
+            || e.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_canceled)
+    })
+}
+
+/// `error`, then each error after it. An `io::Error`'s `source()` skips its own payload, so
+/// after an `io::Error` the next link is the payload (`get_ref`).
+fn error_chain<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |&error| {
+        match error.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => error.source(),
+        }
+    })
 }
 
 fn describe(failure: &impl std::fmt::Debug) -> String {
@@ -226,6 +324,17 @@ fn describe(failure: &impl std::fmt::Debug) -> String {
     } else {
         text.chars().take(300).collect()
     }
+}
+
+/// A throttle's `Retry-After` seconds, without trusting them: unparsable, negative or NaN
+/// is no wait at all; anything else, `inf` and `1e300` included, at most [`MAX_RETRY_AFTER`]
+/// (so no `Duration` conversion or `Instant` addition downstream can overflow).
+pub fn parse_retry_after(text: &str) -> Option<Duration> {
+    let secs = text.trim().parse::<f64>().ok()?;
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(secs).map_or(MAX_RETRY_AFTER, |d| d.min(MAX_RETRY_AFTER)))
 }
 
 fn classify_service(err: InvokeError, status: u16) -> InvokeFailure {
@@ -238,11 +347,7 @@ fn classify_service(err: InvokeError, status: u16) -> InvokeFailure {
                 .reason()
                 .map(|r| r.as_str().to_owned())
                 .unwrap_or_else(|| "Unknown".to_owned()),
-            retry_after: e
-                .retry_after_seconds()
-                .and_then(|s| s.trim().parse::<f64>().ok())
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .map(Duration::from_secs_f64),
+            retry_after: e.retry_after_seconds().and_then(parse_retry_after),
             message,
         },
         InvokeError::RequestTooLargeException(_) => InvokeFailure::TooLarge { message },
@@ -260,5 +365,52 @@ fn classify_service(err: InvokeError, status: u16) -> InvokeFailure {
             message: format!("{kind}: {message}"),
         },
         _ => InvokeFailure::Rejected { kind, message },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn retry_after_from_lambda_is_parsed_without_trusting_it() {
+        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after(" 0.5 "), Some(Duration::from_millis(500)));
+        for absurd in ["1e300", "1e19", "inf", "+inf", "1e9"] {
+            assert_eq!(parse_retry_after(absurd), Some(MAX_RETRY_AFTER), "{absurd}");
+        }
+        for unusable in ["NaN", "-5", "-inf", "soon", "", "1s"] {
+            assert_eq!(parse_retry_after(unusable), None, "{unusable}");
+        }
+    }
+
+    #[test]
+    fn a_throttles_retry_after_is_capped_but_other_failures_are_untouched() {
+        let throttled = InvokeFailure::Throttled {
+            reason: "CallerRateLimitExceeded".into(),
+            message: String::new(),
+            retry_after: Some(MAX_RETRY_AFTER),
+        };
+        let capped = throttled.with_retry_after_at_most(Duration::from_secs(10));
+        assert_eq!(capped.retry_after(), Some(Duration::from_secs(10)));
+        let lost = InvokeFailure::OutcomeUnknown {
+            cause: UnknownCause::ConnectionLost,
+            message: "x".into(),
+        };
+        assert_eq!(lost.clone().with_retry_after_at_most(Duration::ZERO), lost);
+        assert!(lost.may_have_run());
+        assert!(!lost.is_retryable(false) && lost.is_retryable(true));
+    }
+
+    proptest! {
+        #[test]
+        fn any_retry_after_text_parses_to_a_bounded_wait_or_none(text in ".{0,40}", secs: f64) {
+            for t in [text, secs.to_string(), format!("{secs:e}")] {
+                if let Some(wait) = parse_retry_after(&t) {
+                    prop_assert!(wait <= MAX_RETRY_AFTER);
+                }
+            }
+        }
     }
 }

@@ -3,12 +3,16 @@
 //! Backoff for the retry after attempt `n` (1-based) is `min(cap, base × 2^(n-1))`, then
 //! jittered: `full` draws uniformly from `[0, d]`, `equal` from `[d/2, d]`, a ratio `r`
 //! from `[d × (1 - r), d]`. A throttle's own `Retry-After` is a floor: the retry never comes
-//! sooner than Lambda asked.
+//! sooner than Lambda asked — up to `cap`, because that number comes from the network and
+//! `1e300` seconds must neither overflow a `Duration` nor park a batch past every deadline.
 //!
 //! The budget keeps retries to a fraction of recent invokes (like the AWS SDK's retry
 //! quota, and Finagle's retry budget): over a sliding 10-second window, retries may reach
-//! `budget × invokes` plus a small floor so that a quiet route can still retry at all.
-//! When Lambda is in trouble, retries cannot multiply the load on it.
+//! `budget × invokes` plus a floor of 10 per second (Finagle's `minRetriesPerSec`), so that
+//! a quiet route with a few batches in flight can still retry each of them through a short
+//! blip. When Lambda is in trouble, retries cannot multiply the load on it: above the
+//! floor they stay a fraction of the traffic, and every retry passes the function's gate
+//! (invoke rate and concurrency) like a first attempt.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -34,19 +38,26 @@ pub fn backoff(
         Jitter::Equal => d / 2.0 + rng.random_range(0.0..=d / 2.0),
         Jitter::Ratio(r) => d * (1.0 - r * rng.random_range(0.0..=1.0)),
     };
-    let delay = Duration::from_secs_f64(jittered);
+    // `jittered` lies in `[0, d]`; float rounding could still take it a hair past `ceiling`
+    // (or past `Duration`'s range when `cap` is huge), so convert without panicking and bound.
+    let delay = Duration::try_from_secs_f64(jittered)
+        .unwrap_or(ceiling)
+        .min(ceiling);
     match retry_after {
-        Some(floor) => delay.max(floor),
+        Some(floor) => delay.max(floor.min(config.cap)),
         None => delay,
     }
 }
 
 const WINDOW: Duration = Duration::from_secs(10);
 const SLOT: Duration = Duration::from_secs(1);
+/// Retries allowed per second of the window regardless of traffic: enough for a quiet route's
+/// in-flight batches (up to `max_concurrency`, 10 by default) to each retry through a blip.
+const MIN_RETRIES_PER_SEC: f64 = 10.0;
 /// Retries allowed per window regardless of traffic.
-const FLOOR: f64 = 10.0;
+const FLOOR: f64 = MIN_RETRIES_PER_SEC * WINDOW.as_secs_f64();
 
-/// Retries ≤ `fraction` × invokes over the last 10 seconds (+ a floor of 10).
+/// Retries ≤ `fraction` × invokes over the last 10 seconds (+ a floor of 100).
 #[derive(Debug)]
 pub struct RetryBudget {
     fraction: f64,
@@ -144,10 +155,37 @@ mod tests {
         }
 
         #[test]
-        fn a_throttles_retry_after_is_a_floor(attempt in 1u32..10, seed: u64, secs in 0u64..30) {
+        fn a_throttles_retry_after_is_a_floor_up_to_the_cap(attempt in 1u32..10, seed: u64, secs in 0u64..30) {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let cfg = config(Jitter::Full);
             let floor = Duration::from_secs(secs);
-            prop_assert!(backoff(&config(Jitter::Full), attempt, Some(floor), &mut rng) >= floor);
+            let delay = backoff(&cfg, attempt, Some(floor), &mut rng);
+            prop_assert!(delay >= floor.min(cfg.cap));
+            prop_assert!(delay <= cfg.cap);
+        }
+
+        #[test]
+        fn backoff_never_panics_and_never_exceeds_the_cap(
+            attempt: u32,
+            seed: u64,
+            base_ns in 1u64..=u64::MAX,
+            cap_secs: u64,
+            retry_after_secs: u64,
+            ratio in 0.0f64..=1.0,
+        ) {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let cap = Duration::from_secs(cap_secs);
+            for jitter in [Jitter::Full, Jitter::Equal, Jitter::Ratio(ratio)] {
+                let cfg = RetryConfig {
+                    base: Duration::from_nanos(base_ns).min(cap),
+                    cap,
+                    jitter,
+                    ..RetryConfig::default()
+                };
+                let retry_after = Some(Duration::from_secs(retry_after_secs));
+                prop_assert!(backoff(&cfg, attempt, retry_after, &mut rng) <= cap);
+                prop_assert!(backoff(&cfg, attempt, None, &mut rng) <= cap);
+            }
         }
     }
 
@@ -171,11 +209,27 @@ mod tests {
             budget.record_invoke();
         }
         let granted = (0..1000).filter(|_| budget.try_retry()).count();
-        assert_eq!(granted, 30, "floor 10 + 20% of 100 invokes");
+        assert_eq!(granted, 120, "floor 100 + 20% of 100 invokes");
         tokio::time::advance(WINDOW + SLOT).await;
         assert!(
             budget.try_retry(),
             "the window slides: old retries no longer count"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_route_can_retry_each_batch_in_flight_through_a_blip() {
+        // Ten batches (a default max_concurrency's worth) each retried four times within
+        // a few seconds: a blip, not a storm.
+        let budget = RetryBudget::new(0.2);
+        for _ in 0..10 {
+            budget.record_invoke();
+        }
+        for round in 0..4 {
+            for batch in 0..10 {
+                assert!(budget.try_retry(), "round {round}, batch {batch} refused");
+            }
+            tokio::time::advance(Duration::from_millis(700)).await;
+        }
     }
 }

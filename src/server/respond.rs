@@ -343,9 +343,12 @@ fn invoke_failure(failure: InvokeFailure, policies: &Policies) -> Response {
         InvokeFailure::Unavailable { .. } => {
             unavailable(failure.to_string(), Duration::from_secs(1))
         }
-        InvokeFailure::Timeout { .. } => {
-            error(StatusCode::GATEWAY_TIMEOUT, "timeout", failure.to_string())
-        }
+        // The request may have reached the function: the caller must not assume it did not.
+        InvokeFailure::OutcomeUnknown { .. } => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "outcome_unknown",
+            failure.to_string(),
+        ),
     }
 }
 

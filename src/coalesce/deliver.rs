@@ -11,7 +11,9 @@
 //!   sooner than a throttle's Retry-After), within `max_attempts` and the retry budget.
 //!   Callers whose deadline falls before the retry leave the batch first, with `504`;
 //! - retries exhausted → the route's dead-letter sink, and `503` with the dead-letter id
-//!   (without a sink: `429 scope=upstream` for throttles, `503` otherwise);
+//!   once the sink confirmed the letter (`503` without an id when it did not, within the
+//!   earliest caller deadline); without a sink: `429 scope=upstream` for throttles, `503`
+//!   otherwise;
 //! - anything else (unknown function, permissions, a read timeout of a non-idempotent
 //!   function) → answered at once, with an error log for configuration problems.
 
@@ -108,7 +110,7 @@ impl Delivery {
                 }
                 Err(failure) if failure.is_retryable(spec.retry.retry_timeouts) => {
                     if attempt >= spec.retry.max_attempts || !self.budget.try_retry() {
-                        self.give_up(batch, failure, attempt, first_at);
+                        self.give_up(batch, failure, attempt, first_at).await;
                         return;
                     }
                     let delay = backoff(
@@ -152,9 +154,12 @@ impl Delivery {
         );
     }
 
-    /// Retries are exhausted: dead-letter the records (queued before the callers hear of
-    /// it), or answer with the failure when the route has no sink.
-    fn give_up(
+    /// Retries are exhausted: dead-letter the records, or answer with the failure when the
+    /// route has no sink. A caller hears its `dead_letter_id` only once the sink confirmed
+    /// the letter; the wait ends at the earliest deadline among the callers still waiting,
+    /// so none of them times out for it. A letter the sink did not confirm is answered
+    /// `503` without an id (the sink counted and logged it in full).
+    async fn give_up(
         &self,
         batch: Vec<Message>,
         failure: InvokeFailure,
@@ -190,12 +195,38 @@ impl Delivery {
             answers.push((m, id));
         }
         tracing::warn!(records = letters.len(), attempts, error = %failure, sink = sink.kind(), "retries exhausted: dead-lettering");
-        sink.send(&self.spec.route, letters);
-        for (m, id) in answers {
-            m.answer(Err(RecordError::DeadLettered {
-                id,
-                failure: failure.clone(),
-            }));
+        // Records whose callers have gone are still dead-lettered, but nobody waits for
+        // them; with nobody waiting at all, the write still gets a bound.
+        let now = Instant::now();
+        let until = answers
+            .iter()
+            .filter(|(m, _)| !m.is_gone(now))
+            .map(|(m, _)| m.deadline)
+            .min()
+            .unwrap_or(now + UNWATCHED_WRITE_BOUND);
+        let confirmed = sink.write(&self.spec.route, letters, until).await;
+        let mut lost = Vec::new();
+        for ((m, id), written) in answers.into_iter().zip(confirmed) {
+            let outcome = match written {
+                Ok(()) => RecordError::DeadLettered {
+                    id,
+                    failure: failure.clone(),
+                },
+                Err(sink) => {
+                    lost.push(m.id.clone());
+                    RecordError::NotDeadLettered {
+                        failure: failure.clone(),
+                        sink,
+                    }
+                }
+            };
+            m.answer(Err(outcome));
+        }
+        if !lost.is_empty() {
+            tracing::error!(route = %self.spec.route, records = ?lost, error = %failure, "retries exhausted and the dead-letter sink did not take the records; their callers get 503 without a dead-letter id");
         }
     }
 }
+
+/// How long a dead-letter write may take when no caller waits for it (all have gone).
+const UNWATCHED_WRITE_BOUND: std::time::Duration = std::time::Duration::from_secs(30);

@@ -111,6 +111,11 @@ pub enum RecordError {
     DeadlineBeforeRetry(InvokeFailure),
     #[error("retries exhausted; the record was dead-lettered as {id} ({failure})")]
     DeadLettered { id: String, failure: InvokeFailure },
+    #[error("retries exhausted ({failure}), and {sink}")]
+    NotDeadLettered {
+        failure: InvokeFailure,
+        sink: crate::dlq::SinkError,
+    },
 }
 
 /// The one answer a caller gets.

@@ -315,6 +315,12 @@ pub fn record_error(id: &str, err: RecordError, policies: &Policies) -> Response
             );
             response
         }
+        // The sink did not confirm the letter: no id to give, and the caller must not think
+        // the record is kept anywhere.
+        RecordError::NotDeadLettered { ref failure, .. } => {
+            let wait = failure.retry_after().unwrap_or(Duration::from_secs(1));
+            unavailable(format!("record {id}: {err}"), wait)
+        }
         RecordError::MalformedResponse(_) | RecordError::MissingResult | RecordError::Lost => {
             error(
                 StatusCode::BAD_GATEWAY,

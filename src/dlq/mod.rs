@@ -245,3 +245,70 @@ fn lost(letter: &DeadLetter, why: &SinkError) {
     let json = serde_json::to_string(letter).unwrap_or_default();
     tracing::error!(dead_letter = %json, reason = why.label(), error = %why, "dead letter not confirmed by its sink");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(id: &str) -> DeadLetter {
+        DeadLetter {
+            id: id.to_owned(),
+            route: "records".into(),
+            function: "f".into(),
+            key: "k".into(),
+            record: RawValue::from_string("1".into()).unwrap(),
+            error: "unavailable".into(),
+            error_kind: "Unavailable".into(),
+            attempts: 2,
+            first_attempt_at: "2026-01-01T00:00:00.000Z".into(),
+            last_attempt_at: "2026-01-01T00:00:01.000Z".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_that_does_not_confirm_in_time_is_a_timeout_per_letter() {
+        let (tx, _jobs_never_answered) = mpsc::channel(1);
+        let sink = DeadLetterSink { tx, kind: "test" };
+        let until = Instant::now() + std::time::Duration::from_millis(50);
+        let results = sink
+            .write("records", vec![letter("a"), letter("b")], until)
+            .await;
+        assert!(
+            results.iter().all(|r| matches!(r, Err(SinkError::Timeout))),
+            "{results:?}"
+        );
+        assert_eq!(Instant::now(), until, "waits exactly until the bound");
+    }
+
+    #[tokio::test]
+    async fn a_stopped_writer_confirms_nothing() {
+        let (tx, jobs) = mpsc::channel(1);
+        drop(jobs);
+        let sink = DeadLetterSink { tx, kind: "test" };
+        let until = Instant::now() + std::time::Duration::from_secs(5);
+        let results = sink.write("records", vec![letter("a")], until).await;
+        assert!(
+            matches!(results[..], [Err(SinkError::Stopped)]),
+            "{results:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_file_writer_confirms_each_letter_once_it_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.jsonl");
+        let sink = DeadLetterSink::file(&path).unwrap();
+        let until = Instant::now() + std::time::Duration::from_secs(5);
+        let results = sink
+            .write("records", vec![letter("a"), letter("b")], until)
+            .await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        let ids: Vec<String> = read_letters(&path)
+            .unwrap()
+            .letters
+            .into_iter()
+            .map(|l| l.id)
+            .collect();
+        assert_eq!(ids, ["a", "b"]);
+    }
+}

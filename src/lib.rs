@@ -10,7 +10,8 @@
 //! - [`limit`]: token-bucket admission (global → route → key), bounded keyed state, Tower layer.
 //! - [`coalesce`]: per-route batcher (handle + worker) and the batch envelope.
 //! - [`invoke`]: the `aws-sdk-lambda` client, per-function gate, Lambda error classification.
-//! - [`dlq`]: dead-letter sinks (JSON-lines file, SQS) and their reader for redrive.
+//! - [`dlq`]: dead-letter sinks (JSON-lines file, SQS) that confirm each letter, their reader,
+//!   and the `dlq inspect` / `dlq redrive` commands (with the redrive lock).
 //! - [`metrics`]: the Prometheus recorder and the metric names.
 //! - [`pipeline`]: assembles routes: one invoker (gate) per function, one batcher per route.
 //! - [`emulator`]: a local Lambda Invoke API that the real SDK talks to unchanged.

@@ -1,4 +1,5 @@
-//! The `sluicegate` command: serve, emulate, check-config.
+//! The `sluicegate` command: serve, emulate, check-config, dlq (inspect / redrive; the
+//! work is in `sluicegate::dlq::command`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -65,15 +66,26 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum DlqCommand {
     /// Replay dead letters and report what succeeded. Letters that fail again are written
-    /// back (to the `--from` file, or appended to the route's live dead-letter file).
+    /// back (to the `--from` file, or appended to the route's live dead-letter file); lines
+    /// that are not letters are skipped, reported and kept in `<file>.unparsable`. Takes
+    /// `<file>.lock`: a second redrive of the same file refuses to start.
+    ///
+    /// The redrive has its own invoke gate: beside a running server, which has another,
+    /// pass `--rate`/`--concurrency` low enough that both together fit the function.
     Redrive {
         #[arg(long, short, env = "SLUICEGATE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
         /// A JSON-lines dead-letter file; default: every route's `dlq.file`.
         #[arg(long)]
         from: Option<PathBuf>,
+        /// Invokes per second; default (and maximum) each route's `invoke.rate`.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Invokes in flight; default (and maximum) each route's `invoke.max_concurrency`.
+        #[arg(long)]
+        concurrency: Option<u32>,
     },
-    /// Count dead letters per route and error kind.
+    /// Count dead letters per route and error kind, and report lines that are not letters.
     Inspect {
         #[arg(long, short, env = "SLUICEGATE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
@@ -279,39 +291,34 @@ async fn discover_findings(mut config: Config) -> ExitCode {
     }
 }
 
-/// The dead-letter files a `dlq` command reads: `--from`, or every route's `dlq.file`.
-fn dlq_sources(config: &Config, from: Option<PathBuf>) -> Result<Vec<PathBuf>, String> {
-    if let Some(from) = from {
-        return Ok(vec![from]);
-    }
-    let mut files = Vec::new();
-    for route in &config.routes {
-        match &route.dlq {
-            Some(dlq) if dlq.file.is_some() => files.extend(dlq.file.clone()),
-            Some(_) => {
-                return Err(format!(
-                    "route {} dead-letters to SQS; receive the messages into a JSON-lines file and pass it with --from",
-                    route.name
-                ))
-            }
-            None => {}
-        }
-    }
-    files.sort();
-    files.dedup();
-    if files.is_empty() {
-        return Err("no route has a dlq.file; pass a dead-letter file with --from".to_owned());
-    }
-    Ok(files)
-}
-
 async fn dlq(command: DlqCommand) -> ExitCode {
+    use sluicegate::dlq::command;
     let result = match command {
-        DlqCommand::Inspect { config, from } => inspect(&config, from),
-        DlqCommand::Redrive { config, from } => redrive(&config, from).await,
+        DlqCommand::Inspect { config, from } => {
+            load(&config).and_then(|config| command::inspect(&config, from))
+        }
+        DlqCommand::Redrive {
+            config,
+            from,
+            rate,
+            concurrency,
+        } => match load(&config) {
+            Ok(config) => {
+                let limits = command::RedriveLimits { rate, concurrency };
+                command::redrive_files(config, from, limits).await
+            }
+            Err(e) => Err(e),
+        },
     };
     match result {
-        Ok(code) => code,
+        Ok(report) => {
+            println!("{}", report.json);
+            if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -319,95 +326,6 @@ async fn dlq(command: DlqCommand) -> ExitCode {
     }
 }
 
-fn inspect(config: &Path, from: Option<PathBuf>) -> Result<ExitCode, String> {
-    let config = Config::load(config).map_err(|e| e.to_string())?;
-    let mut counts: std::collections::BTreeMap<(String, String), usize> = Default::default();
-    let mut total = 0;
-    for file in dlq_sources(&config, from)? {
-        if !file.exists() {
-            continue;
-        }
-        for letter in sluicegate::dlq::read_letters(&file)? {
-            total += 1;
-            *counts.entry((letter.route, letter.error_kind)).or_default() += 1;
-        }
-    }
-    let by: Vec<serde_json::Value> = counts
-        .into_iter()
-        .map(|((route, kind), n)| serde_json::json!({"route": route, "error_kind": kind, "count": n}))
-        .collect();
-    println!(
-        "{}",
-        serde_json::json!({"total": total, "by_route_and_error": by})
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Replays each source file. A route's live file is first moved aside (the running
-/// server's writer follows the rotation to a fresh file), so letters written during the
-/// redrive are never overwritten; what fails again is appended to the live file. A
-/// `--from` file is rewritten with what failed again.
-async fn redrive(config: &Path, from: Option<PathBuf>) -> Result<ExitCode, String> {
-    let config = Config::load(config).map_err(|e| e.to_string())?;
-    let explicit = from.is_some();
-    let mut reports = Vec::new();
-    let mut any_left = false;
-    for file in dlq_sources(&config, from)? {
-        if !file.exists() {
-            continue;
-        }
-        let work = if explicit {
-            file.clone()
-        } else {
-            let aside = file.with_extension(format!("redrive-{}", std::process::id()));
-            std::fs::rename(&file, &aside)
-                .map_err(|e| format!("cannot move {} aside: {e}", file.display()))?;
-            aside
-        };
-        let letters = sluicegate::dlq::read_letters(&work)?;
-        let report = sluicegate::dlq::redrive::redrive(&config, letters)
-            .await
-            .map_err(|e| e.to_string())?;
-        let written_back = if explicit {
-            let tmp = work.with_extension("redrive-tmp");
-            write_letters(&tmp, &report.remaining)?;
-            std::fs::rename(&tmp, &work)
-                .map_err(|e| format!("cannot replace {}: {e}", work.display()))?;
-            work.clone()
-        } else {
-            if !report.remaining.is_empty() {
-                let mut sink = sluicegate::dlq::FileSink::open(&file)
-                    .map_err(|e| format!("{}: {e}", file.display()))?;
-                sink.write(&report.remaining)
-                    .map_err(|e| format!("{}: {e}", file.display()))?;
-            }
-            std::fs::remove_file(&work)
-                .map_err(|e| format!("cannot remove {}: {e}", work.display()))?;
-            file.clone()
-        };
-        any_left |= !report.remaining.is_empty();
-        reports.push(serde_json::json!({
-            "file": file.display().to_string(),
-            "total": report.total,
-            "succeeded": report.succeeded,
-            "function_errors": report.function_errors,
-            "failed": report.failed,
-            "failed_written_to": written_back.display().to_string(),
-        }));
-    }
-    println!("{}", serde_json::json!({ "redrive": reports }));
-    Ok(if any_left {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
-}
-
-fn write_letters(path: &Path, letters: &[sluicegate::dlq::DeadLetter]) -> Result<(), String> {
-    let mut text = String::new();
-    for letter in letters {
-        text.push_str(&serde_json::to_string(letter).map_err(|e| e.to_string())?);
-        text.push('\n');
-    }
-    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+fn load(config: &Path) -> Result<Config, String> {
+    Config::load(config).map_err(|e| e.to_string())
 }

@@ -16,6 +16,7 @@
 //! | `sluicegate_lambda_throttles_total` | counter | `function`, `reason` |
 //! | `sluicegate_retries_total` | counter | `function`, `reason` |
 //! | `sluicegate_dead_letters_total` | counter | `route`, `sink` |
+//! | `sluicegate_dead_letter_failures_total` | counter | `route`, `sink`, `reason` |
 //! | `sluicegate_invoke_rate_limit` | gauge | `function` |
 //! | `sluicegate_invoke_concurrency_limit` | gauge | `function` |
 //! | `sluicegate_invokes_in_flight` | gauge | `function` |
@@ -105,7 +106,11 @@ fn describe() {
     );
     describe_counter!(
         "sluicegate_dead_letters_total",
-        "Records written to a dead-letter sink."
+        "Dead letters the sink confirmed (file: appended and fsynced; SQS: accepted)."
+    );
+    describe_counter!(
+        "sluicegate_dead_letter_failures_total",
+        "Dead letters the sink did not confirm, by reason (write_error, too_large, timeout, stopped); their callers got 503 without a dead_letter_id."
     );
     describe_gauge!(
         "sluicegate_invoke_rate_limit",

@@ -298,7 +298,7 @@ async fn dlq_redrive_replays_a_file_and_reports_what_succeeded() {
         ),
         (Some(3), Some(2), Some(1))
     );
-    let left = sluicegate::dlq::read_letters(&letters).unwrap();
+    let left = sluicegate::dlq::read_letters(&letters).unwrap().letters;
     assert_eq!(left.len(), 1, "what failed again is written back");
     assert_eq!(left[0].id, "c");
     assert_eq!(
@@ -316,4 +316,172 @@ async fn dlq_redrive_replays_a_file_and_reports_what_succeeded() {
     )
     .await;
     assert_eq!(stats["functions"]["f"]["records"], 2);
+}
+
+/// A dead letter for route `route` as a JSON line.
+fn letter_line(id: &str, route: &str) -> String {
+    format!(
+        r#"{{"id":"{id}","route":"{route}","function":"f","key":"k","record":{{"n":1}},"error":"x","error_kind":"Unavailable","attempts":5,"first_attempt_at":"2026-01-01T00:00:00.000Z","last_attempt_at":"2026-01-01T00:00:01.000Z"}}"#
+    )
+}
+
+/// `sluicegate emulate` with one function `f` of the given latency, on a free port.
+async fn emulator(dir: &Path, latency: &str) -> (Process, u16) {
+    let port = free_port();
+    let file = dir.join("emulator.toml");
+    std::fs::write(
+        &file,
+        format!("[emulator]\nlisten = \"127.0.0.1:{port}\"\n[[emulator.functions]]\nname = \"f\"\nlatency = \"{latency}\"\n"),
+    )
+    .unwrap();
+    let process = Process(
+        bare_command(dir)
+            .args(["emulate", "--config"])
+            .arg(&file)
+            .spawn()
+            .unwrap(),
+    );
+    wait_until_up(
+        &reqwest::Client::new(),
+        &format!("http://127.0.0.1:{port}/emulator/stats"),
+    )
+    .await;
+    (process, port)
+}
+
+fn route_config(dir: &Path, emulator_port: u16) -> std::path::PathBuf {
+    let config = dir.join("sluicegate.toml");
+    std::fs::write(
+        &config,
+        format!("[lambda]\nendpoint_url = \"http://127.0.0.1:{emulator_port}\"\n[[routes]]\nname = \"records\"\nfunction = \"f\"\ninvoke = {{ rate = 5.0, burst = 5, max_concurrency = 2 }}\n"),
+    )
+    .unwrap();
+    config
+}
+
+#[test]
+fn dlq_inspect_counts_the_good_letters_and_reports_a_torn_last_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluicegate.toml");
+    std::fs::write(
+        &config,
+        "[[routes]]\nname = \"records\"\nfunction = \"f\"\n",
+    )
+    .unwrap();
+    let letters = dir.path().join("dead.jsonl");
+    let torn = &letter_line("c", "records")[..50];
+    std::fs::write(
+        &letters,
+        format!(
+            "{}\n{}\n{torn}",
+            letter_line("a", "records"),
+            letter_line("b", "records")
+        ),
+    )
+    .unwrap();
+    let out = bare_command(dir.path())
+        .args(["dlq", "inspect", "--config"])
+        .arg(&config)
+        .arg("--from")
+        .arg(&letters)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["total"], 2);
+    assert_eq!(report["by_route_and_error"][0]["count"], 2);
+    assert_eq!(report["skipped_lines"], 1);
+    assert_eq!(report["skipped"][0]["line"], 3);
+    assert!(stderr.contains("line 3"), "said on stderr too: {stderr}");
+}
+
+#[tokio::test]
+async fn a_second_redrive_of_a_file_refuses_while_the_first_holds_its_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    // A slow function keeps the first redrive running while the second one starts.
+    let (_emulator, port) = emulator(dir.path(), "2s").await;
+    let config = route_config(dir.path(), port);
+    let letters = dir.path().join("dead.jsonl");
+    let torn = &letter_line("torn", "records")[..30];
+    std::fs::write(&letters, format!("{}\n{torn}", letter_line("a", "records"))).unwrap();
+    let redrive = || {
+        let mut cmd = bare_command(dir.path());
+        cmd.args(["dlq", "redrive", "--config"])
+            .arg(&config)
+            .arg("--from")
+            .arg(&letters)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    let first = redrive().spawn().unwrap();
+    let lock = dir.path().join("dead.jsonl.lock");
+    let started = std::time::Instant::now();
+    while !lock.exists() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the first redrive never took its lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let second = redrive().output().unwrap();
+    assert!(!second.status.success(), "the second redrive must refuse");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("held by another redrive") && stderr.contains(&first.id().to_string()),
+        "names the lock's holder: {stderr}"
+    );
+
+    let first = first.wait_with_output().unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let report: Value = serde_json::from_slice(&first.stdout).unwrap();
+    let file = &report["redrive"][0];
+    assert_eq!(file["succeeded"], 1);
+    assert_eq!(file["skipped_lines"], 1);
+    assert_eq!(file["skipped"][0]["line"], 2);
+    assert!(!lock.exists(), "the lock file is removed at exit");
+    let kept = std::fs::read_to_string(dir.path().join("dead.jsonl.unparsable")).unwrap();
+    assert_eq!(kept, format!("{torn}\n"), "the torn line is kept aside");
+    let left = sluicegate::dlq::read_letters(&letters).unwrap();
+    assert!(left.letters.is_empty() && left.skipped.is_empty());
+    let stats: Value = common::get_json(
+        &reqwest::Client::new(),
+        &format!("http://127.0.0.1:{port}/emulator/stats"),
+    )
+    .await;
+    assert_eq!(
+        stats["functions"]["f"]["records"], 1,
+        "replayed once, not twice"
+    );
+}
+
+#[test]
+fn dlq_redrive_refuses_limits_above_the_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = route_config(dir.path(), free_port());
+    let letters = dir.path().join("dead.jsonl");
+    std::fs::write(&letters, format!("{}\n", letter_line("a", "records"))).unwrap();
+    for flags in [["--rate", "6"], ["--concurrency", "3"]] {
+        let out = bare_command(dir.path())
+            .args(["dlq", "redrive", "--config"])
+            .arg(&config)
+            .arg("--from")
+            .arg(&letters)
+            .args(flags)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flags:?} is above the route's");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("may only"), "{flags:?}: {stderr}");
+    }
+    let left = sluicegate::dlq::read_letters(&letters).unwrap();
+    assert_eq!(left.letters.len(), 1, "nothing was replayed");
 }

@@ -13,10 +13,11 @@
 //!   leave the batch first, with `504`. An unknown outcome (the request may have reached
 //!   the function) is retryable only with `retry.retry_timeouts`;
 //! - retries exhausted → the route's dead-letter sink, and `503` with the dead-letter id
-//!   (without a sink: `429 scope=upstream` for throttles, `503` otherwise). When any attempt
-//!   of the batch ended in an unknown outcome, the letters say `possibly_processed`, and
-//!   without a sink the callers hear that the outcome is unknown (`504`), not merely that
-//!   Lambda was unavailable at the last attempt;
+//!   once the sink confirmed the letter (`503` without an id when it did not, within the
+//!   earliest caller deadline); without a sink: `429 scope=upstream` for throttles, `503`
+//!   otherwise. When any attempt of the batch ended in an unknown outcome, the letters say
+//!   `possibly_processed`, and without a sink the callers hear that the outcome is unknown
+//!   (`504`), not merely that Lambda was unavailable at the last attempt;
 //! - anything else (unknown function, permissions, an unknown outcome of a non-idempotent
 //!   function) → answered at once, with an error log for configuration problems.
 
@@ -43,10 +44,9 @@ pub(super) struct Delivery {
     pub(super) drain: Arc<DrainMeter>,
 }
 
-/// Drops records whose caller has gone; their handlers answer (or have answered) `504`.
+/// Removes records whose caller has gone (see [`Message::prune_gone`]).
 fn prune(batch: &mut Vec<Message>) {
-    let now = Instant::now();
-    batch.retain(|m| !m.is_gone(now));
+    Message::prune_gone(batch, Instant::now());
 }
 
 impl Delivery {
@@ -138,14 +138,16 @@ impl Delivery {
                     if attempt >= spec.retry.max_attempts || !self.budget.try_retry() {
                         let possibly_processed = unknown.is_some();
                         let failure = match unknown {
-                            // No dead letter will carry `possibly_processed`: the callers'
-                            // answer itself must say the record may have run.
-                            Some(earlier) if self.dlq.is_none() && !failure.may_have_run() => {
+                            // The last attempt's failure is not the whole truth: an earlier
+                            // one may have run the batch. The callers' answer (and the
+                            // letter's error) must say the record may have run.
+                            Some(earlier) if !failure.may_have_run() => {
                                 unknown_then(earlier, &failure)
                             }
                             _ => failure,
                         };
-                        self.give_up(batch, failure, attempt, first_at, possibly_processed);
+                        self.give_up(batch, failure, attempt, first_at, possibly_processed)
+                            .await;
                         return;
                     }
                     let delay = backoff(
@@ -193,9 +195,12 @@ impl Delivery {
         );
     }
 
-    /// Retries are exhausted: dead-letter the records (queued before the callers hear of
-    /// it), or answer with the failure when the route has no sink.
-    fn give_up(
+    /// Retries are exhausted: dead-letter the records, or answer with the failure when the
+    /// route has no sink. A caller hears its `dead_letter_id` only once the sink confirmed
+    /// the letter; the wait ends at the earliest deadline among the callers still waiting,
+    /// so none of them times out for it. A letter the sink did not confirm is answered
+    /// `503` without an id (the sink counted and logged it in full).
+    async fn give_up(
         &self,
         batch: Vec<Message>,
         failure: InvokeFailure,
@@ -233,12 +238,35 @@ impl Delivery {
             answers.push((m, id));
         }
         tracing::warn!(records = letters.len(), attempts, error = %failure, sink = sink.kind(), "retries exhausted: dead-lettering");
-        sink.send(&self.spec.route, letters);
-        for (m, id) in answers {
-            m.answer(Err(RecordError::DeadLettered {
-                id,
-                failure: failure.clone(),
-            }));
+        // Records whose callers have gone are still dead-lettered, but nobody waits for
+        // them; with nobody waiting at all, the write still gets a bound.
+        let now = Instant::now();
+        let until = answers
+            .iter()
+            .filter(|(m, _)| !m.is_gone(now))
+            .map(|(m, _)| m.deadline)
+            .min()
+            .unwrap_or(now + UNWATCHED_WRITE_BOUND);
+        let confirmed = sink.write(&self.spec.route, letters, until).await;
+        let mut lost = Vec::new();
+        for ((m, id), written) in answers.into_iter().zip(confirmed) {
+            let outcome = match written {
+                Ok(()) => RecordError::DeadLettered {
+                    id,
+                    failure: failure.clone(),
+                },
+                Err(sink) => {
+                    lost.push(m.id.clone());
+                    RecordError::NotDeadLettered {
+                        failure: failure.clone(),
+                        sink,
+                    }
+                }
+            };
+            m.answer(Err(outcome));
+        }
+        if !lost.is_empty() {
+            tracing::error!(route = %self.spec.route, records = ?lost, error = %failure, "retries exhausted and the dead-letter sink did not take the records; their callers get 503 without a dead-letter id");
         }
     }
 }
@@ -254,3 +282,6 @@ fn unknown_then(earlier: InvokeFailure, last: &InvokeFailure) -> InvokeFailure {
         other => other,
     }
 }
+
+/// How long a dead-letter write may take when no caller waits for it (all have gone).
+const UNWATCHED_WRITE_BOUND: std::time::Duration = std::time::Duration::from_secs(30);

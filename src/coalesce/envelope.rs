@@ -326,6 +326,25 @@ mod tests {
         (m, rx)
     }
 
+    #[tokio::test]
+    async fn a_caller_past_its_deadline_is_told_so_not_left_to_find_its_result_lost() {
+        let (mut expired, rx_expired) = message("r1", "1");
+        let (fresh, mut rx_fresh) = message("r2", "2");
+        let (mut gone, rx_gone) = message("r3", "3");
+        expired.deadline = Instant::now();
+        gone.deadline = Instant::now();
+        drop(rx_gone);
+        let mut batch = vec![expired, fresh, gone];
+        Message::prune_gone(&mut batch, Instant::now());
+        assert_eq!(batch.len(), 1);
+        assert_eq!(&*batch[0].id, "r2");
+        assert!(matches!(rx_expired.await, Ok(Err(RecordError::Expired))));
+        assert!(
+            rx_fresh.try_recv().is_err(),
+            "the fresh record is not answered"
+        );
+    }
+
     #[test]
     fn payload_is_the_documented_envelope_with_exact_length() {
         let (a, _ra) = message("r1", r#"{"n":1}"#);

@@ -113,10 +113,17 @@ pub enum RecordError {
     MissingResult,
     #[error("the record's result was lost (its batch task ended without answering)")]
     Lost,
+    #[error("the caller's deadline passed before the record had a result")]
+    Expired,
     #[error("the caller's deadline comes before the next retry ({0})")]
     DeadlineBeforeRetry(InvokeFailure),
     #[error("retries exhausted; the record was dead-lettered as {id} ({failure})")]
     DeadLettered { id: String, failure: InvokeFailure },
+    #[error("retries exhausted ({failure}), and {sink}")]
+    NotDeadLettered {
+        failure: InvokeFailure,
+        sink: crate::dlq::SinkError,
+    },
 }
 
 /// The one answer a caller gets.
@@ -151,6 +158,23 @@ impl Message {
     fn answer(self, outcome: Outcome) {
         // The caller may have gone (deadline, disconnect); nobody is left to tell.
         let _ = self.reply.send(outcome);
+    }
+
+    /// Removes the records whose caller has gone. A caller past its deadline is answered
+    /// [`RecordError::Expired`]: dropped unanswered, its ticket would resolve as `Lost`
+    /// (a `502`) in a race with its own deadline timer. A caller that disconnected hears
+    /// nothing, as nobody listens.
+    fn prune_gone(messages: &mut Vec<Message>, now: Instant) {
+        if !messages.iter().any(|m| m.is_gone(now)) {
+            return;
+        }
+        for m in std::mem::take(messages) {
+            if m.is_gone(now) {
+                m.answer(Err(RecordError::Expired));
+            } else {
+                messages.push(m);
+            }
+        }
     }
 
     fn is_gone(&self, now: Instant) -> bool {

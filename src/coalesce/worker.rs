@@ -54,7 +54,7 @@ impl Batch {
 
     /// Drops records whose caller has gone, so they never reach Lambda.
     fn prune(&mut self, now: Instant) {
-        self.messages.retain(|m| !m.is_gone(now));
+        Message::prune_gone(&mut self.messages, now);
         self.entry_bytes = self.messages.iter().map(|m| m.entry.len()).sum();
     }
 }

@@ -2,25 +2,39 @@
 //! happened to them, to the route's sink — a JSON-lines file or an SQS queue — so
 //! `sluicegate dlq redrive` can replay them later.
 //!
-//! Writing never blocks the request path: [`DeadLetterSink::send`] hands a batch of letters
-//! to the sink's own task over a bounded channel, and the callers are answered (`503` with
-//! the dead-letter id) without waiting for the write. The file sink appends, flushes and
-//! fsyncs once per batch and reopens the file when it was rotated (moved or deleted). If a
-//! letter cannot be written at all, it is logged in full at `error` level, so no record
-//! vanishes without a trace.
+//! A caller is promised a `dead_letter_id` only once the sink holds its letter:
+//! [`DeadLetterSink::write`] hands the letters to the sink's own writer (a dedicated thread
+//! for the file, because appends and fsync block; a task for SQS, whose client is async)
+//! and waits, at most until the given instant (the earliest waiting caller's deadline), for
+//! the writer to confirm each letter. The file writer confirms after the batch is appended
+//! and fsynced; the SQS writer confirms the entries `SendMessageBatch` accepted. A letter
+//! that is not confirmed — the write failed, the writer is stopped, it did not confirm in
+//! time, or it is larger than SQS takes — is reported per letter as a [`SinkError`],
+//! counted in `sluicegate_dead_letter_failures_total` and logged in full at `error` level,
+//! so no record vanishes without a trace. A letter whose confirmation came too late may
+//! still be written; the writer logs that it was.
+//!
+//! The file sink reopens the file when it was rotated (moved or deleted) and starts each
+//! batch on a fresh line even after a torn write; [`read_letters`] skips and reports lines
+//! that do not parse instead of rejecting the file. [`lock`] keeps two redrives of one file
+//! apart.
 
+pub mod command;
 mod file;
+pub mod lock;
 pub mod redrive;
 mod sqs;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
-pub use self::file::{read_letters, FileSink};
+pub use self::file::{read_letters, FileSink, LetterFile, SkippedLine};
 pub use self::sqs::SqsSink;
 use crate::config::{DlqConfig, LambdaConfig};
 
@@ -58,18 +72,62 @@ pub fn timestamp(at: SystemTime) -> String {
     humantime::format_rfc3339_millis(at).to_string()
 }
 
+/// Why the sink did not confirm one letter.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("the dead-letter sink could not write it: {0}")]
+    Write(String),
+    #[error("the dead-letter of {size} bytes is larger than the sink takes ({limit} bytes)")]
+    TooLarge { size: usize, limit: usize },
+    #[error("the dead-letter sink did not confirm the write before the caller's deadline")]
+    Timeout,
+    #[error("the dead-letter writer has stopped")]
+    Stopped,
+}
+
+impl SinkError {
+    /// The `reason` label of `sluicegate_dead_letter_failures_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            SinkError::Write(_) => "write_error",
+            SinkError::TooLarge { .. } => "too_large",
+            SinkError::Timeout => "timeout",
+            SinkError::Stopped => "stopped",
+        }
+    }
+}
+
+/// What the writer made of each letter of a job, in the job's order.
+type Confirmation = Vec<Result<(), SinkError>>;
+
+/// Letters for the writer and where to confirm them. Shared with the waiting side, so the
+/// letters can be logged in full when the writer does not answer in time.
+struct Job {
+    letters: Arc<[DeadLetter]>,
+    reply: oneshot::Sender<Confirmation>,
+}
+
 /// Where a route's dead letters go. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct DeadLetterSink {
-    tx: mpsc::Sender<Vec<DeadLetter>>,
+    tx: mpsc::Sender<Job>,
     kind: &'static str,
 }
 
-/// Batches of letters buffered between the delivery tasks and the writer.
+/// Jobs buffered between the delivery tasks and the writer. A full buffer makes
+/// [`DeadLetterSink::write`] wait (within its bound), never drop.
 const BUFFER: usize = 1024;
 
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("letters", &self.letters.len())
+            .finish()
+    }
+}
+
 impl DeadLetterSink {
-    /// Opens the sink a route's `dlq` names and starts its writer task.
+    /// Opens the sink a route's `dlq` names and starts its writer.
     pub async fn open(
         config: &DlqConfig,
         lambda: &LambdaConfig,
@@ -85,15 +143,19 @@ impl DeadLetterSink {
 
     pub fn file(path: &Path) -> std::io::Result<DeadLetterSink> {
         let mut sink = FileSink::open(path)?;
-        let (tx, mut rx) = mpsc::channel::<Vec<DeadLetter>>(BUFFER);
+        let (tx, mut rx) = mpsc::channel::<Job>(BUFFER);
         // A dedicated thread: file writes and fsync block, and must not stall the runtime.
         std::thread::Builder::new()
             .name("sluicegate-dlq-file".into())
             .spawn(move || {
-                while let Some(letters) = rx.blocking_recv() {
-                    if let Err(e) = sink.write(&letters) {
-                        lost(&letters, &e.to_string());
-                    }
+                while let Some(job) = rx.blocking_recv() {
+                    // One append and one fsync per job: all its letters are on disk, or none
+                    // is confirmed.
+                    let outcome = sink
+                        .write(&job.letters)
+                        .map_err(|e| SinkError::Write(format!("{}: {e}", sink.path().display())));
+                    let confirmation = vec![outcome; job.letters.len()];
+                    confirm(job, confirmation, "file");
                 }
             })?;
         Ok(DeadLetterSink { tx, kind: "file" })
@@ -101,12 +163,11 @@ impl DeadLetterSink {
 
     pub async fn sqs(queue_url: &str, lambda: &LambdaConfig) -> DeadLetterSink {
         let sink = SqsSink::new(queue_url, lambda).await;
-        let (tx, mut rx) = mpsc::channel::<Vec<DeadLetter>>(BUFFER);
+        let (tx, mut rx) = mpsc::channel::<Job>(BUFFER);
         tokio::spawn(async move {
-            while let Some(letters) = rx.recv().await {
-                if let Err(e) = sink.write(&letters).await {
-                    lost(&letters, &e);
-                }
+            while let Some(job) = rx.recv().await {
+                let confirmation = sink.write(&job.letters).await;
+                confirm(job, confirmation, "sqs");
             }
         });
         DeadLetterSink { tx, kind: "sqs" }
@@ -116,23 +177,144 @@ impl DeadLetterSink {
         self.kind
     }
 
-    /// Queues letters for writing; never waits.
-    pub fn send(&self, route: &str, letters: Vec<DeadLetter>) {
-        metrics::counter!("sluicegate_dead_letters_total", "route" => route.to_owned(), "sink" => self.kind)
-            .increment(letters.len() as u64);
-        if let Err(e) = self.tx.try_send(letters) {
-            let letters = match e {
-                mpsc::error::TrySendError::Full(l) | mpsc::error::TrySendError::Closed(l) => l,
-            };
-            lost(&letters, "the dead-letter writer is backed up or stopped");
+    /// Hands `letters` to the writer and waits, until `until` at the latest, for it to
+    /// confirm them. One result per letter, in order: `Ok` once the sink holds the letter.
+    /// Letters the writer did not confirm in time are logged in full here; failures the
+    /// writer saw are logged by the writer.
+    pub async fn write(
+        &self,
+        route: &str,
+        letters: Vec<DeadLetter>,
+        until: Instant,
+    ) -> Vec<Result<(), SinkError>> {
+        let letters: Arc<[DeadLetter]> = letters.into();
+        let count = letters.len();
+        let (reply, confirmed) = oneshot::channel();
+        let job = Job {
+            letters: Arc::clone(&letters),
+            reply,
+        };
+        let outcome = match tokio::time::timeout_at(until, self.tx.send(job)).await {
+            Ok(Ok(())) => match tokio::time::timeout_at(until, confirmed).await {
+                Ok(Ok(confirmation)) => confirmation,
+                // The writer dropped the job without answering: it has stopped.
+                Ok(Err(_)) => vec![Err(SinkError::Stopped); count],
+                Err(_) => vec![Err(SinkError::Timeout); count],
+            },
+            Ok(Err(_)) => vec![Err(SinkError::Stopped); count],
+            Err(_) => vec![Err(SinkError::Timeout); count],
+        };
+        for (letter, result) in letters.iter().zip(&outcome) {
+            match result {
+                Ok(()) => metrics::counter!("sluicegate_dead_letters_total", "route" => route.to_owned(), "sink" => self.kind)
+                    .increment(1),
+                Err(e) => {
+                    metrics::counter!("sluicegate_dead_letter_failures_total", "route" => route.to_owned(), "sink" => self.kind, "reason" => e.label())
+                        .increment(1);
+                    // The writer logs what it failed to write; what it never answered for
+                    // is logged here, so every lost letter is in the log exactly once.
+                    if matches!(e, SinkError::Timeout | SinkError::Stopped) {
+                        lost(letter, e);
+                    }
+                }
+            }
+        }
+        outcome
+    }
+}
+
+/// Sends the writer's `confirmation` back; logs the letters it could not write, and those
+/// written after the waiting side gave up (their callers were told there is no letter).
+fn confirm(job: Job, confirmation: Confirmation, sink: &'static str) {
+    for (letter, result) in job.letters.iter().zip(&confirmation) {
+        if let Err(e) = result {
+            lost(letter, e);
+        }
+    }
+    if let Err(confirmation) = job.reply.send(confirmation) {
+        let late: Vec<&str> = job
+            .letters
+            .iter()
+            .zip(&confirmation)
+            .filter(|(_, result)| result.is_ok())
+            .map(|(letter, _)| letter.id.as_str())
+            .collect();
+        if !late.is_empty() {
+            tracing::warn!(sink, dead_letter_ids = ?late, "dead letters written after their callers were answered without an id");
         }
     }
 }
 
 /// Last resort: the letter goes to the log in full.
-fn lost(letters: &[DeadLetter], why: &str) {
-    for letter in letters {
-        let json = serde_json::to_string(letter).unwrap_or_default();
-        tracing::error!(dead_letter = %json, why, "dead letter could not be written to its sink");
+fn lost(letter: &DeadLetter, why: &SinkError) {
+    let json = serde_json::to_string(letter).unwrap_or_default();
+    tracing::error!(dead_letter = %json, reason = why.label(), error = %why, "dead letter not confirmed by its sink");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(id: &str) -> DeadLetter {
+        DeadLetter {
+            id: id.to_owned(),
+            route: "records".into(),
+            function: "f".into(),
+            key: "k".into(),
+            record: RawValue::from_string("1".into()).unwrap(),
+            error: "unavailable".into(),
+            error_kind: "Unavailable".into(),
+            attempts: 2,
+            possibly_processed: false,
+            first_attempt_at: "2026-01-01T00:00:00.000Z".into(),
+            last_attempt_at: "2026-01-01T00:00:01.000Z".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_that_does_not_confirm_in_time_is_a_timeout_per_letter() {
+        let (tx, _jobs_never_answered) = mpsc::channel(1);
+        let sink = DeadLetterSink { tx, kind: "test" };
+        let until = Instant::now() + std::time::Duration::from_millis(50);
+        let results = sink
+            .write("records", vec![letter("a"), letter("b")], until)
+            .await;
+        assert!(
+            results.iter().all(|r| matches!(r, Err(SinkError::Timeout))),
+            "{results:?}"
+        );
+        assert_eq!(Instant::now(), until, "waits exactly until the bound");
+    }
+
+    #[tokio::test]
+    async fn a_stopped_writer_confirms_nothing() {
+        let (tx, jobs) = mpsc::channel(1);
+        drop(jobs);
+        let sink = DeadLetterSink { tx, kind: "test" };
+        let until = Instant::now() + std::time::Duration::from_secs(5);
+        let results = sink.write("records", vec![letter("a")], until).await;
+        assert!(
+            matches!(results[..], [Err(SinkError::Stopped)]),
+            "{results:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_file_writer_confirms_each_letter_once_it_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.jsonl");
+        let sink = DeadLetterSink::file(&path).unwrap();
+        let until = Instant::now() + std::time::Duration::from_secs(5);
+        let results = sink
+            .write("records", vec![letter("a"), letter("b")], until)
+            .await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        let ids: Vec<String> = read_letters(&path)
+            .unwrap()
+            .letters
+            .into_iter()
+            .map(|l| l.id)
+            .collect();
+        assert_eq!(ids, ["a", "b"]);
     }
 }

@@ -1,7 +1,13 @@
 //! `sluicegate dlq redrive`: replays dead letters through the same pipeline as live
-//! traffic — the same invoke gate (rate and concurrency), retries and batching — and
-//! reports what succeeded. Letters that fail again are handed back to the caller of
-//! [`redrive`] (the CLI writes them back), never dropped.
+//! traffic — an invoke gate with the route's rate and concurrency, its retries and
+//! batching — and reports what succeeded. Letters that fail again are handed back to the
+//! caller of [`redrive`] (the CLI writes them back), never dropped.
+//!
+//! The redrive's gate is its own: a server running beside it has another, so together they
+//! may send up to twice a route's limits (with `limits.backend = "redis"` the invoke *rate*
+//! is shared, the concurrency never is). [`limit_routes`] lowers the redrive's limits below
+//! the route's (`--rate`, `--concurrency`) so that the two fit the function together; it
+//! refuses to raise them.
 
 use std::collections::HashMap;
 use std::time::SystemTime;
@@ -12,7 +18,7 @@ use tokio::time::Instant;
 
 use super::{timestamp, DeadLetter};
 use crate::coalesce::{Delivered, RecordError};
-use crate::config::Config;
+use crate::config::{Config, RouteConfig};
 use crate::pipeline::Pipeline;
 
 /// What a redrive did.
@@ -27,6 +33,58 @@ pub struct RedriveReport {
     pub failed: usize,
     #[serde(skip)]
     pub remaining: Vec<DeadLetter>,
+}
+
+/// Lowers every route's invoke limits for a redrive: `rate` invokes per second (burst cut
+/// to match, so the first second does not send the route's full burst) and `concurrency`
+/// invokes in flight. Refuses a value above any route's own: a redrive never sends faster
+/// than the route is allowed to.
+pub fn limit_routes(
+    config: &mut Config,
+    rate: Option<f64>,
+    concurrency: Option<u32>,
+) -> Result<(), String> {
+    if let Some(rate) = rate {
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(format!("--rate {rate}: must be a positive number"));
+        }
+    }
+    if concurrency == Some(0) {
+        return Err("--concurrency 0: must be at least 1".to_owned());
+    }
+    for route in &mut config.routes {
+        lower(route, rate, concurrency)?;
+    }
+    Ok(())
+}
+
+fn lower(
+    route: &mut RouteConfig,
+    rate: Option<f64>,
+    concurrency: Option<u32>,
+) -> Result<(), String> {
+    if let Some(rate) = rate {
+        if rate > route.invoke.rate {
+            return Err(format!(
+                "--rate {rate} is above route {}'s invoke.rate {}; a redrive may only go slower",
+                route.name, route.invoke.rate
+            ));
+        }
+        route.invoke.rate = rate;
+        // At least one token, else the bucket could never pass an invoke.
+        let per_second = (rate.ceil() as u32).max(1);
+        route.invoke.burst = route.invoke.burst.min(per_second);
+    }
+    if let Some(concurrency) = concurrency {
+        if concurrency > route.invoke.max_concurrency {
+            return Err(format!(
+                "--concurrency {concurrency} is above route {}'s invoke.max_concurrency {}; a redrive may only use less",
+                route.name, route.invoke.max_concurrency
+            ));
+        }
+        route.invoke.max_concurrency = concurrency;
+    }
+    Ok(())
 }
 
 /// Replays `letters`. A letter naming a route the config does not have stays remaining.
@@ -110,5 +168,43 @@ fn tally(
             report.failed += 1;
             report.remaining.push(letter);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::from_toml(
+            "[[routes]]\nname = \"a\"\nfunction = \"f\"\ninvoke = { rate = 8.0, burst = 15, max_concurrency = 5 }\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn by_default_a_redrive_uses_the_routes_own_limits() {
+        let mut c = config();
+        limit_routes(&mut c, None, None).unwrap();
+        let inv = &c.routes[0].invoke;
+        assert_eq!((inv.rate, inv.burst, inv.max_concurrency), (8.0, 15, 5));
+    }
+
+    #[test]
+    fn lower_limits_apply_with_a_burst_to_match() {
+        let mut c = config();
+        limit_routes(&mut c, Some(2.5), Some(1)).unwrap();
+        let inv = &c.routes[0].invoke;
+        assert_eq!((inv.rate, inv.burst, inv.max_concurrency), (2.5, 3, 1));
+    }
+
+    #[test]
+    fn limits_above_the_routes_are_refused() {
+        let err = limit_routes(&mut config(), Some(9.0), None).unwrap_err();
+        assert!(err.contains("invoke.rate"), "{err}");
+        let err = limit_routes(&mut config(), None, Some(6)).unwrap_err();
+        assert!(err.contains("invoke.max_concurrency"), "{err}");
+        assert!(limit_routes(&mut config(), Some(f64::NAN), None).is_err());
+        assert!(limit_routes(&mut config(), None, Some(0)).is_err());
     }
 }

@@ -98,7 +98,8 @@ struct Route {
     invoker: Arc<Invoker>,
     request_timeout: Duration,
     max_record_bytes: usize,
-    /// Deepest nesting of arrays and objects a record may have (`server.max_json_depth`).
+    /// Deepest nesting of arrays and objects a record may have (from `server.max_json_depth`
+    /// and the route's envelope).
     max_json_depth: u32,
 }
 
@@ -200,7 +201,10 @@ impl App {
                 invoker,
                 request_timeout: cfg.request_timeout(&config.server),
                 max_record_bytes: config.server.max_record_bytes.as_usize(),
-                max_json_depth: config.server.max_json_depth,
+                max_json_depth: parseable::record_depth_limit(
+                    config.server.max_json_depth,
+                    cfg.envelope,
+                ),
             }));
         }
         let admission = build_admission(

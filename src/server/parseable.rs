@@ -11,13 +11,32 @@
 //! admitted record. It runs after the body was validated as JSON, but never panics and
 //! never reads out of bounds on any input.
 
+use crate::config::Envelope;
+
 /// Why a record is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Unparseable {
-    #[error("the record nests arrays and objects deeper than server.max_json_depth ({limit})")]
+    #[error("the record nests arrays and objects more than {limit} levels deep: with the levels around it, the payload would reach server.max_json_depth, which the function's JSON parser refuses")]
     TooDeep { limit: u32 },
     #[error("the record has a lone UTF-16 surrogate escape (\\u{unit:04x}) at byte {offset}, which names no character")]
     LoneSurrogate { unit: u16, offset: usize },
+}
+
+/// Levels of nesting a route's envelope puts around each record: `{"records":[{"body":…`.
+fn envelope_levels(envelope: Envelope) -> u32 {
+    match envelope {
+        Envelope::Batch => 3,
+        Envelope::Raw => 0,
+    }
+}
+
+/// The deepest nesting a route's records may have. `server.max_json_depth` counts the
+/// payload as the function's parser sees it, envelope included, the way `serde_json` counts
+/// its recursion limit: a payload that reaches it is refused (`serde_json`, and so Rust
+/// runtimes, parse at most 127 levels with the default 128). So a batch record may nest
+/// `max_json_depth - 1 - 3` levels, a raw one `max_json_depth - 1`.
+pub fn record_depth_limit(max_json_depth: u32, envelope: Envelope) -> u32 {
+    max_json_depth.saturating_sub(1 + envelope_levels(envelope))
 }
 
 /// Checks that `json` nests arrays and objects at most `max_depth` levels deep (a scalar
@@ -104,6 +123,27 @@ mod tests {
 
     fn nested(depth: usize) -> String {
         format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn the_deepest_record_allowed_still_parses_with_serde_json_in_its_envelope() {
+        let batch = record_depth_limit(128, Envelope::Batch) as usize;
+        let in_envelope = |depth: usize| {
+            format!(
+                r#"{{"records":[{{"id":"r1","key":"-","body":{}}}]}}"#,
+                nested(depth)
+            )
+        };
+        assert!(serde_json::from_str::<serde_json::Value>(&in_envelope(batch)).is_ok());
+        assert!(serde_json::from_str::<serde_json::Value>(&in_envelope(batch + 1)).is_err());
+        let raw = record_depth_limit(128, Envelope::Raw) as usize;
+        assert!(serde_json::from_str::<serde_json::Value>(&nested(raw)).is_ok());
+        assert!(serde_json::from_str::<serde_json::Value>(&nested(raw + 1)).is_err());
+        assert_eq!(
+            record_depth_limit(1, Envelope::Batch),
+            0,
+            "scalars only, no panic"
+        );
     }
 
     #[test]

@@ -282,7 +282,7 @@ pub fn record_error(id: &str, err: RecordError, policies: &Policies) -> Response
                 serde_json::to_vec(&body).expect("plain struct"),
             )
         }
-        RecordError::DeadlineBeforeRetry(_) => error(
+        RecordError::Expired | RecordError::DeadlineBeforeRetry(_) => error(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
             format!("record {id}: {err}"),
@@ -297,6 +297,22 @@ pub fn record_error(id: &str, err: RecordError, policies: &Policies) -> Response
                 id: &'a str,
                 dead_letter_id: &'a str,
                 message: String,
+            }
+            // An attempt may have run the record: the letter is kept (marked
+            // `possibly_processed`), but the caller must not read this as safe to retry.
+            if failure.may_have_run() {
+                let body = Body {
+                    error: "outcome_unknown",
+                    id,
+                    dead_letter_id: &dead_letter_id,
+                    message: format!(
+                        "retries exhausted and the record may have been processed: {failure}"
+                    ),
+                };
+                return json_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    serde_json::to_vec(&body).expect("plain struct"),
+                );
             }
             let body = Body {
                 error: "unavailable",
@@ -314,6 +330,17 @@ pub fn record_error(id: &str, err: RecordError, policies: &Policies) -> Response
                 HeaderValue::from(retry_after_secs(wait)),
             );
             response
+        }
+        // The sink did not confirm the letter: no id to give, and the caller must not think
+        // the record is kept anywhere.
+        RecordError::NotDeadLettered { ref failure, .. } if failure.may_have_run() => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "outcome_unknown",
+            format!("record {id}: {err}"),
+        ),
+        RecordError::NotDeadLettered { ref failure, .. } => {
+            let wait = failure.retry_after().unwrap_or(Duration::from_secs(1));
+            unavailable(format!("record {id}: {err}"), wait)
         }
         RecordError::MalformedResponse(_) | RecordError::MissingResult | RecordError::Lost => {
             error(

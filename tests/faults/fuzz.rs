@@ -9,7 +9,7 @@
 //!   Lambda endpoint answers (statuses, error types, absurd `Retry-After`, malformed and
 //!   partial batch responses, dropped connections): every caller gets exactly one answer with
 //!   a status of the contract, `200` only for a record the function ran, and no record is
-//!   run twice (`retry_timeouts = false`).
+//!   run twice (`retry_timeouts = false`) unless a function error made the batch bisect.
 //!
 //! Both are seeded: set `FUZZ_SEED` to replay a run (the seed is printed).
 
@@ -683,8 +683,21 @@ retry = { max_attempts = 3, base = "1ms", cap = "20ms", budget = 1.0, retry_time
                     prop_assert!(fake.processed(id) >= 1, "told success for {} which the function never ran: {}", id, body);
                 }
             }
-            let (_, most) = fake.processed_summary();
-            prop_assert!(most <= 1, "a record ran {} times with retry_timeouts = false (plans {:?})", most, plans);
+            // A record runs again only when a batch holding it failed with a function error
+            // (bisecting re-sends the halves, as Lambda's own BisectBatchOnFunctionError does);
+            // never after a lost answer with retry_timeouts = false.
+            let mut bisected = std::collections::HashSet::new();
+            for call in fake.calls() {
+                if matches!(plans[call.n % plans.len()], Plan::Ran(_, Some(_))) {
+                    bisected.extend(call.ids());
+                }
+            }
+            for call in fake.calls() {
+                for id in call.ids() {
+                    let runs = fake.processed(&id);
+                    prop_assert!(runs <= 1 || bisected.contains(&id), "record {} ran {} times with retry_timeouts = false (plans {:?})", id, runs, plans);
+                }
+            }
             Ok(())
         })?;
         prop_assert_eq!(count_panics(), panics, "a task of the server panicked");

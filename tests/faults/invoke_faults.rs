@@ -135,8 +135,10 @@ dlq = {{ file = "{}" }}"#,
     );
     let harness = Harness::start(&fake_config(&fake, &route)).await;
     let answers = post_all(&harness, RECORDS).await;
+    // Kept, but not safe to send again: the caller hears the outcome is unknown.
     for (status, body) in &answers {
-        assert_eq!(*status, 503, "{body}");
+        assert_eq!(*status, 504, "{body}");
+        assert_eq!(body["error"], "outcome_unknown", "{body}");
         assert!(body["dead_letter_id"].is_string(), "{body}");
     }
     for (id, n) in processed_counts(&fake) {
@@ -173,6 +175,41 @@ async fn a_batch_that_may_have_run_is_not_reported_as_merely_unavailable() {
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["error"], "outcome_unknown", "{body}");
     assert_eq!(fake.calls().len(), 3, "retried, as retry_timeouts allows");
+}
+
+#[tokio::test]
+async fn a_dead_letter_that_may_have_run_is_marked_and_answered_as_unknown() {
+    // As above, with a dead-letter queue: the letter is kept and says so, and the caller's
+    // answer carries its id but does not invite a blind retry.
+    let fake = FakeLambda::start(|call| {
+        if call.n == 0 {
+            Action::ProcessThenDrop
+        } else {
+            Action::Reply(Reply::service_error(503, "ServiceException"))
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("dlq.jsonl");
+    let route = common::route(
+        "records",
+        "f",
+        &format!(
+            r#"retry = {{ max_attempts = 3, base = "10ms", cap = "50ms", retry_timeouts = true }}
+dlq = {{ file = "{}" }}"#,
+            path.display()
+        ),
+    );
+    let harness = Harness::start(&fake_config(&fake, &route)).await;
+    let response = harness.post("/records", r#"{"n":1}"#).await;
+    assert_eq!(response.status(), 504);
+    assert!(response.headers().get("retry-after").is_none());
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(body["error"], "outcome_unknown", "{body}");
+    assert!(body["dead_letter_id"].is_string(), "{body}");
+    let letters = letters(&path, 1).await;
+    assert_eq!(letters[0]["possibly_processed"], true, "{}", letters[0]);
+    assert_eq!(letters[0]["id"], body["dead_letter_id"]);
 }
 
 #[tokio::test]

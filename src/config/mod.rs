@@ -137,7 +137,8 @@ pub struct ServerConfig {
     )]
     pub admin_token: Option<String>,
     /// A file holding the admin token (a mounted secret), read when the config is loaded
-    /// (and on every reload); surrounding whitespace is ignored.
+    /// (and on every reload); surrounding whitespace is ignored. `admin_token`, when also
+    /// set, wins and the file is not read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token_file: Option<PathBuf>,
     /// The token read from `admin_token_file`.
@@ -153,9 +154,11 @@ impl ServerConfig {
             .or(self.admin_token_from_file.as_deref())
     }
 
-    /// Reads `admin_token_file` (when set) into `admin_token_from_file`.
+    /// Reads `admin_token_file` into `admin_token_from_file`, unless `admin_token` is set:
+    /// a token given directly (often `SLUICEGATE_SERVER__ADMIN_TOKEN`) overrides the file,
+    /// so an image whose config names a secret file can still be run with the variable.
     fn read_admin_token_file(&mut self) -> Result<(), ConfigError> {
-        let Some(path) = &self.admin_token_file else {
+        let (None, Some(path)) = (&self.admin_token, &self.admin_token_file) else {
             return Ok(());
         };
         let text = std::fs::read_to_string(path).map_err(|e| {
@@ -171,19 +174,16 @@ impl ServerConfig {
     /// The admin listener's checks: a token that can travel in a header, and one whenever
     /// the listener is reachable from other hosts.
     fn validate_admin(&self) -> Result<(), ConfigError> {
-        if self.admin_token.is_some() && self.admin_token_file.is_some() {
-            return Err(ConfigError::invalid(
-                "server.admin_token",
-                "set either admin_token or admin_token_file, not both",
-            ));
-        }
-        if self.admin_token_file.is_some() && self.admin_token_from_file.is_none() {
+        if self.admin_token.is_none()
+            && self.admin_token_file.is_some()
+            && self.admin_token_from_file.is_none()
+        {
             return Err(ConfigError::invalid(
                 "server.admin_token_file",
                 "was not read (load the config with Config::load or Config::from_toml)",
             ));
         }
-        let key = if self.admin_token_file.is_some() {
+        let key = if self.admin_token.is_none() && self.admin_token_file.is_some() {
             "server.admin_token_file"
         } else {
             "server.admin_token"

@@ -8,9 +8,10 @@ use serde::Serializer;
 /// What a secret is shown as.
 pub const MASK: &str = "***";
 
-/// `url` with its password (and a user name that may be one, as in `redis://:pw@host`)
-/// replaced by `***`; other parts stay as they are. Text that does not parse as a URL is
-/// shown only up to its scheme, since it may still hold a secret.
+/// `url` with its user-info (user name and password) replaced by `***`; other parts stay
+/// as they are. The user name goes too: some services take a token there
+/// (`https://<token>@host`). Text that does not parse as a URL is shown only up to its
+/// scheme, since it may still hold a secret.
 pub fn url(text: &str) -> String {
     let Ok(mut parsed) = url::Url::parse(text) else {
         return match text.split_once("://") {
@@ -19,12 +20,12 @@ pub fn url(text: &str) -> String {
             None => MASK.to_owned(),
         };
     };
-    if parsed.password().is_none() {
+    if parsed.username().is_empty() && parsed.password().is_none() {
         return text.to_owned();
     }
-    // Both setters fail only for URLs that cannot have credentials, and those have no
-    // password to hide; on failure fall back to hiding everything after the scheme.
-    if parsed.set_password(Some(MASK)).is_err() {
+    // The setters fail only for URLs that cannot carry user-info (no host), and those
+    // have none to hide; on failure fall back to hiding everything after the scheme.
+    if parsed.set_password(None).is_err() || parsed.set_username(MASK).is_err() {
         return format!("{}://{MASK}", parsed.scheme());
     }
     parsed.to_string()
@@ -45,23 +46,27 @@ mod tests {
     #[test]
     fn a_password_holding_at_signs_is_hidden_whole() {
         let shown = url("redis://user:p@ss@host:6379");
-        assert_eq!(shown, "redis://user:***@host:6379");
+        assert_eq!(shown, "redis://***@host:6379");
         assert!(!shown.contains("ss@"), "{shown}");
     }
 
     #[test]
-    fn passwords_are_hidden_and_the_rest_is_kept() {
+    fn user_info_is_hidden_and_the_rest_is_kept() {
         assert_eq!(
             url("redis://user:secret@host:6379/0"),
-            "redis://user:***@host:6379/0"
+            "redis://***@host:6379/0"
         );
         assert_eq!(
             url("redis://:s3cret@cache:6380/2"),
-            "redis://:***@cache:6380/2"
+            "redis://***@cache:6380/2"
         );
         assert_eq!(
             url("https://a:b%40c@sqs.example.com/1/q"),
-            "https://a:***@sqs.example.com/1/q"
+            "https://***@sqs.example.com/1/q"
+        );
+        assert_eq!(
+            url("https://t0ken@example.com/x"),
+            "https://***@example.com/x"
         );
     }
 

@@ -499,9 +499,9 @@ mod tests {
         let redact = crate::config::redact::url;
         assert_eq!(
             redact("redis://:s3cret@cache:6380/2"),
-            "redis://:***@cache:6380/2"
+            "redis://***@cache:6380/2"
         );
-        assert_eq!(redact("redis://user:p@ss@h"), "redis://user:***@h");
+        assert_eq!(redact("redis://user:p@ss@h"), "redis://***@h");
         assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 }

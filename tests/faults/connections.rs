@@ -381,7 +381,7 @@ async fn admin_config_shows_no_passwords_tokens_or_plan_keys() {
     let shown: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(
         shown["limits"]["redis_url"],
-        "redis://user:***@cache.internal:6379"
+        "redis://***@cache.internal:6379"
     );
     assert_eq!(shown["plans"][0]["keys"], 3, "{text}");
 }

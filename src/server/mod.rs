@@ -19,6 +19,13 @@
 //! Shutdown (SIGTERM/SIGINT): stop accepting, let in-flight requests finish; when
 //! `shutdown_grace` runs out, records not yet sent to Lambda are answered `503`, while
 //! invokes already in flight still answer their callers (Lambda may have processed them).
+//! Admin connections get `shutdown_grace` too and are then dropped, so no admin client
+//! (a half-sent request, an idle keep-alive) holds the process.
+//!
+//! Slow and hostile clients: a request head must arrive within `header_read_timeout`, a
+//! record body within `body_read_timeout` (`408`, connection closed); at most
+//! `max_connections` data-plane connections are open (more wait in the backlog), fewer
+//! when the open-files limit needs a reserve for everything else.
 
 mod admin;
 mod identity;

@@ -1,7 +1,16 @@
 # sluicegate container image.
 #
 #   docker build -t sluicegate .
-#   docker run --rm -p 8080:8080 -p 9090:9090 sluicegate     # embedded emulator, no AWS needed
+#   openssl rand -hex 32 > admin-token                     # the admin API's bearer token
+#   docker run --rm -p 8080:8080 -p 9090:9090 \
+#     -v "$PWD/admin-token:/run/secrets/sluicegate-admin-token:ro" sluicegate
+#                                                          # embedded emulator, no AWS needed
+#
+# The admin listener binds all interfaces in the image, so /admin/* needs
+# `Authorization: Bearer <token>`, read from /run/secrets/sluicegate-admin-token (a Docker
+# or compose secret, or a Kubernetes Secret volume); sluicegate refuses to start without
+# it. SLUICEGATE_SERVER__ADMIN_TOKEN=... overrides the file (but shows in `docker inspect`).
+# /metrics and /healthz need no token.
 #
 # The image runs `sluicegate serve --config /etc/sluicegate/sluicegate.toml`; mount your own
 # file there (or pass `--config`) for real deployments, see deploy/. The same image runs the
@@ -38,16 +47,20 @@ RUN touch src/main.rs src/lib.rs \
  && install -m 0755 target/release/sluicegate /usr/local/bin/sluicegate
 
 # The image's default config is the repository's, except that both listeners bind all
-# interfaces: a container's loopback is unreachable from outside it, so 127.0.0.1 would
-# make `docker run -p` useless. The grep fails the build if the config's lines change and
-# the edit silently stops applying; check-config proves the result still loads.
+# interfaces (a container's loopback is unreachable from outside it, so 127.0.0.1 would
+# make `docker run -p` useless) and the admin token comes from a mounted secret file (a
+# non-loopback admin listener needs one). The greps fail the build if the config's lines
+# change and the edit silently stops applying; check-config proves the result still loads
+# (given a token, as a running container gets one from the secret).
 RUN sed -e '1i # The image copy of config/sluicegate.toml, listening on all interfaces (see the Dockerfile).' \
         -e 's/^listen = "127\.0\.0\.1:8080"/listen = "0.0.0.0:8080"/' \
         -e 's/^admin_listen = "127\.0\.0\.1:9090"/admin_listen = "0.0.0.0:9090"/' \
+        -e '/^admin_listen = "0\.0\.0\.0:9090"/a admin_token_file = "/run/secrets/sluicegate-admin-token"' \
         config/sluicegate.toml > sluicegate.container.toml \
  && grep -q '^listen = "0\.0\.0\.0:8080"' sluicegate.container.toml \
  && grep -q '^admin_listen = "0\.0\.0\.0:9090"' sluicegate.container.toml \
- && sluicegate check-config sluicegate.container.toml > /dev/null
+ && grep -q '^admin_token_file = "/run/secrets/sluicegate-admin-token"' sluicegate.container.toml \
+ && SLUICEGATE_SERVER__ADMIN_TOKEN=build-check sluicegate check-config sluicegate.container.toml > /dev/null
 
 # ---------------------------------------------------------------------------------------
 FROM debian:bookworm-slim AS runtime

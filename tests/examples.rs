@@ -28,10 +28,16 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
 }
 
-/// Loads a config file's text with no `SLUICEGATE_*` overrides, so the file alone is judged.
-fn load_config(path: &str) -> Config {
-    Config::from_toml_with_env(&read(path), path, std::iter::empty())
-        .unwrap_or_else(|e| panic!("{path} does not load: {e}"))
+/// Stands in for the admin-token secret file that deploy configs name but that exists only
+/// where they are deployed (a token given directly wins over the file).
+const STAND_IN_TOKEN: (&str, &str) = ("SLUICEGATE_SERVER__ADMIN_TOKEN", "stand-in-token");
+
+/// Loads a deploy config that reads its admin token from a mounted secret, with the token
+/// given instead; the file path is checked against the mounts by the caller.
+fn load_deploy_config(text: &str, origin: &str) -> Config {
+    let env = [(STAND_IN_TOKEN.0.to_owned(), STAND_IN_TOKEN.1.to_owned())];
+    Config::from_toml_with_env(text, origin, env)
+        .unwrap_or_else(|e| panic!("{origin} does not load: {e}"))
 }
 
 fn describe(output: &Output) -> String {
@@ -149,10 +155,33 @@ fn docker_compose_bind_mounts_exist() {
 
 #[test]
 fn compose_configs_load_with_the_listeners_compose_needs() {
-    let config = load_config("deploy/compose/sluicegate.toml");
+    let path = "deploy/compose/sluicegate.toml";
+    let config = load_deploy_config(&read(path), path);
     // Other containers and published ports reach a container on its own interface.
     assert_eq!(config.server.listen, "0.0.0.0:8080".parse().unwrap());
     assert_eq!(config.server.admin_listen, "0.0.0.0:9090".parse().unwrap());
+    // ...so the admin API needs a token, read from the compose secret.
+    let no_token = Config::from_toml_with_env(&read(path), path, std::iter::empty());
+    assert!(
+        no_token.is_err(),
+        "without its secret file the compose config must refuse to start"
+    );
+    let secret = "sluicegate-admin-token";
+    assert_eq!(
+        config.server.admin_token_file.as_deref(),
+        Some(std::path::Path::new(&format!("/run/secrets/{secret}")))
+    );
+    let compose: Value = yaml_documents(&["docker-compose.yml"]).remove(0).1;
+    assert!(
+        compose["services"]["sluicegate"]["secrets"]
+            .as_array()
+            .is_some_and(|s| s.contains(&Value::from(secret))),
+        "the sluicegate service does not get the {secret} secret"
+    );
+    let file = compose["secrets"][secret]["file"]
+        .as_str()
+        .expect("the secret comes from a file");
+    assert!(repo().join(file).is_file(), "{file} does not exist");
     assert!(!config.emulator.enabled, "the emulator is its own service");
     assert_eq!(
         config.lambda.endpoint_url.as_deref(),
@@ -271,6 +300,7 @@ fn compose_configs_serve_a_record_through_the_standalone_emulator() {
             ])
             .env("SLUICEGATE_LAMBDA__ENDPOINT_URL", &endpoint)
             .env("SLUICEGATE_LAMBDA__STRICT", "true")
+            .env(STAND_IN_TOKEN.0, STAND_IN_TOKEN.1)
             .env("AWS_EC2_METADATA_DISABLED", "true"),
         "sluicegate check-config --discover",
     );
@@ -287,6 +317,7 @@ fn compose_configs_serve_a_record_through_the_standalone_emulator() {
             .current_dir(repo())
             .env("SLUICEGATE_SERVER__LISTEN", data.to_string())
             .env("SLUICEGATE_SERVER__ADMIN_LISTEN", admin.to_string())
+            .env(STAND_IN_TOKEN.0, STAND_IN_TOKEN.1)
             .env("SLUICEGATE_LAMBDA__ENDPOINT_URL", &endpoint)
             // No Redis here; the compose file's shared limits fall back to local ones anyway.
             .env("SLUICEGATE_LIMITS__BACKEND", "local")
@@ -358,8 +389,7 @@ fn kubernetes_manifests_fit_together() {
     let toml = configmap["data"]["sluicegate.toml"]
         .as_str()
         .expect("data.sluicegate.toml");
-    let config = Config::from_toml_with_env(toml, "configmap.yaml", std::iter::empty())
-        .unwrap_or_else(|e| panic!("configmap.yaml's sluicegate.toml does not load: {e}"));
+    let config = load_deploy_config(toml, "configmap.yaml");
     assert_eq!(config.server.listen, "127.0.0.1:8080".parse().unwrap());
     assert_eq!(config.server.admin_listen, "0.0.0.0:9090".parse().unwrap());
     assert_eq!(
@@ -416,6 +446,39 @@ fn kubernetes_manifests_fit_together() {
             "{probe} must probe the data-plane listener"
         );
     }
+
+    // The admin token file is inside a Secret volume mounted into the sidecar.
+    let token_file = config
+        .server
+        .admin_token_file
+        .as_deref()
+        .expect("the public admin listener reads its token from a file");
+    let mount = sidecar["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| {
+            m["mountPath"]
+                .as_str()
+                .is_some_and(|dir| token_file.starts_with(dir))
+        })
+        .unwrap_or_else(|| panic!("nothing is mounted where {} is", token_file.display()));
+    let volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the mounted volume is declared");
+    let file_name = token_file
+        .file_name()
+        .and_then(|f| f.to_str())
+        .expect("a file name");
+    assert!(
+        volume["secret"]["items"]
+            .as_array()
+            .is_some_and(|items| items.iter().any(|i| i["path"] == file_name)),
+        "the token's volume is not a Secret that provides {file_name}: {volume}"
+    );
 
     // Names that must agree across files.
     let mounted_config = pod["volumes"]
@@ -648,15 +711,25 @@ fn dockerfile_copies_what_exists_and_edits_the_default_config() {
             if let Some(rest) = line.strip_prefix(r#"listen = "127.0.0.1:8080""#) {
                 format!(r#"listen = "0.0.0.0:8080"{rest}"#)
             } else if let Some(rest) = line.strip_prefix(r#"admin_listen = "127.0.0.1:9090""#) {
-                format!(r#"admin_listen = "0.0.0.0:9090"{rest}"#)
+                // The sed's `a` command: the token file's line follows the edited one.
+                format!(
+                    "admin_listen = \"0.0.0.0:9090\"{rest}\nadmin_token_file = \"/run/secrets/sluicegate-admin-token\""
+                )
             } else {
                 line.to_owned()
             }
         })
         .collect::<Vec<_>>()
         .join("\n");
-    let config = Config::from_toml_with_env(&edited, "image config", std::iter::empty())
-        .expect("the image's config loads");
+    let config = load_deploy_config(&edited, "image config");
+    assert_eq!(
+        config.server.admin_token_file.as_deref(),
+        Some(std::path::Path::new("/run/secrets/sluicegate-admin-token"))
+    );
+    assert!(
+        dockerfile.contains(r#"/a admin_token_file = "/run/secrets/sluicegate-admin-token"'"#),
+        "the Dockerfile no longer adds the admin token file to the image's config"
+    );
     assert_eq!(
         config.server.listen,
         "0.0.0.0:8080".parse().unwrap(),

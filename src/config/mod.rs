@@ -13,6 +13,7 @@
 //! key already holds a string in the file the value always stays a string.
 //! Variables without `__` (such as `SLUICEGATE_CONFIG`) are not overrides.
 
+pub mod redact;
 pub mod units;
 
 use std::collections::HashSet;
@@ -120,7 +121,111 @@ pub struct ServerConfig {
     /// Deepest nesting of arrays and objects a record may have; deeper records are refused
     /// with `400` before they can fail a batch in a runtime that cannot parse them.
     pub max_json_depth: u32,
+    /// How long a client may take to send a record's body once its head has arrived (never
+    /// past the caller's deadline); a body that does not arrive in time is answered `408`
+    /// and its connection closed.
+    #[serde(with = "units::duration")]
+    pub body_read_timeout: Duration,
+    /// Data-plane connections open at once. At the cap the listener stops accepting (new
+    /// connections wait in the kernel's backlog) until one closes. Lowered at start-up when
+    /// the open-files limit could not hold this many plus a reserve for Lambda, Redis, the
+    /// dead-letter sink and the admin listener.
+    pub max_connections: u32,
+    /// Bearer token every `/admin/*` request must carry (`/metrics` and `/healthz` stay
+    /// open). Required when `admin_listen` is not a loopback address. Never printed.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "redact::secret"
+    )]
+    pub admin_token: Option<String>,
+    /// A file holding the admin token (a mounted secret), read when the config is loaded
+    /// (and on every reload); surrounding whitespace is ignored. `admin_token`, when also
+    /// set, wins and the file is not read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The token read from `admin_token_file`.
+    #[serde(skip)]
+    pub admin_token_from_file: Option<String>,
 }
+
+impl ServerConfig {
+    /// The admin token in force: `admin_token`, or the one read from `admin_token_file`.
+    pub fn admin_token(&self) -> Option<&str> {
+        self.admin_token
+            .as_deref()
+            .or(self.admin_token_from_file.as_deref())
+    }
+
+    /// Reads `admin_token_file` into `admin_token_from_file`, unless `admin_token` is set:
+    /// a token given directly (often `SLUICEGATE_SERVER__ADMIN_TOKEN`) overrides the file,
+    /// so an image whose config names a secret file can still be run with the variable.
+    fn read_admin_token_file(&mut self) -> Result<(), ConfigError> {
+        let (None, Some(path)) = (&self.admin_token, &self.admin_token_file) else {
+            return Ok(());
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::invalid(
+                "server.admin_token_file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        self.admin_token_from_file = Some(text.trim().to_owned());
+        Ok(())
+    }
+
+    /// The admin listener's checks: a token that can travel in a header, and one whenever
+    /// the listener is reachable from other hosts.
+    fn validate_admin(&self) -> Result<(), ConfigError> {
+        if self.admin_token.is_none()
+            && self.admin_token_file.is_some()
+            && self.admin_token_from_file.is_none()
+        {
+            return Err(ConfigError::invalid(
+                "server.admin_token_file",
+                "was not read (load the config with Config::load or Config::from_toml)",
+            ));
+        }
+        let key = if self.admin_token.is_none() && self.admin_token_file.is_some() {
+            "server.admin_token_file"
+        } else {
+            "server.admin_token"
+        };
+        if let Some(token) = self.admin_token() {
+            if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::invalid(
+                    key,
+                    "must be non-empty printable ASCII without spaces (it travels in the Authorization header)",
+                ));
+            }
+        } else if !self.admin_listen.ip().is_loopback() {
+            return Err(ConfigError::invalid(
+                "server.admin_token",
+                format!(
+                    "admin_listen = {} is reachable from other hosts: set server.admin_token (or server.admin_token_file, or SLUICEGATE_SERVER__ADMIN_TOKEN) so /admin/* needs it, or listen on a loopback address",
+                    self.admin_listen
+                ),
+            ));
+        }
+        if self.body_read_timeout.is_zero() || self.body_read_timeout > MAX_TIMEOUT {
+            return Err(ConfigError::invalid(
+                "server.body_read_timeout",
+                "must be greater than 0 and at most 1h",
+            ));
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.max_connections) {
+            return Err(ConfigError::invalid(
+                "server.max_connections",
+                format!("must be between 1 and {MAX_CONNECTIONS}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The largest `server.max_connections`: past this the open-files limit, not the setting,
+/// is what bounds connections on any usual system.
+pub const MAX_CONNECTIONS: u32 = 1_000_000;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -132,6 +237,11 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(20),
             header_read_timeout: Duration::from_secs(30),
             max_json_depth: DEFAULT_MAX_JSON_DEPTH,
+            body_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            admin_token: None,
+            admin_token_file: None,
+            admin_token_from_file: None,
         }
     }
 }
@@ -588,7 +698,7 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         let value = parse_with_env(text, origin, env)?;
-        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
             let key = e.path().to_string();
             let key = if key == "." {
                 "(top level)".to_owned()
@@ -597,6 +707,7 @@ impl Config {
             };
             ConfigError::invalid(key, e.into_inner().to_string())
         })?;
+        config.server.read_admin_token_file()?;
         config.validate()?;
         Ok(config)
     }
@@ -635,6 +746,7 @@ impl Config {
                 ),
             ));
         }
+        s.validate_admin()?;
         for (name, timeout) in [
             ("server.request_timeout", s.request_timeout),
             ("server.header_read_timeout", s.header_read_timeout),
@@ -909,9 +1021,26 @@ impl Config {
         Ok(emulator)
     }
 
-    /// The effective config as TOML (what `check-config` prints).
+    /// The effective config as TOML (what `check-config` prints), secrets redacted.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        toml::to_string_pretty(&self.redacted())
+            .unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// A copy fit to show: every URL's password replaced by `***` (the admin token is
+    /// always serialized as `***`). Plan keys stay: [`Config::to_toml`] must load again.
+    pub fn redacted(&self) -> Config {
+        let mut config = self.clone();
+        config.limits.redis_url = redact::url(&config.limits.redis_url);
+        if let Some(url) = &mut config.lambda.endpoint_url {
+            *url = redact::url(url);
+        }
+        for route in &mut config.routes {
+            if let Some(url) = route.dlq.as_mut().and_then(|d| d.sqs_queue_url.as_mut()) {
+                *url = redact::url(url);
+            }
+        }
+        config
     }
 }
 

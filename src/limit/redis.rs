@@ -238,7 +238,7 @@ impl RedisBackend {
             inner: Arc::new(Inner {
                 conn,
                 script: Script::new(GCRA_LUA),
-                addr: redact(&options.url),
+                addr: crate::config::redact::url(&options.url),
                 options,
                 up: AtomicBool::new(false),
             }),
@@ -438,13 +438,6 @@ fn verdict((admitted, bucket, a, b): (i64, i64, i64, i64), buckets: usize) -> Op
     })
 }
 
-/// The URL without credentials: `redis://user:secret@host:6379/0` → `host:6379/0`.
-fn redact(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-    rest.to_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,8 +496,12 @@ mod tests {
 
     #[test]
     fn logged_addresses_carry_no_credentials() {
-        assert_eq!(redact("redis://:s3cret@cache:6380/2"), "cache:6380/2");
-        assert_eq!(redact("redis://user:pw@h"), "h");
-        assert_eq!(redact("redis://127.0.0.1:6379"), "127.0.0.1:6379");
+        let redact = crate::config::redact::url;
+        assert_eq!(
+            redact("redis://:s3cret@cache:6380/2"),
+            "redis://***@cache:6380/2"
+        );
+        assert_eq!(redact("redis://user:p@ss@h"), "redis://***@h");
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 }

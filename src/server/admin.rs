@@ -1,19 +1,37 @@
 //! The admin listener (`server.admin_listen`, loopback by default): `/metrics`,
-//! `/admin/routes`, `/admin/config`, `/admin/keys/{key}`, `POST /admin/reload`.
+//! `/healthz`, `/admin/routes`, `/admin/config`, `/admin/keys/{key}`, `POST /admin/reload`.
+//!
+//! With `server.admin_token` set, every path except `/metrics` and `/healthz` needs
+//! `Authorization: Bearer <token>` (`401` and `WWW-Authenticate: Bearer` otherwise); the
+//! token is read from the current config on each request, so a reload rotates it. A
+//! listener bound to a non-loopback address without a token refuses those paths too:
+//! config validation already refuses that start, and this covers a reload that drops the
+//! token while the (restart-only) address stays public. `/admin/config` never shows the
+//! token, a URL's password or a plan's keys (only how many there are).
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
 
 use super::{respond, Shared};
 use crate::config::Config;
 
-pub(super) fn router(shared: Arc<Shared>) -> Router {
+/// Paths anyone who reaches the listener may read: scrapes and liveness probes.
+const OPEN_PATHS: [&str; 2] = ["/metrics", "/healthz"];
+
+/// `public`: the listener is bound to an address other hosts can reach.
+pub(super) fn router(shared: Arc<Shared>, public: bool) -> Router {
+    let guard = Guard {
+        shared: Arc::clone(&shared),
+        public,
+    };
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
@@ -22,6 +40,46 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/admin/keys/{key}", get(key))
         .route("/admin/reload", post(reload))
         .with_state(shared)
+        // Outside the routes, so a path that matches nothing is refused the same way and
+        // does not tell a caller without the token which paths exist.
+        .layer(middleware::from_fn_with_state(guard, require_token))
+}
+
+#[derive(Clone)]
+struct Guard {
+    shared: Arc<Shared>,
+    public: bool,
+}
+
+async fn require_token(State(guard): State<Guard>, request: Request, next: Next) -> Response {
+    if OPEN_PATHS.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let app = guard.shared.app();
+    match app.config.server.admin_token() {
+        Some(token) if bearer_matches(request.headers(), token) => next.run(request).await,
+        Some(_) => respond::admin_unauthorized(
+            "this endpoint needs `Authorization: Bearer <server.admin_token>`",
+        ),
+        None if guard.public => respond::admin_unauthorized(
+            "the admin listener is reachable from other hosts and server.admin_token is not set",
+        ),
+        None => next.run(request).await,
+    }
+}
+
+/// Whether `Authorization` is `Bearer <token>` (scheme case-insensitive, RFC 9110). The
+/// token is compared in constant time, so timing does not reveal how much of a guess was
+/// right.
+fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return false;
+    };
+    let value = value.as_bytes();
+    let Some((scheme, given)) = value.split_at_checked(7) else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case(b"bearer ") && bool::from(given.ct_eq(token.as_bytes()))
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
@@ -86,25 +144,16 @@ async fn routes(State(shared): State<Arc<Shared>>) -> Json<Value> {
     Json(json!({ "routes": routes, "tracked_keys": app.admission.tracked_keys() }))
 }
 
-/// Credentials in a URL's user-info are replaced by `***`.
-fn redact_url(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.split_once('@') {
-            Some((_userinfo, host)) => format!("{scheme}://***@{host}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-}
-
-/// The effective config as JSON, secrets redacted.
+/// The effective config as JSON: URL passwords and the token redacted, and each plan's
+/// keys replaced by their count (the keys are credentials too).
 pub(super) fn redacted(config: &Config) -> Value {
-    let mut config = config.clone();
-    config.limits.redis_url = redact_url(&config.limits.redis_url);
-    if let Some(url) = &config.lambda.endpoint_url {
-        config.lambda.endpoint_url = Some(redact_url(url));
+    let mut shown = serde_json::to_value(config.redacted()).unwrap_or(Value::Null);
+    if let Some(plans) = shown.get_mut("plans").and_then(Value::as_array_mut) {
+        for (plan, config) in plans.iter_mut().zip(&config.plans) {
+            plan["keys"] = json!(config.keys.len());
+        }
     }
-    serde_json::to_value(&config).unwrap_or(Value::Null)
+    shown
 }
 
 async fn config(State(shared): State<Arc<Shared>>) -> Json<Value> {
@@ -152,15 +201,29 @@ async fn reload(State(shared): State<Arc<Shared>>) -> Response {
 
 #[cfg(test)]
 mod tests {
+    use axum::http::{HeaderMap, HeaderValue};
+
+    fn with(auth: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", HeaderValue::from_str(auth).unwrap());
+        headers
+    }
+
     #[test]
-    fn url_credentials_are_redacted() {
-        assert_eq!(
-            super::redact_url("redis://user:secret@host:6379/0"),
-            "redis://***@host:6379/0"
-        );
-        assert_eq!(
-            super::redact_url("redis://127.0.0.1:6379"),
-            "redis://127.0.0.1:6379"
-        );
+    fn only_the_exact_bearer_token_matches() {
+        let token = "t0ken";
+        assert!(super::bearer_matches(&with("Bearer t0ken"), token));
+        assert!(super::bearer_matches(&with("bearer t0ken"), token));
+        for wrong in [
+            "Bearer t0ke",
+            "Bearer t0kenn",
+            "Basic t0ken",
+            "t0ken",
+            "Bearer",
+            "",
+        ] {
+            assert!(!super::bearer_matches(&with(wrong), token), "{wrong:?}");
+        }
+        assert!(!super::bearer_matches(&HeaderMap::new(), token));
     }
 }

@@ -19,6 +19,13 @@
 //! Shutdown (SIGTERM/SIGINT): stop accepting, let in-flight requests finish; when
 //! `shutdown_grace` runs out, records not yet sent to Lambda are answered `503`, while
 //! invokes already in flight still answer their callers (Lambda may have processed them).
+//! Admin connections get `shutdown_grace` too and are then dropped, so no admin client
+//! (a half-sent request, an idle keep-alive) holds the process.
+//!
+//! Slow and hostile clients: a request head must arrive within `header_read_timeout`, a
+//! record body within `body_read_timeout` (`408`, connection closed); at most
+//! `max_connections` data-plane connections are open (more wait in the backlog), fewer
+//! when the open-files limit needs a reserve for everything else.
 
 mod admin;
 mod identity;
@@ -35,8 +42,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use std::time::Duration;
 
-use axum::extract::Request;
-use axum::response::Response;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -101,6 +106,7 @@ struct Route {
     /// Deepest nesting of arrays and objects a record may have (from `server.max_json_depth`
     /// and the route's envelope).
     max_json_depth: u32,
+    body_read_timeout: Duration,
 }
 
 impl Route {
@@ -205,6 +211,7 @@ impl App {
                     config.server.max_json_depth,
                     cfg.envelope,
                 ),
+                body_read_timeout: config.server.body_read_timeout,
             }));
         }
         let admission = build_admission(
@@ -434,11 +441,20 @@ pub async fn start_with_source(
     let (listener, local) = bind("server", server.listen).await?;
     let (admin_listener, admin_local) = bind("admin", server.admin_listen).await?;
 
-    let data = tokio::spawn(serve_data(listener, Arc::clone(&shared), stopped.clone()));
+    let cap = connection_cap(server.max_connections, open_files_limit());
+    let data = tokio::spawn(serve_data(
+        listener,
+        Arc::clone(&shared),
+        cap,
+        stopped.clone(),
+    ));
+    let admin_router = admin::router(Arc::clone(&shared), !admin_local.ip().is_loopback());
     let tasks = vec![
-        tokio::spawn(serve(
+        tokio::spawn(serve_admin(
             admin_listener,
-            admin::router(Arc::clone(&shared)).into_make_service(),
+            admin_router,
+            server.header_read_timeout.min(ADMIN_HEAD_TIMEOUT),
+            server.shutdown_grace,
             stopped.clone(),
         )),
         tokio::spawn(reclaim_keys(
@@ -473,6 +489,62 @@ async fn bind(
     Ok((listener, local))
 }
 
+/// File descriptors kept free for what is not a data-plane connection: Lambda and Redis
+/// connections, the dead-letter file, the admin listener and its clients, the emulator,
+/// logs. Without a reserve, clients that hold connections open can take every descriptor
+/// and lock out the admin port and the invokes that would answer them.
+const FD_RESERVE: u64 = 256;
+
+/// Admin connections open at once: scrapes and operators, never many.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// The longest an admin client may take to send a request's head, or stay idle between
+/// requests.
+const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// hyper's per-connection read buffer bound (its default is about 400 KiB). It also bounds
+/// a request's head; 64 KiB is far above any head a producer sends, and keeps an idle or
+/// stalled connection from holding more than this.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+
+/// The soft `RLIMIT_NOFILE` of this process, from `/proc/self/limits` (Linux); `None` when
+/// unlimited or unknown.
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `server.max_connections`, lowered (and logged) when the open-files limit cannot hold
+/// that many connections plus [`FD_RESERVE`]; a small limit keeps at least half for the
+/// reserve.
+fn connection_cap(configured: u32, open_files: Option<u64>) -> usize {
+    let configured = u64::from(configured);
+    let Some(limit) = open_files else {
+        return configured as usize;
+    };
+    let room = if limit > 2 * FD_RESERVE {
+        limit - FD_RESERVE
+    } else {
+        (limit / 2).max(1)
+    };
+    if room < configured {
+        tracing::warn!(
+            max_connections = configured,
+            open_files_limit = limit,
+            effective = room,
+            "server.max_connections lowered to fit the open-files limit (raise `ulimit -n` for more)"
+        );
+        room as usize
+    } else {
+        configured as usize
+    }
+}
+
 /// The data plane's accept loop. Each request goes to whichever app is current, so a
 /// reload never drops a connection. On stop: no more accepts, each connection finishes the
 /// request it is in and closes; returns when all are closed.
@@ -480,34 +552,54 @@ async fn bind(
 /// Connections are served by hyper's HTTP/1 server directly (keep-alive, pipelining,
 /// `TCP_NODELAY`, `server.header_read_timeout` for a request's head — which also closes a
 /// keep-alive connection idle that long — so a slow client cannot hold a connection
-/// forever). Connection tasks live in a `JoinSet`: if this task is aborted (shutdown ran
-/// out of time), they are aborted with it.
+/// forever; a record's body has `server.body_read_timeout`). Connection tasks live in a
+/// `JoinSet`: if this task is aborted (shutdown ran out of time), they are aborted with it.
+///
+/// At most `cap` connections are open: the loop takes a permit *before* accepting, so at
+/// the cap new connections wait in the kernel's backlog (and see the server as slow, not
+/// broken) instead of being accepted and dropped in a spin. When `accept` itself fails for
+/// lack of descriptors, the loop backs off instead of retrying at once.
 async fn serve_data(
     listener: TcpListener,
     shared: Arc<Shared>,
+    cap: usize,
     mut stopped: watch::Receiver<bool>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
     let ids = records::RequestIds::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
     let stop = async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
     tokio::pin!(stop);
+    let mut backing_off = false;
     loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+            _ = &mut stop => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) if is_connection_error(&e) => continue,
                 Err(e) => {
-                    // Out of file descriptors and the like: wait instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Out of file descriptors and the like: wait instead of spinning, and
+                    // say so once per episode rather than ten times a second.
+                    if !backing_off {
+                        tracing::warn!(error = %e, "accept failed; backing off");
+                        backing_off = true;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = &mut stop => break,
+                    }
                     continue;
                 }
             },
             _ = &mut stop => break,
         };
+        backing_off = false;
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
@@ -521,6 +613,7 @@ async fn serve_data(
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(head_timeout)
+            .max_buf_size(READ_BUFFER_BYTES)
             .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         while connections.try_join_next().is_some() {}
@@ -528,6 +621,8 @@ async fn serve_data(
             if let Err(e) = connection.await {
                 tracing::trace!(error = %e, "connection ended with an error");
             }
+            // The slot frees when the connection (and its descriptor) is gone.
+            drop(slot);
         });
     }
     drop(listener);
@@ -546,30 +641,74 @@ fn is_connection_error(e: &std::io::Error) -> bool {
     )
 }
 
-async fn serve<M, S>(listener: TcpListener, make: M, mut stopped: watch::Receiver<bool>)
-where
-    M: for<'a> tower::Service<
-            axum::serve::IncomingStream<'a, TcpListener>,
-            Error = std::convert::Infallible,
-            Response = S,
-        > + Send
-        + 'static,
-    for<'a> <M as tower::Service<axum::serve::IncomingStream<'a, TcpListener>>>::Future: Send,
-    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    let shutdown = async move {
+/// The admin listener's accept loop: the same hyper HTTP/1 server as the data plane, with
+/// a head/idle timeout, a small connection cap and the same back-off on `accept` errors.
+///
+/// On stop it stops accepting and gives open admin requests until `grace` to finish; then
+/// the remaining connections (a half-sent request, an idle keep-alive) are dropped, so no
+/// admin client can keep the process from exiting.
+async fn serve_admin(
+    listener: TcpListener,
+    router: axum::Router,
+    head_timeout: Duration,
+    grace: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    let stop = async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
-    if let Err(e) = axum::serve(listener, make)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        tracing::error!(error = %e, "listener failed");
+    tokio::pin!(stop);
+    loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+            _ = &mut stop => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed; backing off");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = &mut stop => break,
+                    }
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let router = router.clone();
+        let service =
+            hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                tower::ServiceExt::oneshot(router.clone(), request)
+            });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(head_timeout)
+            .max_buf_size(READ_BUFFER_BYTES)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::trace!(error = %e, "admin connection ended with an error");
+            }
+            drop(slot);
+        });
     }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("admin connections still open after the grace period; closing them");
+    }
+    // Dropping the set aborts whatever is left.
+    drop(connections);
 }
 
 /// Idle (full) buckets carry no information: dropping them keeps memory bounded by the
@@ -607,4 +746,31 @@ pub async fn run(
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{connection_cap, open_files_limit, FD_RESERVE};
+
+    #[test]
+    fn the_connection_cap_leaves_a_reserve_of_descriptors() {
+        assert_eq!(connection_cap(10_000, None), 10_000);
+        assert_eq!(connection_cap(10_000, Some(1 << 20)), 10_000);
+        assert_eq!(
+            connection_cap(10_000, Some(4096)),
+            (4096 - FD_RESERVE) as usize
+        );
+        // A small limit keeps half for everything else.
+        assert_eq!(connection_cap(10_000, Some(512)), 256);
+        assert_eq!(connection_cap(10_000, Some(100)), 50);
+        assert_eq!(connection_cap(20, Some(100)), 20);
+        assert_eq!(connection_cap(10_000, Some(1)), 1);
+    }
+
+    #[test]
+    fn the_open_files_limit_is_read_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(open_files_limit().is_some_and(|n| n > 0));
+        }
+    }
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
@@ -404,6 +404,45 @@ fn deadline(headers: &HeaderMap, route_timeout: Duration) -> Result<Instant, Str
     Ok(Instant::now() + timeout)
 }
 
+/// Why a body could not be read.
+enum BodyError {
+    TooLarge,
+    Read(hyper::Error),
+}
+
+/// Reads a body of at most `max` bytes into one buffer.
+///
+/// Each frame is copied out and dropped at once. Collecting the frames instead keeps every
+/// one of them — and, through it, the part of hyper's read buffer it points into — until
+/// the body ends: a body sent as one-byte chunks then held roughly 50 bytes of bookkeeping
+/// and framing per byte of record. Here a body costs its bytes, at most `max`, and the
+/// buffer grows by doubling but never past `max`.
+async fn read_body(
+    mut body: Incoming,
+    declared: Option<u64>,
+    max: usize,
+) -> Result<bytes::Bytes, BodyError> {
+    let initial = declared.map_or(8 * 1024, |len| usize::try_from(len).unwrap_or(max));
+    let mut buffer = Vec::with_capacity(initial.min(max));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Read)?;
+        let Ok(data) = frame.into_data() else {
+            // Trailers carry nothing a record needs.
+            continue;
+        };
+        let needed = buffer.len() + data.len();
+        if needed > max {
+            return Err(BodyError::TooLarge);
+        }
+        if needed > buffer.capacity() {
+            let grown = needed.max(buffer.capacity() * 2).min(max);
+            buffer.reserve_exact(grown - buffer.len());
+        }
+        buffer.extend_from_slice(&data);
+    }
+    Ok(buffer.into())
+}
+
 async fn record_response(route: &Route, request: Request<Incoming>) -> Response {
     let (parts, body) = request.into_parts();
     let deadline = match deadline(&parts.headers, route.request_timeout) {
@@ -428,16 +467,23 @@ async fn record_response(route: &Route, request: Request<Incoming>) -> Response 
     if declared.is_some_and(|len| len > route.max_record_bytes as u64) {
         return too_large();
     }
-    let bytes = match Limited::new(body, route.max_record_bytes).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
-        Err(e) => {
+    // The body must arrive within `body_read_timeout`, and never after the caller's
+    // deadline: a client that stalls mid-body holds a connection and a buffer, nothing more.
+    let wait = route
+        .body_read_timeout
+        .min(deadline.saturating_duration_since(Instant::now()));
+    let read = read_body(body, declared, route.max_record_bytes);
+    let bytes = match tokio::time::timeout(wait, read).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(BodyError::TooLarge)) => return too_large(),
+        Ok(Err(BodyError::Read(e))) => {
             return respond::error(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 format!("cannot read the body: {e}"),
             )
         }
+        Err(_elapsed) => return respond::body_timeout(wait),
     };
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return respond::error(

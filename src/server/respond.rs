@@ -183,6 +183,33 @@ pub fn add_admitted_headers(response: &mut Response, admitted: &Admitted) {
     );
 }
 
+/// `408`: the request's body did not arrive in time. The connection is closed after the
+/// answer (`Connection: close`): the rest of the body may still be on its way, and
+/// nothing on the connection can be read as a next request.
+pub fn body_timeout(waited: Duration) -> Response {
+    let mut response = error(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        format!(
+            "the request body did not arrive within {} ms",
+            waited.as_millis()
+        ),
+    );
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// `401` for the admin API: no token, or not the right one.
+pub fn admin_unauthorized(message: &str) -> Response {
+    let mut response = error(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
 /// `503` with `Retry-After`.
 pub fn unavailable(message: impl Into<String>, wait: Duration) -> Response {
     let mut response = error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);

@@ -599,18 +599,19 @@ impl Config {
 
     fn validate_common(&self) -> Result<(), ConfigError> {
         let s = &self.server;
-        if s.max_record_bytes.bytes() == 0 {
-            return Err(ConfigError::invalid(
-                "server.max_record_bytes",
-                "must be greater than 0",
-            ));
-        }
+        check_range(
+            "server.max_record_bytes",
+            s.max_record_bytes.bytes(),
+            1..=SYNC_PAYLOAD_LIMIT,
+            "bytes (one record must fit one synchronous invoke)",
+        )?;
         for (name, timeout) in [
             ("server.request_timeout", s.request_timeout),
             ("server.header_read_timeout", s.header_read_timeout),
         ] {
             check_timeout(name, timeout)?;
         }
+        check_at_most("server.shutdown_grace", s.shutdown_grace)?;
         if s.listen == s.admin_listen && s.listen.port() != 0 {
             return Err(ConfigError::invalid(
                 "server.admin_listen",
@@ -624,12 +625,7 @@ impl Config {
             ));
         }
         let l = &self.limits;
-        if l.max_keys == 0 {
-            return Err(ConfigError::invalid(
-                "limits.max_keys",
-                "must be at least 1",
-            ));
-        }
+        check_range("limits.max_keys", l.max_keys, 1..=MAX_KEYS, "tracked keys")?;
         if l.redis_timeout.is_zero() || l.redis_timeout > Duration::from_secs(10) {
             return Err(ConfigError::invalid(
                 "limits.redis_timeout",
@@ -644,12 +640,7 @@ impl Config {
                 ));
             }
         }
-        if l.reclaim_interval.is_zero() {
-            return Err(ConfigError::invalid(
-                "limits.reclaim_interval",
-                "must be greater than 0",
-            ));
-        }
+        check_timeout("limits.reclaim_interval", l.reclaim_interval)?;
         if let Some(global) = &l.global {
             global
                 .validate()
@@ -698,9 +689,7 @@ impl Config {
             ("lambda.connect_timeout", lambda.connect_timeout),
             ("lambda.read_timeout", lambda.read_timeout),
         ] {
-            if d.is_zero() {
-                return Err(ConfigError::invalid(key, "must be greater than 0"));
-            }
+            check_timeout(key, d)?;
         }
         let mut names = HashSet::new();
         let mut paths = HashSet::new();
@@ -757,12 +746,12 @@ impl Config {
         if let Some(timeout) = r.request_timeout {
             check_timeout(&key("request_timeout"), timeout)?;
         }
-        if r.batch.max_records == 0 {
-            return Err(ConfigError::invalid(
-                key("batch.max_records"),
-                "must be at least 1",
-            ));
-        }
+        check_range(
+            &key("batch.max_records"),
+            r.batch.max_records,
+            1..=MAX_BATCH_RECORDS,
+            "records per invoke",
+        )?;
         let limit = r.invocation.payload_limit();
         if r.max_bytes() > limit {
             return Err(ConfigError::invalid(
@@ -788,44 +777,45 @@ impl Config {
                 "is smaller than server.max_record_bytes",
             ));
         }
-        if r.batch.max_wait.is_zero() {
-            return Err(ConfigError::invalid(
-                key("batch.max_wait"),
-                "must be greater than 0",
-            ));
-        }
-        if r.queue.max_pending == 0 {
-            return Err(ConfigError::invalid(
-                key("queue.max_pending"),
-                "must be at least 1",
-            ));
-        }
+        check_timeout(&key("batch.max_wait"), r.batch.max_wait)?;
+        check_range(
+            &key("queue.max_pending"),
+            r.queue.max_pending,
+            1..=MAX_PENDING,
+            "queued records",
+        )?;
         let inv = &r.invoke;
-        if !(inv.rate.is_finite() && inv.rate > 0.0) {
+        if !INVOKE_RATE.contains(&inv.rate) {
             return Err(ConfigError::invalid(
                 key("invoke.rate"),
-                format!("must be a positive number, got {}", inv.rate),
+                format!(
+                    "must be in {}..={} invokes per second, got {}",
+                    INVOKE_RATE.start(),
+                    INVOKE_RATE.end(),
+                    inv.rate
+                ),
             ));
         }
-        if inv.burst == 0 {
-            return Err(ConfigError::invalid(
-                key("invoke.burst"),
-                "must be at least 1",
-            ));
-        }
-        if inv.max_concurrency == 0 {
-            return Err(ConfigError::invalid(
-                key("invoke.max_concurrency"),
-                "must be at least 1",
-            ));
-        }
+        check_range(
+            &key("invoke.burst"),
+            inv.burst,
+            1..=MAX_INVOKE_BURST,
+            "invokes",
+        )?;
+        check_range(
+            &key("invoke.max_concurrency"),
+            inv.max_concurrency,
+            1..=MAX_CONCURRENCY,
+            "invokes in flight",
+        )?;
         let retry = &r.retry;
-        if retry.max_attempts == 0 {
-            return Err(ConfigError::invalid(
-                key("retry.max_attempts"),
-                "must be at least 1",
-            ));
-        }
+        check_range(
+            &key("retry.max_attempts"),
+            retry.max_attempts,
+            1..=MAX_ATTEMPTS,
+            "attempts",
+        )?;
+        check_timeout(&key("retry.cap"), retry.cap)?;
         if retry.base.is_zero() || retry.base > retry.cap {
             return Err(ConfigError::invalid(
                 key("retry.base"),
@@ -982,12 +972,63 @@ fn env_value(raw: &str, keep_string: bool) -> toml::Value {
 /// would overflow the clock).
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
+// The ranges below are what the code can hold and what a sane deployment needs; each is
+// named in the error, so a rejected value says what would be accepted.
+
+/// `invoke.rate`, invokes per second: one per 1000 s up to a million per second.
+pub const INVOKE_RATE: std::ops::RangeInclusive<f64> = 0.001..=1e6;
+/// `invoke.burst`.
+pub const MAX_INVOKE_BURST: u32 = 1_000_000;
+/// `invoke.max_concurrency`: well above any account's Lambda concurrency quota.
+pub const MAX_CONCURRENCY: u32 = 100_000;
+/// `batch.max_records`: Lambda's payload limit caps real batches far below this.
+pub const MAX_BATCH_RECORDS: u32 = 10_000;
+/// `queue.max_pending`.
+pub const MAX_PENDING: usize = 10_000_000;
+/// `retry.max_attempts`.
+pub const MAX_ATTEMPTS: u32 = 100;
+/// `limits.max_keys`.
+pub const MAX_KEYS: usize = 100_000_000;
+
 fn check_timeout(key: &str, timeout: Duration) -> Result<(), ConfigError> {
-    if timeout.is_zero() {
-        return Err(ConfigError::invalid(key, "must be greater than 0"));
+    if timeout.is_zero() || timeout > MAX_TIMEOUT {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "must be in 1ns..=1h, got {}",
+                units::format_duration(timeout)
+            ),
+        ));
     }
-    if timeout > MAX_TIMEOUT {
-        return Err(ConfigError::invalid(key, "must be at most 1h"));
+    Ok(())
+}
+
+/// A duration that may be zero but not longer than [`MAX_TIMEOUT`].
+fn check_at_most(key: &str, d: Duration) -> Result<(), ConfigError> {
+    if d > MAX_TIMEOUT {
+        return Err(ConfigError::invalid(
+            key,
+            format!("must be in 0s..=1h, got {}", units::format_duration(d)),
+        ));
+    }
+    Ok(())
+}
+
+fn check_range<T: PartialOrd + fmt::Display>(
+    key: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+    unit: &str,
+) -> Result<(), ConfigError> {
+    if !range.contains(&value) {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "must be in {}..={} {unit}, got {value}",
+                range.start(),
+                range.end()
+            ),
+        ));
     }
     Ok(())
 }

@@ -860,6 +860,32 @@ impl Config {
         Ok(emulator)
     }
 
+    /// Whether the data plane's Lambda is the embedded emulator: `[emulator] enabled = true`
+    /// *and* `lambda.endpoint_url` names it (`http://<emulator.listen>`). This is the one
+    /// place that rule lives. Without `endpoint_url` the target is real AWS (SDK endpoint
+    /// resolution, default credential chain) whether or not the emulator runs.
+    pub fn targets_embedded_emulator(&self) -> bool {
+        let named = format!("http://{}", self.emulator.listen);
+        self.emulator.enabled
+            && self
+                .lambda
+                .endpoint_url
+                .as_deref()
+                .is_some_and(|url| url.trim_end_matches('/') == named)
+    }
+
+    /// Points `lambda.endpoint_url` at the embedded emulator as it actually listens
+    /// (`actual_url`; it differs from the configured one when `emulator.listen` has port 0),
+    /// if and only if [`targets_embedded_emulator`](Self::targets_embedded_emulator).
+    /// Returns whether it did.
+    pub fn retarget_embedded_emulator(&mut self, actual_url: &str) -> bool {
+        let targets = self.targets_embedded_emulator();
+        if targets {
+            self.lambda.endpoint_url = Some(actual_url.to_owned());
+        }
+        targets
+    }
+
     /// The effective config as TOML (what `check-config` prints).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))

@@ -375,3 +375,41 @@ mod props {
         }
     }
 }
+
+#[test]
+fn the_embedded_emulator_is_the_target_only_when_endpoint_url_names_it() {
+    let emulator = "[emulator]\nenabled = true\nlisten = \"127.0.0.1:9001\"\n";
+    let mut named = load(&format!(
+        "[lambda]\nendpoint_url = \"http://127.0.0.1:9001\"\n{emulator}{MINIMAL}"
+    ))
+    .unwrap();
+    assert!(named.targets_embedded_emulator());
+    assert!(named.retarget_embedded_emulator("http://127.0.0.1:40000"));
+    assert_eq!(
+        named.lambda.endpoint_url.as_deref(),
+        Some("http://127.0.0.1:40000")
+    );
+    let mut omitted = load(&format!("{emulator}{MINIMAL}")).unwrap();
+    assert!(
+        !omitted.targets_embedded_emulator(),
+        "no endpoint_url is real AWS"
+    );
+    assert!(!omitted.retarget_embedded_emulator("http://127.0.0.1:40000"));
+    assert_eq!(omitted.lambda.endpoint_url, None);
+    let elsewhere = load(&format!(
+        "[lambda]\nendpoint_url = \"http://127.0.0.1:9002\"\n{emulator}{MINIMAL}"
+    ))
+    .unwrap();
+    assert!(!elsewhere.targets_embedded_emulator());
+    let disabled = load(&format!(
+        "[lambda]\nendpoint_url = \"http://127.0.0.1:9001\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert!(
+        !disabled.targets_embedded_emulator(),
+        "an emulator that does not run is just a URL"
+    );
+    assert!(load(DEFAULT_CONFIG_TOML)
+        .unwrap()
+        .targets_embedded_emulator());
+}

@@ -250,20 +250,13 @@ fn main() -> ExitCode {
 /// `check-config --discover`: prints findings; fails only when `lambda.strict` would refuse.
 async fn discover_findings(mut config: Config) -> ExitCode {
     let mut emulator = None;
-    let embedded = format!("http://{}", config.emulator.listen);
-    if config.emulator.enabled
-        && config
-            .lambda
-            .endpoint_url
-            .as_deref()
-            .is_none_or(|url| url == embedded)
-    {
+    if config.targets_embedded_emulator() {
         let mut emulator_config = config.emulator.clone();
         emulator_config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         match tokio::net::TcpListener::bind(emulator_config.listen).await {
             Ok(listener) => match sluicegate::emulator::spawn(emulator_config, listener).await {
                 Ok(running) => {
-                    config.lambda.endpoint_url = Some(running.endpoint_url());
+                    config.retarget_embedded_emulator(&running.endpoint_url());
                     emulator = Some(running);
                 }
                 Err(e) => {

@@ -2,6 +2,11 @@
 //! [`Batcher`] per route, one dead-letter sink per route that names one. Used by `serve`
 //! and by `dlq redrive`, so replays pass the same limits as live traffic.
 //!
+//! On reload the previous invokers are handed back in: a function that is still targeted
+//! keeps its invoker and gate, reconfigured in place to the new limits, so batchers still
+//! draining on the old config and the new ones share one set of permits — Lambda never
+//! sees more than `max_concurrency` because of a reload.
+//!
 //! With `[limits] backend = "redis"` the pipeline also connects the [`RedisBackend`]
 //! ([`limit_backend`]): each function's gate takes its invoke-rate token from Redis, and the
 //! server hands the same backend (one connection, one health state) to admission.
@@ -94,15 +99,18 @@ impl Pipeline {
         dead_letters: bool,
     ) -> std::io::Result<Pipeline> {
         let backend = limit_backend(&config.limits, None).await?;
-        Pipeline::build_with(config, client, dead_letters, backend).await
+        Pipeline::build_with(config, client, dead_letters, backend, &[]).await
     }
 
     /// [`build`](Self::build) with an already connected backend (`None`: local buckets).
+    /// A function with an invoker in `previous` (the running pipeline, on reload) keeps
+    /// it, its gate reconfigured to `config`'s limits and backend.
     pub async fn build_with(
         config: &Config,
         client: &aws_sdk_lambda::Client,
         dead_letters: bool,
         limit_backend: Option<RedisBackend>,
+        previous: &[Arc<Invoker>],
     ) -> std::io::Result<Pipeline> {
         let mut invokers: HashMap<&str, Arc<Invoker>> = HashMap::new();
         let mut routes = Vec::with_capacity(config.routes.len());
@@ -111,6 +119,12 @@ impl Pipeline {
                 .entry(route.function.as_str())
                 .or_insert_with(|| {
                     let gate_config = gate_config(config, &route.function);
+                    if let Some(kept) = previous.iter().find(|i| i.function() == route.function) {
+                        kept.gate().reconfigure(gate_config);
+                        kept.gate()
+                            .set_backend(limit_backend.clone(), &route.function);
+                        return Arc::clone(kept);
+                    }
                     let gate = match &limit_backend {
                         Some(backend) => {
                             Gate::shared(gate_config, backend.clone(), &route.function)

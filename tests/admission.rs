@@ -26,6 +26,9 @@ admin_listen = "127.0.0.1:0"
 
 {plans}
 
+[lambda]
+endpoint_url = "http://127.0.0.1:0"
+
 [emulator]
 enabled = true
 listen = "127.0.0.1:0"

@@ -182,6 +182,7 @@ fn check_config_discover_reports_what_does_not_fit_the_function() {
         &file,
         r#"
 [lambda]
+endpoint_url = "http://127.0.0.1:0"
 read_timeout = "2s"
 connect_timeout = "1s"
 [[routes]]

@@ -423,7 +423,7 @@ async fn sighup_reloads_the_config_file() {
     let config = dir.path().join("sluicegate.toml");
     let text = |burst: u32| {
         format!(
-            "[server]\nlisten = \"127.0.0.1:{listen}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n[limits]\ndefault = {{ rate = 0.001, burst = {burst} }}\n[emulator]\nenabled = true\nlisten = \"127.0.0.1:0\"\n{ECHO}\n{}",
+            "[server]\nlisten = \"127.0.0.1:{listen}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n[limits]\ndefault = {{ rate = 0.001, burst = {burst} }}\n[lambda]\nendpoint_url = \"http://127.0.0.1:0\"\n[emulator]\nenabled = true\nlisten = \"127.0.0.1:0\"\n{ECHO}\n{}",
             route("records", "")
         )
     };

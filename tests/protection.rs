@@ -170,7 +170,7 @@ reserved_concurrency = 1
         functions,
         &route("records", "slow", "invoke = { max_concurrency = 1 }"),
     );
-    toml = toml.replace("[limits]", "[lambda]\nread_timeout = \"300ms\"\n\n[limits]");
+    toml = toml.replace("[lambda]\n", "[lambda]\nread_timeout = \"300ms\"\n");
     let h = Harness::start(&toml).await;
     let response = h.post("/records", "1").await;
     assert_eq!(
@@ -420,8 +420,8 @@ async fn strict_mode_refuses_to_start_when_the_config_does_not_fit_the_function(
         &route("records", "f", "invoke = { max_concurrency = 4 }"),
     );
     toml = toml.replace(
-        "[limits]",
-        "[lambda]\nstrict = true\nread_timeout = \"2s\"\nconnect_timeout = \"1s\"\n\n[limits]",
+        "[lambda]\n",
+        "[lambda]\nstrict = true\nread_timeout = \"2s\"\nconnect_timeout = \"1s\"\n",
     );
     let config = Config::from_toml(&toml).unwrap();
     let err = match sluicegate::server::start(config).await {

@@ -26,7 +26,10 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// sends invokes to that (another replica's) emulator instead.
 fn replica(redis: &RedisServer, limits: &str, lambda: Option<SocketAddr>, rest: &str) -> Config {
     let (emulator, endpoint) = match lambda {
-        None => ("enabled = true", String::new()),
+        None => (
+            "enabled = true",
+            "[lambda]\nendpoint_url = \"http://127.0.0.1:0\"\n".to_owned(),
+        ),
         Some(addr) => (
             "enabled = false",
             format!("[lambda]\nendpoint_url = \"http://{addr}\"\n"),

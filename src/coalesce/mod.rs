@@ -101,6 +101,10 @@ pub enum RecordError {
     QueueFull { retry_after: Duration },
     #[error("sluicegate is shutting down")]
     Closed,
+    /// The route's worker failed (panicked) while it held the record, before the record was
+    /// sent; the worker was restarted.
+    #[error("the route's batch worker failed before the record was sent to Lambda")]
+    WorkerFailed,
     #[error("record of {size} bytes cannot fit one invoke of at most {limit} bytes")]
     TooLarge { size: usize, limit: usize },
     #[error(transparent)]
@@ -236,7 +240,7 @@ impl Batcher {
             drain: Arc::clone(&drain),
         });
         let (closing, closed) = watch::channel(false);
-        tokio::spawn(worker::run(rx, delivery, closed));
+        tokio::spawn(worker::supervise(rx, delivery, closed));
         Batcher {
             tx,
             queued: Arc::new(QueuedBytes::default()),

@@ -4,9 +4,16 @@
 //! every record it holds or that is still queued with [`RecordError::Closed`] (`503`), and
 //! exits. Batches already handed to a delivery task are not touched: Lambda may be
 //! processing them, and their callers get the real result.
+//!
+//! Supervision ([`supervise`]): a worker that panics is restarted on the same queue; the
+//! records it held (never sent) are answered `503` ([`RecordError::WorkerFailed`]).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
 
 use tokio::sync::mpsc::{self, error::TryRecvError};
 use tokio::sync::watch;
@@ -93,23 +100,89 @@ fn fail_all(rx: &mut Inbox, held: Vec<Message>) {
     }
 }
 
-pub(super) async fn run(
+/// What the worker holds between the channel and a delivery task. It lives in the
+/// supervisor, outside the worker's future, so that the records of a worker that panicked
+/// can still be answered.
+struct Held {
+    /// The batch being gathered.
+    batch: Batch,
+    /// A record that did not fit the previous batch's byte bound; it opens the next one.
+    carry: Option<Message>,
+}
+
+impl Held {
+    fn take_all(&mut self) -> Vec<Message> {
+        let mut all = std::mem::take(&mut self.batch.messages);
+        self.batch.entry_bytes = 0;
+        all.extend(self.carry.take());
+        all
+    }
+}
+
+/// Runs the route's worker, and restarts it if it panics. The records it held then were
+/// never sent (a batch leaves [`Held`] before its delivery task is spawned), so their
+/// callers are answered [`RecordError::WorkerFailed`] (`503`, safe to retry), with an error
+/// log; the queue and its callers carry over to the restarted worker. Records already in a
+/// delivery task are not the worker's: if that task panics they surface as
+/// [`RecordError::Lost`] (`502`), since Lambda may have run them.
+pub(super) async fn supervise(
     rx: mpsc::Receiver<Message>,
     delivery: Arc<Delivery>,
-    mut closing: watch::Receiver<bool>,
+    closing: watch::Receiver<bool>,
 ) {
     let mut rx = Inbox(rx);
+    let mut held = Held {
+        batch: Batch::new(delivery.spec.max_records),
+        carry: None,
+    };
+    loop {
+        let worker = run(&mut rx, &delivery, closing.clone(), &mut held);
+        // Unwind safety: after a panic only `held` (whole `Message` values) and `rx` are
+        // used again, and neither can be left half-updated by a panic.
+        match AssertUnwindSafe(worker).catch_unwind().await {
+            Ok(()) => return,
+            Err(panic) => {
+                let reason = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".to_owned());
+                let records = held.take_all();
+                tracing::error!(
+                    route = %delivery.spec.route,
+                    records = records.len(),
+                    panic = %reason,
+                    "the route's batch worker panicked: answering the records it held 503 \
+                     (never sent) and restarting it"
+                );
+                for m in records {
+                    m.answer(Err(RecordError::WorkerFailed));
+                }
+                // A worker that fails again at once must not spin a core.
+                tokio::time::sleep(RESTART_DELAY).await;
+            }
+        }
+    }
+}
+
+/// Pause before a panicked worker is restarted.
+const RESTART_DELAY: Duration = Duration::from_millis(100);
+
+async fn run(
+    rx: &mut Inbox,
+    delivery: &Arc<Delivery>,
+    mut closing: watch::Receiver<bool>,
+    held: &mut Held,
+) {
     let spec = Arc::clone(&delivery.spec);
     let invoker = Arc::clone(&delivery.invoker);
     let adaptive = spec.flush == Flush::Adaptive;
-    // A record that did not fit the previous batch's byte bound opens the next one.
-    let mut carry: Option<Message> = None;
     loop {
         if *closing.borrow() {
-            fail_all(&mut rx, carry.into_iter().collect());
+            fail_all(rx, held.take_all());
             return;
         }
-        let first = match carry.take() {
+        let first = match held.carry.take() {
             Some(m) => m,
             None => tokio::select! {
                 m = rx.recv() => match m {
@@ -121,8 +194,10 @@ pub(super) async fn run(
             },
         };
         let flush_at = first.enqueued + spec.max_wait;
-        let mut batch = Batch::new(spec.max_records);
+        let Held { batch, carry } = &mut *held;
         batch.push(first);
+        #[cfg(test)]
+        tests::maybe_panic(&spec.route);
 
         // Pinned once per batch so the worker keeps its place in the gate's FIFO queue
         // across loop turns; in window mode it is only polled after the batch closes.
@@ -139,7 +214,7 @@ pub(super) async fn run(
                     continue;
                 }
                 Ok(m) => {
-                    carry = Some(m);
+                    *carry = Some(m);
                     break;
                 }
                 Err(TryRecvError::Disconnected) => break,
@@ -156,7 +231,7 @@ pub(super) async fn run(
                 m = rx.recv() => match m {
                     Some(m) if batch.fits(&m, &spec) => batch.push(m),
                     Some(m) => {
-                        carry = Some(m);
+                        *carry = Some(m);
                         break;
                     }
                     None => break,
@@ -174,18 +249,14 @@ pub(super) async fn run(
             None => tokio::select! {
                 slot = &mut acquire => slot,
                 _ = closing.changed() => {
-                    let mut held = batch.messages;
-                    held.extend(carry.take());
-                    fail_all(&mut rx, held);
+                    fail_all(rx, held.take_all());
                     return;
                 }
             },
         };
         // A batch not yet sent when closing began is not sent: the grace period is over.
         if *closing.borrow() {
-            let mut held = batch.messages;
-            held.extend(carry.take());
-            fail_all(&mut rx, held);
+            fail_all(rx, held.take_all());
             return;
         }
         batch.prune(Instant::now());
@@ -207,13 +278,84 @@ pub(super) async fn run(
             span.follows_from(m.span.id());
         }
         let backlogged = carry.is_some() || !rx.is_empty();
+        // The batch leaves `held` here, for its delivery task: from now on its records
+        // may reach Lambda, and they are no longer the worker's to answer.
+        let messages = std::mem::replace(&mut batch.messages, Vec::with_capacity(spec.max_records));
+        batch.entry_bytes = 0;
         delivery
             .drain
-            .on_dispatch(batch.messages.len(), backlogged, Instant::now());
+            .on_dispatch(messages.len(), backlogged, Instant::now());
         tokio::spawn(
-            Arc::clone(&delivery)
-                .deliver(batch.messages, Some(slot))
+            Arc::clone(delivery)
+                .deliver(messages, Some(slot))
                 .instrument(span),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use serde_json::value::RawValue;
+    use tokio::time::Instant;
+
+    use crate::coalesce::{BatchSpec, Batcher, Delivered, RecordError};
+    use crate::config::{Config, LambdaConfig};
+    use crate::emulator::EmulatorConfig;
+    use crate::invoke::{Gate, Invoker};
+
+    /// Routes whose worker panics once, on its next record: a test-only fault.
+    static PANIC_ONCE: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    pub(super) fn maybe_panic(route: &str) {
+        let mut routes = PANIC_ONCE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = routes.iter().position(|r| r == route) {
+            routes.remove(i);
+            drop(routes);
+            panic!("injected worker panic on route {route}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_panics_is_restarted_and_the_record_it_held_hears_503() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let emulator = crate::emulator::spawn(EmulatorConfig::default(), listener)
+            .await
+            .unwrap();
+        let lambda = LambdaConfig {
+            endpoint_url: Some(emulator.endpoint_url()),
+            ..LambdaConfig::default()
+        };
+        let client = crate::invoke::build_client(&lambda).await;
+        let invoker = Arc::new(Invoker::new(
+            client,
+            "process-records".into(),
+            Gate::concurrency_only(4),
+        ));
+        let config = Config::from_toml(
+            "[[routes]]\nname = \"panics-once\"\nfunction = \"process-records\"\n",
+        )
+        .unwrap();
+        PANIC_ONCE.lock().unwrap().push("panics-once".into());
+        let batcher = Batcher::spawn(BatchSpec::from_route(&config.routes[0]), invoker, None);
+        let key: Arc<str> = "k".into();
+        let body = RawValue::from_string("1".into()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+
+        let held = batcher.submit(&key, &body, deadline).unwrap();
+        let outcome = held.outcome().await;
+        assert!(
+            matches!(outcome, Err(RecordError::WorkerFailed)),
+            "{outcome:?}"
+        );
+        let after = batcher.submit(&key, &body, deadline).unwrap();
+        let outcome = after.outcome().await;
+        assert!(
+            matches!(outcome, Ok(Delivered::Success { .. })),
+            "the restarted worker serves the route: {outcome:?}"
+        );
+        assert_eq!(emulator.stats().functions["process-records"].invocations, 1);
     }
 }

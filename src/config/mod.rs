@@ -731,12 +731,12 @@ impl Config {
 
     fn validate_common(&self) -> Result<(), ConfigError> {
         let s = &self.server;
-        if s.max_record_bytes.bytes() == 0 {
-            return Err(ConfigError::invalid(
-                "server.max_record_bytes",
-                "must be greater than 0",
-            ));
-        }
+        check_range(
+            "server.max_record_bytes",
+            s.max_record_bytes.bytes(),
+            1..=SYNC_PAYLOAD_LIMIT,
+            "bytes (one record must fit one synchronous invoke)",
+        )?;
         if !(1..=DEFAULT_MAX_JSON_DEPTH).contains(&s.max_json_depth) {
             return Err(ConfigError::invalid(
                 "server.max_json_depth",
@@ -753,6 +753,7 @@ impl Config {
         ] {
             check_timeout(name, timeout)?;
         }
+        check_at_most("server.shutdown_grace", s.shutdown_grace)?;
         if s.listen == s.admin_listen && s.listen.port() != 0 {
             return Err(ConfigError::invalid(
                 "server.admin_listen",
@@ -766,12 +767,7 @@ impl Config {
             ));
         }
         let l = &self.limits;
-        if l.max_keys == 0 {
-            return Err(ConfigError::invalid(
-                "limits.max_keys",
-                "must be at least 1",
-            ));
-        }
+        check_range("limits.max_keys", l.max_keys, 1..=MAX_KEYS, "tracked keys")?;
         if l.redis_timeout.is_zero() || l.redis_timeout > Duration::from_secs(10) {
             return Err(ConfigError::invalid(
                 "limits.redis_timeout",
@@ -786,12 +782,7 @@ impl Config {
                 ));
             }
         }
-        if l.reclaim_interval.is_zero() {
-            return Err(ConfigError::invalid(
-                "limits.reclaim_interval",
-                "must be greater than 0",
-            ));
-        }
+        check_timeout("limits.reclaim_interval", l.reclaim_interval)?;
         if let Some(global) = &l.global {
             global
                 .validate()
@@ -840,9 +831,7 @@ impl Config {
             ("lambda.connect_timeout", lambda.connect_timeout),
             ("lambda.read_timeout", lambda.read_timeout),
         ] {
-            if d.is_zero() {
-                return Err(ConfigError::invalid(key, "must be greater than 0"));
-            }
+            check_timeout(key, d)?;
         }
         let mut names = HashSet::new();
         let mut paths = HashSet::new();
@@ -899,12 +888,12 @@ impl Config {
         if let Some(timeout) = r.request_timeout {
             check_timeout(&key("request_timeout"), timeout)?;
         }
-        if r.batch.max_records == 0 {
-            return Err(ConfigError::invalid(
-                key("batch.max_records"),
-                "must be at least 1",
-            ));
-        }
+        check_range(
+            &key("batch.max_records"),
+            r.batch.max_records,
+            1..=MAX_BATCH_RECORDS,
+            "records per invoke",
+        )?;
         let limit = r.invocation.payload_limit();
         if r.max_bytes() > limit {
             return Err(ConfigError::invalid(
@@ -930,12 +919,13 @@ impl Config {
                 "is smaller than server.max_record_bytes",
             ));
         }
-        if r.batch.max_wait.is_zero() {
-            return Err(ConfigError::invalid(
-                key("batch.max_wait"),
-                "must be greater than 0",
-            ));
-        }
+        check_timeout(&key("batch.max_wait"), r.batch.max_wait)?;
+        check_range(
+            &key("queue.max_pending"),
+            r.queue.max_pending,
+            1..=MAX_PENDING,
+            "queued records",
+        )?;
         if r.queue.max_pending == 0 {
             return Err(ConfigError::invalid(
                 key("queue.max_pending"),
@@ -952,31 +942,37 @@ impl Config {
             ));
         }
         let inv = &r.invoke;
-        if !(inv.rate.is_finite() && inv.rate > 0.0) {
+        if !INVOKE_RATE.contains(&inv.rate) {
             return Err(ConfigError::invalid(
                 key("invoke.rate"),
-                format!("must be a positive number, got {}", inv.rate),
+                format!(
+                    "must be in {}..={} invokes per second, got {}",
+                    INVOKE_RATE.start(),
+                    INVOKE_RATE.end(),
+                    inv.rate
+                ),
             ));
         }
-        if inv.burst == 0 {
-            return Err(ConfigError::invalid(
-                key("invoke.burst"),
-                "must be at least 1",
-            ));
-        }
-        if inv.max_concurrency == 0 {
-            return Err(ConfigError::invalid(
-                key("invoke.max_concurrency"),
-                "must be at least 1",
-            ));
-        }
+        check_range(
+            &key("invoke.burst"),
+            inv.burst,
+            1..=MAX_INVOKE_BURST,
+            "invokes",
+        )?;
+        check_range(
+            &key("invoke.max_concurrency"),
+            inv.max_concurrency,
+            1..=MAX_CONCURRENCY,
+            "invokes in flight",
+        )?;
         let retry = &r.retry;
-        if retry.max_attempts == 0 {
-            return Err(ConfigError::invalid(
-                key("retry.max_attempts"),
-                "must be at least 1",
-            ));
-        }
+        check_range(
+            &key("retry.max_attempts"),
+            retry.max_attempts,
+            1..=MAX_ATTEMPTS,
+            "attempts",
+        )?;
+        check_timeout(&key("retry.cap"), retry.cap)?;
         if retry.base.is_zero() || retry.base > retry.cap {
             return Err(ConfigError::invalid(
                 key("retry.base"),
@@ -1019,6 +1015,32 @@ impl Config {
             .validate()
             .map_err(|(key, message)| ConfigError::invalid(format!("emulator.{key}"), message))?;
         Ok(emulator)
+    }
+
+    /// Whether the data plane's Lambda is the embedded emulator: `[emulator] enabled = true`
+    /// *and* `lambda.endpoint_url` names it (`http://<emulator.listen>`). This is the one
+    /// place that rule lives. Without `endpoint_url` the target is real AWS (SDK endpoint
+    /// resolution, default credential chain) whether or not the emulator runs.
+    pub fn targets_embedded_emulator(&self) -> bool {
+        let named = format!("http://{}", self.emulator.listen);
+        self.emulator.enabled
+            && self
+                .lambda
+                .endpoint_url
+                .as_deref()
+                .is_some_and(|url| url.trim_end_matches('/') == named)
+    }
+
+    /// Points `lambda.endpoint_url` at the embedded emulator as it actually listens
+    /// (`actual_url`; it differs from the configured one when `emulator.listen` has port 0),
+    /// if and only if [`targets_embedded_emulator`](Self::targets_embedded_emulator).
+    /// Returns whether it did.
+    pub fn retarget_embedded_emulator(&mut self, actual_url: &str) -> bool {
+        let targets = self.targets_embedded_emulator();
+        if targets {
+            self.lambda.endpoint_url = Some(actual_url.to_owned());
+        }
+        targets
     }
 
     /// The effective config as TOML (what `check-config` prints), secrets redacted.
@@ -1150,12 +1172,63 @@ fn env_value(raw: &str, keep_string: bool) -> toml::Value {
 /// would overflow the clock).
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
+// The ranges below are what the code can hold and what a sane deployment needs; each is
+// named in the error, so a rejected value says what would be accepted.
+
+/// `invoke.rate`, invokes per second: one per 1000 s up to a million per second.
+pub const INVOKE_RATE: std::ops::RangeInclusive<f64> = 0.001..=1e6;
+/// `invoke.burst`.
+pub const MAX_INVOKE_BURST: u32 = 1_000_000;
+/// `invoke.max_concurrency`: well above any account's Lambda concurrency quota.
+pub const MAX_CONCURRENCY: u32 = 100_000;
+/// `batch.max_records`: Lambda's payload limit caps real batches far below this.
+pub const MAX_BATCH_RECORDS: u32 = 10_000;
+/// `queue.max_pending`.
+pub const MAX_PENDING: usize = 10_000_000;
+/// `retry.max_attempts`.
+pub const MAX_ATTEMPTS: u32 = 100;
+/// `limits.max_keys`.
+pub const MAX_KEYS: usize = 100_000_000;
+
 fn check_timeout(key: &str, timeout: Duration) -> Result<(), ConfigError> {
-    if timeout.is_zero() {
-        return Err(ConfigError::invalid(key, "must be greater than 0"));
+    if timeout.is_zero() || timeout > MAX_TIMEOUT {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "must be in 1ns..=1h, got {}",
+                units::format_duration(timeout)
+            ),
+        ));
     }
-    if timeout > MAX_TIMEOUT {
-        return Err(ConfigError::invalid(key, "must be at most 1h"));
+    Ok(())
+}
+
+/// A duration that may be zero but not longer than [`MAX_TIMEOUT`].
+fn check_at_most(key: &str, d: Duration) -> Result<(), ConfigError> {
+    if d > MAX_TIMEOUT {
+        return Err(ConfigError::invalid(
+            key,
+            format!("must be in 0s..=1h, got {}", units::format_duration(d)),
+        ));
+    }
+    Ok(())
+}
+
+fn check_range<T: PartialOrd + fmt::Display>(
+    key: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+    unit: &str,
+) -> Result<(), ConfigError> {
+    if !range.contains(&value) {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "must be in {}..={} {unit}, got {value}",
+                range.start(),
+                range.end()
+            ),
+        ));
     }
     Ok(())
 }

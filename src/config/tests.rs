@@ -249,3 +249,202 @@ fn the_queue_is_bounded_in_bytes_that_hold_at_least_one_record() {
     .unwrap();
     assert_eq!(config.routes[0].queue.max_bytes, ByteSize::kib(100));
 }
+
+#[test]
+fn every_number_is_bounded_to_what_the_code_can_hold() {
+    // Each case: a value that used to pass validation and break at run time (a panic in
+    // `Duration` maths, an unbounded allocation), and the key the error must name.
+    let route_cases = [
+        ("invoke = { rate = 1e-30 }", "routes[0].invoke.rate"),
+        ("invoke = { rate = 1e300 }", "routes[0].invoke.rate"),
+        ("invoke = { burst = 4000000000 }", "routes[0].invoke.burst"),
+        (
+            "invoke = { max_concurrency = 4000000000 }",
+            "routes[0].invoke.max_concurrency",
+        ),
+        (
+            "batch = { max_records = 4000000000 }",
+            "routes[0].batch.max_records",
+        ),
+        (
+            "batch = { max_wait = \"300000000000h\" }",
+            "routes[0].batch.max_wait",
+        ),
+        (
+            "queue = { max_pending = 100000000000 }",
+            "routes[0].queue.max_pending",
+        ),
+        (
+            "retry = { max_attempts = 4000000000 }",
+            "routes[0].retry.max_attempts",
+        ),
+        ("retry = { cap = \"300000000000h\" }", "routes[0].retry.cap"),
+    ];
+    for (line, key) in route_cases {
+        let err = load(&format!("{MINIMAL}{line}\n")).unwrap_err();
+        assert_eq!(err.key(), Some(key), "{line}: {err}");
+        assert!(
+            err.to_string().contains("..="),
+            "the message gives the range: {err}"
+        );
+    }
+    let section_cases = [
+        (
+            "[server]\nshutdown_grace = \"300000000000h\"",
+            "server.shutdown_grace",
+        ),
+        (
+            "[server]\nmax_record_bytes = 9223372036854775807",
+            "server.max_record_bytes",
+        ),
+        (
+            "[lambda]\nread_timeout = \"300000000000h\"",
+            "lambda.read_timeout",
+        ),
+        (
+            "[lambda]\nconnect_timeout = \"300000000000h\"",
+            "lambda.connect_timeout",
+        ),
+        (
+            "[limits]\nreclaim_interval = \"300000000000h\"",
+            "limits.reclaim_interval",
+        ),
+        ("[limits]\nmax_keys = 100000000000", "limits.max_keys"),
+    ];
+    for (section, key) in section_cases {
+        let err = load(&format!("{section}\n{MINIMAL}")).unwrap_err();
+        assert_eq!(err.key(), Some(key), "{section}: {err}");
+    }
+    // The documented ends of each range are accepted.
+    load(&format!(
+        "{MINIMAL}invoke = {{ rate = 0.001, burst = 1000000, max_concurrency = 100000 }}\n\
+         batch = {{ max_records = 10000, max_wait = \"1h\" }}\n\
+         queue = {{ max_pending = 10000000 }}\n\
+         retry = {{ max_attempts = 100, cap = \"1h\" }}\n"
+    ))
+    .expect("the documented bounds are valid");
+    load(&format!("{MINIMAL}invoke = {{ rate = 1000000.0 }}\n")).expect("rate 1e6 is valid");
+}
+
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::invoke::{Gate, GateConfig};
+
+    /// Numbers from the absurd to the ordinary, the way a typo or a hostile override
+    /// writes them.
+    fn float() -> impl Strategy<Value = f64> {
+        prop_oneof![
+            Just(0.0),
+            Just(1e-30),
+            Just(1e300),
+            Just(-1.0),
+            1e-6f64..1.0,
+            1.0f64..1e7,
+        ]
+    }
+
+    fn int() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(0u64),
+            Just(u64::from(u32::MAX)),
+            Just(u64::MAX),
+            1u64..100,
+            100u64..20_000_000,
+        ]
+    }
+
+    fn millis() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(0u64),
+            Just(u64::MAX / 1_000_000),
+            1u64..10_000,
+            10_000u64..10_000_000_000,
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn config_numbers_never_panic_and_valid_ones_build_a_working_gate(
+            rate in float(),
+            burst in int(),
+            concurrency in int(),
+            max_records in int(),
+            max_pending in int(),
+            attempts in int(),
+            max_record_bytes in int(),
+            (wait, base, cap, read) in (millis(), millis(), millis(), millis()),
+        ) {
+            let text = format!(
+                "[server]\nmax_record_bytes = {max_record_bytes}\n\
+                 [lambda]\nread_timeout = \"{read}ms\"\n\
+                 [[routes]]\nname = \"r\"\nfunction = \"f\"\n\
+                 invoke = {{ rate = {rate:e}, burst = {burst}, max_concurrency = {concurrency} }}\n\
+                 batch = {{ max_records = {max_records}, max_wait = \"{wait}ms\" }}\n\
+                 queue = {{ max_pending = {max_pending} }}\n\
+                 retry = {{ max_attempts = {attempts}, base = \"{base}ms\", cap = \"{cap}ms\" }}\n"
+            );
+            let Ok(config) = load(&text) else {
+                return Ok(());
+            };
+            let invoke = &config.routes[0].invoke;
+            let gate = Gate::new(GateConfig {
+                max_concurrency: invoke.max_concurrency as usize,
+                rate: invoke.rate,
+                burst: invoke.burst,
+                adaptive: true,
+            });
+            for _ in 0..3 {
+                if let Some(mut slot) = gate.try_acquire() {
+                    slot.mark_used();
+                }
+            }
+            let wait = gate.time_to_next_token();
+            prop_assert!(wait <= MAX_TIMEOUT, "{wait:?}");
+            gate.on_throttle("CallerRateLimitExceeded");
+            gate.on_accepted();
+            let _ = gate.time_to_next_token();
+        }
+    }
+}
+
+#[test]
+fn the_embedded_emulator_is_the_target_only_when_endpoint_url_names_it() {
+    let emulator = "[emulator]\nenabled = true\nlisten = \"127.0.0.1:9001\"\n";
+    let mut named = load(&format!(
+        "[lambda]\nendpoint_url = \"http://127.0.0.1:9001\"\n{emulator}{MINIMAL}"
+    ))
+    .unwrap();
+    assert!(named.targets_embedded_emulator());
+    assert!(named.retarget_embedded_emulator("http://127.0.0.1:40000"));
+    assert_eq!(
+        named.lambda.endpoint_url.as_deref(),
+        Some("http://127.0.0.1:40000")
+    );
+    let mut omitted = load(&format!("{emulator}{MINIMAL}")).unwrap();
+    assert!(
+        !omitted.targets_embedded_emulator(),
+        "no endpoint_url is real AWS"
+    );
+    assert!(!omitted.retarget_embedded_emulator("http://127.0.0.1:40000"));
+    assert_eq!(omitted.lambda.endpoint_url, None);
+    let elsewhere = load(&format!(
+        "[lambda]\nendpoint_url = \"http://127.0.0.1:9002\"\n{emulator}{MINIMAL}"
+    ))
+    .unwrap();
+    assert!(!elsewhere.targets_embedded_emulator());
+    let disabled = load(&format!(
+        "[lambda]\nendpoint_url = \"http://127.0.0.1:9001\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert!(
+        !disabled.targets_embedded_emulator(),
+        "an emulator that does not run is just a URL"
+    );
+    assert!(load(DEFAULT_CONFIG_TOML)
+        .unwrap()
+        .targets_embedded_emulator());
+}

@@ -12,6 +12,14 @@
 //!   while throttles stay away: the rate by 2% of the configured rate per quiet second after
 //!   2 s without a rate throttle, the concurrency cap by one per 5 quiet seconds. Neither ever
 //!   exceeds its configured value. The current values are [`Gate::limits`].
+//! - Reconfiguring ([`Gate::reconfigure`], on reload): one gate serves a function for the
+//!   life of the process, so a batcher draining after a reload and its replacement share the
+//!   same permits. New limits apply in place: permits are added, or withdrawn as debt when
+//!   they are out (as an adaptive decrease does); the rate bucket keeps its tokens, capped
+//!   at the new burst.
+//! - No arithmetic here can panic: every wait computed from the rate is clamped to
+//!   [`MAX_WAIT`], and a lock poisoned by a panic elsewhere is used as it stands (its state
+//!   is plain numbers, consistent after any single statement).
 //!
 //! # Shared invoke rate (`[limits] backend = "redis"`)
 //!
@@ -33,8 +41,10 @@
 //! script already caps the bucket's debt at the new quota). Cancelling [`Gate::acquire`]
 //! during its Redis round trip may spend a shared token for nothing, for the same reason.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -56,6 +66,22 @@ const RATE_STEP: f64 = 0.02;
 const MIN_RATE: f64 = 0.1;
 const CONCURRENCY_COOLDOWN: Duration = Duration::from_millis(500);
 const CONCURRENCY_STEP_EVERY: Duration = Duration::from_secs(5);
+
+/// The longest wait for a rate token the gate computes. Validation keeps `invoke.rate` at
+/// or above 0.001/s (a token per 1000 s); this bound only keeps the maths total for any
+/// input. A caller's deadline ends a wait far sooner.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// A wait of `seconds` (for a token that is not there yet), clamped to `[1ns, MAX_WAIT]`:
+/// `Duration::from_secs_f64` panics on values it cannot hold, and a wait that rounds to
+/// zero would let the caller spin without the clock moving.
+fn clamped_secs(seconds: f64) -> Duration {
+    if seconds.is_nan() || seconds >= MAX_WAIT.as_secs_f64() {
+        MAX_WAIT
+    } else {
+        Duration::from_secs_f64(seconds.max(0.0)).max(Duration::from_nanos(1))
+    }
+}
 
 /// The gate's configuration.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -82,9 +108,11 @@ pub struct Gate {
 
 #[derive(Debug)]
 struct Inner {
-    config: GateConfig,
-    /// With a Redis backend: the function's shared invoke-rate bucket.
-    shared: Option<SharedRate>,
+    /// The configured limits; replaced by [`Gate::reconfigure`].
+    config: Mutex<GateConfig>,
+    /// With a Redis backend: the function's shared invoke-rate bucket. Swappable because
+    /// a reload may change `[limits]` while the gate (and its permits) live on.
+    shared: ArcSwapOption<SharedRate>,
     permits: Arc<Semaphore>,
     /// Guarded together: the cap and the permits still to be withdrawn after a decrease.
     concurrency: Mutex<Concurrency>,
@@ -134,8 +162,10 @@ impl Rate {
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Ok(())
+        } else if self.rate > 0.0 {
+            Err(clamped_secs((1.0 - self.tokens) / self.rate))
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+            Err(MAX_WAIT)
         }
     }
 
@@ -204,12 +234,22 @@ impl Gate {
         Gate::build(config, Some(SharedRate { backend, key }))
     }
 
+    /// Sets where the invoke-rate token comes from: `function`'s bucket in Redis through
+    /// `backend`, or (`None`) the local bucket. For a reload that changed `[limits]`.
+    pub fn set_backend(&self, backend: Option<RedisBackend>, function: &str) {
+        let shared = backend.map(|backend| {
+            let key = backend.invoke_key(function);
+            Arc::new(SharedRate { backend, key })
+        });
+        self.inner.shared.store(shared);
+    }
+
     fn build(config: GateConfig, shared: Option<SharedRate>) -> Self {
         let now = Instant::now();
         Gate {
             inner: Arc::new(Inner {
-                config,
-                shared,
+                config: Mutex::new(config),
+                shared: ArcSwapOption::from(shared.map(Arc::new)),
                 permits: Arc::new(Semaphore::new(config.max_concurrency)),
                 concurrency: Mutex::new(Concurrency {
                     cap: config.max_concurrency,
@@ -273,13 +313,13 @@ impl Gate {
     /// Takes an invoke-rate token: `Ok(true)` from the local bucket, `Ok(false)` from the
     /// shared one (or granted by `allow`), `Err(wait)` when none is there yet.
     async fn take_token(&self) -> Result<bool, Duration> {
-        let Some(shared) = &self.inner.shared else {
+        let Some(shared) = self.inner.shared.load_full() else {
             return self.inner.lock_rate().take(Instant::now()).map(|()| true);
         };
         let quota = Quota {
-            // The lock is released at the end of this statement, before any await.
+            // The locks are released at the end of each statement, before any await.
             rate: self.inner.lock_rate().rate,
-            burst: self.inner.config.burst,
+            burst: self.inner.lock_config().burst,
         };
         match shared.backend.take(&shared.key, quota).await {
             Ok(Decision::Allowed { .. }) => Ok(false),
@@ -297,7 +337,7 @@ impl Gate {
     /// A shared (Redis) token cannot be taken without a round trip, so a gate built with
     /// [`Gate::shared`] answers `None` here; use [`acquire`](Self::acquire).
     pub fn try_acquire(&self) -> Option<Slot> {
-        if self.inner.shared.is_some() {
+        if self.inner.shared.load().is_some() {
             return None;
         }
         let permit = Arc::clone(&self.inner.permits).try_acquire_owned().ok()?;
@@ -325,32 +365,97 @@ impl Gate {
     }
 
     pub fn config(&self) -> GateConfig {
-        self.inner.config
+        *self.inner.lock_config()
+    }
+
+    /// How long until the local bucket has a token (zero when it has one now); at most
+    /// [`MAX_WAIT`].
+    pub fn time_to_next_token(&self) -> Duration {
+        let mut r = self.inner.lock_rate();
+        let now = Instant::now();
+        r.refill(now);
+        if r.tokens >= 1.0 {
+            Duration::ZERO
+        } else if r.rate > 0.0 {
+            clamped_secs((1.0 - r.tokens) / r.rate)
+        } else {
+            MAX_WAIT
+        }
+    }
+
+    /// Applies new limits to this gate in place (a reload): the concurrency cap moves to
+    /// `config.max_concurrency` — permits added, or withdrawn as they come back when they
+    /// are out — and the rate bucket takes the new rate and burst, keeping its tokens up to
+    /// the new burst. With `adaptive`, a cap or rate that throttles had lowered stays
+    /// lowered (if below the new value) and recovers as usual.
+    pub fn reconfigure(&self, config: GateConfig) {
+        let old = std::mem::replace(&mut *self.inner.lock_config(), config);
+        if old == config {
+            return;
+        }
+        let now = Instant::now();
+        {
+            let mut c = self.inner.lock_concurrency();
+            let target = if config.adaptive && c.cap < old.max_concurrency {
+                c.cap.min(config.max_concurrency)
+            } else {
+                config.max_concurrency
+            };
+            if target > c.cap {
+                // Debt first: permits still owed from an earlier decrease cancel out.
+                let added = target - c.cap;
+                let repaid = added.min(c.debt);
+                c.debt -= repaid;
+                self.inner.permits.add_permits(added - repaid);
+            } else {
+                let withdrawn = c.cap - target;
+                let forgotten = self.inner.permits.forget_permits(withdrawn);
+                c.debt += withdrawn - forgotten;
+            }
+            c.cap = target;
+            c.last_change = now;
+        }
+        let mut r = self.inner.lock_rate();
+        r.refill(now);
+        r.rate = if config.adaptive && r.rate < old.rate {
+            r.rate.min(config.rate)
+        } else {
+            config.rate
+        };
+        r.burst = f64::from(config.burst);
+        r.tokens = r.tokens.min(r.burst);
+        tracing::info!(
+            concurrency = config.max_concurrency,
+            rate = config.rate,
+            burst = config.burst,
+            adaptive = config.adaptive,
+            "invoke gate reconfigured"
+        );
     }
 
     /// Lambda accepted an attempt: counts toward the accepted rate, and lets adaptive
     /// limits climb back when throttles have stayed away.
     pub fn on_accepted(&self) {
         let now = Instant::now();
+        let config = self.config();
         {
             let mut r = self.inner.lock_rate();
             r.roll_window(now);
             r.accepted_now = r.accepted_now.saturating_add(1);
-            if self.inner.config.adaptive && r.rate < self.inner.config.rate {
+            if config.adaptive && r.rate < config.rate {
                 let quiet = r
                     .last_decrease
                     .is_none_or(|t| now.saturating_duration_since(t) >= RATE_QUIET);
                 if quiet && now.saturating_duration_since(r.last_increase) >= RATE_STEP_EVERY {
                     r.refill(now);
-                    r.rate =
-                        (r.rate + RATE_STEP * self.inner.config.rate).min(self.inner.config.rate);
+                    r.rate = (r.rate + RATE_STEP * config.rate).min(config.rate);
                     r.last_increase = now;
                 }
             }
         }
-        if self.inner.config.adaptive {
+        if config.adaptive {
             let mut c = self.inner.lock_concurrency();
-            if c.cap < self.inner.config.max_concurrency
+            if c.cap < config.max_concurrency
                 && now.saturating_duration_since(c.last_change) >= CONCURRENCY_STEP_EVERY
             {
                 c.cap += 1;
@@ -366,7 +471,8 @@ impl Gate {
 
     /// Lambda throttled an attempt with `reason`; with `adaptive`, lowers the matching limit.
     pub fn on_throttle(&self, reason: &str) {
-        if !self.inner.config.adaptive {
+        let config = self.config();
+        if !config.adaptive {
             return;
         }
         let now = Instant::now();
@@ -406,7 +512,8 @@ impl Gate {
                 lowered = lowered.min(accepted * 0.95);
             }
             r.refill(now);
-            r.rate = lowered.max(MIN_RATE);
+            // Never raised by the floor: a configured rate below it stays the ceiling.
+            r.rate = lowered.max(MIN_RATE.min(config.rate));
             r.tokens = r.tokens.min(0.0);
             r.last_decrease = Some(now);
             r.last_increase = now;
@@ -419,17 +526,22 @@ impl Gate {
     }
 }
 
+// A panic while a lock is held cannot leave these structs torn (each update is a few
+// assignments of plain numbers), so a poisoned lock is used as it stands rather than
+// making every later invoke of the function panic too.
 impl Inner {
+    fn lock_config(&self) -> MutexGuard<'_, GateConfig> {
+        self.config.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn lock_concurrency(&self) -> MutexGuard<'_, Concurrency> {
         self.concurrency
             .lock()
-            .expect("gate lock is never poisoned: no panics while held")
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn lock_rate(&self) -> MutexGuard<'_, Rate> {
-        self.rate
-            .lock()
-            .expect("gate lock is never poisoned: no panics while held")
+        self.rate.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -553,6 +665,73 @@ mod tests {
         slot.mark_used();
         drop(slot);
         assert!(gate.try_acquire().is_none(), "a used token is gone");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconfigure_moves_permits_in_place_and_withdraws_busy_ones_as_debt() {
+        let gate = gate(2, 1e6, 1000, false);
+        let held: Vec<Slot> = std::iter::from_fn(|| gate.try_acquire()).collect();
+        assert_eq!(held.len(), 2);
+        // Lowered while both permits are out: nothing is free, one is owed.
+        gate.reconfigure(GateConfig {
+            max_concurrency: 1,
+            rate: 1e6,
+            burst: 1000,
+            adaptive: false,
+        });
+        assert_eq!(gate.limits().concurrency, 1);
+        drop(held);
+        let held: Vec<Slot> = std::iter::from_fn(|| gate.try_acquire()).collect();
+        assert_eq!(held.len(), 1, "the returning permit paid the debt");
+        // Raised: the same gate (and its holders) gains permits.
+        gate.reconfigure(GateConfig {
+            max_concurrency: 3,
+            rate: 1e6,
+            burst: 1000,
+            adaptive: false,
+        });
+        let more: Vec<Slot> = std::iter::from_fn(|| gate.try_acquire()).collect();
+        assert_eq!(more.len(), 2, "three in all, one already held");
+        assert_eq!(gate.limits().in_flight, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconfigure_keeps_the_buckets_tokens_capped_at_the_new_burst() {
+        let gate = gate(100, 1.0, 10, false);
+        for _ in 0..4 {
+            spend(gate.try_acquire().expect("burst tokens"));
+        }
+        // Six tokens left; a burst of 3 caps them at 3, and the new rate refills.
+        gate.reconfigure(GateConfig {
+            max_concurrency: 100,
+            rate: 2.0,
+            burst: 3,
+            adaptive: false,
+        });
+        for _ in 0..3 {
+            spend(gate.try_acquire().expect("capped tokens"));
+        }
+        assert!(gate.try_acquire().is_none());
+        assert_eq!(gate.time_to_next_token(), Duration::from_millis(500));
+        assert_eq!(gate.config().burst, 3);
+        assert_eq!(gate.limits().rate, 2.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn absurd_rates_give_clamped_waits_instead_of_panics() {
+        for rate in [1e-30, 0.0, -1.0, f64::NAN, f64::MIN_POSITIVE, 1e300] {
+            let gate = gate(1, rate, 1, true);
+            if let Some(slot) = gate.try_acquire() {
+                spend(slot);
+            }
+            assert!(gate.time_to_next_token() <= MAX_WAIT, "{rate}");
+            gate.on_throttle("CallerRateLimitExceeded");
+            gate.on_accepted();
+            let waited = tokio::time::timeout(Duration::from_secs(7200), gate.acquire()).await;
+            if let Ok(slot) = waited {
+                spend(slot);
+            }
+        }
     }
 
     #[tokio::test]

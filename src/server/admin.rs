@@ -126,6 +126,7 @@ async fn routes(State(shared): State<Arc<Shared>>) -> Json<Value> {
                 "name": cfg.name,
                 "path": cfg.path(),
                 "function": cfg.function,
+                "endpoint": &*app.endpoint,
                 "queue_depth": route.batcher.queue_depth(),
                 "max_pending": cfg.queue.max_pending,
                 "limit": cfg.limit,

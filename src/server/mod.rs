@@ -11,10 +11,16 @@
 //! Reload (SIGHUP, `POST /admin/reload`): the new config is loaded and validated; if it is
 //! invalid the running one stays and the reason is returned. Otherwise a new [`App`] is
 //! built — limits, plans, identity, routes and batch settings — and swapped in. Routes whose
-//! batching and invoke settings did not change keep their batcher (and queue) and gate;
+//! batching and invoke settings did not change keep their batcher (and queue); every
+//! function keeps its one gate, reconfigured in place when its invoke limits changed, so a
+//! replaced batcher draining its last batches and its successor share the same permits;
 //! bucket state carries over for layers whose quota did not change. Connections stay open:
 //! the listener dispatches each request to whichever app is current. Listener addresses,
 //! `[lambda]` and `[emulator]` need a restart and are reported as such.
+//!
+//! Where records go: the embedded emulator only when `lambda.endpoint_url` names it
+//! ([`Config::targets_embedded_emulator`]); without `endpoint_url`, real AWS. Start-up logs
+//! each route's endpoint (a warning for the emulator); `/readyz` and `/admin/routes` show it.
 //!
 //! Shutdown (SIGTERM/SIGINT): stop accepting, let in-flight requests finish; when
 //! `shutdown_grace` runs out, records not yet sent to Lambda are answered `503`, while
@@ -122,6 +128,30 @@ impl Route {
     }
 }
 
+/// Where the data plane's invokes go, as `/readyz` and `/admin/routes` show it:
+/// `"emulator"` (the embedded one), `"aws"` (SDK endpoint resolution: the regional
+/// endpoint, or `AWS_ENDPOINT_URL_LAMBDA` when set) or the configured URL (credentials
+/// redacted). Fixed for the process: `[lambda]` and `[emulator]` need a restart.
+fn endpoint_label(config: &Config, emulator: bool) -> Arc<str> {
+    match (&config.lambda.endpoint_url, emulator) {
+        (_, true) => "emulator".into(),
+        (None, false) => "aws".into(),
+        // Validation made it an http(s) URL with a host; any user-info is not shown.
+        (Some(url), false) => match url.parse::<http::Uri>() {
+            Ok(uri) => {
+                let scheme = uri.scheme_str().unwrap_or("http");
+                let authority = uri.authority().map_or("", |a| a.as_str());
+                let host = authority
+                    .rsplit_once('@')
+                    .map_or(authority, |(_userinfo, host)| host);
+                let path = uri.path().trim_end_matches('/');
+                format!("{scheme}://{host}{path}").into()
+            }
+            Err(_) => "(unparsable endpoint_url)".into(),
+        },
+    }
+}
+
 /// Everything a request needs; replaced whole on reload.
 struct App {
     routes: Vec<Arc<Route>>,
@@ -131,6 +161,8 @@ struct App {
     admission: Arc<Admission<DefaultClock>>,
     readiness: Readiness,
     config: Config,
+    /// See [`endpoint_label`].
+    endpoint: Arc<str>,
 }
 
 /// The admission layers of `config`, decided in Redis when `backend` is given (the
@@ -178,6 +210,7 @@ impl App {
     async fn build(
         config: Config,
         client: &aws_sdk_lambda::Client,
+        endpoint: Arc<str>,
         previous: Option<&App>,
     ) -> std::io::Result<Arc<App>> {
         // A reload keeps the Redis connection (and its health state) when [limits] did not
@@ -187,7 +220,13 @@ impl App {
             previous.and_then(|p| p.admission.backend()),
         )
         .await?;
-        let pipeline = Pipeline::build_with(&config, client, true, backend).await?;
+        // One invoker (and gate) per function for the life of the process: the batchers a
+        // reload replaces drain on the same permits as their successors.
+        let previous_invokers: Vec<Arc<Invoker>> = previous
+            .map(|p| p.routes.iter().map(|r| Arc::clone(&r.invoker)).collect())
+            .unwrap_or_default();
+        let pipeline =
+            Pipeline::build_with(&config, client, true, backend, &previous_invokers).await?;
         let mut routes = Vec::with_capacity(config.routes.len());
         for (handle, cfg) in pipeline.routes.into_iter().zip(&config.routes) {
             let kept = previous.and_then(|p| {
@@ -225,8 +264,9 @@ impl App {
             routes,
             identify: Identify::new(&config.identity),
             admission,
-            readiness: Readiness::new(client.clone(), functions),
+            readiness: Readiness::new(client.clone(), functions, Arc::clone(&endpoint)),
             config,
+            endpoint,
         }))
     }
 }
@@ -242,8 +282,9 @@ struct Shared {
     /// Every batcher ever built, so shutdown can close the ones still draining after a reload.
     closers: std::sync::Mutex<Vec<Closer>>,
     metrics: Option<PrometheusHandle>,
-    /// The emulator actually started, to keep `lambda.endpoint_url` pointing at it.
-    emulator_endpoint: Option<(String, String)>,
+    /// The embedded emulator's actual URL when it runs, so a reloaded config that names
+    /// it keeps pointing at it (see [`Config::targets_embedded_emulator`]).
+    emulator_url: Option<String>,
 }
 
 /// What a reload did.
@@ -258,14 +299,11 @@ impl Shared {
         self.app.load_full()
     }
 
-    /// Points the Lambda endpoint at the embedded emulator the way `start` did.
+    /// Points the Lambda endpoint at the embedded emulator the way `start` did: only when
+    /// the reloaded config names it.
     fn fix_endpoint(&self, config: &mut Config) {
-        if let Some((configured, actual)) = &self.emulator_endpoint {
-            if config.lambda.endpoint_url.is_none()
-                || config.lambda.endpoint_url.as_deref() == Some(configured)
-            {
-                config.lambda.endpoint_url = Some(actual.clone());
-            }
+        if let Some(actual) = &self.emulator_url {
+            config.retarget_embedded_emulator(actual);
         }
     }
 
@@ -303,9 +341,14 @@ impl Shared {
             report.restart_required.push("emulator".to_owned());
             config.emulator = old.emulator.clone();
         }
-        let next = App::build(config, &self.client, Some(&current))
-            .await
-            .map_err(|e| e.to_string())?;
+        let next = App::build(
+            config,
+            &self.client,
+            Arc::clone(&current.endpoint),
+            Some(&current),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         self.closers
             .lock()
             .expect("closers lock is never poisoned: no panics while held")
@@ -394,7 +437,8 @@ pub async fn start_with_source(
     source: Option<PathBuf>,
 ) -> Result<Running, StartError> {
     let mut emulator = None;
-    let mut emulator_endpoint = None;
+    let mut emulator_url = None;
+    let mut targets_emulator = false;
     if config.emulator.enabled {
         let addr = config.emulator.listen;
         let bind_error = |source| StartError::Bind {
@@ -406,24 +450,21 @@ pub async fn start_with_source(
         let running = emulator::spawn(config.emulator.clone(), listener)
             .await
             .map_err(bind_error)?;
-        // The embedded emulator is the target unless the config points elsewhere; when it
+        // The embedded emulator is the target only when `endpoint_url` names it; when it
         // was asked for port 0 (tests) the endpoint follows the port it got.
-        let configured = format!("http://{addr}");
         let actual = running.endpoint_url();
-        if config.lambda.endpoint_url.is_none()
-            || config.lambda.endpoint_url.as_deref() == Some(configured.as_str())
-        {
-            config.lambda.endpoint_url = Some(actual.clone());
-        }
+        targets_emulator = config.retarget_embedded_emulator(&actual);
         tracing::info!(addr = %running.local_addr, "embedded Lambda emulator listening");
-        emulator_endpoint = Some((configured, actual));
+        emulator_url = Some(actual);
         emulator = Some(running);
     }
     let emulator_addr = emulator.as_ref().map(|e| e.local_addr);
+    let endpoint = endpoint_label(&config, targets_emulator);
+    log_endpoints(&config, &endpoint, targets_emulator);
 
     let client = invoke::build_client(&config.lambda).await;
     check_fit(&config, &client).await?;
-    let app = App::build(config, &client, None)
+    let app = App::build(config, &client, endpoint, None)
         .await
         .map_err(StartError::Pipeline)?;
     let closers = app.routes.iter().map(|r| r.batcher.closer()).collect();
@@ -433,7 +474,7 @@ pub async fn start_with_source(
         source,
         closers: std::sync::Mutex::new(closers),
         metrics: crate::metrics::install(),
-        emulator_endpoint,
+        emulator_url,
     });
 
     let (stop, stopped) = watch::channel(false);
@@ -474,6 +515,29 @@ pub async fn start_with_source(
         tasks,
         emulator,
     })
+}
+
+/// One line per route saying where its records go; a warning when that is the embedded
+/// emulator, so nobody mistakes its echoes for production.
+fn log_endpoints(config: &Config, endpoint: &str, emulator: bool) {
+    for route in &config.routes {
+        if emulator {
+            tracing::warn!(
+                route = %route.name,
+                function = %route.function,
+                endpoint = config.lambda.endpoint_url.as_deref().unwrap_or_default(),
+                "records go to the embedded emulator, not AWS"
+            );
+        } else {
+            tracing::info!(
+                route = %route.name,
+                function = %route.function,
+                endpoint,
+                region = %config.lambda.region,
+                "records go to Lambda"
+            );
+        }
+    }
 }
 
 async fn bind(

@@ -2,8 +2,10 @@
 //!
 //! Checked at most once per [`CACHE_FOR`] so a probe storm does not become a Lambda
 //! control-plane storm. An answer that is an error about permissions still proves Lambda
-//! is reachable; an unknown function or no answer at all is not ready.
+//! is reachable; an unknown function or no answer at all is not ready. Answers name the
+//! endpoint asked (`"emulator"`, `"aws"` or the configured URL).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_lambda::error::{ProvideErrorMetadata, SdkError};
@@ -15,18 +17,30 @@ const CACHE_FOR: Duration = Duration::from_secs(5);
 pub struct Readiness {
     client: aws_sdk_lambda::Client,
     functions: Vec<String>,
+    /// Where the functions are asked (`"emulator"`, `"aws"` or a URL), shown in answers.
+    endpoint: Arc<str>,
     last: Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
 impl Readiness {
-    pub fn new(client: aws_sdk_lambda::Client, mut functions: Vec<String>) -> Self {
+    pub fn new(
+        client: aws_sdk_lambda::Client,
+        mut functions: Vec<String>,
+        endpoint: Arc<str>,
+    ) -> Self {
         functions.sort();
         functions.dedup();
         Readiness {
             client,
             functions,
+            endpoint,
             last: Mutex::new(None),
         }
+    }
+
+    /// Where the data plane's invokes go: `"emulator"`, `"aws"` or the configured URL.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
     }
 
     pub async fn check(&self) -> Result<(), String> {
@@ -56,11 +70,19 @@ impl Readiness {
                 Err(SdkError::ServiceError(e)) => {
                     let code = e.err().code().unwrap_or("Unknown");
                     if code == "ResourceNotFoundException" {
-                        return Err(format!("function {function} does not exist"));
+                        return Err(format!(
+                            "function {function} does not exist at {}",
+                            self.endpoint
+                        ));
                     }
                     // AccessDenied and the like: Lambda answered, so it is reachable.
                 }
-                Err(e) => return Err(format!("Lambda unreachable for {function}: {e}")),
+                Err(e) => {
+                    return Err(format!(
+                        "Lambda ({}) unreachable for {function}: {e}",
+                        self.endpoint
+                    ))
+                }
             }
         }
         Ok(())

@@ -134,7 +134,11 @@ async fn serve(app: &App, request: Request<Incoming>, peer: SocketAddr) -> Respo
     match path {
         "/healthz" if readable => Json(serde_json::json!({"status": "ok"})).into_response(),
         "/readyz" if readable => match app.readiness.check().await {
-            Ok(()) => Json(serde_json::json!({"status": "ready"})).into_response(),
+            Ok(()) => Json(serde_json::json!({
+                "status": "ready",
+                "endpoint": app.readiness.endpoint(),
+            }))
+            .into_response(),
             Err(reason) => {
                 respond::unavailable(format!("not ready: {reason}"), Duration::from_secs(1))
             }

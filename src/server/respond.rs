@@ -282,6 +282,8 @@ pub fn record_error(id: &str, err: RecordError, policies: &Policies) -> Response
             shed(ShedScope::Queue, retry_after, Some(policies.queue))
         }
         RecordError::Closed => unavailable("sluicegate is shutting down", Duration::from_secs(1)),
+        // Never sent: retrying is safe, and the restarted worker takes the retry.
+        RecordError::WorkerFailed => unavailable(err.to_string(), Duration::from_secs(1)),
         RecordError::TooLarge { .. } => error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",

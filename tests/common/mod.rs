@@ -8,8 +8,9 @@ use serde_json::Value;
 use sluicegate::config::Config;
 use sluicegate::server::Running;
 
-/// A config with generous admission limits, the embedded emulator on a free port, and
-/// the given `[[emulator.functions]]` and `[[routes]]` sections.
+/// A config with generous admission limits, the embedded emulator on a free port as the
+/// Lambda endpoint (`endpoint_url` names it; port 0 follows the port it got), and the given
+/// `[[emulator.functions]]` and `[[routes]]` sections.
 pub fn config_toml(functions: &str, routes: &str) -> String {
     format!(
         r#"
@@ -20,6 +21,9 @@ admin_listen = "127.0.0.1:0"
 [limits]
 global = {{ rate = 100000.0, burst = 100000 }}
 default = {{ rate = 100000.0, burst = 100000 }}
+
+[lambda]
+endpoint_url = "http://127.0.0.1:0"
 
 [emulator]
 enabled = true

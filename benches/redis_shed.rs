@@ -122,6 +122,9 @@ admin_listen = "127.0.0.1:0"
 global = {{ rate = 1000000.0, burst = 1000000 }}
 default = {{ rate = 0.001, burst = 1 }}
 
+[lambda]
+endpoint_url = "http://127.0.0.1:0"
+
 [emulator]
 enabled = true
 listen = "127.0.0.1:0"

@@ -10,6 +10,7 @@
 //! | `sluicegate_requests_total` | counter | `route`, `status`, `scope` (429s; `none` otherwise) |
 //! | `sluicegate_admission_rejections_total` | counter | `scope` (`global`, `route`, `key`) |
 //! | `sluicegate_queue_depth` | gauge | `route` |
+//! | `sluicegate_queue_bytes` | gauge | `route` |
 //! | `sluicegate_batch_records` | histogram | `route` |
 //! | `sluicegate_batch_bytes` | histogram | `route` |
 //! | `sluicegate_invoke_duration_seconds` | histogram | `function`, `outcome` |
@@ -87,6 +88,10 @@ fn describe() {
     describe_gauge!(
         "sluicegate_queue_depth",
         "Records waiting in a route's queue."
+    );
+    describe_gauge!(
+        "sluicegate_queue_bytes",
+        "Bytes of the records waiting in a route's queue (bounded by queue.max_bytes)."
     );
     describe_histogram!("sluicegate_batch_records", "Records per invoke attempt.");
     describe_histogram!(

@@ -113,6 +113,9 @@ impl Pipeline {
         previous: &[Arc<Invoker>],
     ) -> std::io::Result<Pipeline> {
         let mut invokers: HashMap<&str, Arc<Invoker>> = HashMap::new();
+        // Gates kept from the running app change only once the whole build has succeeded:
+        // a refused reload must leave the running limits exactly as they were.
+        let mut reconfigure: Vec<(Arc<Invoker>, GateConfig)> = Vec::new();
         let mut routes = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
             let invoker = invokers
@@ -120,9 +123,7 @@ impl Pipeline {
                 .or_insert_with(|| {
                     let gate_config = gate_config(config, &route.function);
                     if let Some(kept) = previous.iter().find(|i| i.function() == route.function) {
-                        kept.gate().reconfigure(gate_config);
-                        kept.gate()
-                            .set_backend(limit_backend.clone(), &route.function);
+                        reconfigure.push((Arc::clone(kept), gate_config));
                         return Arc::clone(kept);
                     }
                     let gate = match &limit_backend {
@@ -155,6 +156,11 @@ impl Pipeline {
                 batcher: Batcher::spawn(BatchSpec::from_route(route), Arc::clone(&invoker), dlq),
                 invoker,
             });
+        }
+        for (kept, gate_config) in reconfigure {
+            kept.gate().reconfigure(gate_config);
+            kept.gate()
+                .set_backend(limit_backend.clone(), kept.function());
         }
         Ok(Pipeline {
             routes,

@@ -552,6 +552,7 @@ const METRICS: &[&str] = &[
     "sluicegate_requests_total",
     "sluicegate_admission_rejections_total",
     "sluicegate_queue_depth",
+    "sluicegate_queue_bytes",
     "sluicegate_batch_records",
     "sluicegate_batch_bytes",
     "sluicegate_invoke_duration_seconds",

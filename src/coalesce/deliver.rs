@@ -163,8 +163,18 @@ impl Delivery {
                     let (stay, leave): (Vec<Message>, Vec<Message>) = batch
                         .into_iter()
                         .partition(|m| retry_at.is_some_and(|at| m.deadline > at));
-                    for m in leave {
-                        m.answer(Err(RecordError::DeadlineBeforeRetry(failure.clone())));
+                    if !leave.is_empty() {
+                        // Those leaving hear the whole truth: an earlier attempt may have run
+                        // their records.
+                        let told = match &unknown {
+                            Some(earlier) if !failure.may_have_run() => {
+                                unknown_then(earlier.clone(), &failure)
+                            }
+                            _ => failure.clone(),
+                        };
+                        for m in leave {
+                            m.answer(Err(RecordError::DeadlineBeforeRetry(told.clone())));
+                        }
                     }
                     batch = stay;
                     let Some(retry_at) = retry_at.filter(|_| !batch.is_empty()) else {
@@ -179,6 +189,10 @@ impl Delivery {
                     if matches!(failure, InvokeFailure::Rejected { .. }) {
                         tracing::error!(function = self.invoker.function(), error = %failure, "Lambda refused the invoke; not retrying");
                     }
+                    let failure = match unknown {
+                        Some(earlier) if !failure.may_have_run() => unknown_then(earlier, &failure),
+                        _ => failure,
+                    };
                     envelope::fan_out(batch, Err(failure), spec.envelope);
                     return;
                 }

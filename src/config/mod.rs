@@ -926,12 +926,6 @@ impl Config {
             1..=MAX_PENDING,
             "queued records",
         )?;
-        if r.queue.max_pending == 0 {
-            return Err(ConfigError::invalid(
-                key("queue.max_pending"),
-                "must be at least 1",
-            ));
-        }
         if r.queue.max_bytes.bytes() < one_record {
             return Err(ConfigError::invalid(
                 key("queue.max_bytes"),
@@ -1123,7 +1117,8 @@ fn set_path(root: &mut toml::Value, path: &[String], raw: &str) -> Result<(), St
                     table.insert(segment.clone(), toml::Value::Table(Default::default()));
                 }
                 if last {
-                    let keep_string = matches!(table.get(segment), Some(toml::Value::String(_)));
+                    let keep_string = matches!(table.get(segment), Some(toml::Value::String(_)))
+                        || STRING_KEYS.contains(&segment.as_str());
                     table.insert(segment.clone(), env_value(raw, keep_string));
                     return Ok(());
                 }
@@ -1155,6 +1150,25 @@ fn set_path(root: &mut toml::Value, path: &[String], raw: &str) -> Result<(), St
     }
     Ok(())
 }
+
+/// Keys whose value is text whatever it looks like: an override `SLUICEGATE_..._ADMIN_TOKEN=
+/// 12345678` is the token "12345678", not a number that fails to load (and would put the
+/// secret in the error message).
+const STRING_KEYS: [&str; 13] = [
+    "admin_token",
+    "admin_token_file",
+    "redis_url",
+    "endpoint_url",
+    "sqs_queue_url",
+    "file",
+    "region",
+    "name",
+    "function",
+    "path",
+    "header",
+    "listen",
+    "admin_listen",
+];
 
 fn env_value(raw: &str, keep_string: bool) -> toml::Value {
     if !keep_string {

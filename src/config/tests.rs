@@ -167,6 +167,15 @@ fn env_overrides_set_nested_keys_and_array_entries() {
 }
 
 #[test]
+fn env_override_of_a_secret_is_text_even_when_it_looks_like_a_number() {
+    for token in ["12345678", "true", "1e9"] {
+        let config = load_env(MINIMAL, &[("SLUICEGATE_SERVER__ADMIN_TOKEN", token)])
+            .unwrap_or_else(|e| panic!("{token}: {e}"));
+        assert_eq!(config.server.admin_token.as_deref(), Some(token));
+    }
+}
+
+#[test]
 fn env_override_keeps_strings_that_look_like_numbers() {
     let text = "[[plans]]\nname = \"p\"\nrate = 1.0\nburst = 1\nkeys = [\"a\"]\n[[routes]]\nname = \"r\"\nfunction = \"123\"\n";
     let config = load_env(text, &[("SLUICEGATE_ROUTES__0__FUNCTION", "456")]).unwrap();

@@ -136,6 +136,7 @@ pub async fn redrive_files(
                 .map_err(|e| format!("cannot move {} aside: {e}", file.display()))?;
             aside
         };
+        let read_len = file_len(&work)?;
         let read = read_letters(&work)?;
         let skipped = skipped_json(&file, &read.skipped);
         let unparsable = if read.skipped.is_empty() {
@@ -161,6 +162,10 @@ pub async fn redrive_files(
                 sink.write(&report.remaining)
                     .map_err(|e| format!("{}: {e}", file.display()))?;
             }
+            // A server's writer that checked for rotation just before the move may still
+            // have appended to the moved file after it was read: those letters were
+            // confirmed to their callers, so they go back to the live file, not away.
+            append_tail(&work, read_len, &file)?;
             std::fs::remove_file(&work)
                 .map_err(|e| format!("cannot remove {}: {e}", work.display()))?;
             file.clone()
@@ -182,6 +187,32 @@ pub async fn redrive_files(
         json: json!({ "redrive": reports }),
         ok,
     })
+}
+
+fn file_len(path: &Path) -> Result<u64, String> {
+    std::fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Appends what `from` holds past its first `offset` bytes to `to`, and fsyncs `to`.
+fn append_tail(from: &Path, offset: u64, to: &Path) -> Result<(), String> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    if file_len(from)? <= offset {
+        return Ok(());
+    }
+    let fail = |e: std::io::Error| format!("cannot move late letters from {}: {e}", from.display());
+    let mut source = std::fs::File::open(from).map_err(fail)?;
+    source.seek(SeekFrom::Start(offset)).map_err(fail)?;
+    let mut tail = Vec::new();
+    source.read_to_end(&mut tail).map_err(fail)?;
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(to)
+        .map_err(fail)?;
+    out.write_all(&tail).map_err(fail)?;
+    out.sync_data().map_err(fail)
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -219,4 +250,35 @@ fn write_letters(path: &Path, letters: &[DeadLetter]) -> Result<(), String> {
     let mut out = std::fs::File::create(path).map_err(fail)?;
     out.write_all(&text).map_err(fail)?;
     out.sync_all().map_err(fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn letters_appended_to_the_moved_file_after_it_was_read_go_back_to_the_live_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (work, live) = (
+            dir.path().join("dlq.redrive-1"),
+            dir.path().join("dlq.jsonl"),
+        );
+        std::fs::write(&work, "{\"read\":1}\n").unwrap();
+        let read_len = file_len(&work).unwrap();
+        // A letter lands in the moved file after the redrive read it.
+        let mut late = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&work)
+            .unwrap();
+        std::io::Write::write_all(&mut late, b"{\"late\":2}\n").unwrap();
+        std::fs::write(&live, "{\"live\":3}\n").unwrap();
+        append_tail(&work, read_len, &live).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&live).unwrap(),
+            "{\"live\":3}\n{\"late\":2}\n"
+        );
+        // Nothing late: nothing appended.
+        append_tail(&work, file_len(&work).unwrap(), &live).unwrap();
+        assert_eq!(std::fs::read_to_string(&live).unwrap().lines().count(), 2);
+    }
 }

@@ -26,6 +26,7 @@ pub mod redrive;
 mod sqs;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -79,8 +80,10 @@ pub enum SinkError {
     Write(String),
     #[error("the dead-letter of {size} bytes is larger than the sink takes ({limit} bytes)")]
     TooLarge { size: usize, limit: usize },
-    #[error("the dead-letter sink did not confirm the write before the caller's deadline")]
+    #[error("the dead-letter sink did not take the letter before the caller's deadline; it was withdrawn and will not be written")]
     Timeout,
+    #[error("the dead-letter sink was still writing the letter at the caller's deadline; it may yet appear in the sink")]
+    Unconfirmed,
     #[error("the dead-letter writer has stopped")]
     Stopped,
 }
@@ -92,6 +95,7 @@ impl SinkError {
             SinkError::Write(_) => "write_error",
             SinkError::TooLarge { .. } => "too_large",
             SinkError::Timeout => "timeout",
+            SinkError::Unconfirmed => "unconfirmed",
             SinkError::Stopped => "stopped",
         }
     }
@@ -105,6 +109,34 @@ type Confirmation = Vec<Result<(), SinkError>>;
 struct Job {
     letters: Arc<[DeadLetter]>,
     reply: oneshot::Sender<Confirmation>,
+    /// Who has the job: [`QUEUED`] until the writer [takes](Job::take) it or the waiting side
+    /// [withdraws](withdraw) it at its deadline — exactly one of the two wins. A withdrawn
+    /// job is never written, so a caller told "no dead letter" never finds its record
+    /// replayed by `dlq redrive`; a job taken in time may land after the deadline, and its
+    /// callers are told so ([`SinkError::Unconfirmed`]).
+    state: Arc<AtomicU8>,
+}
+
+const QUEUED: u8 = 0;
+const TAKEN: u8 = 1;
+const WITHDRAWN: u8 = 2;
+
+impl Job {
+    /// The writer's claim on the job; `false` when the waiting side withdrew it.
+    fn take(&self) -> bool {
+        self.state
+            .compare_exchange(QUEUED, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+/// The waiting side's deadline passed: withdraw the job if the writer has not taken it.
+/// Returns what the callers are told.
+fn withdraw(state: &AtomicU8) -> SinkError {
+    match state.compare_exchange(QUEUED, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => SinkError::Timeout,
+        Err(_) => SinkError::Unconfirmed,
+    }
 }
 
 /// Where a route's dead letters go. Cheap to clone.
@@ -149,6 +181,9 @@ impl DeadLetterSink {
             .name("sluicegate-dlq-file".into())
             .spawn(move || {
                 while let Some(job) = rx.blocking_recv() {
+                    if !job.take() {
+                        continue;
+                    }
                     // One append and one fsync per job: all its letters are on disk, or none
                     // is confirmed.
                     let outcome = sink
@@ -166,6 +201,9 @@ impl DeadLetterSink {
         let (tx, mut rx) = mpsc::channel::<Job>(BUFFER);
         tokio::spawn(async move {
             while let Some(job) = rx.recv().await {
+                if !job.take() {
+                    continue;
+                }
                 let confirmation = sink.write(&job.letters).await;
                 confirm(job, confirmation, "sqs");
             }
@@ -190,16 +228,18 @@ impl DeadLetterSink {
         let letters: Arc<[DeadLetter]> = letters.into();
         let count = letters.len();
         let (reply, confirmed) = oneshot::channel();
+        let state = Arc::new(AtomicU8::new(QUEUED));
         let job = Job {
             letters: Arc::clone(&letters),
             reply,
+            state: Arc::clone(&state),
         };
         let outcome = match tokio::time::timeout_at(until, self.tx.send(job)).await {
             Ok(Ok(())) => match tokio::time::timeout_at(until, confirmed).await {
                 Ok(Ok(confirmation)) => confirmation,
                 // The writer dropped the job without answering: it has stopped.
                 Ok(Err(_)) => vec![Err(SinkError::Stopped); count],
-                Err(_) => vec![Err(SinkError::Timeout); count],
+                Err(_) => vec![Err(withdraw(&state)); count],
             },
             Ok(Err(_)) => vec![Err(SinkError::Stopped); count],
             Err(_) => vec![Err(SinkError::Timeout); count],
@@ -213,7 +253,10 @@ impl DeadLetterSink {
                         .increment(1);
                     // The writer logs what it failed to write; what it never answered for
                     // is logged here, so every lost letter is in the log exactly once.
-                    if matches!(e, SinkError::Timeout | SinkError::Stopped) {
+                    if matches!(
+                        e,
+                        SinkError::Timeout | SinkError::Unconfirmed | SinkError::Stopped
+                    ) {
                         lost(letter, e);
                     }
                 }
@@ -284,6 +327,40 @@ mod tests {
             "{results:?}"
         );
         assert_eq!(Instant::now(), until, "waits exactly until the bound");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_withdrawn_job_is_never_written_and_a_taken_one_is_unconfirmed() {
+        let (tx, mut jobs) = mpsc::channel::<Job>(4);
+        let sink = DeadLetterSink { tx, kind: "test" };
+        let until = Instant::now() + std::time::Duration::from_millis(50);
+        // Nobody takes the job before the deadline: it is withdrawn, and a writer that gets
+        // to it later must skip it.
+        let results = sink.write("records", vec![letter("a")], until).await;
+        assert!(
+            matches!(results[..], [Err(SinkError::Timeout)]),
+            "{results:?}"
+        );
+        let withdrawn = jobs.recv().await.expect("the job was queued");
+        assert!(
+            !withdrawn.take(),
+            "a withdrawn job is not the writer's to write"
+        );
+        // A writer that took the job but did not confirm by the deadline: the letter may
+        // land, and the callers are told exactly that.
+        let writer = tokio::spawn(async move {
+            let job = jobs.recv().await.expect("the job was queued");
+            assert!(job.take());
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            drop(job);
+        });
+        let until = Instant::now() + std::time::Duration::from_millis(50);
+        let results = sink.write("records", vec![letter("b")], until).await;
+        assert!(
+            matches!(results[..], [Err(SinkError::Unconfirmed)]),
+            "{results:?}"
+        );
+        writer.await.unwrap();
     }
 
     #[tokio::test]

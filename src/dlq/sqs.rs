@@ -73,7 +73,7 @@ impl SqsSink {
                     .map_err(|e| {
                         format!(
                             "SendMessageBatch to {}: {}",
-                            self.queue_url,
+                            crate::config::redact::url(&self.queue_url),
                             aws_sdk_sqs::error::DisplayErrorContext(e)
                         )
                     }),

@@ -58,6 +58,9 @@ const CONCURRENCY_REASONS: [&str; 2] = [
     "ConcurrentInvocationLimitExceeded",
 ];
 
+/// Longest a waiter sleeps before it looks at the bucket again.
+const RECHECK: Duration = Duration::from_secs(1);
+
 const DECREASE: f64 = 0.7;
 const RATE_COOLDOWN: Duration = Duration::from_millis(100);
 const RATE_QUIET: Duration = Duration::from_secs(2);
@@ -306,7 +309,10 @@ impl Gate {
                 }
                 Err(wait) => wait,
             };
-            tokio::time::sleep(wait).await;
+            // Looked at again at least once a second: a reload may raise the rate (the gate
+            // outlives reloads), and a waiter holding a permit must not sleep out a wait
+            // computed from the old, slower rate.
+            tokio::time::sleep(wait.min(RECHECK)).await;
         }
     }
 
@@ -715,6 +721,32 @@ mod tests {
         assert_eq!(gate.time_to_next_token(), Duration::from_millis(500));
         assert_eq!(gate.config().burst, 3);
         assert_eq!(gate.limits().rate, 2.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_sees_a_rate_raised_by_reload_within_a_second() {
+        // One token per 100 s: the second acquire would wait that long at the old rate.
+        let gate = gate(1, 0.01, 1, false);
+        spend(gate.try_acquire().expect("the burst token"));
+        let waiter = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.acquire().await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        gate.reconfigure(GateConfig {
+            max_concurrency: 1,
+            rate: 10.0,
+            burst: 1,
+            adaptive: false,
+        });
+        let started = Instant::now();
+        let slot = waiter.await.expect("the waiter gets its slot");
+        assert!(
+            started.elapsed() <= RECHECK,
+            "took {:?} after the rate was raised",
+            started.elapsed()
+        );
+        drop(slot);
     }
 
     #[tokio::test(start_paused = true)]

@@ -95,6 +95,8 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     for route in &app.routes {
         metrics::gauge!("sluicegate_queue_depth", "route" => route.name.clone())
             .set(route.batcher.queue_depth() as f64);
+        metrics::gauge!("sluicegate_queue_bytes", "route" => route.name.clone())
+            .set(route.batcher.queued_bytes() as f64);
         let function = route.invoker.function().to_owned();
         let limits = route.invoker.gate().limits();
         metrics::gauge!("sluicegate_invoke_rate_limit", "function" => function.clone())
@@ -128,6 +130,7 @@ async fn routes(State(shared): State<Arc<Shared>>) -> Json<Value> {
                 "function": cfg.function,
                 "endpoint": &*app.endpoint,
                 "queue_depth": route.batcher.queue_depth(),
+                "queue_bytes": route.batcher.queued_bytes(),
                 "max_pending": cfg.queue.max_pending,
                 "limit": cfg.limit,
                 "batch": { "max_records": cfg.max_records(), "max_bytes": cfg.max_bytes(), "flush": cfg.batch.flush },

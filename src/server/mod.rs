@@ -136,19 +136,8 @@ fn endpoint_label(config: &Config, emulator: bool) -> Arc<str> {
     match (&config.lambda.endpoint_url, emulator) {
         (_, true) => "emulator".into(),
         (None, false) => "aws".into(),
-        // Validation made it an http(s) URL with a host; any user-info is not shown.
-        (Some(url), false) => match url.parse::<http::Uri>() {
-            Ok(uri) => {
-                let scheme = uri.scheme_str().unwrap_or("http");
-                let authority = uri.authority().map_or("", |a| a.as_str());
-                let host = authority
-                    .rsplit_once('@')
-                    .map_or(authority, |(_userinfo, host)| host);
-                let path = uri.path().trim_end_matches('/');
-                format!("{scheme}://{host}{path}").into()
-            }
-            Err(_) => "(unparsable endpoint_url)".into(),
-        },
+        // Any user-info in the URL is not shown.
+        (Some(url), false) => crate::config::redact::url(url).into(),
     }
 }
 
@@ -482,7 +471,11 @@ pub async fn start_with_source(
     let (listener, local) = bind("server", server.listen).await?;
     let (admin_listener, admin_local) = bind("admin", server.admin_listen).await?;
 
-    let cap = connection_cap(server.max_connections, open_files_limit());
+    let cap = connection_cap(
+        server.max_connections,
+        open_files_limit(),
+        fd_reserve(&app.config),
+    );
     let data = tokio::spawn(serve_data(
         listener,
         Arc::clone(&shared),
@@ -553,11 +546,22 @@ async fn bind(
     Ok((listener, local))
 }
 
-/// File descriptors kept free for what is not a data-plane connection: Lambda and Redis
-/// connections, the dead-letter file, the admin listener and its clients, the emulator,
-/// logs. Without a reserve, clients that hold connections open can take every descriptor
-/// and lock out the admin port and the invokes that would answer them.
+/// File descriptors kept free for what is not a data-plane connection and not counted
+/// elsewhere: Redis connections, the dead-letter file, the emulator, logs. Without a
+/// reserve, clients that hold connections open can take every descriptor and lock out the
+/// admin port and the invokes that would answer them.
 const FD_RESERVE: u64 = 256;
+
+/// Descriptors the data plane must leave free: [`FD_RESERVE`], the admin listener's
+/// connections, and one Lambda connection per invoke a route may have in flight.
+fn fd_reserve(config: &Config) -> u64 {
+    let invokes: u64 = config
+        .routes
+        .iter()
+        .map(|r| u64::from(r.invoke.max_concurrency))
+        .sum();
+    FD_RESERVE + ADMIN_MAX_CONNECTIONS as u64 + invokes
+}
 
 /// Admin connections open at once: scrapes and operators, never many.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
@@ -584,15 +588,15 @@ fn open_files_limit() -> Option<u64> {
 }
 
 /// `server.max_connections`, lowered (and logged) when the open-files limit cannot hold
-/// that many connections plus [`FD_RESERVE`]; a small limit keeps at least half for the
-/// reserve.
-fn connection_cap(configured: u32, open_files: Option<u64>) -> usize {
+/// that many connections plus `reserve` ([`fd_reserve`]); a small limit keeps at least
+/// half for the reserve.
+fn connection_cap(configured: u32, open_files: Option<u64>, reserve: u64) -> usize {
     let configured = u64::from(configured);
     let Some(limit) = open_files else {
         return configured as usize;
     };
-    let room = if limit > 2 * FD_RESERVE {
-        limit - FD_RESERVE
+    let room = if limit > 2 * reserve {
+        limit - reserve
     } else {
         (limit / 2).max(1)
     };
@@ -814,21 +818,36 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::{connection_cap, open_files_limit, FD_RESERVE};
+    use super::{connection_cap, fd_reserve, open_files_limit, ADMIN_MAX_CONNECTIONS, FD_RESERVE};
+    use crate::config::Config;
 
     #[test]
     fn the_connection_cap_leaves_a_reserve_of_descriptors() {
-        assert_eq!(connection_cap(10_000, None), 10_000);
-        assert_eq!(connection_cap(10_000, Some(1 << 20)), 10_000);
-        assert_eq!(
-            connection_cap(10_000, Some(4096)),
-            (4096 - FD_RESERVE) as usize
-        );
+        const R: u64 = FD_RESERVE;
+        assert_eq!(connection_cap(10_000, None, R), 10_000);
+        assert_eq!(connection_cap(10_000, Some(1 << 20), R), 10_000);
+        assert_eq!(connection_cap(10_000, Some(4096), R), (4096 - R) as usize);
         // A small limit keeps half for everything else.
-        assert_eq!(connection_cap(10_000, Some(512)), 256);
-        assert_eq!(connection_cap(10_000, Some(100)), 50);
-        assert_eq!(connection_cap(20, Some(100)), 20);
-        assert_eq!(connection_cap(10_000, Some(1)), 1);
+        assert_eq!(connection_cap(10_000, Some(512), R), 256);
+        assert_eq!(connection_cap(10_000, Some(100), R), 50);
+        assert_eq!(connection_cap(20, Some(100), R), 20);
+        assert_eq!(connection_cap(10_000, Some(1), R), 1);
+    }
+
+    #[test]
+    fn the_reserve_counts_every_invoke_a_route_may_have_in_flight() {
+        let config = Config::from_toml(
+            "[[routes]]\nname = \"a\"\nfunction = \"f\"\ninvoke = { max_concurrency = 1000 }\n\
+             [[routes]]\nname = \"b\"\nfunction = \"g\"\ninvoke = { max_concurrency = 30 }\n",
+        )
+        .expect("valid");
+        let reserve = fd_reserve(&config);
+        assert_eq!(reserve, FD_RESERVE + ADMIN_MAX_CONNECTIONS as u64 + 1030);
+        // `ulimit -n 4096` with 1000 invokes in flight: the data plane gets what is left.
+        assert_eq!(
+            connection_cap(10_000, Some(4096), reserve),
+            (4096 - reserve) as usize
+        );
     }
 
     #[test]

@@ -414,6 +414,9 @@ enum BodyError {
     Read(hyper::Error),
 }
 
+/// The most a body buffer is given before its bytes arrive.
+const INITIAL_BODY_BUFFER: usize = 64 * 1024;
+
 /// Reads a body of at most `max` bytes into one buffer.
 ///
 /// Each frame is copied out and dropped at once. Collecting the frames instead keeps every
@@ -426,7 +429,12 @@ async fn read_body(
     declared: Option<u64>,
     max: usize,
 ) -> Result<bytes::Bytes, BodyError> {
-    let initial = declared.map_or(8 * 1024, |len| usize::try_from(len).unwrap_or(max));
+    // The declared length sizes the buffer only up to what one read can bring (hyper reads
+    // at most 64 KiB at a time): a client that declares a large body and stalls does not get
+    // `max` bytes reserved for it before sending them.
+    let initial = declared.map_or(8 * 1024, |len| {
+        usize::try_from(len).unwrap_or(max).min(INITIAL_BODY_BUFFER)
+    });
     let mut buffer = Vec::with_capacity(initial.min(max));
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(BodyError::Read)?;

@@ -311,6 +311,11 @@ pub fn record_error(id: &str, err: RecordError, policies: &Policies) -> Response
                 serde_json::to_vec(&body).expect("plain struct"),
             )
         }
+        RecordError::DeadlineBeforeRetry(ref failure) if failure.may_have_run() => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "outcome_unknown",
+            format!("record {id}: {err}"),
+        ),
         RecordError::Expired | RecordError::DeadlineBeforeRetry(_) => error(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",

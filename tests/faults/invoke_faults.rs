@@ -377,3 +377,36 @@ async fn a_connect_timeout_is_retried_as_unavailable() {
     assert_eq!(retries, 1.0, "max_attempts = 2: one retry\n{metrics}");
     drop(fillers);
 }
+
+#[tokio::test]
+async fn a_caller_leaving_before_a_retry_hears_that_an_earlier_attempt_may_have_run() {
+    // Attempt 1 may have run the record (lost after sending); attempt 2 is throttled with a
+    // Retry-After past the caller's deadline, so the caller leaves before the retry. The last
+    // failure alone says "throttled"; the truth is that the outcome is unknown.
+    let fake = FakeLambda::start(|call| {
+        if call.n == 0 {
+            Action::ProcessThenDrop
+        } else {
+            Action::Reply(Reply::throttle("CallerRateLimitExceeded", "5"))
+        }
+    })
+    .await;
+    let route = common::route(
+        "records",
+        "f",
+        r#"retry = { max_attempts = 5, base = "10ms", cap = "10s", retry_timeouts = true }"#,
+    );
+    let harness = Harness::start(&fake_config(&fake, &route)).await;
+    let response = harness
+        .http
+        .post(harness.url("/records"))
+        .header("x-sluicegate-timeout-ms", "2000")
+        .body(r#"{"n":1}"#)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 504);
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(body["error"], "outcome_unknown", "{body}");
+    assert_eq!(fake.calls().len(), 2, "no third attempt past the deadline");
+}

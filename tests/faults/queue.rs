@@ -61,7 +61,14 @@ invoke = { rate = 1000.0, burst = 1000, max_concurrency = 1 }"#;
     }
     assert_eq!(fake.processed_summary(), (served.len(), 1));
 
-    // Every queued byte was given back: the queue takes a full load again.
+    // Every queued byte was given back (the admin API says so), and the queue takes a full
+    // load again.
+    let routes = crate::common::get_json(
+        &harness.http,
+        &format!("http://{}/admin/routes", harness.running.admin_addr),
+    )
+    .await;
+    assert_eq!(routes["routes"][0]["queue_bytes"], 0, "{routes}");
     let again = join_all((0..7).map(|i| async move {
         harness
             .post("/records", &record(100 + i))

@@ -218,3 +218,37 @@ latency = "1ms"
     let routes = get_json(&http, &format!("http://127.0.0.1:{admin}/admin/routes")).await;
     assert_eq!(routes["routes"][0]["endpoint"], "aws", "{routes}");
 }
+
+#[tokio::test]
+async fn a_refused_reload_leaves_the_running_gate_as_it_was() {
+    let fake = FakeLambda::echo().await;
+    let toml = |extra: &str| {
+        crate::fake_config(
+            &fake,
+            &route(
+                "records",
+                "f",
+                &format!("invoke = {{ max_concurrency = 3, rate = 50.0, burst = 50 }}\n{extra}"),
+            ),
+        )
+    };
+    let harness = Harness::start(&toml("")).await;
+    // A raised limit together with a dead-letter file that cannot be opened: the reload is
+    // refused, and the limit must not have reached the gate on the way.
+    let refused = Config::from_toml(
+        &toml("dlq = { file = \"/dev/null/no/such/dir/dlq.jsonl\" }").replace(
+            "max_concurrency = 3, rate = 50.0",
+            "max_concurrency = 40, rate = 500.0",
+        ),
+    )
+    .expect("the config itself is valid");
+    assert!(harness.running.reload(refused).await.is_err());
+    let routes = get_json(
+        &harness.http,
+        &format!("http://{}/admin/routes", harness.running.admin_addr),
+    )
+    .await;
+    let invoke = &routes["routes"][0]["invoke"];
+    assert_eq!(invoke["concurrency_limit"], 3, "{invoke}");
+    assert_eq!(invoke["rate_limit"], 50.0, "{invoke}");
+}

@@ -42,9 +42,16 @@ RUN mkdir -p src examples/rust-handler/src \
 COPY src src
 COPY config config
 COPY examples/rust-handler examples/rust-handler
+# The image gets a stripped binary (the release profile keeps line tables for profiling,
+# most of the binary's size); the debug info stays in this stage as sluicegate.debug, linked
+# from the binary by its build id, for symbolizing a core dump or a profile.
 RUN touch src/main.rs src/lib.rs \
  && cargo build --release --locked --bin sluicegate \
- && install -m 0755 target/release/sluicegate /usr/local/bin/sluicegate
+ && objcopy --only-keep-debug target/release/sluicegate /build/sluicegate.debug \
+ && objcopy --strip-debug --strip-unneeded \
+        --add-gnu-debuglink=/build/sluicegate.debug \
+        target/release/sluicegate /usr/local/bin/sluicegate \
+ && chmod 0755 /usr/local/bin/sluicegate
 
 # The image's default config is the repository's, except that both listeners bind all
 # interfaces (a container's loopback is unreachable from outside it, so 127.0.0.1 would

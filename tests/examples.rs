@@ -756,3 +756,24 @@ fn dockerfile_copies_what_exists_and_edits_the_default_config() {
     let probe = std::fs::metadata(repo().join("deploy/docker/http-probe")).expect("http-probe");
     assert!(probe.is_file());
 }
+
+#[test]
+fn the_image_ships_the_stripped_binary() {
+    let dockerfile = read("Dockerfile");
+    let (builder, runtime) = dockerfile
+        .split_once("AS runtime")
+        .expect("a builder stage and a runtime stage");
+    // The builder strips what it installs; the runtime stage copies exactly that file.
+    assert!(
+        builder.contains("objcopy --strip-debug") && builder.contains("/usr/local/bin/sluicegate"),
+        "the builder no longer strips the binary it installs"
+    );
+    assert!(
+        runtime.contains("COPY --from=builder /usr/local/bin/sluicegate /usr/local/bin/sluicegate"),
+        "the runtime stage no longer copies the stripped binary"
+    );
+    assert!(
+        !runtime.contains("target/release/sluicegate"),
+        "the runtime stage copies the unstripped build output"
+    );
+}

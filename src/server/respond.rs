@@ -12,6 +12,7 @@
 //! Responses are plain `http` types with a [`Full`] body: each body is built once (a shed's
 //! on the stack, then copied once) and handed to hyper without another copy or a boxed body.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -57,8 +58,9 @@ impl ShedScope {
     }
 }
 
-/// Every kind of answer the data plane gives a record route: one row of the README's
-/// status table each, with its status and, for a `429`, its scope.
+/// Every kind of answer the data plane gives: one row of the README's status table each,
+/// with its status and, for a `429`, its scope. (`404` answers a path that is no route,
+/// so it never reaches a route's counters; it has a slot all the same.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Answer {
     /// `200`: the function reported success.
@@ -185,6 +187,7 @@ pub enum RequestError {
     /// Keys are required and this one is in no plan.
     #[error("unknown API key")]
     Forbidden,
+    /// No route at this path (and it is not `/healthz` or `/readyz`).
     #[error("no route at this path")]
     NotFound,
     /// The path takes only the methods in `allow` (the `Allow` header's value).
@@ -198,7 +201,7 @@ pub enum RequestError {
     TooLarge { max: usize },
     /// The caller's deadline passed while its record waited for a result.
     #[error("no result for record {record} before the caller's deadline")]
-    CallerDeadline { record: std::sync::Arc<str> },
+    CallerDeadline { record: Arc<str> },
     /// `/readyz`: a route's function cannot be reached.
     #[error("not ready: {reason}")]
     NotReady { reason: String },
@@ -210,7 +213,7 @@ pub enum RequestError {
     /// for the `429`s this can be.
     #[error("{}", RecordMessage { record: record.as_deref(), error })]
     Record {
-        record: Option<std::sync::Arc<str>>,
+        record: Option<Arc<str>>,
         error: RecordError,
         policies: Policies,
     },

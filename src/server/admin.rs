@@ -11,8 +11,9 @@
 
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,7 +21,8 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
-use super::{respond, Shared};
+use super::respond::AdminError;
+use super::Shared;
 use crate::config::Config;
 
 /// Paths anyone who reaches the listener may read: scrapes and liveness probes.
@@ -58,14 +60,20 @@ async fn require_token(State(guard): State<Guard>, request: Request, next: Next)
     let app = guard.shared.app();
     match app.config.server.admin_token() {
         Some(token) if bearer_matches(request.headers(), token) => next.run(request).await,
-        Some(_) => respond::admin_unauthorized(
+        Some(_) => refuse(AdminError::Unauthorized(
             "this endpoint needs `Authorization: Bearer <server.admin_token>`",
-        ),
-        None if guard.public => respond::admin_unauthorized(
+        )),
+        None if guard.public => refuse(AdminError::Unauthorized(
             "the admin listener is reachable from other hosts and server.admin_token is not set",
-        ),
+        )),
         None => next.run(request).await,
     }
+}
+
+/// An admin refusal, mapped in [`respond`](super::respond), as axum's response type (the
+/// body is moved into it, not copied).
+fn refuse(error: AdminError) -> Response {
+    error.into_response().map(Body::new)
 }
 
 /// Whether `Authorization` is `Bearer <token>` (scheme case-insensitive, RFC 9110). The
@@ -84,11 +92,7 @@ fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let Some(handle) = &shared.metrics else {
-        return respond::error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no metrics recorder is installed",
-        );
+        return refuse(AdminError::NoMetrics);
     };
     // State gauges are read from the live objects at scrape time, so they are never stale.
     let app = shared.app();
@@ -199,7 +203,7 @@ async fn reload(State(shared): State<Arc<Shared>>) -> Response {
     match shared.reload_from_source().await {
         Ok(report) => Json(json!({"reloaded": true, "restart_required": report.restart_required}))
             .into_response(),
-        Err(message) => respond::error(StatusCode::BAD_REQUEST, "invalid_config", message),
+        Err(message) => refuse(AdminError::InvalidConfig(message)),
     }
 }
 

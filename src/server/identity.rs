@@ -11,7 +11,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use axum::http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName};
 use ipnet::IpNet;
 
 use crate::config::{IdentityConfig, IdentitySource};

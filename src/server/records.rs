@@ -6,6 +6,9 @@
 //! path up among the record routes, identifies the caller, and calls the route's stack —
 //! [`AdmissionService`] in front of [`RecordService`] — then counts the answer. One
 //! allocation for the request's future; a refusal is built without waiting on anything.
+//!
+//! Plain `http` / `hyper` types, no axum: the request path returns what went wrong as a
+//! [`RequestError`] and [`respond`] turns it into the response, so no status is chosen here.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,9 +19,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::value::RawValue;
@@ -27,7 +28,7 @@ use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use super::parseable;
-use super::respond::{self, ShedScope};
+use super::respond::{self, Answer, RequestError, Response, ShedScope};
 use super::{App, IdentityError, Route, Shared, ANONYMOUS, TIMEOUT_HEADER};
 use crate::limit::Rejected;
 use crate::limit::{
@@ -126,38 +127,23 @@ impl hyper::service::Service<Request<Incoming>> for DataPlane {
 async fn serve(app: &App, request: Request<Incoming>, peer: SocketAddr) -> Response {
     let path = request.uri().path();
     if let Some(endpoint) = app.endpoints.iter().find(|e| e.path == path) {
-        let response = record_route(app, endpoint, request, peer).await;
+        let response = record_route(app, endpoint, request, peer)
+            .await
+            .unwrap_or_else(RequestError::into_response);
         endpoint.counters.count(&response);
         return response;
     }
     let readable = matches!(*request.method(), Method::GET | Method::HEAD);
-    match path {
-        "/healthz" if readable => Json(serde_json::json!({"status": "ok"})).into_response(),
+    let answer = match path {
+        "/healthz" if readable => Ok(respond::healthy()),
         "/readyz" if readable => match app.readiness.check().await {
-            Ok(()) => Json(serde_json::json!({
-                "status": "ready",
-                "endpoint": app.readiness.endpoint(),
-            }))
-            .into_response(),
-            Err(reason) => {
-                respond::unavailable(format!("not ready: {reason}"), Duration::from_secs(1))
-            }
+            Ok(()) => Ok(respond::ready(app.readiness.endpoint())),
+            Err(reason) => Err(RequestError::NotReady { reason }),
         },
-        "/healthz" | "/readyz" => method_not_allowed("GET, HEAD"),
-        _ => respond::error(StatusCode::NOT_FOUND, "not_found", "no route at this path"),
-    }
-}
-
-fn method_not_allowed(allow: &'static str) -> Response {
-    let mut response = respond::error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        format!("this path takes {allow}"),
-    );
-    response
-        .headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static(allow));
-    response
+        "/healthz" | "/readyz" => Err(RequestError::MethodNotAllowed { allow: "GET, HEAD" }),
+        _ => Err(RequestError::NotFound),
+    };
+    answer.unwrap_or_else(RequestError::into_response)
 }
 
 /// Identity, then the route's stack.
@@ -166,32 +152,24 @@ async fn record_route(
     endpoint: &Endpoint,
     mut request: Request<Incoming>,
     peer: SocketAddr,
-) -> Response {
+) -> Result<Response, RequestError> {
     if request.method() != Method::POST {
-        return method_not_allowed("POST");
+        return Err(RequestError::MethodNotAllowed { allow: "POST" });
     }
     let key = app
         .identify
-        .key(request.headers(), peer, |k| app.admission.is_known_key(k));
-    match key {
-        Ok(key) => {
-            request.extensions_mut().insert(ClientKey(key));
-            match endpoint.stack.clone().oneshot(request).await {
-                Ok(response) => response,
-                Err(never) => match never {},
-            }
-        }
-        Err(IdentityError::Missing) => respond::error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            format!("missing API key header {}", app.identify.header()),
-        ),
-        Err(IdentityError::Unknown) => {
-            respond::error(StatusCode::FORBIDDEN, "forbidden", "unknown API key")
-        }
-        Err(IdentityError::Invalid(message)) => {
-            respond::error(StatusCode::BAD_REQUEST, "bad_request", message)
-        }
+        .key(request.headers(), peer, |k| app.admission.is_known_key(k))
+        .map_err(|e| match e {
+            IdentityError::Missing => RequestError::Unauthorized {
+                header: app.identify.header().clone(),
+            },
+            IdentityError::Unknown => RequestError::Forbidden,
+            IdentityError::Invalid(reason) => RequestError::BadRequest { reason },
+        })?;
+    request.extensions_mut().insert(ClientKey(key));
+    match endpoint.stack.clone().oneshot(request).await {
+        Ok(response) => Ok(response),
+        Err(never) => match never {},
     }
 }
 
@@ -214,7 +192,9 @@ impl Service<Request<Incoming>> for RecordService {
         let route = Arc::clone(&self.0);
         Box::pin(async move {
             let admitted = request.extensions().get::<Admitted>().cloned();
-            let mut response = record_response(&route, request).await;
+            let mut response = record_response(&route, request)
+                .await
+                .unwrap_or_else(RequestError::into_response);
             if let Some(admitted) = admitted {
                 respond::add_admitted_headers(&mut response, &admitted);
             }
@@ -226,36 +206,29 @@ impl Service<Request<Incoming>> for RecordService {
 /// `sluicegate_requests_total{route,status,scope}` and admission rejections by scope.
 ///
 /// Counter handles are looked up once per (status, scope) and cached per route: the label
-/// strings are not rebuilt, and the registry not searched, on every request. The answers
-/// the data plane gives have fixed slots, read without a lock (both cores count at once);
-/// anything else goes to a short locked list.
+/// strings are not rebuilt, and the registry not searched, on every request. Every
+/// [`Answer`] has a fixed slot, read without a lock (both cores count at once); a response
+/// that is none of them (none today) goes to a short locked list.
 pub(super) struct RouteCounters {
     route: Arc<str>,
     slots: [std::sync::OnceLock<Cell>; SLOTS.len()],
-    others: std::sync::RwLock<Vec<((u16, ScopeLabel), Cell)>>,
+    others: std::sync::RwLock<Vec<(SlotKey, Cell)>>,
 }
 
-/// The scope label of a response (`None`: not shed).
-type ScopeLabel = Option<&'static str>;
+/// What a response is counted by: its status and, for a shed, its scope.
+type SlotKey = (StatusCode, Option<ShedScope>);
 
-/// The (status, scope) pairs with a fixed slot.
-const SLOTS: [(u16, ScopeLabel); 15] = [
-    (200, None),
-    (202, None),
-    (422, None),
-    (429, Some("key")),
-    (429, Some("route")),
-    (429, Some("global")),
-    (429, Some("queue")),
-    (429, Some("upstream")),
-    (400, None),
-    (401, None),
-    (403, None),
-    (405, None),
-    (413, None),
-    (503, None),
-    (504, None),
-];
+/// One slot per [`Answer`], in the order of [`Answer::ALL`]: built from that list, so an
+/// answer and its counter cannot drift apart.
+const SLOTS: [SlotKey; Answer::ALL.len()] = {
+    let mut slots = [(StatusCode::OK, None); Answer::ALL.len()];
+    let mut i = 0;
+    while i < slots.len() {
+        slots[i] = (Answer::ALL[i].status(), Answer::ALL[i].scope());
+        i += 1;
+    }
+    slots
+};
 
 #[derive(Clone)]
 struct Cell {
@@ -275,17 +248,15 @@ impl RouteCounters {
 
     fn count(&self, response: &Response) {
         let scope = response.extensions().get::<ShedScope>().copied();
-        let key = (response.status().as_u16(), scope.map(ShedScope::as_str));
+        let key = (response.status(), scope);
         match SLOTS.iter().position(|slot| *slot == key) {
-            Some(slot) => self.slots[slot]
-                .get_or_init(|| self.cell(key, scope))
-                .increment(),
-            None => self.other(key, scope).increment(),
+            Some(slot) => self.slots[slot].get_or_init(|| self.cell(key)).increment(),
+            None => self.other(key).increment(),
         }
     }
 
     #[cold]
-    fn other(&self, key: (u16, ScopeLabel), scope: Option<ShedScope>) -> Cell {
+    fn other(&self, key: SlotKey) -> Cell {
         let known = self
             .others
             .read()
@@ -294,7 +265,7 @@ impl RouteCounters {
             .find(|(k, _)| *k == key)
             .map(|(_, cell)| cell.clone());
         known.unwrap_or_else(|| {
-            let cell = self.cell(key, scope);
+            let cell = self.cell(key);
             self.others
                 .write()
                 .expect("counter cache lock is never poisoned")
@@ -303,13 +274,13 @@ impl RouteCounters {
         })
     }
 
-    fn cell(&self, key: (u16, ScopeLabel), scope: Option<ShedScope>) -> Cell {
+    fn cell(&self, (status, scope): SlotKey) -> Cell {
         Cell {
             requests: metrics::counter!(
                 "sluicegate_requests_total",
                 "route" => self.route.to_string(),
-                "status" => key.0.to_string(),
-                "scope" => key.1.unwrap_or("none")
+                "status" => status.as_u16().to_string(),
+                "scope" => scope.map_or("none", ShedScope::as_str)
             ),
             rejections: match scope {
                 Some(ShedScope::Limit(scope)) => Some(metrics::counter!(
@@ -390,7 +361,10 @@ fn hex(n: u64, min_digits: usize, out: &mut [u8]) -> usize {
 }
 
 /// The caller's deadline: the route's, shortened by `x-sluicegate-timeout-ms`.
-fn deadline(headers: &HeaderMap, route_timeout: Duration) -> Result<Instant, String> {
+// A request error holds a record's failure by value so that a refusal (a queue-full
+// `429`) allocates nothing; it is moved once, to `respond`.
+#[allow(clippy::result_large_err)]
+fn deadline(headers: &HeaderMap, route_timeout: Duration) -> Result<Instant, RequestError> {
     let timeout = match headers.get(TIMEOUT_HEADER) {
         None => route_timeout,
         Some(value) => {
@@ -399,8 +373,10 @@ fn deadline(headers: &HeaderMap, route_timeout: Duration) -> Result<Instant, Str
                 .ok()
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .filter(|ms| *ms > 0)
-                .ok_or_else(|| {
-                    format!("{TIMEOUT_HEADER} must be a positive integer number of milliseconds")
+                .ok_or_else(|| RequestError::BadRequest {
+                    reason: format!(
+                        "{TIMEOUT_HEADER} must be a positive integer number of milliseconds"
+                    ),
                 })?;
             route_timeout.min(Duration::from_millis(ms))
         }
@@ -408,16 +384,11 @@ fn deadline(headers: &HeaderMap, route_timeout: Duration) -> Result<Instant, Str
     Ok(Instant::now() + timeout)
 }
 
-/// Why a body could not be read.
-enum BodyError {
-    TooLarge,
-    Read(hyper::Error),
-}
-
 /// The most a body buffer is given before its bytes arrive.
 const INITIAL_BODY_BUFFER: usize = 64 * 1024;
 
-/// Reads a body of at most `max` bytes into one buffer.
+/// Reads a body of at most `max` bytes into one buffer (`413` past that, `400` when the
+/// connection fails mid-body).
 ///
 /// Each frame is copied out and dropped at once. Collecting the frames instead keeps every
 /// one of them — and, through it, the part of hyper's read buffer it points into — until
@@ -428,7 +399,7 @@ async fn read_body(
     mut body: Incoming,
     declared: Option<u64>,
     max: usize,
-) -> Result<bytes::Bytes, BodyError> {
+) -> Result<bytes::Bytes, RequestError> {
     // The declared length sizes the buffer only up to what one read can bring (hyper reads
     // at most 64 KiB at a time): a client that declares a large body and stalls does not get
     // `max` bytes reserved for it before sending them.
@@ -437,14 +408,16 @@ async fn read_body(
     });
     let mut buffer = Vec::with_capacity(initial.min(max));
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(BodyError::Read)?;
+        let frame = frame.map_err(|e| RequestError::BadRequest {
+            reason: format!("cannot read the body: {e}"),
+        })?;
         let Ok(data) = frame.into_data() else {
             // Trailers carry nothing a record needs.
             continue;
         };
         let needed = buffer.len() + data.len();
         if needed > max {
-            return Err(BodyError::TooLarge);
+            return Err(RequestError::TooLarge { max });
         }
         if needed > buffer.capacity() {
             let grown = needed.max(buffer.capacity() * 2).min(max);
@@ -455,29 +428,21 @@ async fn read_body(
     Ok(buffer.into())
 }
 
-async fn record_response(route: &Route, request: Request<Incoming>) -> Response {
+async fn record_response(
+    route: &Route,
+    request: Request<Incoming>,
+) -> Result<Response, RequestError> {
     let (parts, body) = request.into_parts();
-    let deadline = match deadline(&parts.headers, route.request_timeout) {
-        Ok(deadline) => deadline,
-        Err(message) => return respond::error(StatusCode::BAD_REQUEST, "bad_request", message),
-    };
-    let too_large = || {
-        respond::error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!(
-                "record is larger than server.max_record_bytes ({} bytes)",
-                route.max_record_bytes
-            ),
-        )
-    };
+    let deadline = deadline(&parts.headers, route.request_timeout)?;
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > route.max_record_bytes as u64) {
-        return too_large();
+        return Err(RequestError::TooLarge {
+            max: route.max_record_bytes,
+        });
     }
     // The body must arrive within `body_read_timeout`, and never after the caller's
     // deadline: a client that stalls mid-body holds a connection and a buffer, nothing more.
@@ -485,42 +450,23 @@ async fn record_response(route: &Route, request: Request<Incoming>) -> Response 
         .body_read_timeout
         .min(deadline.saturating_duration_since(Instant::now()));
     let read = read_body(body, declared, route.max_record_bytes);
-    let bytes = match tokio::time::timeout(wait, read).await {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(BodyError::TooLarge)) => return too_large(),
-        Ok(Err(BodyError::Read(e))) => {
-            return respond::error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("cannot read the body: {e}"),
-            )
-        }
-        Err(_elapsed) => return respond::body_timeout(wait),
-    };
+    let bytes = tokio::time::timeout(wait, read)
+        .await
+        .map_err(|_elapsed| RequestError::BodyTimeout { waited: wait })??;
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return respond::error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "the body is empty; send one JSON record",
-        );
+        return Err(RequestError::BadRequest {
+            reason: "the body is empty; send one JSON record".to_owned(),
+        });
     }
-    let record: &RawValue = match serde_json::from_slice(&bytes) {
-        Ok(record) => record,
-        Err(e) => {
-            return respond::error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("the body is not valid JSON: {e}"),
-            )
+    let record: &RawValue =
+        serde_json::from_slice(&bytes).map_err(|e| RequestError::BadRequest {
+            reason: format!("the body is not valid JSON: {e}"),
+        })?;
+    parseable::check(record.get().as_bytes(), route.max_json_depth).map_err(|unparseable| {
+        RequestError::BadRequest {
+            reason: unparseable.to_string(),
         }
-    };
-    if let Err(unparseable) = parseable::check(record.get().as_bytes(), route.max_json_depth) {
-        return respond::error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            unparseable.to_string(),
-        );
-    }
+    })?;
     let key = parts
         .extensions
         .get::<ClientKey>()
@@ -530,20 +476,21 @@ async fn record_response(route: &Route, request: Request<Incoming>) -> Response 
     // The queued record is its own copy (its envelope entry): the request body is let go
     // now rather than held until the answer, so a waiting record costs one copy, not two.
     drop(bytes);
-    let ticket = match submitted {
-        Ok(ticket) => ticket,
-        Err(err) => return respond::record_error("-", err, &route.policies()),
-    };
+    let ticket = submitted.map_err(|error| RequestError::Record {
+        record: None,
+        error,
+        policies: route.policies(),
+    })?;
     let id = Arc::clone(&ticket.id);
     tracing::Span::current().record("record", &*id);
     match tokio::time::timeout_at(deadline, ticket.outcome()).await {
-        Ok(Ok(delivered)) => respond::delivered(&id, delivered),
-        Ok(Err(err)) => respond::record_error(&id, err, &route.policies()),
-        Err(_elapsed) => respond::error(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            format!("no result for record {id} before the caller's deadline"),
-        ),
+        Ok(Ok(delivered)) => Ok(respond::delivered(&id, delivered)),
+        Ok(Err(error)) => Err(RequestError::Record {
+            record: Some(id),
+            error,
+            policies: route.policies(),
+        }),
+        Err(_elapsed) => Err(RequestError::CallerDeadline { record: id }),
     }
 }
 
@@ -584,22 +531,37 @@ mod tests {
     }
 
     #[test]
-    fn every_known_answer_has_its_own_counter_slot() {
-        let counters = RouteCounters::new("r");
-        for (i, (status, scope)) in SLOTS.iter().enumerate() {
-            assert!(
-                SLOTS[..i].iter().all(|s| s != &(*status, *scope)),
-                "slot {i} is listed twice"
-            );
+    fn every_answer_has_its_own_counter_slot() {
+        for (i, slot) in SLOTS.iter().enumerate() {
+            assert!(!SLOTS[..i].contains(slot), "{slot:?} has two slots");
         }
-        let shed = respond::shed(ShedScope::Queue, Duration::from_secs(1), None);
-        counters.count(&shed);
-        let queue = SLOTS
-            .iter()
-            .position(|s| *s == (429, Some("queue")))
-            .unwrap();
-        assert!(counters.slots[queue].get().is_some());
-        counters.count(&respond::error(StatusCode::IM_A_TEAPOT, "x", "y"));
+        for scope in ShedScope::ALL {
+            assert!(Answer::ALL.contains(&Answer::Shed(scope)), "{scope:?}");
+        }
+    }
+
+    #[test]
+    fn every_request_error_is_counted_in_its_answers_slot() {
+        for (error, _, _) in respond::every_request_error() {
+            let counters = RouteCounters::new("r");
+            let answer = error.answer();
+            counters.count(&error.into_response());
+            let slot = Answer::ALL
+                .iter()
+                .position(|a| *a == answer)
+                .expect("every answer is listed");
+            assert!(counters.slots[slot].get().is_some(), "{answer:?}");
+            assert!(counters.others.read().unwrap().is_empty(), "{answer:?}");
+        }
+    }
+
+    #[test]
+    fn a_response_that_is_no_answer_is_still_counted() {
+        let counters = RouteCounters::new("r");
+        let mut teapot = respond::healthy();
+        *teapot.status_mut() = StatusCode::IM_A_TEAPOT;
+        counters.count(&teapot);
+        assert!(counters.slots.iter().all(|slot| slot.get().is_none()));
         assert_eq!(counters.others.read().unwrap().len(), 1);
     }
 }

@@ -1,17 +1,35 @@
-//! The one place where outcomes become HTTP responses: statuses, JSON bodies and the
-//! `Retry-After` / `RateLimit-Policy` / `RateLimit` headers of the HTTP contract.
+//! The one place where the data plane's outcomes become HTTP responses: which status each
+//! kind of answer has ([`Answer`]), which answer each refusal or failure is
+//! ([`RequestError`]), the JSON bodies, and the `Retry-After` / `RateLimit-Policy` /
+//! `RateLimit` headers of the HTTP contract. The admin listener's own refusals
+//! ([`AdminError`]) are mapped here too.
+//!
+//! The request path returns what went wrong as a [`RequestError`] value and this module
+//! alone decides what the caller sees (the shape of linkerd2-proxy's `errors/respond.rs`).
+//! The per-route request counters keep one slot per [`Answer`], so an answer added here is
+//! counted without a second list to keep in step.
+//!
+//! Responses are plain `http` types with a [`Full`] body: each body is built once (a shed's
+//! on the stack, then copied once) and handed to hyper without another copy or a boxed body.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{header, HeaderName, HeaderValue, StatusCode};
-use axum::response::Response;
+use bytes::Bytes;
+use http::{header, HeaderName, HeaderValue, StatusCode};
+use http_body_util::Full;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::coalesce::{Delivered, RecordError};
 use crate::invoke::InvokeFailure;
 use crate::limit::{Admitted, Quota, Rejected, Scope};
+
+/// A response as sluicegate writes it: the whole body in one buffer.
+pub type Response = http::Response<Full<Bytes>>;
+
+/// The wait a `503` (or an upstream `429`) asks for when nothing better is known.
+const DEFAULT_WAIT: Duration = Duration::from_secs(1);
 
 /// Why a request is shed with 429.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,6 +40,15 @@ pub enum ShedScope {
 }
 
 impl ShedScope {
+    /// Every scope, in the order of the counter slots.
+    pub const ALL: [ShedScope; 5] = [
+        ShedScope::Limit(Scope::Key),
+        ShedScope::Limit(Scope::Route),
+        ShedScope::Limit(Scope::Global),
+        ShedScope::Queue,
+        ShedScope::Upstream,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ShedScope::Limit(scope) => scope.as_str(),
@@ -31,8 +58,430 @@ impl ShedScope {
     }
 }
 
-fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
-    let mut response = Response::new(body.into());
+/// Every kind of answer the data plane gives: one row of the README's status table each,
+/// with its status and, for a `429`, its scope. (`404` answers a path that is no route,
+/// so it never reaches a route's counters; it has a slot all the same.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// `200`: the function reported success.
+    Success,
+    /// `202`: Lambda accepted an `invocation = "event"` batch.
+    Accepted,
+    /// `422`: the function reported this record failed.
+    FunctionFailed,
+    /// `429`: a limit refused the request.
+    Shed(ShedScope),
+    /// `400`: the request is not one JSON record, or a header is malformed.
+    BadRequest,
+    /// `401`: keys are required and the request carries none.
+    Unauthorized,
+    /// `403`: keys are required and this one is in no plan.
+    Forbidden,
+    /// `404`: no route at this path.
+    NotFound,
+    /// `405`: the path takes other methods.
+    MethodNotAllowed,
+    /// `408`: the body did not arrive in time.
+    BodyTimeout,
+    /// `413`: the record is larger than a request or an invoke may carry.
+    TooLarge,
+    /// `502`: the function crashed, or its response has no usable result for the record.
+    BadGateway,
+    /// `503`: Lambda unavailable after retries, a failed worker, shutdown, not ready.
+    Unavailable,
+    /// `504`: no result before the caller's deadline, or the outcome is unknown.
+    Timeout,
+}
+
+impl Answer {
+    /// Every answer, in the order of the counter slots (`records.rs`).
+    pub const ALL: [Answer; 18] = [
+        Answer::Success,
+        Answer::Accepted,
+        Answer::FunctionFailed,
+        Answer::Shed(ShedScope::ALL[0]),
+        Answer::Shed(ShedScope::ALL[1]),
+        Answer::Shed(ShedScope::ALL[2]),
+        Answer::Shed(ShedScope::ALL[3]),
+        Answer::Shed(ShedScope::ALL[4]),
+        Answer::BadRequest,
+        Answer::Unauthorized,
+        Answer::Forbidden,
+        Answer::NotFound,
+        Answer::MethodNotAllowed,
+        Answer::BodyTimeout,
+        Answer::TooLarge,
+        Answer::BadGateway,
+        Answer::Unavailable,
+        Answer::Timeout,
+    ];
+
+    /// The status of this answer: the one table of status codes.
+    pub const fn status(self) -> StatusCode {
+        match self {
+            Answer::Success => StatusCode::OK,
+            Answer::Accepted => StatusCode::ACCEPTED,
+            Answer::FunctionFailed => StatusCode::UNPROCESSABLE_ENTITY,
+            Answer::Shed(_) => StatusCode::TOO_MANY_REQUESTS,
+            Answer::BadRequest => StatusCode::BAD_REQUEST,
+            Answer::Unauthorized => StatusCode::UNAUTHORIZED,
+            Answer::Forbidden => StatusCode::FORBIDDEN,
+            Answer::NotFound => StatusCode::NOT_FOUND,
+            Answer::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Answer::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Answer::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Answer::BadGateway => StatusCode::BAD_GATEWAY,
+            Answer::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Answer::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The scope of a shed (`None` for every other answer).
+    pub const fn scope(self) -> Option<ShedScope> {
+        match self {
+            Answer::Shed(scope) => Some(scope),
+            _ => None,
+        }
+    }
+}
+
+/// A refusal by a limit: an admission layer, the route's queue or the function's invoke
+/// rate, with the exact wait and the refusing limit's quota (for `RateLimit-Policy`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Shed {
+    pub scope: ShedScope,
+    pub wait: Duration,
+    pub policy: Option<Quota>,
+}
+
+impl From<Rejected> for Shed {
+    fn from(rejected: Rejected) -> Self {
+        Shed {
+            scope: ShedScope::Limit(rejected.scope),
+            wait: rejected.wait,
+            policy: Some(rejected.quota),
+        }
+    }
+}
+
+/// The policies a route's non-admission `429`s report in `RateLimit-Policy`.
+#[derive(Clone, Copy, Debug)]
+pub struct Policies {
+    /// The queue: `q` = `max_pending`, refilled at the measured drain rate.
+    pub queue: Quota,
+    /// The function's invoke-rate bucket.
+    pub upstream: Quota,
+}
+
+/// Why a data-plane request is not answered with its record's result. Its `Display` is
+/// the body's `message`; [`RequestError::answer`] and [`RequestError::code`] say which
+/// status and `error` code it is.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The request is not one JSON record, or a header is malformed.
+    #[error("{reason}")]
+    BadRequest { reason: String },
+    /// Keys are required and the request has none in `header`.
+    #[error("missing API key header {header}")]
+    Unauthorized { header: HeaderName },
+    /// Keys are required and this one is in no plan.
+    #[error("unknown API key")]
+    Forbidden,
+    /// No route at this path (and it is not `/healthz` or `/readyz`).
+    #[error("no route at this path")]
+    NotFound,
+    /// The path takes only the methods in `allow` (the `Allow` header's value).
+    #[error("this path takes {allow}")]
+    MethodNotAllowed { allow: &'static str },
+    /// The body did not arrive within `waited`; the connection is closed after the answer.
+    #[error("the request body did not arrive within {} ms", waited.as_millis())]
+    BodyTimeout { waited: Duration },
+    /// The body is larger than `server.max_record_bytes` (`max`).
+    #[error("record is larger than server.max_record_bytes ({max} bytes)")]
+    TooLarge { max: usize },
+    /// The caller's deadline passed while its record waited for a result.
+    #[error("no result for record {record} before the caller's deadline")]
+    CallerDeadline { record: Arc<str> },
+    /// `/readyz`: a route's function cannot be reached.
+    #[error("not ready: {reason}")]
+    NotReady { reason: String },
+    /// A limit refused the request.
+    #[error("rate limited ({})", .0.scope.as_str())]
+    Shed(Shed),
+    /// The record got no result from the function. `record` is its id once it has one
+    /// (`None`: refused at submit); `policies` describe the route's queue and invoke rate
+    /// for the `429`s this can be.
+    #[error("{}", RecordMessage { record: record.as_deref(), error })]
+    Record {
+        record: Option<Arc<str>>,
+        error: RecordError,
+        policies: Policies,
+    },
+}
+
+/// The `message` of a record's failure: the record's id first where the error says
+/// nothing a caller could tell apart from another record's failure.
+struct RecordMessage<'a> {
+    record: Option<&'a str>,
+    error: &'a RecordError,
+}
+
+impl std::fmt::Display for RecordMessage<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let id = self.record.unwrap_or("-");
+        match self.error {
+            RecordError::DeadLettered { failure, .. } if failure.may_have_run() => write!(
+                f,
+                "retries exhausted and the record may have been processed: {failure}"
+            ),
+            RecordError::DeadLettered { failure, .. } => {
+                write!(f, "Lambda did not take the record after retries: {failure}")
+            }
+            RecordError::Function(e) => f.write_str(&e.message),
+            RecordError::QueueFull { .. }
+            | RecordError::Closed
+            | RecordError::WorkerFailed
+            | RecordError::TooLarge { .. }
+            | RecordError::Invoke(_) => write!(f, "{}", self.error),
+            RecordError::Expired
+            | RecordError::DeadlineBeforeRetry(_)
+            | RecordError::NotDeadLettered { .. }
+            | RecordError::MalformedResponse(_)
+            | RecordError::MissingResult
+            | RecordError::Lost => write!(f, "record {id}: {}", self.error),
+        }
+    }
+}
+
+impl From<Rejected> for RequestError {
+    fn from(rejected: Rejected) -> Self {
+        RequestError::Shed(rejected.into())
+    }
+}
+
+impl RequestError {
+    /// Which answer this is: its status, and its scope when it is a shed.
+    pub fn answer(&self) -> Answer {
+        self.classify().0
+    }
+
+    /// The body's `error` field.
+    pub fn code(&self) -> &'static str {
+        self.classify().1
+    }
+
+    /// The one mapping from what went wrong to what the caller is told.
+    fn classify(&self) -> (Answer, &'static str) {
+        match self {
+            RequestError::BadRequest { .. } => (Answer::BadRequest, "bad_request"),
+            RequestError::Unauthorized { .. } => (Answer::Unauthorized, "unauthorized"),
+            RequestError::Forbidden => (Answer::Forbidden, "forbidden"),
+            RequestError::NotFound => (Answer::NotFound, "not_found"),
+            RequestError::MethodNotAllowed { .. } => {
+                (Answer::MethodNotAllowed, "method_not_allowed")
+            }
+            RequestError::BodyTimeout { .. } => (Answer::BodyTimeout, "request_timeout"),
+            RequestError::TooLarge { .. } => (Answer::TooLarge, "payload_too_large"),
+            RequestError::CallerDeadline { .. } => (Answer::Timeout, "timeout"),
+            RequestError::NotReady { .. } => (Answer::Unavailable, "unavailable"),
+            RequestError::Shed(shed) => (Answer::Shed(shed.scope), "rate_limited"),
+            RequestError::Record { error, .. } => classify_record(error),
+        }
+    }
+
+    /// The limit that refused, when this is a `429`.
+    fn shed(&self) -> Option<Shed> {
+        match self {
+            RequestError::Shed(shed) => Some(*shed),
+            RequestError::Record {
+                error: RecordError::QueueFull { retry_after },
+                policies,
+                ..
+            } => Some(Shed {
+                scope: ShedScope::Queue,
+                wait: *retry_after,
+                policy: Some(policies.queue),
+            }),
+            RequestError::Record {
+                error: RecordError::Invoke(InvokeFailure::Throttled { retry_after, .. }),
+                policies,
+                ..
+            } => Some(Shed {
+                scope: ShedScope::Upstream,
+                wait: retry_after.unwrap_or(DEFAULT_WAIT),
+                policy: Some(policies.upstream),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The `Retry-After` of a `503`: what Lambda asked for, if it did.
+    fn unavailable_wait(&self) -> Duration {
+        match self {
+            RequestError::Record {
+                error:
+                    RecordError::DeadLettered { failure, .. }
+                    | RecordError::NotDeadLettered { failure, .. },
+                ..
+            } => failure.retry_after().unwrap_or(DEFAULT_WAIT),
+            _ => DEFAULT_WAIT,
+        }
+    }
+
+    /// The response the caller gets.
+    pub fn into_response(self) -> Response {
+        if let Some(shed) = self.shed() {
+            return shed_response(shed);
+        }
+        let (answer, code) = self.classify();
+        let status = answer.status();
+        let mut response = match &self {
+            RequestError::Record {
+                record,
+                error: RecordError::Function(e),
+                ..
+            } => {
+                #[derive(Serialize)]
+                struct Body<'a> {
+                    error: &'a str,
+                    id: &'a str,
+                    kind: &'a str,
+                    error_type: &'a str,
+                    message: &'a str,
+                }
+                let body = Body {
+                    error: code,
+                    id: record.as_deref().unwrap_or("-"),
+                    kind: &e.kind,
+                    error_type: &e.error_type,
+                    message: &e.message,
+                };
+                json_response(
+                    status,
+                    serde_json::to_vec(&body).expect("plain struct serializes"),
+                )
+            }
+            RequestError::Record {
+                record,
+                error: RecordError::DeadLettered { id: letter, .. },
+                ..
+            } => {
+                // A letter that may have run is kept (marked `possibly_processed`), but the
+                // caller must not read the answer as safe to retry: `outcome_unknown`.
+                #[derive(Serialize)]
+                struct Body<'a> {
+                    error: &'a str,
+                    id: &'a str,
+                    dead_letter_id: &'a str,
+                    message: String,
+                }
+                let body = Body {
+                    error: code,
+                    id: record.as_deref().unwrap_or("-"),
+                    dead_letter_id: letter,
+                    message: self.to_string(),
+                };
+                json_response(
+                    status,
+                    serde_json::to_vec(&body).expect("plain struct serializes"),
+                )
+            }
+            _ => error(status, code, self.to_string()),
+        };
+        let headers = response.headers_mut();
+        match &self {
+            RequestError::MethodNotAllowed { allow } => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            // The rest of the body may still be on its way, and nothing on the connection
+            // can be read as a next request.
+            RequestError::BodyTimeout { .. } => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ if answer == Answer::Unavailable => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(self.unavailable_wait())),
+                );
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// Which answer a record's failure is, and its `error` code.
+fn classify_record(error: &RecordError) -> (Answer, &'static str) {
+    match error {
+        RecordError::QueueFull { .. } => (Answer::Shed(ShedScope::Queue), "rate_limited"),
+        // Never sent: retrying is safe (a failed worker has been restarted).
+        RecordError::Closed | RecordError::WorkerFailed => (Answer::Unavailable, "unavailable"),
+        RecordError::TooLarge { .. } => (Answer::TooLarge, "payload_too_large"),
+        RecordError::Invoke(failure) => match failure {
+            InvokeFailure::Throttled { .. } => (Answer::Shed(ShedScope::Upstream), "rate_limited"),
+            InvokeFailure::TooLarge { .. } => (Answer::TooLarge, "payload_too_large"),
+            InvokeFailure::Rejected { .. } => (Answer::BadGateway, "bad_gateway"),
+            InvokeFailure::Unavailable { .. } => (Answer::Unavailable, "unavailable"),
+            // The request may have reached the function: the caller must not assume it did not.
+            InvokeFailure::OutcomeUnknown { .. } => (Answer::Timeout, "outcome_unknown"),
+        },
+        RecordError::Function(_) => (Answer::BadGateway, "function_error"),
+        // An earlier attempt may have run the record: not merely a deadline.
+        RecordError::DeadlineBeforeRetry(failure) if failure.may_have_run() => {
+            (Answer::Timeout, "outcome_unknown")
+        }
+        RecordError::Expired | RecordError::DeadlineBeforeRetry(_) => (Answer::Timeout, "timeout"),
+        // Retries are exhausted whether or not the sink kept a letter; a sink that did not
+        // confirm gives no id, and the caller must not think the record is kept anywhere.
+        RecordError::DeadLettered { failure, .. }
+        | RecordError::NotDeadLettered { failure, .. }
+            if failure.may_have_run() =>
+        {
+            (Answer::Timeout, "outcome_unknown")
+        }
+        RecordError::DeadLettered { .. } | RecordError::NotDeadLettered { .. } => {
+            (Answer::Unavailable, "unavailable")
+        }
+        RecordError::MalformedResponse(_) | RecordError::MissingResult | RecordError::Lost => {
+            (Answer::BadGateway, "bad_gateway")
+        }
+    }
+}
+
+/// The admin listener's own refusals (its answers are not counted per route).
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// No token, or not the right one; `WWW-Authenticate: Bearer` tells the scheme.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// `/metrics` without an installed recorder.
+    #[error("no metrics recorder is installed")]
+    NoMetrics,
+    /// A reload refused the new config; the running one stays.
+    #[error("{0}")]
+    InvalidConfig(String),
+}
+
+impl AdminError {
+    /// The response the admin client gets.
+    pub fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            AdminError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            AdminError::NoMetrics => (StatusCode::NOT_FOUND, "not_found"),
+            AdminError::InvalidConfig(_) => (StatusCode::BAD_REQUEST, "invalid_config"),
+        };
+        let mut response = error(status, code, self.to_string());
+        if let AdminError::Unauthorized(_) = self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response {
+    let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -42,7 +491,7 @@ fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
 }
 
 /// `{"error": code, "message": message}` with `status`.
-pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+fn error(status: StatusCode, code: &str, message: String) -> Response {
     #[derive(Serialize)]
     struct Body<'a> {
         error: &'a str,
@@ -50,10 +499,27 @@ pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
     }
     let body = serde_json::to_vec(&Body {
         error: code,
-        message: message.into(),
+        message,
     })
     .expect("plain struct serializes");
     json_response(status, body)
+}
+
+/// `/healthz`: `200` while the process serves.
+pub fn healthy() -> Response {
+    json_response(
+        StatusCode::OK,
+        serde_json::to_vec(&serde_json::json!({"status": "ok"})).expect("a JSON value"),
+    )
+}
+
+/// `/readyz` when every route's function answers; `endpoint` is where they were asked.
+pub fn ready(endpoint: &str) -> Response {
+    json_response(
+        StatusCode::OK,
+        serde_json::to_vec(&serde_json::json!({"status": "ready", "endpoint": endpoint}))
+            .expect("a JSON value"),
+    )
 }
 
 /// Whole seconds for `Retry-After` and the RateLimit fields: rounded up, at least 1.
@@ -114,7 +580,12 @@ impl StackText {
 }
 
 /// `429` with the body and headers of the HTTP contract.
-pub fn shed(scope: ShedScope, wait: Duration, policy: Option<Quota>) -> Response {
+fn shed_response(shed: Shed) -> Response {
+    let Shed {
+        scope,
+        wait,
+        policy,
+    } = shed;
     let name = scope.as_str();
     // `{"error":"rate_limited","scope":<name>,"retry_after_ms":<ms>}`, written by hand
     // (this runs for every shed request): scope names are fixed identifiers, no escaping.
@@ -126,10 +597,10 @@ pub fn shed(scope: ShedScope, wait: Duration, policy: Option<Quota>) -> Response
     body.push(digits.format(retry_after_ms(wait)).as_bytes());
     body.push(b"}");
     let mut response = json_response(
-        StatusCode::TOO_MANY_REQUESTS,
-        bytes::Bytes::copy_from_slice(body.as_bytes()),
+        Answer::Shed(scope).status(),
+        Bytes::copy_from_slice(body.as_bytes()),
     );
-    // The metrics layer reads the scope from here: the body is already serialized.
+    // The counters read the scope from here: the body is already serialized.
     response.extensions_mut().insert(scope);
     let secs = retry_after_secs(wait);
     let headers = response.headers_mut();
@@ -154,13 +625,9 @@ fn policy_field(scope: &str, quota: Quota) -> HeaderValue {
     )
 }
 
-/// A limiter refusal.
+/// A limiter refusal: the admission layer's answer.
 pub fn rejected(rejected: Rejected) -> Response {
-    shed(
-        ShedScope::Limit(rejected.scope),
-        rejected.wait,
-        Some(rejected.quota),
-    )
+    RequestError::from(rejected).into_response()
 }
 
 /// Adds the key layer's `RateLimit-Policy` and `RateLimit` to an admitted response, unless
@@ -183,43 +650,6 @@ pub fn add_admitted_headers(response: &mut Response, admitted: &Admitted) {
     );
 }
 
-/// `408`: the request's body did not arrive in time. The connection is closed after the
-/// answer (`Connection: close`): the rest of the body may still be on its way, and
-/// nothing on the connection can be read as a next request.
-pub fn body_timeout(waited: Duration) -> Response {
-    let mut response = error(
-        StatusCode::REQUEST_TIMEOUT,
-        "request_timeout",
-        format!(
-            "the request body did not arrive within {} ms",
-            waited.as_millis()
-        ),
-    );
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
-}
-
-/// `401` for the admin API: no token, or not the right one.
-pub fn admin_unauthorized(message: &str) -> Response {
-    let mut response = error(StatusCode::UNAUTHORIZED, "unauthorized", message);
-    response
-        .headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    response
-}
-
-/// `503` with `Retry-After`.
-pub fn unavailable(message: impl Into<String>, wait: Duration) -> Response {
-    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
-    response.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(retry_after_secs(wait)),
-    );
-    response
-}
-
 /// A record's result from the function.
 pub fn delivered(id: &str, delivered: Delivered) -> Response {
     #[derive(Serialize)]
@@ -231,9 +661,9 @@ pub fn delivered(id: &str, delivered: Delivered) -> Response {
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<&'a RawValue>,
     }
-    let (status, body) = match &delivered {
+    let (answer, body) = match &delivered {
         Delivered::Success { body } => (
-            StatusCode::OK,
+            Answer::Success,
             Body {
                 id,
                 status: "success",
@@ -242,7 +672,7 @@ pub fn delivered(id: &str, delivered: Delivered) -> Response {
             },
         ),
         Delivered::Failed { error } => (
-            StatusCode::UNPROCESSABLE_ENTITY,
+            Answer::FunctionFailed,
             Body {
                 id,
                 status: "error",
@@ -251,7 +681,7 @@ pub fn delivered(id: &str, delivered: Delivered) -> Response {
             },
         ),
         Delivered::Accepted => (
-            StatusCode::ACCEPTED,
+            Answer::Accepted,
             Body {
                 id,
                 status: "accepted",
@@ -261,161 +691,226 @@ pub fn delivered(id: &str, delivered: Delivered) -> Response {
         ),
     };
     json_response(
-        status,
+        answer.status(),
         serde_json::to_vec(&body).expect("raw values serialize"),
     )
 }
 
-/// A record that got no result, by kind.
-/// The policies a route's non-admission `429`s report in `RateLimit-Policy`.
-#[derive(Clone, Copy, Debug)]
-pub struct Policies {
-    /// The queue: `q` = `max_pending`, refilled at the measured drain rate.
-    pub queue: Quota,
-    /// The function's invoke-rate bucket.
-    pub upstream: Quota,
-}
+/// One of every request error (every record failure among them), with the status and
+/// `error` code the README documents for it.
+#[cfg(test)]
+pub(super) fn every_request_error() -> Vec<(RequestError, u16, &'static str)> {
+    use crate::coalesce::FunctionError;
+    use crate::dlq::SinkError;
+    use crate::invoke::UnknownCause;
 
-pub fn record_error(id: &str, err: RecordError, policies: &Policies) -> Response {
-    match err {
-        RecordError::QueueFull { retry_after } => {
-            shed(ShedScope::Queue, retry_after, Some(policies.queue))
-        }
-        RecordError::Closed => unavailable("sluicegate is shutting down", Duration::from_secs(1)),
-        // Never sent: retrying is safe, and the restarted worker takes the retry.
-        RecordError::WorkerFailed => unavailable(err.to_string(), Duration::from_secs(1)),
-        RecordError::TooLarge { .. } => error(
-            StatusCode::PAYLOAD_TOO_LARGE,
+    let throttled = InvokeFailure::Throttled {
+        reason: "CallerRateLimitExceeded".into(),
+        message: "Rate Exceeded.".into(),
+        retry_after: Some(Duration::from_millis(2500)),
+    };
+    let unavailable = InvokeFailure::Unavailable {
+        message: "connection refused".into(),
+    };
+    let unknown = InvokeFailure::OutcomeUnknown {
+        cause: UnknownCause::ReadTimeout,
+        message: "no answer".into(),
+    };
+    let record = |error: RecordError| RequestError::Record {
+        record: Some("r1".into()),
+        error,
+        policies: Policies {
+            queue: Quota {
+                rate: 40.0,
+                burst: 100,
+            },
+            upstream: Quota {
+                rate: 10.0,
+                burst: 10,
+            },
+        },
+    };
+    let mut all = vec![
+        (
+            RequestError::BadRequest {
+                reason: "the body is not valid JSON".into(),
+            },
+            400,
+            "bad_request",
+        ),
+        (
+            RequestError::Unauthorized {
+                header: HeaderName::from_static("x-api-key"),
+            },
+            401,
+            "unauthorized",
+        ),
+        (RequestError::Forbidden, 403, "forbidden"),
+        (RequestError::NotFound, 404, "not_found"),
+        (
+            RequestError::MethodNotAllowed { allow: "POST" },
+            405,
+            "method_not_allowed",
+        ),
+        (
+            RequestError::BodyTimeout {
+                waited: Duration::from_secs(10),
+            },
+            408,
+            "request_timeout",
+        ),
+        (
+            RequestError::TooLarge { max: 262_144 },
+            413,
             "payload_too_large",
-            err.to_string(),
         ),
-        RecordError::Invoke(failure) => invoke_failure(failure, policies),
-        RecordError::Function(e) => {
-            #[derive(Serialize)]
-            struct Body<'a> {
-                error: &'a str,
-                id: &'a str,
-                kind: &'a str,
-                error_type: &'a str,
-                message: &'a str,
-            }
-            let body = Body {
-                error: "function_error",
-                id,
-                kind: &e.kind,
-                error_type: &e.error_type,
-                message: &e.message,
-            };
-            json_response(
-                StatusCode::BAD_GATEWAY,
-                serde_json::to_vec(&body).expect("plain struct"),
-            )
-        }
-        RecordError::DeadlineBeforeRetry(ref failure) if failure.may_have_run() => error(
-            StatusCode::GATEWAY_TIMEOUT,
-            "outcome_unknown",
-            format!("record {id}: {err}"),
-        ),
-        RecordError::Expired | RecordError::DeadlineBeforeRetry(_) => error(
-            StatusCode::GATEWAY_TIMEOUT,
+        (
+            RequestError::CallerDeadline {
+                record: "r1".into(),
+            },
+            504,
             "timeout",
-            format!("record {id}: {err}"),
         ),
-        RecordError::DeadLettered {
-            id: dead_letter_id,
-            failure,
-        } => {
-            #[derive(Serialize)]
-            struct Body<'a> {
-                error: &'a str,
-                id: &'a str,
-                dead_letter_id: &'a str,
-                message: String,
-            }
-            // An attempt may have run the record: the letter is kept (marked
-            // `possibly_processed`), but the caller must not read this as safe to retry.
-            if failure.may_have_run() {
-                let body = Body {
-                    error: "outcome_unknown",
-                    id,
-                    dead_letter_id: &dead_letter_id,
-                    message: format!(
-                        "retries exhausted and the record may have been processed: {failure}"
-                    ),
-                };
-                return json_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    serde_json::to_vec(&body).expect("plain struct"),
-                );
-            }
-            let body = Body {
-                error: "unavailable",
-                id,
-                dead_letter_id: &dead_letter_id,
-                message: format!("Lambda did not take the record after retries: {failure}"),
-            };
-            let mut response = json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                serde_json::to_vec(&body).expect("plain struct"),
-            );
-            let wait = failure.retry_after().unwrap_or(Duration::from_secs(1));
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(retry_after_secs(wait)),
-            );
-            response
-        }
-        // The sink did not confirm the letter: no id to give, and the caller must not think
-        // the record is kept anywhere.
-        RecordError::NotDeadLettered { ref failure, .. } if failure.may_have_run() => error(
-            StatusCode::GATEWAY_TIMEOUT,
-            "outcome_unknown",
-            format!("record {id}: {err}"),
+        (
+            RequestError::NotReady {
+                reason: "Lambda unreachable".into(),
+            },
+            503,
+            "unavailable",
         ),
-        RecordError::NotDeadLettered { ref failure, .. } => {
-            let wait = failure.retry_after().unwrap_or(Duration::from_secs(1));
-            unavailable(format!("record {id}: {err}"), wait)
-        }
-        RecordError::MalformedResponse(_) | RecordError::MissingResult | RecordError::Lost => {
-            error(
-                StatusCode::BAD_GATEWAY,
-                "bad_gateway",
-                format!("record {id}: {err}"),
-            )
-        }
-    }
-}
-
-fn invoke_failure(failure: InvokeFailure, policies: &Policies) -> Response {
-    match failure {
-        InvokeFailure::Throttled { retry_after, .. } => shed(
-            ShedScope::Upstream,
-            retry_after.unwrap_or(Duration::from_secs(1)),
-            Some(policies.upstream),
+        (
+            record(RecordError::QueueFull {
+                retry_after: Duration::from_millis(1500),
+            }),
+            429,
+            "rate_limited",
         ),
-        InvokeFailure::TooLarge { .. } => error(
-            StatusCode::PAYLOAD_TOO_LARGE,
+        (record(RecordError::Closed), 503, "unavailable"),
+        (record(RecordError::WorkerFailed), 503, "unavailable"),
+        (
+            record(RecordError::TooLarge {
+                size: 7_000_000,
+                limit: 6_291_456,
+            }),
+            413,
             "payload_too_large",
-            failure.to_string(),
         ),
-        InvokeFailure::Rejected { .. } => {
-            error(StatusCode::BAD_GATEWAY, "bad_gateway", failure.to_string())
-        }
-        InvokeFailure::Unavailable { .. } => {
-            unavailable(failure.to_string(), Duration::from_secs(1))
-        }
-        // The request may have reached the function: the caller must not assume it did not.
-        InvokeFailure::OutcomeUnknown { .. } => error(
-            StatusCode::GATEWAY_TIMEOUT,
+        (
+            record(RecordError::Invoke(throttled.clone())),
+            429,
+            "rate_limited",
+        ),
+        (
+            record(RecordError::Invoke(InvokeFailure::TooLarge {
+                message: "payload too large".into(),
+            })),
+            413,
+            "payload_too_large",
+        ),
+        (
+            record(RecordError::Invoke(InvokeFailure::Rejected {
+                kind: "InvalidParameterValueException".into(),
+                message: "no".into(),
+            })),
+            502,
+            "bad_gateway",
+        ),
+        (
+            record(RecordError::Invoke(unavailable.clone())),
+            503,
+            "unavailable",
+        ),
+        (
+            record(RecordError::Invoke(unknown.clone())),
+            504,
             "outcome_unknown",
-            failure.to_string(),
         ),
+        (
+            record(RecordError::Function(FunctionError {
+                kind: "Unhandled".into(),
+                error_type: "Runtime.ExitError".into(),
+                message: "exited".into(),
+            })),
+            502,
+            "function_error",
+        ),
+        (
+            record(RecordError::MalformedResponse("not JSON".into())),
+            502,
+            "bad_gateway",
+        ),
+        (record(RecordError::MissingResult), 502, "bad_gateway"),
+        (record(RecordError::Lost), 502, "bad_gateway"),
+        (record(RecordError::Expired), 504, "timeout"),
+        (
+            record(RecordError::DeadlineBeforeRetry(throttled.clone())),
+            504,
+            "timeout",
+        ),
+        (
+            record(RecordError::DeadlineBeforeRetry(unknown.clone())),
+            504,
+            "outcome_unknown",
+        ),
+        (
+            record(RecordError::DeadLettered {
+                id: "dl-1".into(),
+                failure: throttled.clone(),
+            }),
+            503,
+            "unavailable",
+        ),
+        (
+            record(RecordError::DeadLettered {
+                id: "dl-2".into(),
+                failure: unknown.clone(),
+            }),
+            504,
+            "outcome_unknown",
+        ),
+        (
+            record(RecordError::NotDeadLettered {
+                failure: unavailable,
+                sink: SinkError::Timeout,
+            }),
+            503,
+            "unavailable",
+        ),
+        (
+            record(RecordError::NotDeadLettered {
+                failure: unknown,
+                sink: SinkError::Stopped,
+            }),
+            504,
+            "outcome_unknown",
+        ),
+    ];
+    for scope in ShedScope::ALL {
+        let shed = Shed {
+            scope,
+            wait: Duration::from_millis(300),
+            policy: None,
+        };
+        all.push((RequestError::Shed(shed), 429, "rate_limited"));
     }
+    all
 }
 
 #[cfg(test)]
 mod tests {
+    use http_body_util::BodyExt;
+
     use super::*;
+
+    async fn body_of(response: Response) -> serde_json::Value {
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("a full body cannot fail")
+            .to_bytes();
+        serde_json::from_slice(&bytes).expect("every body is JSON")
+    }
 
     #[test]
     fn retry_after_rounds_up_to_whole_seconds_and_is_at_least_one() {
@@ -428,21 +923,116 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn each_request_error_maps_to_its_documented_status_and_code() {
+        for (error, status, code) in every_request_error() {
+            let what = format!("{error:?}");
+            let answer = error.answer();
+            assert_eq!(answer.status().as_u16(), status, "{what}");
+            assert_eq!(error.code(), code, "{what}");
+            let response = error.into_response();
+            assert_eq!(response.status().as_u16(), status, "{what}");
+            assert_eq!(
+                response.extensions().get::<ShedScope>().copied(),
+                answer.scope(),
+                "{what}"
+            );
+            assert_eq!(response.headers()["content-type"], "application/json");
+            assert_eq!(body_of(response).await["error"], code, "{what}");
+        }
+    }
+
+    #[test]
+    fn every_429_and_503_carries_retry_after() {
+        for (error, status, _) in every_request_error() {
+            let what = format!("{error:?}");
+            let response = error.into_response();
+            let has_retry_after = response.headers().contains_key(header::RETRY_AFTER);
+            assert_eq!(has_retry_after, matches!(status, 429 | 503), "{what}");
+        }
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_lambdas_wait_in_retry_after() {
+        let (error, _, _) = every_request_error()
+            .into_iter()
+            .find(|(e, _, _)| {
+                matches!(
+                    e,
+                    RequestError::Record {
+                        error: RecordError::DeadLettered { .. },
+                        ..
+                    }
+                )
+            })
+            .expect("listed");
+        assert_eq!(error.into_response().headers()["retry-after"], "3");
+    }
+
+    #[test]
+    fn method_not_allowed_names_the_allowed_methods() {
+        let response = RequestError::MethodNotAllowed { allow: "GET, HEAD" }.into_response();
+        assert_eq!(response.headers()["allow"], "GET, HEAD");
+    }
+
+    #[test]
+    fn a_body_timeout_closes_the_connection() {
+        let response = RequestError::BodyTimeout {
+            waited: Duration::from_millis(1500),
+        }
+        .into_response();
+        assert_eq!(response.headers()["connection"], "close");
+    }
+
+    #[tokio::test]
+    async fn record_failures_name_the_record_and_dead_letters_give_their_id() {
+        for (error, _, _) in every_request_error() {
+            let (function, letter) = match &error {
+                RequestError::Record { error, .. } => (
+                    matches!(error, RecordError::Function(_)),
+                    matches!(error, RecordError::DeadLettered { .. }),
+                ),
+                _ => continue,
+            };
+            let body = body_of(error.into_response()).await;
+            if function || letter {
+                assert_eq!(body["id"], "r1", "{body}");
+            }
+            if letter {
+                assert!(body["dead_letter_id"].is_string(), "{body}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn admin_errors_map_to_their_statuses() {
+        let unauthorized = AdminError::Unauthorized("no token").into_response();
+        assert_eq!(unauthorized.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(unauthorized.headers()["www-authenticate"], "Bearer");
+        assert_eq!(
+            body_of(unauthorized).await,
+            serde_json::json!({"error": "unauthorized", "message": "no token"})
+        );
+        let no_metrics = AdminError::NoMetrics.into_response();
+        assert_eq!(no_metrics.status(), StatusCode::NOT_FOUND);
+        assert_eq!(body_of(no_metrics).await["error"], "not_found");
+        let invalid = AdminError::InvalidConfig("bad key".into()).into_response();
+        assert_eq!(invalid.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(body_of(invalid).await["error"], "invalid_config");
+    }
+
+    #[tokio::test]
     async fn the_shed_body_is_json_with_the_scope_and_the_exact_wait() {
-        let scopes = [
-            ShedScope::Limit(Scope::Global),
-            ShedScope::Limit(Scope::Route),
-            ShedScope::Limit(Scope::Key),
-            ShedScope::Queue,
-            ShedScope::Upstream,
-        ];
-        for (scope, wait_us) in scopes.into_iter().zip([1, 999, 1_000, 1_500_001, u32::MAX]) {
+        for (scope, wait_us) in ShedScope::ALL
+            .into_iter()
+            .zip([1, 999, 1_000, 1_500_001, u32::MAX])
+        {
             let wait = Duration::from_micros(u64::from(wait_us));
-            let response = shed(scope, wait, None);
-            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-                .await
-                .unwrap();
-            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            let shed = Shed {
+                scope,
+                wait,
+                policy: None,
+            };
+            let body = body_of(shed_response(shed)).await;
             assert_eq!(
                 body,
                 serde_json::json!({
@@ -460,11 +1050,11 @@ mod tests {
             rate: 10.0,
             burst: 20,
         };
-        let response = shed(
-            ShedScope::Limit(Scope::Key),
-            Duration::from_millis(100),
-            Some(quota),
-        );
+        let response = rejected(Rejected {
+            scope: Scope::Key,
+            quota,
+            wait: Duration::from_millis(100),
+        });
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         let h = response.headers();
         assert_eq!(h["retry-after"], "1");

@@ -727,6 +727,22 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_throttle_empties_the_bucket_and_refills_at_the_lowered_rate() {
+        let gate = gate(10, 10.0, 5, true);
+        gate.on_throttle("CallerRateLimitExceeded");
+        // Nothing accepted yet: the rate drops to 0.7x, and the five tokens are gone.
+        assert_eq!(gate.limits().rate, 7.0);
+        assert!(gate.try_acquire().is_none());
+        // One token at 7/s: 1/7 s, rounded up to whole nanoseconds.
+        assert_eq!(gate.time_to_next_token(), Duration::from_nanos(142_857_143));
+        tokio::time::advance(Duration::from_nanos(142_857_143)).await;
+        spend(
+            gate.try_acquire()
+                .expect("the first token after the throttle"),
+        );
+    }
+
     #[tokio::test]
     async fn non_adaptive_gates_ignore_throttles() {
         let gate = gate(4, 8.0, 15, false);

@@ -1,7 +1,7 @@
 //! A token bucket owned by one holder whose quota can change in place: the invoke gate's
 //! rate bucket and the emulator's invoke quota.
 //!
-//! Same semantics and the same rounding as the admission layers ([`Quota::gcra`]: the
+//! Same semantics and the same rounding as the admission layers (`Quota::gcra`: the
 //! period is rounded *up* to whole nanoseconds, `rate = 0` or `burst = 0` closes the
 //! bucket), kept as GCRA: one number, the theoretical arrival time `tat`. At `now` the
 //! bucket lacks `deficit = max(tat − now, 0)` nanoseconds of being full, i.e. it holds

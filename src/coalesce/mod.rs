@@ -27,7 +27,7 @@ mod envelope;
 mod worker;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -403,7 +403,7 @@ impl Drop for Charge {
 /// few arithmetic operations.
 #[derive(Debug)]
 struct DrainMeter {
-    inner: Mutex<Meter>,
+    inner: parking_lot::Mutex<Meter>,
 }
 
 #[derive(Debug)]
@@ -422,7 +422,7 @@ const DRAIN_WINDOW: Duration = Duration::from_secs(1);
 impl DrainMeter {
     fn new(nominal: f64) -> Self {
         DrainMeter {
-            inner: Mutex::new(Meter {
+            inner: parking_lot::Mutex::new(Meter {
                 busy_since: None,
                 busy: Duration::ZERO,
                 count: 0,
@@ -432,10 +432,8 @@ impl DrainMeter {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Meter> {
-        self.inner
-            .lock()
-            .expect("drain meter lock is never poisoned: no panics inside")
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Meter> {
+        self.inner.lock()
     }
 
     /// A batch of `records` was dispatched at `now`; `backlogged` says whether records were

@@ -3,7 +3,7 @@
 //! production).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -15,16 +15,17 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use serde_json::json;
 
-use super::bucket::Refusal;
 use super::function::{Execution, Function};
 use super::handler::Payload;
 use super::stats::bump;
 use super::{function_arn, request_id, Emulator};
+use crate::limit::{ceil_secs, Refusal};
 
-/// Lambda's payload limit for synchronous invokes (and `DryRun`).
-pub(crate) const SYNC_PAYLOAD_LIMIT: usize = 6 * 1024 * 1024;
-/// Lambda's payload limit for asynchronous (`Event`) invokes.
-pub(crate) const ASYNC_PAYLOAD_LIMIT: usize = 1024 * 1024;
+/// Lambda's payload limits, synchronous (and `DryRun`) and asynchronous (`Event`): the ones
+/// the proxy's config checks batches against, so the two cannot disagree. (6 MiB and 1 MiB
+/// fit in any `usize` the crate builds for.)
+const SYNC_PAYLOAD_LIMIT: usize = crate::config::SYNC_PAYLOAD_LIMIT as usize;
+const ASYNC_PAYLOAD_LIMIT: usize = crate::config::ASYNC_PAYLOAD_LIMIT as usize;
 /// How much of an oversized body is read (and thrown away) before answering 413. Reading it
 /// lets the client finish sending and then read our answer, instead of seeing its write
 /// fail with a reset connection; past this much we stop being polite.
@@ -152,11 +153,8 @@ fn insert_request_id(headers: &mut HeaderMap, request_id: &str) {
 /// A quota that never refills has no honest answer; 1 keeps clients polling.
 fn retry_after_secs(refusal: Refusal) -> u64 {
     match refusal {
-        Refusal::Wait(wait) => wait
-            .as_secs()
-            .saturating_add(u64::from(wait.subsec_nanos() > 0))
-            .max(1),
-        Refusal::Never => 1,
+        Refusal::Wait(wait) => ceil_secs(wait).max(1),
+        Refusal::Closed => 1,
     }
 }
 
@@ -402,11 +400,6 @@ fn ok_json(body: serde_json::Value, request_id: &str) -> Response {
     response
 }
 
-/// Lambda reports whole seconds; the config may hold fractions, which round up.
-fn whole_seconds_up(d: Duration) -> u64 {
-    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
-}
-
 /// Lambda's `LastModified` format: `2024-05-01T12:00:00.000+0000`.
 fn last_modified(t: SystemTime) -> String {
     let utc = humantime::format_rfc3339_millis(t).to_string();
@@ -434,7 +427,8 @@ async fn get_function_configuration(
         "Handler": cfg.handler.as_str(),
         "CodeSize": 1024,
         "Description": format!("sluicegate emulator: {} handler", cfg.handler.as_str()),
-        "Timeout": whole_seconds_up(cfg.timeout),
+        // Lambda reports whole seconds; the config may hold fractions, which round up.
+        "Timeout": ceil_secs(cfg.timeout),
         "MemorySize": cfg.memory_size,
         "LastModified": last_modified(function.created),
         "CodeSha256": "c2x1aWNlZ2F0ZS1lbXVsYXRvcg==",
@@ -483,6 +477,8 @@ async fn unknown_operation() -> Response {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::emulator::{EmulatorConfig, FunctionConfig, Handler};
     use axum::http::Request;
@@ -543,7 +539,7 @@ mod tests {
             2
         );
         assert_eq!(retry_after_secs(Refusal::Wait(Duration::ZERO)), 1);
-        assert_eq!(retry_after_secs(Refusal::Never), 1);
+        assert_eq!(retry_after_secs(Refusal::Closed), 1);
     }
 
     #[test]

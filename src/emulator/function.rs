@@ -3,16 +3,17 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 
+use parking_lot::Mutex;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use super::bucket::{Refusal, TokenBucket};
 use super::config::FunctionConfig;
 use super::handler::{self, Outcome, Payload};
 use super::stats::{bump, Counters, FunctionStats};
+use crate::limit::{AdjustableBucket, Quota, Refusal};
 
 #[derive(Debug)]
 pub(crate) struct Function {
@@ -20,9 +21,10 @@ pub(crate) struct Function {
     pub(crate) counters: Counters,
     /// Lifetime record counter for `fail_every`.
     seen_records: AtomicU64,
-    /// The invoke quota. A std mutex: the critical section is a few integer operations and
-    /// never awaits, so an async mutex would only add cost.
-    bucket: Option<Mutex<TokenBucket>>,
+    /// The invoke quota: the crate's one token bucket, with the admission layers' rounding.
+    /// A blocking mutex: the critical section is a few integer operations and never awaits,
+    /// so an async mutex would only add cost.
+    bucket: Option<Mutex<AdjustableBucket>>,
     /// Runs holding a concurrency slot now.
     in_flight: AtomicU32,
     /// Woken whenever a slot is released, for queued `Event` invokes.
@@ -45,7 +47,9 @@ impl Function {
         let bucket = cfg
             .invoke_rate
             .zip(cfg.effective_invoke_burst())
-            .map(|(rate, burst)| Mutex::new(TokenBucket::new(rate, burst, Instant::now())));
+            .map(|(rate, burst)| {
+                Mutex::new(AdjustableBucket::new(Quota { rate, burst }, Instant::now()))
+            });
         Self {
             cfg,
             counters: Counters::default(),
@@ -68,12 +72,7 @@ impl Function {
         let Some(bucket) = &self.bucket else {
             return Ok(());
         };
-        // A panic while holding this lock cannot leave the bucket half-updated (try_take
-        // writes one field last), so a poisoned lock is safe to keep using.
-        let mut bucket = bucket
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        bucket.try_take(Instant::now())
+        bucket.lock().try_take(Instant::now())
     }
 
     /// Takes a concurrency slot if the reserved concurrency allows one more run.

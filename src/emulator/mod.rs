@@ -56,7 +56,6 @@
 //! signatures and `Qualifier`.
 
 mod api;
-mod bucket;
 mod config;
 mod function;
 mod handler;

@@ -17,9 +17,12 @@
 //!   same permits. New limits apply in place: permits are added, or withdrawn as debt when
 //!   they are out (as an adaptive decrease does); the rate bucket keeps its tokens, capped
 //!   at the new burst.
-//! - No arithmetic here can panic: every wait computed from the rate is clamped to
-//!   [`MAX_WAIT`], and a lock poisoned by a panic elsewhere is used as it stands (its state
-//!   is plain numbers, consistent after any single statement).
+//! - The rate bucket is the crate's one adjustable token bucket
+//!   ([`AdjustableBucket`](crate::limit::AdjustableBucket): integer GCRA, the admission
+//!   layers' rounding), which can change its quota in place, refund and empty itself.
+//! - No arithmetic here can panic: the bucket's maths is saturating integers, every wait is
+//!   clamped to [`MAX_WAIT`], and the locks (`parking_lot`, held for a few arithmetic
+//!   operations and never across an await) do not poison.
 //!
 //! # Shared invoke rate (`[limits] backend = "redis"`)
 //!
@@ -41,16 +44,16 @@
 //! script already caps the bucket's debt at the new quota). Cancelling [`Gate::acquire`]
 //! during its Redis round trip may spend a shared token for nothing, for the same reason.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-
+use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::limit::redis::{Fallback, RedisBackend, DENY_WAIT};
-use crate::limit::{Decision, Quota};
+use crate::limit::{AdjustableBucket, Decision, Quota, Refusal};
 
 /// Throttle reasons Lambda gives for concurrency, as opposed to invoke rate.
 const CONCURRENCY_REASONS: [&str; 2] = [
@@ -70,19 +73,18 @@ const MIN_RATE: f64 = 0.1;
 const CONCURRENCY_COOLDOWN: Duration = Duration::from_millis(500);
 const CONCURRENCY_STEP_EVERY: Duration = Duration::from_secs(5);
 
-/// The longest wait for a rate token the gate computes. Validation keeps `invoke.rate` at
-/// or above 0.001/s (a token per 1000 s); this bound only keeps the maths total for any
-/// input. A caller's deadline ends a wait far sooner.
+/// The longest wait for a rate token the gate reports. Validation keeps `invoke.rate` at
+/// or above 0.001/s (a token per 1000 s); this bound keeps waits sensible for any input
+/// (a closed bucket, a rate validation would refuse). A caller's deadline ends a wait far
+/// sooner.
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 
-/// A wait of `seconds` (for a token that is not there yet), clamped to `[1ns, MAX_WAIT]`:
-/// `Duration::from_secs_f64` panics on values it cannot hold, and a wait that rounds to
-/// zero would let the caller spin without the clock moving.
-fn clamped_secs(seconds: f64) -> Duration {
-    if seconds.is_nan() || seconds >= MAX_WAIT.as_secs_f64() {
-        MAX_WAIT
-    } else {
-        Duration::from_secs_f64(seconds.max(0.0)).max(Duration::from_nanos(1))
+/// The wait a refused take reports, at most [`MAX_WAIT`]. The bucket's waits are never
+/// zero (at least 1 ns), so a caller sleeping on them cannot spin.
+fn clamped(refusal: Refusal) -> Duration {
+    match refusal {
+        Refusal::Wait(wait) => wait.min(MAX_WAIT),
+        Refusal::Closed => MAX_WAIT,
     }
 }
 
@@ -140,10 +142,8 @@ struct Concurrency {
 
 #[derive(Debug)]
 struct Rate {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    updated: Instant,
+    /// `rate` is the current (possibly lowered) invoke rate, `burst` the configured one.
+    bucket: AdjustableBucket,
     last_decrease: Option<Instant>,
     last_increase: Instant,
     /// Invokes Lambda accepted in the current and the previous one-second window.
@@ -153,23 +153,19 @@ struct Rate {
 }
 
 impl Rate {
-    fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.updated = now;
-    }
-
     /// Takes a token, or says how long until one is there.
     fn take(&mut self, now: Instant) -> Result<(), Duration> {
-        self.refill(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else if self.rate > 0.0 {
-            Err(clamped_secs((1.0 - self.tokens) / self.rate))
-        } else {
-            Err(MAX_WAIT)
-        }
+        self.bucket.try_take(now).map_err(clamped)
+    }
+
+    fn rate(&self) -> f64 {
+        self.bucket.quota().rate
+    }
+
+    /// Moves the bucket to `rate`, keeping its tokens.
+    fn set_rate(&mut self, rate: f64, now: Instant) {
+        let burst = self.bucket.quota().burst;
+        self.bucket.set_quota(Quota { rate, burst }, now);
     }
 
     fn roll_window(&mut self, now: Instant) {
@@ -209,8 +205,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if !self.used && self.local_token {
-            let mut r = self.gate.lock_rate();
-            r.tokens = (r.tokens + 1.0).min(r.burst);
+            self.gate.lock_rate().bucket.refund(Instant::now());
         }
         let Some(permit) = self.permit.take() else {
             return;
@@ -261,10 +256,13 @@ impl Gate {
                     last_change: now,
                 }),
                 rate: Mutex::new(Rate {
-                    rate: config.rate,
-                    burst: f64::from(config.burst),
-                    tokens: f64::from(config.burst),
-                    updated: now,
+                    bucket: AdjustableBucket::new(
+                        Quota {
+                            rate: config.rate,
+                            burst: config.burst,
+                        },
+                        now,
+                    ),
                     last_decrease: None,
                     last_increase: now,
                     window_start: now,
@@ -324,7 +322,7 @@ impl Gate {
         };
         let quota = Quota {
             // The locks are released at the end of each statement, before any await.
-            rate: self.inner.lock_rate().rate,
+            rate: self.inner.lock_rate().rate(),
             burst: self.inner.lock_config().burst,
         };
         match shared.backend.take(&shared.key, quota).await {
@@ -361,7 +359,7 @@ impl Gate {
 
     pub fn limits(&self) -> Limits {
         let concurrency = self.inner.lock_concurrency();
-        let rate = self.inner.lock_rate().rate;
+        let rate = self.inner.lock_rate().rate();
         let available = self.inner.permits.available_permits();
         Limits {
             concurrency: concurrency.cap,
@@ -377,15 +375,9 @@ impl Gate {
     /// How long until the local bucket has a token (zero when it has one now); at most
     /// [`MAX_WAIT`].
     pub fn time_to_next_token(&self) -> Duration {
-        let mut r = self.inner.lock_rate();
-        let now = Instant::now();
-        r.refill(now);
-        if r.tokens >= 1.0 {
-            Duration::ZERO
-        } else if r.rate > 0.0 {
-            clamped_secs((1.0 - r.tokens) / r.rate)
-        } else {
-            MAX_WAIT
+        match self.inner.lock_rate().bucket.peek(Instant::now()) {
+            Ok(()) => Duration::ZERO,
+            Err(refusal) => clamped(refusal),
         }
     }
 
@@ -422,14 +414,18 @@ impl Gate {
             c.last_change = now;
         }
         let mut r = self.inner.lock_rate();
-        r.refill(now);
-        r.rate = if config.adaptive && r.rate < old.rate {
-            r.rate.min(config.rate)
+        let rate = if config.adaptive && r.rate() < old.rate {
+            r.rate().min(config.rate)
         } else {
             config.rate
         };
-        r.burst = f64::from(config.burst);
-        r.tokens = r.tokens.min(r.burst);
+        r.bucket.set_quota(
+            Quota {
+                rate,
+                burst: config.burst,
+            },
+            now,
+        );
         tracing::info!(
             concurrency = config.max_concurrency,
             rate = config.rate,
@@ -448,13 +444,13 @@ impl Gate {
             let mut r = self.inner.lock_rate();
             r.roll_window(now);
             r.accepted_now = r.accepted_now.saturating_add(1);
-            if config.adaptive && r.rate < config.rate {
+            if config.adaptive && r.rate() < config.rate {
                 let quiet = r
                     .last_decrease
                     .is_none_or(|t| now.saturating_duration_since(t) >= RATE_QUIET);
                 if quiet && now.saturating_duration_since(r.last_increase) >= RATE_STEP_EVERY {
-                    r.refill(now);
-                    r.rate = (r.rate + RATE_STEP * config.rate).min(config.rate);
+                    let raised = (r.rate() + RATE_STEP * config.rate).min(config.rate);
+                    r.set_rate(raised, now);
                     r.last_increase = now;
                 }
             }
@@ -513,41 +509,38 @@ impl Gate {
             }
             r.roll_window(now);
             let accepted = f64::from(r.accepted_prev.max(r.accepted_now));
-            let mut lowered = r.rate * DECREASE;
+            let mut lowered = r.rate() * DECREASE;
             if accepted > 0.0 {
                 lowered = lowered.min(accepted * 0.95);
             }
-            r.refill(now);
             // Never raised by the floor: a configured rate below it stays the ceiling.
-            r.rate = lowered.max(MIN_RATE.min(config.rate));
-            r.tokens = r.tokens.min(0.0);
+            r.set_rate(lowered.max(MIN_RATE.min(config.rate)), now);
+            r.bucket.empty(now);
             r.last_decrease = Some(now);
             r.last_increase = now;
             tracing::warn!(
                 reason,
-                rate = r.rate,
+                rate = r.rate(),
                 "Lambda throttled the invoke rate: lowering the invoke rate"
             );
         }
     }
 }
 
-// A panic while a lock is held cannot leave these structs torn (each update is a few
-// assignments of plain numbers), so a poisoned lock is used as it stands rather than
-// making every later invoke of the function panic too.
+// `parking_lot` locks: each is held for a few arithmetic operations, never across an await,
+// and does not poison — a panic elsewhere while one was held (each update is a few
+// assignments of plain numbers) must not make every later invoke of the function panic too.
 impl Inner {
     fn lock_config(&self) -> MutexGuard<'_, GateConfig> {
-        self.config.lock().unwrap_or_else(PoisonError::into_inner)
+        self.config.lock()
     }
 
     fn lock_concurrency(&self) -> MutexGuard<'_, Concurrency> {
-        self.concurrency
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.concurrency.lock()
     }
 
     fn lock_rate(&self) -> MutexGuard<'_, Rate> {
-        self.rate.lock().unwrap_or_else(PoisonError::into_inner)
+        self.rate.lock()
     }
 }
 
@@ -764,6 +757,22 @@ mod tests {
                 spend(slot);
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_throttle_empties_the_bucket_and_refills_at_the_lowered_rate() {
+        let gate = gate(10, 10.0, 5, true);
+        gate.on_throttle("CallerRateLimitExceeded");
+        // Nothing accepted yet: the rate drops to 0.7x, and the five tokens are gone.
+        assert_eq!(gate.limits().rate, 7.0);
+        assert!(gate.try_acquire().is_none());
+        // One token at 7/s: 1/7 s, rounded up to whole nanoseconds.
+        assert_eq!(gate.time_to_next_token(), Duration::from_nanos(142_857_143));
+        tokio::time::advance(Duration::from_nanos(142_857_143)).await;
+        spend(
+            gate.try_acquire()
+                .expect("the first token after the throttle"),
+        );
     }
 
     #[tokio::test]

@@ -13,11 +13,23 @@
 //! blip. When Lambda is in trouble, retries cannot multiply the load on it: above the
 //! floor they stay a fraction of the traffic, and every retry passes the function's gate
 //! (invoke rate and concurrency) like a first attempt.
+//!
+//! # Why not tower's `retry::budget::TpsBudget` and `retry::backoff`
+//!
+//! `TpsBudget` is the same Finagle budget (a sliding window, a per-second floor, a share of
+//! deposits), but it turns the share into a whole number of deposits per retry,
+//! `⌊1 / fraction⌋`, so `budget = 0.3` would allow a third and `0.15` a sixth — not what the
+//! config says — and it `assert!`s (panics) on values outside its ranges. Its
+//! `ExponentialBackoff` adds jitter *on top of* the exponential delay (`[d, d × (1 +
+//! jitter)]`), where the README promises `full`, `equal` and ratio jitter *below* it, and
+//! it has no notion of a throttle's `Retry-After` floor. Both fit tower's `Retry`
+//! middleware, which replays one request per policy; our retries are per batch, inside
+//! the coalescer's delivery loop, so the middleware would not be used either.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use rand::Rng;
 use tokio::time::Instant;
 
@@ -74,10 +86,8 @@ impl RetryBudget {
 
     fn with_current<T>(&self, f: impl FnOnce(&mut VecDeque<(Instant, u32, u32)>) -> T) -> T {
         let now = Instant::now();
-        let mut slots = self
-            .slots
-            .lock()
-            .expect("budget lock is never poisoned: no panics while held");
+        // A `parking_lot` mutex: held for a few deque operations, never across an await.
+        let mut slots = self.slots.lock();
         while slots
             .front()
             .is_some_and(|(start, _, _)| now.saturating_duration_since(*start) >= WINDOW)

@@ -28,6 +28,12 @@
 //! [`Clock`](governor::clock::Clock): production uses [`TokioClock`] (so `tokio::time::pause()`
 //! controls admission in tests too), unit tests use `governor::clock::FakeRelativeClock`.
 //!
+//! The same bucket, with the same rounding ([`Quota`] → period), also serves where one
+//! holder needs to change a quota in place, refund or empty a bucket: [`AdjustableBucket`],
+//! the invoke gate's rate bucket and the emulator's invoke quota (its module docs say why
+//! governor's `RateLimiter` cannot do that). [`ceil_secs`] is the one rounding of a wait to
+//! whole seconds.
+//!
 //! `tower_governor` is not used as-is because it truncates `Retry-After` to whole seconds
 //! (sending `0` for every sub-second wait, which makes well-behaved clients retry at once),
 //! holds a single quota per layer (no usage plans, no global → route → key chain), and leaves
@@ -109,6 +115,7 @@
 //! [`Rejected`] to `429` and headers happens in `server`, the only module that knows HTTP
 //! responses.
 
+mod adjustable;
 mod admission;
 mod bucket;
 mod clock;
@@ -127,6 +134,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use self::adjustable::{AdjustableBucket, Refusal};
 pub use self::admission::{Admission, Admit, Admitted, Plan, Plans, Rejected};
 pub use self::bucket::Bucket;
 pub use self::clock::{DefaultClock, TokioClock, TokioInstant};
@@ -148,6 +156,13 @@ pub const MAX_RATE: f64 = 1e9;
 /// buckets are configuration mistakes, and the bound keeps the engine's nanosecond arithmetic
 /// far from overflowing `u64` (≈ 584 years).
 pub const MAX_REFILL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// `d` in whole seconds, rounded up (saturating): the one rounding behind `Retry-After`, the
+/// `RateLimit` fields and the emulator's Lambda figures. Waiting the rounded time is never
+/// early. Callers that must never say 0 (`Retry-After`) take `.max(1)` themselves.
+pub fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
+}
 
 /// One token bucket's parameters: `rate` tokens per second, at most `burst` tokens.
 ///
@@ -417,6 +432,15 @@ mod tests {
         .gcra()
         .expect("open");
         assert!(slow.burst_size_replenished_in() <= MAX_REFILL);
+    }
+
+    #[test]
+    fn ceil_secs_rounds_any_fraction_up() {
+        assert_eq!(ceil_secs(Duration::ZERO), 0);
+        assert_eq!(ceil_secs(Duration::from_nanos(1)), 1);
+        assert_eq!(ceil_secs(Duration::from_millis(1000)), 1);
+        assert_eq!(ceil_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(ceil_secs(Duration::MAX), u64::MAX);
     }
 
     #[test]

@@ -269,7 +269,7 @@ struct Shared {
     /// Where reloads read from; `None` when started from an in-memory config.
     source: Option<PathBuf>,
     /// Every batcher ever built, so shutdown can close the ones still draining after a reload.
-    closers: std::sync::Mutex<Vec<Closer>>,
+    closers: parking_lot::Mutex<Vec<Closer>>,
     metrics: Option<PrometheusHandle>,
     /// The embedded emulator's actual URL when it runs, so a reloaded config that names
     /// it keeps pointing at it (see [`Config::targets_embedded_emulator`]).
@@ -340,7 +340,6 @@ impl Shared {
         .map_err(|e| e.to_string())?;
         self.closers
             .lock()
-            .expect("closers lock is never poisoned: no panics while held")
             .extend(next.routes.iter().map(|r| r.batcher.closer()));
         self.app.store(next);
         tracing::info!(restart_required = ?report.restart_required, "config reloaded");
@@ -384,13 +383,7 @@ impl Running {
             .is_err()
         {
             tracing::warn!("shutdown grace period over: answering records not yet sent with 503");
-            for closer in self
-                .shared
-                .closers
-                .lock()
-                .expect("closers lock is never poisoned")
-                .iter()
-            {
+            for closer in self.shared.closers.lock().iter() {
                 closer.close();
             }
             let bound = config.lambda.read_timeout + Duration::from_secs(5);
@@ -461,7 +454,7 @@ pub async fn start_with_source(
         app: ArcSwap::new(Arc::clone(&app)),
         client,
         source,
-        closers: std::sync::Mutex::new(closers),
+        closers: parking_lot::Mutex::new(closers),
         metrics: crate::metrics::install(),
         emulator_url,
     });

@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 
 use crate::coalesce::{Delivered, RecordError};
 use crate::invoke::InvokeFailure;
-use crate::limit::{Admitted, Quota, Rejected, Scope};
+use crate::limit::{ceil_secs, Admitted, Quota, Rejected, Scope};
 
 /// A response as sluicegate writes it: the whole body in one buffer.
 pub type Response = http::Response<Full<Bytes>>;
@@ -524,18 +524,13 @@ pub fn ready(endpoint: &str) -> Response {
 
 /// Whole seconds for `Retry-After` and the RateLimit fields: rounded up, at least 1.
 pub fn retry_after_secs(wait: Duration) -> u64 {
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    secs.max(1)
+    ceil_secs(wait).max(1)
 }
 
 /// Milliseconds for `retry_after_ms`: rounded up, so waiting that long is never early.
 pub fn retry_after_ms(wait: Duration) -> u64 {
     let ms = wait.as_millis() as u64;
     ms + u64::from(wait.as_nanos() % 1_000_000 > 0)
-}
-
-fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 /// A structured field such as `"key";q=10;w=1`: the scope, then `;name=value` pairs.

@@ -17,7 +17,10 @@
 //! - [`emulator`]: a local Lambda Invoke API that the real SDK talks to unchanged.
 #![forbid(unsafe_code)]
 
+pub mod aws;
+pub mod backend;
 pub mod coalesce;
+pub mod commands;
 pub mod config;
 pub mod dlq;
 pub mod emulator;
@@ -25,4 +28,8 @@ pub mod invoke;
 pub mod limit;
 pub mod metrics;
 pub mod pipeline;
+pub mod quota;
+pub mod redact;
+pub mod redrive;
 pub mod server;
+pub mod units;

@@ -13,8 +13,11 @@
 //! key already holds a string in the file the value always stays a string.
 //! Variables without `__` (such as `SLUICEGATE_CONFIG`) are not overrides.
 
-pub mod redact;
-pub mod units;
+/// Moved to the leaf [`crate::redact`]; kept here for code not yet moved to the new path.
+pub use crate::redact;
+/// Moved to the leaf [`crate::units`] (the emulator's config uses it too); kept here for
+/// code not yet moved to the new path.
+pub use crate::units;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -24,9 +27,9 @@ use std::time::Duration;
 
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
-pub use self::units::ByteSize;
 use crate::emulator::EmulatorConfig;
 pub use crate::limit::Quota;
+pub use crate::units::ByteSize;
 
 /// The default config file, compiled in so `sluicegate serve` runs out of the box.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../config/sluicegate.toml");

@@ -49,8 +49,8 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::limit::redis::{Fallback, RedisBackend, DENY_WAIT};
-use crate::limit::{Decision, Quota};
+use crate::backend::{Fallback, RedisBackend, DENY_WAIT};
+use crate::quota::{Decision, Quota};
 
 /// Throttle reasons Lambda gives for concurrency, as opposed to invoke rate.
 const CONCURRENCY_REASONS: [&str; 2] = [

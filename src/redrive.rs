@@ -1,4 +1,4 @@
-//! `sluicegate dlq redrive`: replays dead letters through the same pipeline as live
+//! Replaying dead letters (`sluicegate dlq redrive`) through the same pipeline as live
 //! traffic — an invoke gate with the route's rate and concurrency, its retries and
 //! batching — and reports what succeeded. Letters that fail again are handed back to the
 //! caller of [`redrive`] (the CLI writes them back), never dropped.
@@ -8,6 +8,10 @@
 //! is shared, the concurrency never is). [`limit_routes`] lowers the redrive's limits below
 //! the route's (`--rate`, `--concurrency`) so that the two fit the function together; it
 //! refuses to raise them.
+//!
+//! A use case above the pipeline: it builds a [`Pipeline`] and reads letters that
+//! [`crate::dlq`] stored; `dlq` itself never imports it. The files, locks and report printing
+//! of the command are in [`crate::commands::dlq`].
 
 use std::collections::HashMap;
 use std::time::SystemTime;
@@ -16,9 +20,9 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::{timestamp, DeadLetter};
 use crate::coalesce::{Delivered, RecordError};
 use crate::config::{Config, RouteConfig};
+use crate::dlq::{timestamp, DeadLetter};
 use crate::pipeline::Pipeline;
 
 /// What a redrive did.

@@ -113,7 +113,7 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-/// `#[serde(with = "crate::config::units::duration")]` for `std::time::Duration` fields.
+/// `#[serde(with = "crate::units::duration")]` for `std::time::Duration` fields.
 pub mod duration {
     use super::*;
 
@@ -127,7 +127,7 @@ pub mod duration {
     }
 }
 
-/// `#[serde(with = "crate::config::units::opt_duration")]` for `Option<Duration>` fields.
+/// `#[serde(with = "crate::units::opt_duration")]` for `Option<Duration>` fields.
 pub mod opt_duration {
     use super::*;
 

@@ -81,9 +81,11 @@ fn gate_config(config: &Config, function: &str) -> GateConfig {
         adaptive: false,
     };
     for r in routes {
-        gate.max_concurrency = gate.max_concurrency.min(r.invoke.max_concurrency as usize);
+        gate.max_concurrency = gate
+            .max_concurrency
+            .min(r.invoke.max_concurrency.get() as usize);
         gate.rate = gate.rate.min(r.invoke.rate);
-        gate.burst = gate.burst.min(r.invoke.burst);
+        gate.burst = gate.burst.min(r.invoke.burst.get());
         gate.adaptive |= r.invoke.adaptive;
     }
     gate

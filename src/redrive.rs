@@ -14,6 +14,7 @@
 //! of the command are in [`crate::commands::dlq`].
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -53,9 +54,12 @@ pub fn limit_routes(
             return Err(format!("--rate {rate}: must be a positive number"));
         }
     }
-    if concurrency == Some(0) {
-        return Err("--concurrency 0: must be at least 1".to_owned());
-    }
+    let concurrency = match concurrency {
+        Some(n) => Some(
+            NonZeroU32::new(n).ok_or_else(|| "--concurrency 0: must be at least 1".to_owned())?,
+        ),
+        None => None,
+    };
     for route in &mut config.routes {
         lower(route, rate, concurrency)?;
     }
@@ -65,7 +69,7 @@ pub fn limit_routes(
 fn lower(
     route: &mut RouteConfig,
     rate: Option<f64>,
-    concurrency: Option<u32>,
+    concurrency: Option<NonZeroU32>,
 ) -> Result<(), String> {
     if let Some(rate) = rate {
         if rate > route.invoke.rate {
@@ -76,7 +80,7 @@ fn lower(
         }
         route.invoke.rate = rate;
         // At least one token, else the bucket could never pass an invoke.
-        let per_second = (rate.ceil() as u32).max(1);
+        let per_second = NonZeroU32::new(rate.ceil() as u32).unwrap_or(NonZeroU32::MIN);
         route.invoke.burst = route.invoke.burst.min(per_second);
     }
     if let Some(concurrency) = concurrency {
@@ -191,7 +195,10 @@ mod tests {
         let mut c = config();
         limit_routes(&mut c, None, None).unwrap();
         let inv = &c.routes[0].invoke;
-        assert_eq!((inv.rate, inv.burst, inv.max_concurrency), (8.0, 15, 5));
+        assert_eq!(
+            (inv.rate, inv.burst.get(), inv.max_concurrency.get()),
+            (8.0, 15, 5)
+        );
     }
 
     #[test]
@@ -199,7 +206,10 @@ mod tests {
         let mut c = config();
         limit_routes(&mut c, Some(2.5), Some(1)).unwrap();
         let inv = &c.routes[0].invoke;
-        assert_eq!((inv.rate, inv.burst, inv.max_concurrency), (2.5, 3, 1));
+        assert_eq!(
+            (inv.rate, inv.burst.get(), inv.max_concurrency.get()),
+            (2.5, 3, 1)
+        );
     }
 
     #[test]

@@ -84,7 +84,7 @@ pub fn check(config: &Config, route: usize, facts: FunctionFacts) -> Vec<Finding
     }
     match facts.reserved_concurrency {
         Some(0) => findings.push(finding(format!("{} has reserved concurrency 0: every invoke is throttled", r.function))),
-        Some(reserved) if r.invoke.max_concurrency > reserved => findings.push(finding(format!(
+        Some(reserved) if r.invoke.max_concurrency.get() > reserved => findings.push(finding(format!(
             "invoke.max_concurrency ({}) exceeds {}'s reserved concurrency ({reserved}): the excess is throttled",
             r.invoke.max_concurrency, r.function
         ))),

@@ -14,11 +14,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::backend::{Fallback, RedisBackend, RedisOptions};
 use crate::coalesce::{BatchSpec, Batcher};
 use crate::config::{BackendErrorPolicy, Config, LimitBackend, LimitsConfig};
 use crate::dlq::DeadLetterSink;
 use crate::invoke::{Gate, GateConfig, Invoker};
-use crate::limit::{Fallback, RedisBackend, RedisOptions};
 
 /// One route, ready to take records.
 pub struct RouteHandle {

@@ -3,6 +3,8 @@
 //!
 //! Both are parsed with messages that say what was expected, so a config error can name
 //! the key and the value that was wrong.
+//!
+//! A leaf: the proxy's config and the emulator's config both use it, and it uses neither.
 
 use std::fmt;
 use std::time::Duration;

@@ -1,13 +1,11 @@
-//! The `sluicegate` command: serve, emulate, check-config, dlq (inspect / redrive; the
-//! work is in `sluicegate::dlq::command`).
+//! The `sluicegate` command: parses arguments, runs the subcommand (the work is in
+//! `sluicegate::commands`) and turns its result into an exit code.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use sluicegate::config::{Config, DEFAULT_CONFIG_TOML};
-
-const DEFAULT_CONFIG_PATH: &str = "config/sluicegate.toml";
+use sluicegate::commands::{self, dlq::RedriveLimits, serve::DEFAULT_CONFIG_PATH};
 
 /// mimalloc: the request path allocates many small, short-lived objects (headers, bodies,
 /// futures) across threads; measured in BENCHMARKS.md against the system allocator.
@@ -94,94 +92,9 @@ enum DlqCommand {
     },
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICEGATE_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().with_current_span(true).init(),
-    }
-}
-
-/// The config for `serve` and the file it came from: the given file, else
-/// `config/sluicegate.toml`, else the compiled-in copy of it (so the binary runs anywhere
-/// out of the box; there is then no file to reload from).
-fn load_serve_config(path: Option<PathBuf>) -> Result<(Config, Option<PathBuf>), String> {
-    match path {
-        Some(path) => Config::load(&path)
-            .map(|c| (c, Some(path)))
-            .map_err(|e| e.to_string()),
-        None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
-            let path = PathBuf::from(DEFAULT_CONFIG_PATH);
-            Config::load(&path)
-                .map(|c| (c, Some(path)))
-                .map_err(|e| e.to_string())
-        }
-        None => {
-            tracing::info!("{DEFAULT_CONFIG_PATH} not found; using the built-in default config");
-            Config::from_toml_with_env(DEFAULT_CONFIG_TOML, "<built-in default>", std::env::vars())
-                .map(|c| (c, None))
-                .map_err(|e| e.to_string())
-        }
-    }
-}
-
-/// SIGHUP, as a stream of reload requests.
-fn reload_signals() -> tokio::sync::mpsc::Receiver<()> {
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    #[cfg(unix)]
-    tokio::spawn(async move {
-        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGHUP; reload with POST /admin/reload");
-                return;
-            }
-        };
-        while hup.recv().await.is_some() {
-            // A reload already pending covers this one too.
-            let _ = tx.try_send(());
-        }
-    });
-    #[cfg(not(unix))]
-    drop(tx);
-    rx
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    commands::init_logging(matches!(cli.log_format, LogFormat::Json));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -192,133 +105,36 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let command = cli.command.unwrap_or(Command::Serve { config: None });
-    match command {
-        Command::CheckConfig { file, discover } => match Config::load(&file) {
-            Ok(config) => {
-                print!("{}", config.to_toml());
-                eprintln!("{}: OK", file.display());
-                if discover {
-                    return runtime.block_on(discover_findings(config));
-                }
-                ExitCode::SUCCESS
+    let outcome = runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Serve { config: None }) {
+            Command::Serve { config } => commands::serve::serve(config).await,
+            Command::Emulate { config } => commands::serve::emulate(&config).await,
+            Command::CheckConfig { file, discover } => {
+                commands::check::check_config(&file, discover).await
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Dlq { command } => runtime.block_on(dlq(command)),
-        Command::Serve { config } => {
-            let (config, source) = match load_serve_config(config) {
-                Ok(loaded) => loaded,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let served = runtime.block_on(async move {
-                sluicegate::server::run(config, source, shutdown_signal(), reload_signals()).await
-            });
-            match served {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
+            Command::Dlq {
+                command: DlqCommand::Inspect { config, from },
+            } => commands::dlq::inspect_command(&config, from),
+            Command::Dlq {
+                command:
+                    DlqCommand::Redrive {
+                        config,
+                        from,
+                        rate,
+                        concurrency,
+                    },
+            } => {
+                let limits = RedriveLimits { rate, concurrency };
+                commands::dlq::redrive_command(&config, from, limits).await
             }
         }
-        Command::Emulate { config } => {
-            let emulator = match Config::load_for_emulator(&config) {
-                Ok(emulator) => emulator,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(sluicegate::emulator::serve(emulator, shutdown_signal())) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: emulator: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-    }
-}
-
-/// `check-config --discover`: prints findings; fails only when `lambda.strict` would refuse.
-async fn discover_findings(mut config: Config) -> ExitCode {
-    let mut emulator = None;
-    if config.targets_embedded_emulator() {
-        let mut emulator_config = config.emulator.clone();
-        emulator_config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-        match tokio::net::TcpListener::bind(emulator_config.listen).await {
-            Ok(listener) => match sluicegate::emulator::spawn(emulator_config, listener).await {
-                Ok(running) => {
-                    config.retarget_embedded_emulator(&running.endpoint_url());
-                    emulator = Some(running);
-                }
-                Err(e) => {
-                    eprintln!("warning: cannot start the embedded emulator for discovery: {e}")
-                }
-            },
-            Err(e) => eprintln!("warning: cannot start the embedded emulator for discovery: {e}"),
-        }
-    }
-    let client = sluicegate::invoke::build_client(&config.lambda).await;
-    let findings = sluicegate::invoke::discover::discover(&client, &config).await;
-    drop(emulator);
-    if findings.is_empty() {
-        eprintln!("discovery: every route fits its function");
-        return ExitCode::SUCCESS;
-    }
-    for finding in &findings {
-        eprintln!("finding: {finding}");
-    }
-    if config.lambda.strict {
-        eprintln!("lambda.strict = true: serve would refuse to start");
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
-}
-
-async fn dlq(command: DlqCommand) -> ExitCode {
-    use sluicegate::dlq::command;
-    let result = match command {
-        DlqCommand::Inspect { config, from } => {
-            load(&config).and_then(|config| command::inspect(&config, from))
-        }
-        DlqCommand::Redrive {
-            config,
-            from,
-            rate,
-            concurrency,
-        } => match load(&config) {
-            Ok(config) => {
-                let limits = command::RedriveLimits { rate, concurrency };
-                command::redrive_files(config, from, limits).await
-            }
-            Err(e) => Err(e),
-        },
-    };
-    match result {
-        Ok(report) => {
-            println!("{}", report.json);
-            if report.ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+    });
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
-}
-
-fn load(config: &Path) -> Result<Config, String> {
-    Config::load(config).map_err(|e| e.to_string())
 }

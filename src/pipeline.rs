@@ -14,11 +14,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::backend::{Fallback, RedisBackend, RedisOptions};
 use crate::coalesce::{BatchSpec, Batcher};
 use crate::config::{BackendErrorPolicy, Config, LimitBackend, LimitsConfig};
 use crate::dlq::DeadLetterSink;
 use crate::invoke::{Gate, GateConfig, Invoker};
-use crate::limit::{Fallback, RedisBackend, RedisOptions};
 
 /// One route, ready to take records.
 pub struct RouteHandle {
@@ -81,9 +81,11 @@ fn gate_config(config: &Config, function: &str) -> GateConfig {
         adaptive: false,
     };
     for r in routes {
-        gate.max_concurrency = gate.max_concurrency.min(r.invoke.max_concurrency as usize);
+        gate.max_concurrency = gate
+            .max_concurrency
+            .min(r.invoke.max_concurrency.get() as usize);
         gate.rate = gate.rate.min(r.invoke.rate);
-        gate.burst = gate.burst.min(r.invoke.burst);
+        gate.burst = gate.burst.min(r.invoke.burst.get());
         gate.adaptive |= r.invoke.adaptive;
     }
     gate

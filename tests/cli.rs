@@ -118,7 +118,8 @@ fn check_config_prints_the_effective_config() {
     let printed = String::from_utf8(out.stdout).unwrap();
     let config = sluicegate::config::Config::from_toml(&printed).expect("printed config is valid");
     assert_eq!(
-        config.routes[0].batch.max_records, 7,
+        config.routes[0].batch.max_records.get(),
+        7,
         "environment overrides are applied"
     );
 }

@@ -376,7 +376,7 @@ reserved_concurrency = 0
     let healthy = Harness::start(&healthy).await;
     let mut config = Config::from_toml(&route("records", "switched-off", "")).unwrap();
     config.lambda.endpoint_url = Some(format!("http://{}", healthy.emulator()));
-    let report = sluicegate::dlq::redrive::redrive(&config, letters)
+    let report = sluicegate::redrive::redrive(&config, letters)
         .await
         .unwrap();
     assert_eq!((report.total, report.succeeded, report.failed), (3, 3, 0));

@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use super::*;
 
 fn load(text: &str) -> Result<Config, ConfigError> {
@@ -156,7 +158,7 @@ fn env_overrides_set_nested_keys_and_array_entries() {
     .unwrap();
     assert_eq!(config.server.listen.port(), 18080);
     assert_eq!(config.routes[0].function, "other-fn");
-    assert_eq!(config.routes[0].batch.max_records, 7);
+    assert_eq!(config.routes[0].batch.max_records.get(), 7);
     assert_eq!(
         config.limits.default,
         Quota {
@@ -401,9 +403,9 @@ mod props {
             };
             let invoke = &config.routes[0].invoke;
             let gate = Gate::new(GateConfig {
-                max_concurrency: invoke.max_concurrency as usize,
+                max_concurrency: invoke.max_concurrency.get() as usize,
                 rate: invoke.rate,
-                burst: invoke.burst,
+                burst: invoke.burst.get(),
                 adaptive: true,
             });
             for _ in 0..3 {

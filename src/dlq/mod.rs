@@ -18,11 +18,13 @@
 //! batch on a fresh line even after a torn write; [`read_letters`] skips and reports lines
 //! that do not parse instead of rejecting the file. [`lock`] keeps two redrives of one file
 //! apart.
+//!
+//! This module is storage only: it knows neither the batcher nor the pipeline. Replaying
+//! letters is a use case above the pipeline ([`crate::redrive`]), and the `sluicegate dlq`
+//! commands over these files live in [`crate::commands::dlq`].
 
-pub mod command;
 mod file;
 pub mod lock;
-pub mod redrive;
 mod sqs;
 
 use std::path::Path;

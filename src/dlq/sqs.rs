@@ -27,7 +27,7 @@ impl SqsSink {
     pub async fn new(queue_url: &str, lambda: &LambdaConfig) -> SqsSink {
         let mut cfg = lambda.clone();
         cfg.endpoint_url = endpoint_of(queue_url);
-        let sdk = crate::invoke::sdk_config(&cfg).await;
+        let sdk = crate::aws::sdk_config(&cfg).await;
         SqsSink {
             client: aws_sdk_sqs::Client::new(&sdk),
             queue_url: queue_url.to_owned(),

@@ -19,7 +19,7 @@ use super::function::{Execution, Function};
 use super::handler::Payload;
 use super::stats::bump;
 use super::{function_arn, request_id, Emulator};
-use crate::limit::{ceil_secs, Refusal};
+use crate::quota::{ceil_secs, Refusal};
 
 /// Lambda's payload limits, synchronous (and `DryRun`) and asynchronous (`Event`): the ones
 /// the proxy's config checks batches against, so the two cannot disagree. (6 MiB and 1 MiB

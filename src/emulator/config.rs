@@ -113,10 +113,10 @@ pub struct FunctionConfig {
     #[serde(default)]
     pub response: ResponseShape,
     /// How long the function runs before it answers.
-    #[serde(default = "default_latency", with = "crate::config::units::duration")]
+    #[serde(default = "default_latency", with = "crate::units::duration")]
     pub latency: Duration,
     /// The function's own timeout; a run longer than this answers `Task timed out`.
-    #[serde(default = "default_timeout", with = "crate::config::units::duration")]
+    #[serde(default = "default_timeout", with = "crate::units::duration")]
     pub timeout: Duration,
     /// Reserved concurrency: at most this many synchronous runs at once. `None` = unreserved
     /// (no limit); `Some(0)` throttles every synchronous invoke.
@@ -136,7 +136,7 @@ pub struct FunctionConfig {
     /// A payload limit below Lambda's own (6 MB sync, 1 MB async), answered with the same
     /// `RequestTooLargeException`: lets tests exercise batch splitting with small records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_payload: Option<crate::config::ByteSize>,
+    pub max_payload: Option<crate::units::ByteSize>,
 }
 
 fn default_every() -> u32 {

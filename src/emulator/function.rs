@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::config::FunctionConfig;
 use super::handler::{self, Outcome, Payload};
 use super::stats::{bump, Counters, FunctionStats};
-use crate::limit::{AdjustableBucket, Quota, Refusal};
+use crate::quota::{AdjustableBucket, Quota, Refusal};
 
 #[derive(Debug)]
 pub(crate) struct Function {

@@ -56,8 +56,8 @@ pub fn static_findings(config: &Config) -> Vec<Finding> {
                 message: format!(
                     "retry.max_attempts ({}) × (lambda.connect_timeout + lambda.read_timeout) = {} exceeds the request_timeout of {}: late attempts cannot answer their callers",
                     route.retry.max_attempts,
-                    crate::config::units::format_duration(worst),
-                    crate::config::units::format_duration(deadline),
+                    crate::units::format_duration(worst),
+                    crate::units::format_duration(deadline),
                 ),
             })
         })
@@ -76,15 +76,15 @@ pub fn check(config: &Config, route: usize, facts: FunctionFacts) -> Vec<Finding
         if config.lambda.read_timeout <= timeout {
             findings.push(finding(format!(
                 "lambda.read_timeout ({}) is not above {}'s timeout ({}): a slow invoke is abandoned while the function still runs",
-                crate::config::units::format_duration(config.lambda.read_timeout),
+                crate::units::format_duration(config.lambda.read_timeout),
                 r.function,
-                crate::config::units::format_duration(timeout),
+                crate::units::format_duration(timeout),
             )));
         }
     }
     match facts.reserved_concurrency {
         Some(0) => findings.push(finding(format!("{} has reserved concurrency 0: every invoke is throttled", r.function))),
-        Some(reserved) if r.invoke.max_concurrency > reserved => findings.push(finding(format!(
+        Some(reserved) if r.invoke.max_concurrency.get() > reserved => findings.push(finding(format!(
             "invoke.max_concurrency ({}) exceeds {}'s reserved concurrency ({reserved}): the excess is throttled",
             r.invoke.max_concurrency, r.function
         ))),

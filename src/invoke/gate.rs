@@ -18,7 +18,7 @@
 //!   they are out (as an adaptive decrease does); the rate bucket keeps its tokens, capped
 //!   at the new burst.
 //! - The rate bucket is the crate's one adjustable token bucket
-//!   ([`AdjustableBucket`](crate::limit::AdjustableBucket): integer GCRA, the admission
+//!   ([`AdjustableBucket`](crate::quota::AdjustableBucket): integer GCRA, the admission
 //!   layers' rounding), which can change its quota in place, refund and empty itself.
 //! - No arithmetic here can panic: the bucket's maths is saturating integers, every wait is
 //!   clamped to [`MAX_WAIT`], and the locks (`parking_lot`, held for a few arithmetic
@@ -52,8 +52,8 @@ use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::limit::redis::{Fallback, RedisBackend, DENY_WAIT};
-use crate::limit::{AdjustableBucket, Decision, Quota, Refusal};
+use crate::backend::{Fallback, RedisBackend, DENY_WAIT};
+use crate::quota::{AdjustableBucket, Decision, Quota, Refusal};
 
 /// Throttle reasons Lambda gives for concurrency, as opposed to invoke rate.
 const CONCURRENCY_REASONS: [&str; 2] = [

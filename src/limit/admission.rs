@@ -14,8 +14,8 @@ use super::bucket::Bucket;
 use super::clock::DefaultClock;
 use super::engine::KeyBudget;
 use super::keyed::KeyedBuckets;
-use super::redis::{BucketRef, Fallback, Gcra, RedisBackend, DENY_WAIT};
 use super::{Decision, Quota, Scope};
+use crate::backend::{BucketRef, Fallback, Gcra, RedisBackend, DENY_WAIT};
 
 /// A usage plan: API keys that each get a bucket with this quota.
 #[derive(Clone, Debug, PartialEq)]

@@ -551,7 +551,7 @@ fn fd_reserve(config: &Config) -> u64 {
     let invokes: u64 = config
         .routes
         .iter()
-        .map(|r| u64::from(r.invoke.max_concurrency))
+        .map(|r| u64::from(r.invoke.max_concurrency.get()))
         .sum();
     FD_RESERVE + ADMIN_MAX_CONNECTIONS as u64 + invokes
 }

@@ -23,7 +23,8 @@ use serde_json::value::RawValue;
 
 use crate::coalesce::{Delivered, RecordError};
 use crate::invoke::InvokeFailure;
-use crate::limit::{ceil_secs, Admitted, Quota, Rejected, Scope};
+use crate::limit::{Admitted, Quota, Rejected, Scope};
+use crate::quota::ceil_secs;
 
 /// A response as sluicegate writes it: the whole body in one buffer.
 pub type Response = http::Response<Full<Bytes>>;

@@ -1,5 +1,10 @@
 //! The Redis backend: token buckets shared by every replica (`[limits] backend = "redis"`).
 //!
+//! Its own module because two limiters use it: admission (`limit`, one script call per
+//! request over its layers) and each function's invoke gate (`invoke`, one invoke-rate
+//! bucket per function). It speaks the shared token-bucket vocabulary ([`crate::quota`]) and
+//! depends on neither of its users.
+//!
 //! # Semantics
 //!
 //! One Lua script (`gcra.lua`, loaded once and run with `EVALSHA` through [`Script`])
@@ -7,7 +12,7 @@
 //! `T = ceil(1e9 / rate)` ns, tolerance `tau = T × (burst − 1)`, state = the bucket's
 //! theoretical arrival time. For the same request sequence at the same instants it gives the
 //! local engine's decisions, `remaining`, `reset` and `wait`, exactly (a property test in
-//! `redis_tests.rs` drives both with one logical clock). One script call checks every bucket
+//! `tests.rs` drives both with one logical clock). One script call checks every bucket
 //! of a request in order — global → route → key — atomically, and stops at the first refusal:
 //! the buckets before it keep the token they gave, as in API Gateway and as the local engine
 //! does, and the refusing bucket is not written. So a request costs **one round trip**
@@ -53,7 +58,7 @@
 //! buckets start full, and the script is loaded again on first use (`EVALSHA` falls back to
 //! `SCRIPT LOAD`).
 //!
-//! [`Admission::reconfigured`]: super::Admission::reconfigured
+//! [`Admission::reconfigured`]: crate::limit::Admission::reconfigured
 
 use std::fmt::Display;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,7 +68,7 @@ use std::time::Duration;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::Script;
 
-use super::{Decision, Quota, CLOSED_WAIT};
+use crate::quota::{Decision, Quota, CLOSED_WAIT};
 
 /// The script, loaded once per connection and then run by its SHA1 (`EVALSHA`).
 const GCRA_LUA: &str = include_str!("gcra.lua");
@@ -238,7 +243,7 @@ impl RedisBackend {
             inner: Arc::new(Inner {
                 conn,
                 script: Script::new(GCRA_LUA),
-                addr: crate::config::redact::url(&options.url),
+                addr: crate::redact::url(&options.url),
                 options,
                 up: AtomicBool::new(false),
             }),
@@ -439,7 +444,7 @@ fn verdict((admitted, bucket, a, b): (i64, i64, i64, i64), buckets: usize) -> Op
 }
 
 #[cfg(test)]
-mod tests {
+mod unit_tests {
     use super::*;
 
     #[test]
@@ -496,7 +501,7 @@ mod tests {
 
     #[test]
     fn logged_addresses_carry_no_credentials() {
-        let redact = crate::config::redact::url;
+        let redact = crate::redact::url;
         assert_eq!(
             redact("redis://:s3cret@cache:6380/2"),
             "redis://***@cache:6380/2"
@@ -505,3 +510,7 @@ mod tests {
         assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 }
+
+/// Against a real `redis-server`: the script against the local engine, and both users.
+#[cfg(test)]
+mod tests;

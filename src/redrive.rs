@@ -1,4 +1,4 @@
-//! `sluicegate dlq redrive`: replays dead letters through the same pipeline as live
+//! Replaying dead letters (`sluicegate dlq redrive`) through the same pipeline as live
 //! traffic — an invoke gate with the route's rate and concurrency, its retries and
 //! batching — and reports what succeeded. Letters that fail again are handed back to the
 //! caller of [`redrive`] (the CLI writes them back), never dropped.
@@ -8,17 +8,22 @@
 //! is shared, the concurrency never is). [`limit_routes`] lowers the redrive's limits below
 //! the route's (`--rate`, `--concurrency`) so that the two fit the function together; it
 //! refuses to raise them.
+//!
+//! A use case above the pipeline: it builds a [`Pipeline`] and reads letters that
+//! [`crate::dlq`] stored; `dlq` itself never imports it. The files, locks and report printing
+//! of the command are in [`crate::commands::dlq`].
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::time::SystemTime;
 
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::{timestamp, DeadLetter};
 use crate::coalesce::{Delivered, RecordError};
 use crate::config::{Config, RouteConfig};
+use crate::dlq::{timestamp, DeadLetter};
 use crate::pipeline::Pipeline;
 
 /// What a redrive did.
@@ -49,9 +54,12 @@ pub fn limit_routes(
             return Err(format!("--rate {rate}: must be a positive number"));
         }
     }
-    if concurrency == Some(0) {
-        return Err("--concurrency 0: must be at least 1".to_owned());
-    }
+    let concurrency = match concurrency {
+        Some(n) => Some(
+            NonZeroU32::new(n).ok_or_else(|| "--concurrency 0: must be at least 1".to_owned())?,
+        ),
+        None => None,
+    };
     for route in &mut config.routes {
         lower(route, rate, concurrency)?;
     }
@@ -61,7 +69,7 @@ pub fn limit_routes(
 fn lower(
     route: &mut RouteConfig,
     rate: Option<f64>,
-    concurrency: Option<u32>,
+    concurrency: Option<NonZeroU32>,
 ) -> Result<(), String> {
     if let Some(rate) = rate {
         if rate > route.invoke.rate {
@@ -72,7 +80,7 @@ fn lower(
         }
         route.invoke.rate = rate;
         // At least one token, else the bucket could never pass an invoke.
-        let per_second = (rate.ceil() as u32).max(1);
+        let per_second = NonZeroU32::new(rate.ceil() as u32).unwrap_or(NonZeroU32::MIN);
         route.invoke.burst = route.invoke.burst.min(per_second);
     }
     if let Some(concurrency) = concurrency {
@@ -187,7 +195,10 @@ mod tests {
         let mut c = config();
         limit_routes(&mut c, None, None).unwrap();
         let inv = &c.routes[0].invoke;
-        assert_eq!((inv.rate, inv.burst, inv.max_concurrency), (8.0, 15, 5));
+        assert_eq!(
+            (inv.rate, inv.burst.get(), inv.max_concurrency.get()),
+            (8.0, 15, 5)
+        );
     }
 
     #[test]
@@ -195,7 +206,10 @@ mod tests {
         let mut c = config();
         limit_routes(&mut c, Some(2.5), Some(1)).unwrap();
         let inv = &c.routes[0].invoke;
-        assert_eq!((inv.rate, inv.burst, inv.max_concurrency), (2.5, 3, 1));
+        assert_eq!(
+            (inv.rate, inv.burst.get(), inv.max_concurrency.get()),
+            (2.5, 3, 1)
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //!
 //! # Why not governor's `RateLimiter`
 //!
-//! The admission layers use governor ([`Bucket`](super::Bucket)); this bucket needs what a
+//! The admission layers use governor ([`Bucket`](crate::limit::Bucket)); this bucket needs what a
 //! `RateLimiter` cannot do, because its quota is fixed at construction and its state is only
 //! reachable through a check that consumes:
 //!

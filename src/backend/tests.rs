@@ -1,6 +1,10 @@
 //! The Redis backend against a real `redis-server` (each test starts its own on a free port):
 //! the script decides exactly like the local engine, keys expire when full, a dead Redis is
 //! bypassed at once under each fallback policy and found again, and invoke buckets are shared.
+//!
+//! These tests drive the backend through its two users — admission (`limit`) and the invoke
+//! gate (`invoke`) — because its contract is theirs: the only arrows from `backend` up to
+//! them are here, in test code.
 
 #[path = "../../tests/redis_support/mod.rs"]
 mod support;
@@ -14,9 +18,10 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 
 use self::support::RedisServer;
-use super::redis::{Fallback, RedisBackend, RedisOptions, DENY_WAIT};
-use super::{Admission, Admit, Admitted, Decision, Plans, Quota, Rejected, Scope, TokioClock};
+use super::{Fallback, RedisBackend, RedisOptions, DENY_WAIT};
 use crate::invoke::{Gate, GateConfig};
+use crate::limit::{Admission, Admit, Admitted, Plans, Rejected, Scope, TokioClock};
+use crate::quota::{Decision, Quota, CLOSED_WAIT};
 
 /// A backend on `server` whose keys start with a prefix no other backend of the test uses.
 /// The deadline is generous: these tests check decisions, not speed, on a loaded machine.
@@ -186,12 +191,7 @@ async fn keys_expire_when_the_bucket_is_full_again_and_refusals_write_nothing() 
             },
         )
         .await;
-    assert_eq!(
-        refused,
-        Ok(Decision::Limited {
-            wait: super::CLOSED_WAIT
-        })
-    );
+    assert_eq!(refused, Ok(Decision::Limited { wait: CLOSED_WAIT }));
     tokio::time::sleep(Duration::from_millis(150)).await;
     let exists: (i64, i64) = ::redis::pipe()
         .cmd("EXISTS")
@@ -384,7 +384,7 @@ async fn the_tower_layer_awaits_redis_and_calls_inner_only_for_admitted_requests
     use http::{Request, Response, StatusCode};
     use tower::{Layer, ServiceExt};
 
-    use super::{AdmissionLayer, ClientKey};
+    use crate::limit::{AdmissionLayer, ClientKey};
 
     let server = RedisServer::start();
     let admission = Arc::new(

@@ -3,6 +3,8 @@
 //!
 //! Both are parsed with messages that say what was expected, so a config error can name
 //! the key and the value that was wrong.
+//!
+//! A leaf: the proxy's config and the emulator's config both use it, and it uses neither.
 
 use std::fmt;
 use std::time::Duration;
@@ -113,7 +115,7 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-/// `#[serde(with = "crate::config::units::duration")]` for `std::time::Duration` fields.
+/// `#[serde(with = "crate::units::duration")]` for `std::time::Duration` fields.
 pub mod duration {
     use super::*;
 
@@ -127,7 +129,7 @@ pub mod duration {
     }
 }
 
-/// `#[serde(with = "crate::config::units::opt_duration")]` for `Option<Duration>` fields.
+/// `#[serde(with = "crate::units::opt_duration")]` for `Option<Duration>` fields.
 pub mod opt_duration {
     use super::*;
 

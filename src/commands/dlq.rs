@@ -1,4 +1,5 @@
-//! The `sluicegate dlq` commands over dead-letter files: `inspect` counts letters, `redrive`
+//! The `sluicegate dlq` commands over dead-letter files (storage in [`crate::dlq`], the
+//! replay in [`crate::redrive`]): `inspect` counts letters, `redrive`
 //! replays them under a lock. Both skip lines that are not letters (a torn last line after a
 //! crash mid-write, or anything else that does not parse) and report them by number
 //! instead of rejecting the file; `redrive` keeps such lines in `<file>.unparsable`, so
@@ -10,15 +11,41 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use super::lock::RedriveLock;
-use super::{read_letters, redrive, DeadLetter, FileSink, SkippedLine};
 use crate::config::Config;
+use crate::dlq::lock::RedriveLock;
+use crate::dlq::{read_letters, DeadLetter, FileSink, SkippedLine};
+use crate::redrive;
+
+/// `dlq inspect` with the config at `config`: prints the report on stdout.
+pub fn inspect_command(config: &Path, from: Option<PathBuf>) -> Result<bool, String> {
+    let config = Config::load(config).map_err(|e| e.to_string())?;
+    Ok(inspect(&config, from)?.print())
+}
+
+/// `dlq redrive` with the config at `config`: prints the report on stdout; `Ok(false)` when
+/// letters failed again.
+pub async fn redrive_command(
+    config: &Path,
+    from: Option<PathBuf>,
+    limits: RedriveLimits,
+) -> Result<bool, String> {
+    let config = Config::load(config).map_err(|e| e.to_string())?;
+    Ok(redrive_files(config, from, limits).await?.print())
+}
 
 /// What a command prints (one JSON object on stdout) and whether it fully succeeded.
 #[derive(Debug)]
 pub struct Report {
     pub json: Value,
     pub ok: bool,
+}
+
+impl Report {
+    /// Prints the JSON on stdout; returns whether the command fully succeeded.
+    fn print(self) -> bool {
+        println!("{}", self.json);
+        self.ok
+    }
 }
 
 /// The dead-letter files a `dlq` command reads: `--from`, or every route's `dlq.file`.

@@ -2,6 +2,8 @@
 //!
 //! URLs are parsed (WHATWG rules, the `url` crate), not split on `@`: a password may itself
 //! contain `@` or `:`, and only the parser knows where the user-info really ends.
+//!
+//! A leaf: the config (printing itself) and the Redis backend (logging its address) use it.
 
 use serde::Serializer;
 

@@ -1,0 +1,145 @@
+//! The `[server]` section (listeners, record and request bounds, timeouts, the admin token)
+//! and the `[identity]` section (how a request's client key is found).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+use crate::redact;
+use crate::units::{self, ByteSize};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Data-plane listener.
+    pub listen: SocketAddr,
+    /// Admin listener (`/metrics`, `/admin/*`); loopback by default.
+    pub admin_listen: SocketAddr,
+    /// Largest accepted record body.
+    pub max_record_bytes: ByteSize,
+    /// A caller's deadline, unless the route sets its own.
+    #[serde(with = "units::duration")]
+    pub request_timeout: Duration,
+    /// On SIGTERM/SIGINT, time allowed for in-flight work to finish.
+    #[serde(with = "units::duration")]
+    pub shutdown_grace: Duration,
+    /// How long a client may take to send a request's head (request line and headers)
+    /// before its connection is closed; keeps slow clients from holding connections.
+    #[serde(with = "units::duration")]
+    pub header_read_timeout: Duration,
+    /// Deepest nesting of arrays and objects a record may have; deeper records are refused
+    /// with `400` before they can fail a batch in a runtime that cannot parse them.
+    pub max_json_depth: u32,
+    /// How long a client may take to send a record's body once its head has arrived (never
+    /// past the caller's deadline); a body that does not arrive in time is answered `408`
+    /// and its connection closed.
+    #[serde(with = "units::duration")]
+    pub body_read_timeout: Duration,
+    /// Data-plane connections open at once. At the cap the listener stops accepting (new
+    /// connections wait in the kernel's backlog) until one closes. Lowered at start-up when
+    /// the open-files limit could not hold this many plus a reserve for Lambda, Redis, the
+    /// dead-letter sink and the admin listener.
+    pub max_connections: u32,
+    /// Bearer token every `/admin/*` request must carry (`/metrics` and `/healthz` stay
+    /// open). Required when `admin_listen` is not a loopback address. Never printed.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "redact::secret"
+    )]
+    pub admin_token: Option<String>,
+    /// A file holding the admin token (a mounted secret), read when the config is loaded
+    /// (and on every reload); surrounding whitespace is ignored. `admin_token`, when also
+    /// set, wins and the file is not read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The token read from `admin_token_file`.
+    #[serde(skip)]
+    pub admin_token_from_file: Option<String>,
+}
+
+impl ServerConfig {
+    /// The admin token in force: `admin_token`, or the one read from `admin_token_file`.
+    pub fn admin_token(&self) -> Option<&str> {
+        self.admin_token
+            .as_deref()
+            .or(self.admin_token_from_file.as_deref())
+    }
+
+    /// Reads `admin_token_file` into `admin_token_from_file`, unless `admin_token` is set:
+    /// a token given directly (often `SLUICEGATE_SERVER__ADMIN_TOKEN`) overrides the file,
+    /// so an image whose config names a secret file can still be run with the variable.
+    pub(super) fn read_admin_token_file(&mut self) -> Result<(), ConfigError> {
+        let (None, Some(path)) = (&self.admin_token, &self.admin_token_file) else {
+            return Ok(());
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::invalid(
+                "server.admin_token_file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        self.admin_token_from_file = Some(text.trim().to_owned());
+        Ok(())
+    }
+}
+
+/// The largest `server.max_connections`: past this the open-files limit, not the setting,
+/// is what bounds connections on any usual system.
+pub const MAX_CONNECTIONS: u32 = 1_000_000;
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            max_record_bytes: ByteSize::kib(256),
+            request_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(20),
+            header_read_timeout: Duration::from_secs(30),
+            max_json_depth: DEFAULT_MAX_JSON_DEPTH,
+            body_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            admin_token: None,
+            admin_token_file: None,
+            admin_token_from_file: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySource {
+    /// The API key header (`identity.header`, default `x-api-key`).
+    ApiKey,
+    /// The client IP: the socket peer, or `X-Forwarded-For` when the peer is a trusted proxy.
+    Ip,
+    /// The value of a named header (`identity.header`).
+    Header,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    pub source: IdentitySource,
+    pub header: String,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub require_known_key: bool,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            source: IdentitySource::ApiKey,
+            header: "x-api-key".to_owned(),
+            trusted_proxies: Vec::new(),
+            require_known_key: false,
+        }
+    }
+}
+
+/// `server.max_json_depth`'s default and largest value: `serde_json`'s recursion limit.
+pub const DEFAULT_MAX_JSON_DEPTH: u32 = 128;

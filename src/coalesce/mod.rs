@@ -6,6 +6,12 @@
 //! deadline and a `oneshot` reply sender — into a bounded channel; one worker task per
 //! route drains the channel into batches and spawns one dispatch task per batch.
 //!
+//! The worker and the delivery loop reach Lambda only through [`Invoke`] (the function's
+//! gate and one invoke attempt): in production the function's
+//! [`Invoker`](crate::invoke::Invoker), in this module's unit tests a scripted fake
+//! (`fake.rs`) on the paused clock, which is how flushing, pruning, retries, splitting,
+//! closing and the one-outcome-per-record guarantee below are tested.
+//!
 //! Guarantees:
 //! - the queue is bounded in records (`queue.max_pending`) and in bytes (`queue.max_bytes`,
 //!   the records' envelope entries, counted from `submit` until the worker takes the record

@@ -6,7 +6,8 @@
 //! reserved concurrency) holds for the function as a whole. The SDK's own retries are
 //! off: a retry the proxy cannot see is exactly what collides with reserved concurrency
 //! after a read timeout. Retrying, backoff and dead-lettering are decided by the caller of
-//! [`Invoker::invoke`] from the [`InvokeFailure`] it returns.
+//! [`Invoker::invoke`] from the [`InvokeFailure`] it returns. The coalescer calls it through
+//! the [`Invoke`] trait, which a test can implement without Lambda.
 //!
 //! | Lambda says | [`InvokeFailure`] | retryable |
 //! |---|---|---|

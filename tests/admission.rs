@@ -130,16 +130,62 @@ async fn a_burst_admits_burst_plus_refill_and_sheds_the_rest_with_exact_headers(
     let other = burst(&h, "beta", 5).await;
     assert_eq!(other.admitted(), 5);
 
-    // After an idle period the bucket is full again — and never fuller than `burst`.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let again = burst(&h, "alpha", 40).await;
-    let refill = rate * again.elapsed.as_secs_f64();
-    assert!(
-        again.admitted() as f64 >= burst_size as f64 - 1.0
-            && again.admitted() as f64 <= burst_size as f64 + refill + 1.0,
-        "after idle: admitted {} in {:?}",
-        again.admitted(),
-        again.elapsed
+    // Refill after an idle period is `refill_follows_the_clock_and_never_passes_burst`,
+    // on the paused clock.
+}
+
+/// The key layer against the clock, paused: a burst admits exactly `burst`, refill adds
+/// exactly `rate × t`, an idle bucket is full again and never fuller than `burst`, and a
+/// refusal's wait is exact. (Over sockets the same layer is
+/// `a_burst_admits_burst_plus_refill_and_sheds_the_rest_with_exact_headers`.)
+#[tokio::test(start_paused = true)]
+async fn refill_follows_the_clock_and_never_passes_burst() {
+    use sluicegate::limit::{Admission, Plans, Quota, TokioClock};
+    let quota = Quota {
+        rate: 20.0,
+        burst: 10,
+    };
+    let admission = Admission::new(
+        None,
+        vec![("records".into(), None)],
+        Plans::new(quota, vec![]),
+        1000,
+        TokioClock,
+    );
+    let admitted = |n: usize| {
+        (0..n)
+            .filter(|_| admission.check(0, "alpha").is_ok())
+            .count()
+    };
+
+    assert_eq!(admitted(100), 10, "the bucket starts full: burst at once");
+    let refused = admission
+        .check(0, "alpha")
+        .expect_err("the bucket is empty");
+    assert_eq!(refused.wait, Duration::from_millis(50), "one token at 20/s");
+
+    tokio::time::advance(Duration::from_millis(500)).await;
+    assert_eq!(admitted(100), 10, "500 ms at 20/s refills 10 tokens");
+
+    tokio::time::advance(Duration::from_millis(25)).await;
+    assert_eq!(admitted(100), 0, "half a token is no token");
+    tokio::time::advance(Duration::from_millis(25)).await;
+    assert_eq!(admitted(100), 1);
+
+    // 700 ms idle would refill 14 tokens: the bucket holds `burst`, never more.
+    tokio::time::advance(Duration::from_millis(700)).await;
+    assert_eq!(
+        admitted(40),
+        10,
+        "after idle: full again, never fuller than burst"
+    );
+    assert_eq!(admitted(5), 0, "and empty again after it");
+    assert_eq!(
+        (0..5)
+            .filter(|_| admission.check(0, "beta").is_ok())
+            .count(),
+        5,
+        "another key has its own full bucket"
     );
 }
 

@@ -357,7 +357,22 @@ invoke = {{ max_concurrency = 2, rate = 1000.0, burst = 1000 }}
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SIGTERM once most records wait in the queue: at most 2 × 5 are in flight and 5 held,
+    // and the 1.5 s grace can dispatch at most three more rounds of 2 × 5 — so records are
+    // left unsent whatever the machine's speed.
+    let routes = format!("http://127.0.0.1:{admin}/admin/routes");
+    let start = Instant::now();
+    loop {
+        let body: Value = common::get_json(&http, &routes).await;
+        if body["routes"][0]["queue_depth"].as_u64().unwrap_or(0) >= 40 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the records never queued: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     signal(child.0.id(), "TERM");
     let mut statuses = Vec::new();
     for r in requests {

@@ -33,12 +33,12 @@ use super::{BatchSpec, DrainMeter, Message, RecordError};
 
 use crate::dlq::{self, DeadLetter, DeadLetterSink};
 use crate::invoke::retry::{backoff, RetryBudget};
-use crate::invoke::{InvokeFailure, Invoked, Invoker, Slot};
+use crate::invoke::{Invoke, InvokeFailure, Invoked, Slot};
 
-/// What every batch of one route shares.
-pub(super) struct Delivery {
+/// What every batch of one route shares. `I` is the function's invoker ([`Invoke`]).
+pub(super) struct Delivery<I> {
     pub(super) spec: Arc<BatchSpec>,
-    pub(super) invoker: Arc<Invoker>,
+    pub(super) invoker: Arc<I>,
     pub(super) budget: RetryBudget,
     pub(super) dlq: Option<DeadLetterSink>,
     pub(super) drain: Arc<DrainMeter>,
@@ -49,7 +49,7 @@ fn prune(batch: &mut Vec<Message>) {
     Message::prune_gone(batch, Instant::now());
 }
 
-impl Delivery {
+impl<I: Invoke> Delivery<I> {
     /// Delivers `batch`, starting with `slot` when the worker already holds one. Boxed
     /// because splitting recurses.
     pub(super) fn deliver(
@@ -299,3 +299,281 @@ fn unknown_then(earlier: InvokeFailure, last: &InvokeFailure) -> InvokeFailure {
 
 /// How long a dead-letter write may take when no caller waits for it (all have gone).
 const UNWATCHED_WRITE_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use crate::coalesce::fake::{self, Reply, ScriptedLambda};
+    use crate::coalesce::{Delivered, RecordError};
+    use crate::config::Flush;
+    use crate::invoke::{InvokeFailure, UnknownCause};
+
+    const MS: Duration = Duration::from_millis(1);
+    const LONG: Duration = Duration::from_secs(60);
+
+    fn times(lambda: &ScriptedLambda) -> Vec<Duration> {
+        lambda.calls().iter().map(|c| c.at).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttles_retry_after_is_a_floor_under_the_backoff() {
+        let lambda = ScriptedLambda::echo(1, Duration::ZERO)
+            .script([Reply::Fail(fake::throttled(Some(Duration::from_secs(2))))]);
+        let (batcher, lambda) = fake::start(fake::spec(1), lambda);
+        let outcome = fake::submit(&batcher, "1", LONG).outcome().await;
+        assert!(
+            matches!(outcome, Ok(Delivered::Success { .. })),
+            "{outcome:?}"
+        );
+        assert_eq!(
+            times(&lambda),
+            [Duration::ZERO, Duration::from_secs(2)],
+            "the retry waits Lambda's 2 s, not the 100 ms backoff"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lambdas_retry_after_is_clamped_to_retry_cap() {
+        let mut spec = fake::spec(1);
+        spec.retry.cap = Duration::from_secs(3);
+        let lambda = ScriptedLambda::echo(1, Duration::ZERO).script([Reply::Fail(
+            fake::throttled(Some(crate::invoke::MAX_RETRY_AFTER)),
+        )]);
+        let (batcher, lambda) = fake::start(spec, lambda);
+        let outcome = fake::submit(&batcher, "1", LONG).outcome().await;
+        assert!(
+            matches!(outcome, Ok(Delivered::Success { .. })),
+            "{outcome:?}"
+        );
+        assert_eq!(times(&lambda), [Duration::ZERO, Duration::from_secs(3)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_per_attempt_and_exhausted_retries_answer_the_last_failure() {
+        let mut spec = fake::spec(1);
+        spec.retry.max_attempts = 4;
+        let lambda =
+            ScriptedLambda::echo(1, Duration::ZERO).answer(|_| Reply::Fail(fake::unavailable()));
+        let (batcher, lambda) = fake::start(spec, lambda);
+        let outcome = fake::submit(&batcher, "1", LONG).outcome().await;
+        assert!(
+            matches!(
+                outcome,
+                Err(RecordError::Invoke(InvokeFailure::Unavailable { .. }))
+            ),
+            "no sink: the caller hears the failure: {outcome:?}"
+        );
+        assert_eq!(
+            times(&lambda),
+            [Duration::ZERO, 100 * MS, 300 * MS, 700 * MS],
+            "base 100 ms, doubled per attempt, max_attempts = 4"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_whose_deadline_precedes_the_retry_leaves_at_once_and_the_rest_retry() {
+        let mut spec = fake::spec(2);
+        spec.retry.base = Duration::from_secs(2);
+        let lambda =
+            ScriptedLambda::echo(1, Duration::ZERO).script([Reply::Fail(fake::unavailable())]);
+        let (batcher, lambda) = fake::start(spec, lambda);
+        let t0 = Instant::now();
+        let short = fake::submit(&batcher, "\"short\"", 800 * MS);
+        let long = fake::submit(&batcher, "\"long\"", LONG);
+
+        let outcome = short.outcome().await;
+        assert!(
+            matches!(
+                outcome,
+                Err(RecordError::DeadlineBeforeRetry(
+                    InvokeFailure::Unavailable { .. }
+                ))
+            ),
+            "{outcome:?}"
+        );
+        assert_eq!(
+            t0.elapsed(),
+            Duration::ZERO,
+            "answered at once, not at its deadline"
+        );
+        assert!(matches!(
+            long.outcome().await,
+            Ok(Delivered::Success { .. })
+        ));
+        let calls = lambda.calls();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1].at, Duration::from_secs(2));
+        assert_eq!(
+            calls[1].bodies,
+            ["\"long\""],
+            "the retry carries only who can wait"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unknown_outcome_is_not_retried_unless_the_function_is_idempotent() {
+        let lost = || InvokeFailure::OutcomeUnknown {
+            cause: UnknownCause::ReadTimeout,
+            message: "read timeout".to_owned(),
+        };
+        for retry_timeouts in [false, true] {
+            let mut spec = fake::spec(1);
+            spec.retry.retry_timeouts = retry_timeouts;
+            let lambda = ScriptedLambda::echo(1, Duration::ZERO).script([Reply::Fail(lost())]);
+            let (batcher, lambda) = fake::start(spec, lambda);
+            let outcome = fake::submit(&batcher, "1", LONG).outcome().await;
+            if retry_timeouts {
+                assert!(
+                    matches!(outcome, Ok(Delivered::Success { .. })),
+                    "{outcome:?}"
+                );
+                assert_eq!(lambda.calls().len(), 2);
+            } else {
+                assert!(
+                    matches!(
+                        outcome,
+                        Err(RecordError::Invoke(InvokeFailure::OutcomeUnknown { .. }))
+                    ),
+                    "{outcome:?}"
+                );
+                assert_eq!(lambda.calls().len(), 1, "one attempt only");
+            }
+        }
+    }
+
+    /// A function that crashes on any batch holding the record `{"poison":true}`.
+    fn poisoned() -> ScriptedLambda {
+        ScriptedLambda::echo(4, 5 * MS).answer(|call| {
+            if call.bodies.iter().any(|b| b.contains("poison")) {
+                Reply::FunctionError
+            } else {
+                Reply::Echo
+            }
+        })
+    }
+
+    fn twenty_with_poison_at_13() -> Vec<String> {
+        (0..20)
+            .map(|n| {
+                if n == 13 {
+                    r#"{"poison":true}"#.to_owned()
+                } else {
+                    format!(r#"{{"n":{n}}}"#)
+                }
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bisecting_isolates_the_poison_record_and_the_others_succeed() {
+        let mut spec = fake::spec(20);
+        spec.flush = Flush::Window;
+        spec.bisect = true;
+        let (batcher, lambda) = fake::start(spec, poisoned());
+        let tickets: Vec<_> = twenty_with_poison_at_13()
+            .iter()
+            .map(|b| fake::submit(&batcher, b, LONG))
+            .collect();
+        for (n, t) in tickets.into_iter().enumerate() {
+            let outcome = t.outcome().await;
+            if n == 13 {
+                assert!(
+                    matches!(outcome, Err(RecordError::Function(_))),
+                    "{outcome:?}"
+                );
+            } else {
+                assert!(
+                    matches!(outcome, Ok(Delivered::Success { .. })),
+                    "{n}: {outcome:?}"
+                );
+            }
+        }
+        let calls = lambda.calls();
+        let failed: Vec<usize> = calls
+            .iter()
+            .filter(|c| c.bodies.iter().any(|b| b.contains("poison")))
+            .map(|c| c.ids.len())
+            .collect();
+        assert_eq!(
+            failed,
+            [20, 10, 5, 3, 2, 1],
+            "halved down to the poison record"
+        );
+        let delivered: usize = calls
+            .iter()
+            .filter(|c| !c.bodies.iter().any(|b| b.contains("poison")))
+            .map(|c| c.ids.len())
+            .sum();
+        assert_eq!(delivered, 19, "every other record ran exactly once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_bisect_a_function_error_reaches_every_record_of_the_batch() {
+        let mut spec = fake::spec(20);
+        spec.flush = Flush::Window;
+        let (batcher, lambda) = fake::start(spec, poisoned());
+        let tickets: Vec<_> = twenty_with_poison_at_13()
+            .iter()
+            .map(|b| fake::submit(&batcher, b, LONG))
+            .collect();
+        for t in tickets {
+            let outcome = t.outcome().await;
+            assert!(
+                matches!(outcome, Err(RecordError::Function(_))),
+                "{outcome:?}"
+            );
+        }
+        assert_eq!(lambda.calls().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_too_large_for_lambda_is_split_and_a_record_that_never_fits_fails_alone() {
+        const LIMIT: usize = 100 * 1024;
+        let mut spec = fake::spec(10);
+        spec.flush = Flush::Window;
+        spec.max_wait = 300 * MS;
+        let lambda = ScriptedLambda::echo(4, 5 * MS).answer(|call| {
+            if call.bytes > LIMIT {
+                Reply::Fail(InvokeFailure::TooLarge {
+                    message: "Request must be smaller than 102400 bytes".to_owned(),
+                })
+            } else {
+                Reply::Echo
+            }
+        });
+        let (batcher, lambda) = fake::start(spec, lambda);
+        let record = format!("\"{}\"", "x".repeat(30 * 1024));
+        let huge = format!("\"{}\"", "y".repeat(150 * 1024));
+        let mut bodies = vec![record; 8];
+        bodies.insert(3, huge);
+        let tickets: Vec<_> = bodies
+            .iter()
+            .map(|b| fake::submit(&batcher, b, LONG))
+            .collect();
+        for (n, t) in tickets.into_iter().enumerate() {
+            let outcome = t.outcome().await;
+            if n == 3 {
+                assert!(
+                    matches!(
+                        outcome,
+                        Err(RecordError::Invoke(InvokeFailure::TooLarge { .. }))
+                    ),
+                    "{outcome:?}"
+                );
+            } else {
+                assert!(
+                    matches!(outcome, Ok(Delivered::Success { .. })),
+                    "{n}: {outcome:?}"
+                );
+            }
+        }
+        let calls = lambda.calls();
+        let ran: usize = calls.iter().filter(|c| c.ran).map(|c| c.ids.len()).sum();
+        assert_eq!(ran, 8, "every record that fits ran exactly once");
+        assert!(calls.iter().filter(|c| c.ran).all(|c| c.bytes <= LIMIT));
+        assert_eq!(calls[0].ids.len(), 9, "the first batch was refused whole");
+    }
+}

@@ -6,6 +6,12 @@
 //! deadline and a `oneshot` reply sender — into a bounded channel; one worker task per
 //! route drains the channel into batches and spawns one dispatch task per batch.
 //!
+//! The worker and the delivery loop reach Lambda only through [`Invoke`] (the function's
+//! gate and one invoke attempt): in production the function's
+//! [`Invoker`](crate::invoke::Invoker), in this module's unit tests a scripted fake
+//! (`fake.rs`) on the paused clock, which is how flushing, pruning, retries, splitting,
+//! closing and the one-outcome-per-record guarantee below are tested.
+//!
 //! Guarantees:
 //! - the queue is bounded in records (`queue.max_pending`) and in bytes (`queue.max_bytes`,
 //!   the records' envelope entries, counted from `submit` until the worker takes the record
@@ -24,6 +30,8 @@
 
 mod deliver;
 mod envelope;
+#[cfg(test)]
+mod fake;
 mod worker;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -38,7 +46,7 @@ use tokio::time::Instant;
 use crate::config::{Envelope, Flush, Invocation, RetryConfig, RouteConfig, ENVELOPE_FRAME};
 use crate::dlq::DeadLetterSink;
 use crate::invoke::retry::RetryBudget;
-use crate::invoke::{InvokeFailure, Invoker};
+use crate::invoke::{Invoke, InvokeFailure};
 
 pub use self::envelope::FunctionError;
 
@@ -226,9 +234,14 @@ impl Closer {
 static NEXT_RECORD_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Batcher {
-    /// Starts the route's worker on the current runtime. `dlq` receives the records whose
-    /// retries are exhausted.
-    pub fn spawn(spec: BatchSpec, invoker: Arc<Invoker>, dlq: Option<DeadLetterSink>) -> Batcher {
+    /// Starts the route's worker on the current runtime, invoking through `invoker` (the
+    /// function's [`Invoker`](crate::invoke::Invoker), or a test's fake). `dlq` receives the
+    /// records whose retries are exhausted.
+    pub fn spawn<I: Invoke>(
+        spec: BatchSpec,
+        invoker: Arc<I>,
+        dlq: Option<DeadLetterSink>,
+    ) -> Batcher {
         let (tx, rx) = mpsc::channel(spec.max_pending);
         let spec = Arc::new(spec);
         let drain = Arc::new(DrainMeter::new(spec.nominal_drain_rate));
@@ -472,6 +485,8 @@ impl DrainMeter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Flush;
+    use proptest::prelude::*;
 
     #[test]
     fn queued_bytes_are_bounded_and_given_back_exactly_once() {
@@ -528,5 +543,428 @@ mod tests {
         }
         let rate = meter.measured_rate().unwrap();
         assert!((rate - 200.0).abs() < 1.0, "{rate}");
+    }
+
+    /// Lambda's invoke quota as the fake applies it: a token bucket of `rate` per second
+    /// and `burst` capacity, starting full, on the paused clock.
+    struct Quota {
+        rate: f64,
+        burst: f64,
+        tokens: f64,
+        at: Duration,
+    }
+
+    impl Quota {
+        fn new(rate: f64, burst: f64) -> Self {
+            Quota {
+                rate,
+                burst,
+                tokens: burst,
+                at: Duration::ZERO,
+            }
+        }
+
+        fn take(&mut self, at: Duration) -> bool {
+            let elapsed = at.saturating_sub(self.at).as_secs_f64();
+            self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+            self.at = at;
+            if self.tokens >= 1.0 {
+                self.tokens -= 1.0;
+                true
+            } else {
+                false
+            }
+        }
+    }
+
+    /// A function with a 10 invokes/s quota (burst 10), 100 ms latency, that throttles an
+    /// invoke over the quota; `throttles` counts them.
+    fn quota_function(
+        gate: crate::invoke::Gate,
+        throttles: &Arc<AtomicUsize>,
+    ) -> fake::ScriptedLambda {
+        let mut quota = Quota::new(10.0, 10.0);
+        let throttles = Arc::clone(throttles);
+        fake::ScriptedLambda::new(gate, Duration::from_millis(100)).answer(move |call| {
+            if quota.take(call.at) {
+                fake::Reply::Echo
+            } else {
+                throttles.fetch_add(1, Ordering::SeqCst);
+                fake::Reply::Fail(fake::throttled(None))
+            }
+        })
+    }
+
+    /// Submits `per_second` records a second for `duration`, each with a 5 s deadline, and
+    /// returns the tickets of those the queue took and how many it shed at the door.
+    async fn paced(batcher: &Batcher, per_second: f64, duration: Duration) -> (Vec<Ticket>, usize) {
+        let key: Arc<str> = Arc::from("k");
+        let body = RawValue::from_string(r#"{"n":1}"#.to_owned()).expect("JSON");
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_second));
+        let end = Instant::now() + duration;
+        let (mut taken, mut shed) = (Vec::new(), 0);
+        while tick.tick().await < end {
+            match batcher.submit(&key, &body, Instant::now() + Duration::from_secs(5)) {
+                Ok(ticket) => taken.push(ticket),
+                Err(RecordError::QueueFull { retry_after }) => {
+                    assert!(retry_after > Duration::ZERO);
+                    shed += 1;
+                }
+                Err(other) => panic!("unexpected refusal: {other:?}"),
+            }
+        }
+        (taken, shed)
+    }
+
+    /// seed-000 on the paused clock (the wall-clock figure lives in `loadtest/`): at 3×
+    /// overload of a 10 invokes/s function, invokes just under the quota with full batches
+    /// deliver ≥ 95 % of its capacity, Lambda throttles (almost) nothing, the excess is
+    /// refused at submit, and nothing the queue took times out.
+    #[tokio::test(start_paused = true)]
+    async fn under_3x_overload_the_quota_is_delivered_without_throttles_and_the_excess_is_shed() {
+        let throttles = Arc::new(AtomicUsize::new(0));
+        let gate = crate::invoke::Gate::new(crate::invoke::GateConfig {
+            max_concurrency: 5,
+            rate: 9.9,
+            burst: 5,
+            adaptive: false,
+        });
+        let lambda = Arc::new(quota_function(gate, &throttles));
+        let mut spec = fake::spec(10);
+        spec.max_pending = 400;
+        spec.nominal_drain_rate = 9.9 * 10.0;
+        let batcher = Batcher::spawn(spec, Arc::clone(&lambda), None);
+        let capacity = 10.0 * 10.0;
+
+        let (taken, shed) = paced(&batcher, 3.0 * capacity, Duration::from_secs(6)).await;
+        let submitted = taken.len() + shed;
+        let mut timed_out = 0;
+        for ticket in taken {
+            match ticket.outcome().await {
+                Ok(Delivered::Success { .. }) => {}
+                Err(RecordError::Expired | RecordError::DeadlineBeforeRetry(_)) => timed_out += 1,
+                other => panic!("unexpected outcome {other:?}"),
+            }
+        }
+        let calls = lambda.calls();
+        let window = Duration::from_secs(2)..Duration::from_secs(6);
+        let delivered = calls
+            .iter()
+            .filter(|c| c.ran && window.contains(&c.at))
+            .map(|c| c.ids.len())
+            .sum::<usize>() as f64
+            / 4.0;
+        let invocations = calls.iter().filter(|c| c.ran).count();
+        let throttles = throttles.load(Ordering::SeqCst);
+        eprintln!(
+            "paused seed-000: delivered {delivered:.1} records/s of {capacity}, {invocations} invokes, {throttles} throttled, {shed} of {submitted} shed"
+        );
+        assert!(
+            delivered >= 0.95 * capacity,
+            "delivered {delivered:.1} records/s, below 95% of {capacity}"
+        );
+        assert!(
+            throttles as f64 <= 0.01 * invocations as f64,
+            "{throttles} throttles in {invocations} invokes"
+        );
+        assert!(
+            shed > submitted / 3,
+            "the excess is shed: {shed} of {submitted}"
+        );
+        assert_eq!(timed_out, 0, "nothing the queue took is left to time out");
+        assert!(lambda.peak_concurrency() <= 5);
+    }
+
+    /// The adaptive gate on the paused clock: an invoke rate set five times above the
+    /// function's quota comes down to it within seconds, with few throttles.
+    #[tokio::test(start_paused = true)]
+    async fn adaptive_limits_tame_an_invoke_rate_set_five_times_too_high() {
+        let throttles = Arc::new(AtomicUsize::new(0));
+        let gate = crate::invoke::Gate::new(crate::invoke::GateConfig {
+            max_concurrency: 10,
+            rate: 50.0,
+            burst: 1,
+            adaptive: true,
+        });
+        let lambda = Arc::new(quota_function(gate, &throttles));
+        let mut spec = fake::spec(1);
+        spec.retry.max_attempts = 3;
+        let batcher = Batcher::spawn(spec, Arc::clone(&lambda), None);
+
+        let (taken, _shed) = paced(&batcher, 60.0, Duration::from_secs(10)).await;
+        for ticket in taken {
+            // Throttled-out and timed-out records are fine here: the rate is what counts.
+            let _ = ticket.outcome().await;
+        }
+        let invocations = lambda.calls().iter().filter(|c| c.ran).count();
+        let throttles = throttles.load(Ordering::SeqCst);
+        let rate_now = lambda.gate().limits().rate;
+        eprintln!(
+            "paused adaptive: {invocations} invokes, {throttles} throttled, rate now {rate_now:.2}/s"
+        );
+        assert!(
+            (throttles as f64) < 0.05 * (invocations + throttles) as f64,
+            "{throttles} throttles in {} invoke attempts",
+            invocations + throttles
+        );
+        assert!(
+            rate_now <= 12.0,
+            "the invoke rate came down to the quota: {rate_now}"
+        );
+        assert!(
+            invocations >= 80,
+            "the quota is still used: {invocations} invokes in 10 s"
+        );
+    }
+
+    /// After an idle pause the drain estimate is not diluted by idle time, so a burst the
+    /// route can serve within its callers' deadlines is taken, not shed.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_after_an_idle_pause_is_not_shed() {
+        let gate = crate::invoke::Gate::new(crate::invoke::GateConfig {
+            max_concurrency: 10,
+            rate: 100.0,
+            burst: 10,
+            adaptive: false,
+        });
+        let mut spec = fake::spec(1);
+        spec.envelope = Envelope::Raw;
+        spec.nominal_drain_rate = 100.0;
+        let (batcher, lambda) = fake::start(
+            spec,
+            fake::ScriptedLambda::new(gate, Duration::from_millis(10)),
+        );
+        // A backlog first, so the drain rate is measured, then a long idle pause.
+        let warm: Vec<_> = (0..300)
+            .map(|n| fake::submit(&batcher, &n.to_string(), Duration::from_secs(30)))
+            .collect();
+        for t in warm {
+            assert!(t.outcome().await.is_ok());
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let key: Arc<str> = Arc::from("k");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let burst: Vec<_> = (0..64)
+            .map(|n| {
+                let body = RawValue::from_string(n.to_string()).expect("JSON");
+                batcher.submit(&key, &body, deadline)
+            })
+            .collect();
+        for b in burst {
+            let ticket = b.expect("the burst is taken after an idle pause");
+            assert!(ticket.outcome().await.is_ok());
+        }
+        assert_eq!(lambda.calls().len(), 364);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Echo,
+        Throttle(u64),
+        Unavailable,
+        Unknown,
+        TooLarge,
+        FunctionError,
+        Garbled,
+        NoResults,
+        Rejected,
+    }
+
+    impl Step {
+        fn reply(&self) -> fake::Reply {
+            use crate::invoke::{InvokeFailure, UnknownCause};
+            match self {
+                Step::Echo => fake::Reply::Echo,
+                Step::Throttle(ms) => {
+                    fake::Reply::Fail(fake::throttled(Some(Duration::from_millis(*ms))))
+                }
+                Step::Unavailable => fake::Reply::Fail(fake::unavailable()),
+                Step::Unknown => fake::Reply::Fail(InvokeFailure::OutcomeUnknown {
+                    cause: UnknownCause::ConnectionLost,
+                    message: "reset".to_owned(),
+                }),
+                Step::TooLarge => fake::Reply::Fail(InvokeFailure::TooLarge {
+                    message: "too large".to_owned(),
+                }),
+                Step::FunctionError => fake::Reply::FunctionError,
+                Step::Garbled => fake::Reply::Payload("not json"),
+                Step::NoResults => fake::Reply::Payload(r#"{"results":[]}"#),
+                Step::Rejected => fake::Reply::Fail(InvokeFailure::Rejected {
+                    kind: "ResourceNotFoundException".to_owned(),
+                    message: "no such function".to_owned(),
+                }),
+            }
+        }
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => Just(Step::Echo),
+            1 => (0u64..3000).prop_map(Step::Throttle),
+            1 => Just(Step::Unavailable),
+            1 => Just(Step::Unknown),
+            1 => Just(Step::TooLarge),
+            1 => Just(Step::FunctionError),
+            1 => Just(Step::Garbled),
+            1 => Just(Step::NoResults),
+            1 => Just(Step::Rejected),
+        ]
+    }
+
+    /// One caller: when it submits, its deadline, and when (if ever) it hangs up.
+    #[derive(Clone, Debug)]
+    struct Caller {
+        submit_at: u64,
+        deadline: u64,
+        hang_up_after: Option<u64>,
+    }
+
+    fn caller() -> impl Strategy<Value = Caller> {
+        (
+            0u64..500,
+            1u64..3000,
+            proptest::option::weighted(0.2, 0u64..3000),
+        )
+            .prop_map(|(submit_at, deadline, hang_up_after)| Caller {
+                submit_at,
+                deadline,
+                hang_up_after,
+            })
+    }
+
+    #[derive(Clone, Debug)]
+    struct Route {
+        max_records: usize,
+        concurrency: usize,
+        window: bool,
+        bisect: bool,
+        retry_timeouts: bool,
+        max_attempts: u32,
+        latency: u64,
+    }
+
+    fn route() -> impl Strategy<Value = Route> {
+        (
+            1usize..8,
+            1usize..4,
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            1u32..5,
+            0u64..50,
+        )
+            .prop_map(
+                |(
+                    max_records,
+                    concurrency,
+                    window,
+                    bisect,
+                    retry_timeouts,
+                    max_attempts,
+                    latency,
+                )| {
+                    Route {
+                        max_records,
+                        concurrency,
+                        window,
+                        bisect,
+                        retry_timeouts,
+                        max_attempts,
+                        latency,
+                    }
+                },
+            )
+    }
+
+    /// Runs `callers` against a route whose function answers its attempts with `script`
+    /// (then echoes), and returns the outcome of each caller that stayed.
+    fn run_script(route: &Route, script: &[Step], callers: &[Caller]) -> Vec<Option<Outcome>> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("a test runtime");
+        runtime.block_on(async {
+            let mut spec = fake::spec(route.max_records);
+            spec.flush = if route.window {
+                Flush::Window
+            } else {
+                Flush::Adaptive
+            };
+            spec.bisect = route.bisect;
+            spec.retry.retry_timeouts = route.retry_timeouts;
+            spec.retry.max_attempts = route.max_attempts;
+            let lambda =
+                fake::ScriptedLambda::echo(route.concurrency, Duration::from_millis(route.latency))
+                    .script(script.iter().map(Step::reply));
+            let (batcher, lambda) = fake::start(spec, lambda);
+            let t0 = Instant::now();
+            let tasks: Vec<_> = callers
+                .iter()
+                .cloned()
+                .map(|c| {
+                    let batcher = batcher.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep_until(t0 + Duration::from_millis(c.submit_at)).await;
+                        let body = RawValue::from_string("1".to_owned()).expect("JSON");
+                        let deadline = Instant::now() + Duration::from_millis(c.deadline);
+                        let ticket = match batcher.submit(&Arc::from("k"), &body, deadline) {
+                            Ok(ticket) => ticket,
+                            Err(refused) => return Some(Err(refused)),
+                        };
+                        match c.hang_up_after {
+                            Some(ms) => tokio::select! {
+                                outcome = ticket.outcome() => Some(outcome),
+                                _ = tokio::time::sleep(Duration::from_millis(ms)) => None,
+                            },
+                            None => Some(ticket.outcome().await),
+                        }
+                    })
+                })
+                .collect();
+            // Generous on the paused clock: attempts × (cap + latency) is far below it.
+            let bound = Duration::from_secs(600);
+            let mut outcomes = Vec::new();
+            for task in tasks {
+                let outcome = tokio::time::timeout(bound, task)
+                    .await
+                    .expect("every caller hears back within the bound")
+                    .expect("the caller task does not panic");
+                outcomes.push(outcome);
+            }
+            assert_eq!(batcher.queued_bytes(), 0, "no queued bytes are left behind");
+            // Every slot came back: nothing in flight, nothing leaked.
+            tokio::time::timeout(bound, async {
+                while lambda.gate().limits().in_flight > 0 {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .expect("every gate slot is given back");
+            outcomes
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever Lambda answers and whenever callers leave, every caller that waits gets
+        /// exactly one outcome (a oneshot carries at most one), and it is never `Lost`.
+        #[test]
+        fn every_submitted_record_gets_exactly_one_outcome(
+            route in route(),
+            script in proptest::collection::vec(step(), 0..12),
+            callers in proptest::collection::vec(caller(), 1..40),
+        ) {
+            let outcomes = run_script(&route, &script, &callers);
+            prop_assert_eq!(outcomes.len(), callers.len());
+            for (caller, outcome) in callers.iter().zip(outcomes) {
+                match outcome {
+                    None => prop_assert!(caller.hang_up_after.is_some()),
+                    Some(Err(RecordError::Lost)) => prop_assert!(false, "a record was lost"),
+                    Some(_) => {}
+                }
+            }
+        }
     }
 }

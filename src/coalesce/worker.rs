@@ -24,7 +24,7 @@ use super::deliver::Delivery;
 use super::envelope::framed_len;
 use super::{BatchSpec, Message, RecordError};
 use crate::config::Flush;
-use crate::invoke::Slot;
+use crate::invoke::{Invoke, Slot};
 
 /// Process-wide batch ids: `b1`, `b2`, … on the batch span and on each record's request span.
 static NEXT_BATCH_ID: AtomicU64 = AtomicU64::new(1);
@@ -125,9 +125,9 @@ impl Held {
 /// log; the queue and its callers carry over to the restarted worker. Records already in a
 /// delivery task are not the worker's: if that task panics they surface as
 /// [`RecordError::Lost`] (`502`), since Lambda may have run them.
-pub(super) async fn supervise(
+pub(super) async fn supervise<I: Invoke>(
     rx: mpsc::Receiver<Message>,
-    delivery: Arc<Delivery>,
+    delivery: Arc<Delivery<I>>,
     closing: watch::Receiver<bool>,
 ) {
     let mut rx = Inbox(rx);
@@ -168,9 +168,9 @@ pub(super) async fn supervise(
 /// Pause before a panicked worker is restarted.
 const RESTART_DELAY: Duration = Duration::from_millis(100);
 
-async fn run(
+async fn run<I: Invoke>(
     rx: &mut Inbox,
-    delivery: &Arc<Delivery>,
+    delivery: &Arc<Delivery<I>>,
     mut closing: watch::Receiver<bool>,
     held: &mut Held,
 ) {
@@ -298,13 +298,14 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use serde_json::value::RawValue;
-    use tokio::time::Instant;
+    use tokio::time::{sleep_until, Instant};
 
-    use crate::coalesce::{BatchSpec, Batcher, Delivered, RecordError};
-    use crate::config::{Config, LambdaConfig};
-    use crate::emulator::EmulatorConfig;
-    use crate::invoke::{Gate, Invoker};
+    use crate::coalesce::fake::{self, ScriptedLambda};
+    use crate::coalesce::{Delivered, RecordError};
+    use crate::config::Flush;
+
+    const MS: Duration = Duration::from_millis(1);
+    const LONG: Duration = Duration::from_secs(60);
 
     /// Routes whose worker panics once, on its next record: a test-only fault.
     static PANIC_ONCE: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -318,44 +319,178 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_worker_that_panics_is_restarted_and_the_record_it_held_hears_503() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let emulator = crate::emulator::spawn(EmulatorConfig::default(), listener)
-            .await
-            .unwrap();
-        let lambda = LambdaConfig {
-            endpoint_url: Some(emulator.endpoint_url()),
-            ..LambdaConfig::default()
-        };
-        let client = crate::invoke::build_client(&lambda).await;
-        let invoker = Arc::new(Invoker::new(
-            client,
-            "process-records".into(),
-            Gate::concurrency_only(4),
-        ));
-        let config = Config::from_toml(
-            "[[routes]]\nname = \"panics-once\"\nfunction = \"process-records\"\n",
-        )
-        .unwrap();
-        PANIC_ONCE.lock().unwrap().push("panics-once".into());
-        let batcher = Batcher::spawn(BatchSpec::from_route(&config.routes[0]), invoker, None);
-        let key: Arc<str> = "k".into();
-        let body = RawValue::from_string("1".into()).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
+    fn sizes_and_times(lambda: &ScriptedLambda) -> Vec<(usize, Duration)> {
+        lambda.calls().iter().map(|c| (c.ids.len(), c.at)).collect()
+    }
 
-        let held = batcher.submit(&key, &body, deadline).unwrap();
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_that_panics_is_restarted_and_the_record_it_held_hears_503() {
+        let mut spec = fake::spec(20);
+        spec.route = "panics-once".into();
+        PANIC_ONCE.lock().unwrap().push("panics-once".into());
+        let (batcher, lambda) = fake::start(spec, ScriptedLambda::echo(4, MS));
+
+        let held = fake::submit(&batcher, "1", LONG);
         let outcome = held.outcome().await;
         assert!(
             matches!(outcome, Err(RecordError::WorkerFailed)),
             "{outcome:?}"
         );
-        let after = batcher.submit(&key, &body, deadline).unwrap();
+        let after = fake::submit(&batcher, "2", LONG);
         let outcome = after.outcome().await;
         assert!(
             matches!(outcome, Ok(Delivered::Success { .. })),
             "the restarted worker serves the route: {outcome:?}"
         );
-        assert_eq!(emulator.stats().functions["process-records"].invocations, 1);
+        assert_eq!(lambda.calls().len(), 1, "the held record was never sent");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn window_flush_sends_a_partial_batch_at_max_wait_and_full_batches_at_once() {
+        let mut spec = fake::spec(5);
+        spec.flush = Flush::Window;
+        let (batcher, lambda) = fake::start(spec, ScriptedLambda::echo(10, 10 * MS));
+        let t0 = Instant::now();
+
+        let tickets: Vec<_> = (0..12)
+            .map(|n| fake::submit(&batcher, &n.to_string(), LONG))
+            .collect();
+        for t in tickets {
+            assert!(t.outcome().await.is_ok());
+        }
+        assert_eq!(
+            sizes_and_times(&lambda),
+            [(5, Duration::ZERO), (5, Duration::ZERO), (2, 50 * MS)],
+            "full batches leave at once; the rest waits out max_wait"
+        );
+
+        // A lone record waits for the window even though the gate is free.
+        sleep_until(t0 + Duration::from_secs(1)).await;
+        let lone = fake::submit(&batcher, "\"lone\"", LONG);
+        assert!(lone.outcome().await.is_ok());
+        assert_eq!(lambda.calls()[3].at, Duration::from_secs(1) + 50 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn window_flush_lets_a_deadline_shorter_than_the_window_expire_unsent() {
+        let mut spec = fake::spec(20);
+        spec.flush = Flush::Window;
+        spec.max_wait = Duration::from_secs(10);
+        let (batcher, lambda) = fake::start(spec, ScriptedLambda::echo(10, 10 * MS));
+        let ticket = fake::submit(&batcher, "1", 300 * MS);
+        let outcome = ticket.outcome().await;
+        assert!(matches!(outcome, Err(RecordError::Expired)), "{outcome:?}");
+        assert!(lambda.calls().is_empty(), "an expired record is not sent");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adaptive_flush_sends_a_lone_record_at_once_and_fills_batches_while_the_gate_is_busy() {
+        let mut spec = fake::spec(20);
+        spec.max_wait = Duration::from_secs(10);
+        let (batcher, lambda) = fake::start(spec, ScriptedLambda::echo(1, 100 * MS));
+
+        let first = fake::submit(&batcher, "0", LONG);
+        // Let the worker dispatch the first record alone before the crowd arrives.
+        tokio::task::yield_now().await;
+        let crowd: Vec<_> = (1..=30)
+            .map(|n| fake::submit(&batcher, &n.to_string(), LONG))
+            .collect();
+        assert!(first.outcome().await.is_ok());
+        for t in crowd {
+            assert!(t.outcome().await.is_ok());
+        }
+        assert_eq!(
+            sizes_and_times(&lambda),
+            [(1, Duration::ZERO), (20, 100 * MS), (10, 200 * MS)],
+            "no window wait at low load; full batches behind a busy slot"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_whose_caller_left_are_pruned_before_dispatch() {
+        let (batcher, lambda) = fake::start(fake::spec(1), ScriptedLambda::echo(1, 100 * MS));
+
+        let a = fake::submit(&batcher, "\"a\"", LONG);
+        let disconnected = fake::submit(&batcher, "\"gone\"", LONG);
+        let expiring = fake::submit(&batcher, "\"late\"", 50 * MS);
+        let c = fake::submit(&batcher, "\"c\"", LONG);
+        drop(disconnected);
+
+        assert!(a.outcome().await.is_ok());
+        let late = expiring.outcome().await;
+        assert!(matches!(late, Err(RecordError::Expired)), "{late:?}");
+        assert!(c.outcome().await.is_ok());
+        let sent: Vec<Vec<String>> = lambda.calls().into_iter().map(|c| c.bodies).collect();
+        assert_eq!(
+            sent,
+            [vec!["\"a\"".to_owned()], vec!["\"c\"".to_owned()]],
+            "only callers still waiting reach Lambda"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_answers_held_and_queued_records_closed_and_in_flight_ones_their_result() {
+        let (batcher, lambda) = fake::start(fake::spec(1), ScriptedLambda::echo(1, 1000 * MS));
+
+        let in_flight = fake::submit(&batcher, "\"a\"", LONG);
+        let held = fake::submit(&batcher, "\"b\"", LONG);
+        let queued = fake::submit(&batcher, "\"c\"", LONG);
+        // The worker has dispatched `a` and holds `b`, waiting for the only slot.
+        sleep_until(Instant::now() + 10 * MS).await;
+        batcher.closer().close();
+
+        for ticket in [held, queued] {
+            let outcome = ticket.outcome().await;
+            assert!(matches!(outcome, Err(RecordError::Closed)), "{outcome:?}");
+        }
+        let refused = batcher.submit(
+            &Arc::from("k"),
+            &serde_json::value::RawValue::from_string("1".into()).unwrap(),
+            Instant::now() + LONG,
+        );
+        assert!(matches!(refused, Err(RecordError::Closed)), "{refused:?}");
+        let outcome = in_flight.outcome().await;
+        assert!(
+            matches!(outcome, Ok(Delivered::Success { .. })),
+            "a batch Lambda may be running is answered with its result: {outcome:?}"
+        );
+        assert_eq!(lambda.calls().len(), 1);
+        assert_eq!(batcher.queued_bytes(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queued_bytes_count_records_until_the_worker_takes_them() {
+        let mut spec = fake::spec(1);
+        // `{"id":"rN…","key":"k","body":"xxxxxxxxxx"}` is about 45 bytes: room for two.
+        spec.max_queued_bytes = 100;
+        let (batcher, _lambda) = fake::start(spec, ScriptedLambda::echo(1, 1000 * MS));
+        let body = "\"xxxxxxxxxx\"";
+
+        let a = fake::submit(&batcher, body, LONG);
+        let b = fake::submit(&batcher, body, LONG);
+        assert!(batcher.queued_bytes() > 0);
+        // The worker takes `a` into flight and `b` into its next batch: their bytes leave.
+        sleep_until(Instant::now() + 10 * MS).await;
+        assert_eq!(batcher.queued_bytes(), 0);
+        let c = fake::submit(&batcher, body, LONG);
+        let d = fake::submit(&batcher, body, LONG);
+        let one = batcher.queued_bytes();
+        assert!(one > 0 && one <= 100, "{one}");
+        let raw = serde_json::value::RawValue::from_string(body.into()).unwrap();
+        let refused = batcher.submit(&Arc::from("k"), &raw, Instant::now() + LONG);
+        assert!(
+            matches!(refused, Err(RecordError::QueueFull { .. })),
+            "a third record passes queue.max_bytes: {refused:?}"
+        );
+        assert_eq!(batcher.queued_bytes(), one, "a refusal leaves no trace");
+        drop(d);
+        for t in [a, b, c] {
+            assert!(t.outcome().await.is_ok());
+        }
+        assert_eq!(
+            batcher.queued_bytes(),
+            0,
+            "a disconnected record's bytes are given back when the worker drops it"
+        );
     }
 }

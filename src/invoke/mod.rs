@@ -6,7 +6,8 @@
 //! reserved concurrency) holds for the function as a whole. The SDK's own retries are
 //! off: a retry the proxy cannot see is exactly what collides with reserved concurrency
 //! after a read timeout. Retrying, backoff and dead-lettering are decided by the caller of
-//! [`Invoker::invoke`] from the [`InvokeFailure`] it returns.
+//! [`Invoker::invoke`] from the [`InvokeFailure`] it returns. The coalescer calls it through
+//! the [`Invoke`] trait, which a test can implement without Lambda.
 //!
 //! | Lambda says | [`InvokeFailure`] | retryable |
 //! |---|---|---|
@@ -32,6 +33,7 @@ pub mod discover;
 mod gate;
 pub mod retry;
 
+use std::future::Future;
 use std::time::Duration;
 
 use aws_sdk_lambda::error::SdkError;
@@ -149,6 +151,49 @@ impl InvokeFailure {
             InvokeFailure::OutcomeUnknown { .. } => retry_timeouts,
             InvokeFailure::TooLarge { .. } | InvokeFailure::Rejected { .. } => false,
         }
+    }
+}
+
+/// What the coalescer needs from a function's invoker: its gate, and one invoke attempt.
+///
+/// The seam between batching and Lambda. [`Invoker`] implements it over `aws-sdk-lambda`;
+/// the coalescer's unit tests implement it with a scripted fake, so batching, retries and
+/// splitting run under `tokio::time::pause()` without sockets. The coalescer is generic
+/// over it (static dispatch: nothing is boxed per invoke beyond what the real invoker does).
+pub trait Invoke: Send + Sync + 'static {
+    /// The function's name, for logs, metrics and dead letters.
+    fn function(&self) -> &str;
+
+    /// The gate a batch must pass (take a [`Slot`]) before [`Invoke::invoke`].
+    fn gate(&self) -> &Gate;
+
+    /// Sends one invoke attempt, holding `slot` until it returns, and reports acceptances
+    /// and throttles to the gate so its adaptive limits follow Lambda (see
+    /// [`Invoker::invoke`]).
+    fn invoke(
+        &self,
+        payload: Bytes,
+        invocation: Invocation,
+        slot: Slot,
+    ) -> impl Future<Output = Result<Invoked, InvokeFailure>> + Send;
+}
+
+impl Invoke for Invoker {
+    fn function(&self) -> &str {
+        Invoker::function(self)
+    }
+
+    fn gate(&self) -> &Gate {
+        Invoker::gate(self)
+    }
+
+    fn invoke(
+        &self,
+        payload: Bytes,
+        invocation: Invocation,
+        slot: Slot,
+    ) -> impl Future<Output = Result<Invoked, InvokeFailure>> + Send {
+        Invoker::invoke(self, payload, invocation, slot)
     }
 }
 

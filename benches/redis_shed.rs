@@ -21,11 +21,12 @@ mod redis_support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis_support::RedisServer;
 use sluicegate::config::Config;
 use sluicegate::limit::{Admission, Plans, Quota, RedisBackend, RedisOptions, TokioClock};
+use tokio::time::Instant;
 
 const WIDE: Quota = Quota {
     rate: 1e6,

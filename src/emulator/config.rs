@@ -100,6 +100,7 @@ pub enum ResponseShape {
 pub struct FunctionConfig {
     /// The function name (`[a-zA-Z0-9_-]`, at most 64 characters, as in Lambda).
     pub name: String,
+    /// What the function does with each record.
     #[serde(default)]
     pub handler: Handler,
     /// `fail_every`: every n-th record fails.
@@ -108,8 +109,10 @@ pub struct FunctionConfig {
     /// `fail_ratio`: the probability that a record fails.
     #[serde(default = "default_ratio")]
     pub ratio: f64,
+    /// Whether a failed record is reported per record or fails the whole invocation.
     #[serde(default)]
     pub failure: FailureMode,
+    /// The shape of a successful batch response.
     #[serde(default)]
     pub response: ResponseShape,
     /// How long the function runs before it answers.

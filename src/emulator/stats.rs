@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 /// Counters of every function, keyed by function name.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Stats {
+    /// Each emulated function's counters, by function name.
     pub functions: BTreeMap<String, FunctionStats>,
 }
 
@@ -53,8 +54,10 @@ pub struct FunctionStats {
 /// Throttles by the `Reason` field of `TooManyRequestsException`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Throttles {
+    /// Invokes refused because the function's invoke rate was exceeded.
     #[serde(rename = "CallerRateLimitExceeded")]
     pub caller_rate_limit_exceeded: u64,
+    /// Invokes refused because the function's reserved concurrency was in use.
     #[serde(rename = "ReservedFunctionConcurrentInvocationLimitExceeded")]
     pub reserved_function_concurrent_invocation_limit_exceeded: u64,
 }

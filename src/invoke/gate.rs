@@ -77,7 +77,7 @@ const CONCURRENCY_STEP_EVERY: Duration = Duration::from_secs(5);
 /// or above 0.001/s (a token per 1000 s); this bound keeps waits sensible for any input
 /// (a closed bucket, a rate validation would refuse). A caller's deadline ends a wait far
 /// sooner.
-pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 /// The wait a refused take reports, at most [`MAX_WAIT`]. The bucket's waits are never
 /// zero (at least 1 ns), so a caller sleeping on them cannot spin.
@@ -91,17 +91,24 @@ fn clamped(refusal: Refusal) -> Duration {
 /// The gate's configuration.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GateConfig {
+    /// `invoke.max_concurrency`: invokes of the function in flight at once, at most.
     pub max_concurrency: usize,
+    /// `invoke.rate`: invokes per second the rate bucket refills.
     pub rate: f64,
+    /// `invoke.burst`: invokes the rate bucket holds when full.
     pub burst: u32,
+    /// `invoke.adaptive`: lower concurrency and rate on throttles, raise them back on successes.
     pub adaptive: bool,
 }
 
 /// The gate's current limits (equal to the configured ones unless adaptive lowered them).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Limits {
+    /// Invokes allowed in flight now.
     pub concurrency: usize,
+    /// Invokes per second the rate bucket refills at now.
     pub rate: f64,
+    /// Invokes holding a concurrency permit now.
     pub in_flight: usize,
 }
 
@@ -357,6 +364,7 @@ impl Gate {
         Some(slot)
     }
 
+    /// The limits in force now and the invokes in flight (for the admin API and metrics).
     pub fn limits(&self) -> Limits {
         let concurrency = self.inner.lock_concurrency();
         let rate = self.inner.lock_rate().rate();
@@ -368,6 +376,7 @@ impl Gate {
         }
     }
 
+    /// The configuration the gate was built or last reconfigured with.
     pub fn config(&self) -> GateConfig {
         *self.inner.lock_config()
     }

@@ -77,6 +77,8 @@ pub struct RetryBudget {
 }
 
 impl RetryBudget {
+    /// A budget allowing `fraction` retries per invoke (the route's `retry.budget`), with no
+    /// history yet.
     pub fn new(fraction: f64) -> Self {
         RetryBudget {
             fraction,

@@ -21,13 +21,19 @@ pub use crate::limit::ANONYMOUS_KEY as ANONYMOUS;
 /// Longest accepted key; longer values are refused rather than tracked.
 pub const MAX_KEY_BYTES: usize = 256;
 
+/// Why a request has no usable key; the data plane maps each to its refusal status.
 #[derive(Debug, PartialEq, Eq)]
 pub enum IdentityError {
+    /// No key header (or an empty one) while `identity.require_known_key` is set.
     Missing,
+    /// A key that belongs to no configured plan while `identity.require_known_key` is set.
     Unknown,
+    /// A key header that cannot be a key (not visible ASCII, or too long); the text says which.
     Invalid(String),
 }
 
+/// Extracts each request's rate-limit key as `[identity]` configures: the client IP, or a
+/// header value, optionally required to name a known plan.
 #[derive(Clone, Debug)]
 pub struct Identify {
     source: IdentitySource,
@@ -37,6 +43,8 @@ pub struct Identify {
 }
 
 impl Identify {
+    /// An extractor for a validated `[identity]` section (the header name was checked at
+    /// load, so it parses here).
     pub fn new(cfg: &IdentityConfig) -> Self {
         Identify {
             source: cfg.source,
@@ -87,6 +95,7 @@ impl Identify {
         Ok(key)
     }
 
+    /// The header a key is read from (named in a missing-key refusal's message).
     pub fn header(&self) -> &HeaderName {
         &self.header
     }

@@ -69,14 +69,20 @@ pub const TIMEOUT_HEADER: &str = "x-sluicegate-timeout-ms";
 /// Why sluicegate could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A listener could not bind its address.
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
+        /// Which listener: the data plane, the admin listener or the emulator.
         what: &'static str,
+        /// The address it was given.
         addr: SocketAddr,
+        /// The operating system's refusal.
         source: std::io::Error,
     },
+    /// The routes could not be assembled (a dead-letter sink could not be opened).
     #[error("{0}")]
     Pipeline(std::io::Error),
+    /// Discovery found the config does not fit a function, and `lambda.strict` refuses that.
     #[error("lambda.strict = true and the config does not fit the function:\n{}", .0.iter().map(|f| format!("  - {f}")).collect::<Vec<_>>().join("\n"))]
     Unsafe(Vec<Finding>),
 }
@@ -349,7 +355,9 @@ impl Shared {
 
 /// A running sluicegate: its bound addresses and a way to reload or stop it.
 pub struct Running {
+    /// Where the data plane listens (`server.listen`, with the port the OS chose for `:0`).
     pub addr: SocketAddr,
+    /// Where the admin listener (`/metrics`, `/admin/*`) listens.
     pub admin_addr: SocketAddr,
     /// The embedded emulator's address, when `[emulator] enabled = true`.
     pub emulator_addr: Option<SocketAddr>,

@@ -15,7 +15,7 @@ use crate::config::Envelope;
 
 /// Why a record is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Unparseable {
+pub(crate) enum Unparseable {
     #[error("the record nests arrays and objects more than {limit} levels deep: with the levels around it, the payload would reach server.max_json_depth, which the function's JSON parser refuses")]
     TooDeep { limit: u32 },
     #[error("the record has a lone UTF-16 surrogate escape (\\u{unit:04x}) at byte {offset}, which names no character")]
@@ -35,13 +35,13 @@ fn envelope_levels(envelope: Envelope) -> u32 {
 /// its recursion limit: a payload that reaches it is refused (`serde_json`, and so Rust
 /// runtimes, parse at most 127 levels with the default 128). So a batch record may nest
 /// `max_json_depth - 1 - 3` levels, a raw one `max_json_depth - 1`.
-pub fn record_depth_limit(max_json_depth: u32, envelope: Envelope) -> u32 {
+pub(crate) fn record_depth_limit(max_json_depth: u32, envelope: Envelope) -> u32 {
     max_json_depth.saturating_sub(1 + envelope_levels(envelope))
 }
 
 /// Checks that `json` nests arrays and objects at most `max_depth` levels deep (a scalar
 /// is depth 0, `[]` depth 1) and that no string escapes a lone surrogate.
-pub fn check(json: &[u8], max_depth: u32) -> Result<(), Unparseable> {
+pub(crate) fn check(json: &[u8], max_depth: u32) -> Result<(), Unparseable> {
     let mut depth: u32 = 0;
     let mut i = 0;
     while let Some(&byte) = json.get(i) {

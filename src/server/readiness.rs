@@ -14,7 +14,9 @@ use tokio::time::Instant;
 
 const CACHE_FOR: Duration = Duration::from_secs(5);
 
-pub struct Readiness {
+/// The `/readyz` probe for one generation of routes: the functions to ask and the last
+/// answer, cached for [`CACHE_FOR`].
+pub(crate) struct Readiness {
     client: aws_sdk_lambda::Client,
     functions: Vec<String>,
     /// Where the functions are asked (`"emulator"`, `"aws"` or a URL), shown in answers.
@@ -23,7 +25,8 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    pub fn new(
+    /// A probe of `functions` (duplicates asked once) through `client`.
+    pub(crate) fn new(
         client: aws_sdk_lambda::Client,
         mut functions: Vec<String>,
         endpoint: Arc<str>,
@@ -39,11 +42,13 @@ impl Readiness {
     }
 
     /// Where the data plane's invokes go: `"emulator"`, `"aws"` or the configured URL.
-    pub fn endpoint(&self) -> &str {
+    pub(crate) fn endpoint(&self) -> &str {
         &self.endpoint
     }
 
-    pub async fn check(&self) -> Result<(), String> {
+    /// `Ok` when Lambda answers for every function and none is unknown; otherwise the first
+    /// that failed and why. An answer at most [`CACHE_FOR`] old is reused.
+    pub(crate) async fn check(&self) -> Result<(), String> {
         // Held across the probe so concurrent probes wait for one answer instead of each
         // asking Lambda.
         let mut last = self.last.lock().await;

@@ -35,8 +35,11 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(1);
 /// Why a request is shed with 429.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ShedScope {
+    /// An admission bucket refused: the key's plan, the route's or the global limit.
     Limit(Scope),
+    /// The route's queue is full (`max_pending` records waiting for a batch).
     Queue,
+    /// The function's invoke rate (or Lambda itself, with a 429) refused the batch.
     Upstream,
 }
 
@@ -50,6 +53,7 @@ impl ShedScope {
         ShedScope::Upstream,
     ];
 
+    /// The scope's name in metric labels and in a `429` body's `message`.
     pub fn as_str(self) -> &'static str {
         match self {
             ShedScope::Limit(scope) => scope.as_str(),
@@ -150,8 +154,11 @@ impl Answer {
 /// rate, with the exact wait and the refusing limit's quota (for `RateLimit-Policy`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Shed {
+    /// Which limit refused, for the metric label and the body's `message`.
     pub scope: ShedScope,
+    /// How long until the refusing limit would admit the request (`Retry-After`).
     pub wait: Duration,
+    /// The refusing limit's quota for `RateLimit-Policy`; `None` when it has none to report.
     pub policy: Option<Quota>,
 }
 
@@ -181,10 +188,16 @@ pub struct Policies {
 pub enum RequestError {
     /// The request is not one JSON record, or a header is malformed.
     #[error("{reason}")]
-    BadRequest { reason: String },
+    BadRequest {
+        /// What is wrong with the request, as the body's `message`.
+        reason: String,
+    },
     /// Keys are required and the request has none in `header`.
     #[error("missing API key header {header}")]
-    Unauthorized { header: HeaderName },
+    Unauthorized {
+        /// The header a key is read from.
+        header: HeaderName,
+    },
     /// Keys are required and this one is in no plan.
     #[error("unknown API key")]
     Forbidden,
@@ -193,19 +206,34 @@ pub enum RequestError {
     NotFound,
     /// The path takes only the methods in `allow` (the `Allow` header's value).
     #[error("this path takes {allow}")]
-    MethodNotAllowed { allow: &'static str },
+    MethodNotAllowed {
+        /// The path's methods, comma-separated.
+        allow: &'static str,
+    },
     /// The body did not arrive within `waited`; the connection is closed after the answer.
     #[error("the request body did not arrive within {} ms", waited.as_millis())]
-    BodyTimeout { waited: Duration },
+    BodyTimeout {
+        /// The body timeout that passed.
+        waited: Duration,
+    },
     /// The body is larger than `server.max_record_bytes` (`max`).
     #[error("record is larger than server.max_record_bytes ({max} bytes)")]
-    TooLarge { max: usize },
+    TooLarge {
+        /// `server.max_record_bytes`.
+        max: usize,
+    },
     /// The caller's deadline passed while its record waited for a result.
     #[error("no result for record {record} before the caller's deadline")]
-    CallerDeadline { record: Arc<str> },
+    CallerDeadline {
+        /// The id of the record that is still queued or in flight.
+        record: Arc<str>,
+    },
     /// `/readyz`: a route's function cannot be reached.
     #[error("not ready: {reason}")]
-    NotReady { reason: String },
+    NotReady {
+        /// Which function, and why it cannot be reached.
+        reason: String,
+    },
     /// A limit refused the request.
     #[error("rate limited ({})", .0.scope.as_str())]
     Shed(Shed),
@@ -214,8 +242,11 @@ pub enum RequestError {
     /// for the `429`s this can be.
     #[error("{}", RecordMessage { record: record.as_deref(), error })]
     Record {
+        /// The record's id, once it has one.
         record: Option<Arc<str>>,
+        /// What happened to the record.
         error: RecordError,
+        /// The route's queue and invoke-rate quotas, for a `429`'s `RateLimit-Policy`.
         policies: Policies,
     },
 }

@@ -30,6 +30,7 @@ use serde_json::{Map, Value};
 /// The event sluicegate sends: a batch of records.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Batch {
+    /// The records, each from one caller.
     pub records: Vec<Record>,
 }
 
@@ -38,9 +39,12 @@ pub struct Batch {
 /// client's own JSON.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Record {
+    /// sluicegate's id for the record; its result must carry it back.
     pub id: String,
+    /// The client key the request was admitted under (empty when not sent).
     #[serde(default)]
     pub key: String,
+    /// The client's JSON, as it was posted.
     #[serde(default)]
     pub body: Value,
 }
@@ -90,10 +94,14 @@ impl std::str::FromStr for ResponseShape {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Response {
+    /// `{"results":[...]}`.
     Results {
+        /// One outcome per record, in the batch's order.
         results: Vec<RecordResult>,
     },
+    /// `{"batchItemFailures":[...]}`.
     BatchItemFailures {
+        /// The records that failed; every other record succeeded.
         #[serde(rename = "batchItemFailures")]
         batch_item_failures: Vec<ItemFailure>,
     },
@@ -103,15 +111,29 @@ pub enum Response {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "status", rename_all = "lowercase")]
 pub enum RecordResult {
-    Success { id: String, body: Value },
-    Error { id: String, error: RecordError },
+    /// The record was processed; its caller gets `200` with `body`.
+    Success {
+        /// The record's id from the batch.
+        id: String,
+        /// What the function made of the record.
+        body: Value,
+    },
+    /// The record failed; its caller gets `422` with `error`.
+    Error {
+        /// The record's id from the batch.
+        id: String,
+        /// Why the record failed.
+        error: RecordError,
+    },
 }
 
 /// Lambda's own error object shape, so a record error reads like a function error.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RecordError {
+    /// A short machine-readable kind, like an exception's class name.
     #[serde(rename = "errorType")]
     pub error_type: String,
+    /// A human-readable explanation for the caller.
     #[serde(rename = "errorMessage")]
     pub error_message: String,
 }
@@ -119,6 +141,7 @@ pub struct RecordError {
 /// One failed record in the `batchItemFailures` shape.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ItemFailure {
+    /// The failed record's id from the batch.
     #[serde(rename = "itemIdentifier")]
     pub item_identifier: String,
 }

@@ -11,11 +11,12 @@ mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use governor::clock::FakeRelativeClock;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+use tokio::time::Instant;
 
 use self::support::RedisServer;
 use super::{Fallback, RedisBackend, RedisOptions, DENY_WAIT};

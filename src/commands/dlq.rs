@@ -36,7 +36,9 @@ pub async fn redrive_command(
 /// What a command prints (one JSON object on stdout) and whether it fully succeeded.
 #[derive(Debug)]
 pub struct Report {
+    /// The command's result, printed as one JSON object on stdout.
     pub json: Value,
+    /// Whether the command fully succeeded: `false` makes the process exit non-zero.
     pub ok: bool,
 }
 

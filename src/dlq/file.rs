@@ -56,6 +56,7 @@ impl FileSink {
         Ok(sink)
     }
 
+    /// The file's path as configured; the sink reopens this path when the file was rotated.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -130,8 +131,9 @@ fn sync_parent(path: &Path) {
 /// A line of a dead-letter file that is not a letter.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SkippedLine {
-    /// 1-based.
+    /// The line's number in the file, 1-based.
     pub line: usize,
+    /// Why it is not a letter: the JSON error, or that it is not UTF-8.
     pub error: String,
     /// The line as it is in the file (without its newline), so it can be kept aside.
     pub text: Vec<u8>,
@@ -141,7 +143,9 @@ pub struct SkippedLine {
 /// last line after a crash mid-write, or anything else that does not parse).
 #[derive(Debug, Default)]
 pub struct LetterFile {
+    /// The letters, in file order.
     pub letters: Vec<DeadLetter>,
+    /// The lines that are not letters, in file order.
     pub skipped: Vec<SkippedLine>,
 }
 

@@ -14,13 +14,29 @@ use std::path::{Path, PathBuf};
 /// Why the lock was not taken.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
+    /// Another process holds the lock, or whether it still runs cannot be told.
     #[error("{lock} is held by another redrive (pid {holder}); wait for it to finish (if no redrive is running, remove the file)")]
-    Held { lock: String, holder: String },
+    Held {
+        /// The lock file's path.
+        lock: String,
+        /// The pid written in the lock file, or `unknown` when it is empty or unreadable.
+        holder: String,
+    },
+    /// The lock was left by a process that is no longer running; it is not taken over
+    /// (a pid can be reused), only reported.
     #[error("{lock} was left by pid {holder}, which is no longer running (a redrive that was killed?); if no redrive is running, remove it: rm {lock}")]
-    Stale { lock: String, holder: String },
+    Stale {
+        /// The lock file's path.
+        lock: String,
+        /// The pid written in the lock file.
+        holder: String,
+    },
+    /// The lock file could not be created or its pid written.
     #[error("cannot create {lock}: {source}")]
     Io {
+        /// The lock file's path.
         lock: String,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
@@ -68,6 +84,7 @@ impl RedriveLock {
         Ok(taken)
     }
 
+    /// The lock file's path (`<file>.lock`).
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -46,22 +46,29 @@ use crate::config::{DlqConfig, LambdaConfig};
 pub struct DeadLetter {
     /// The dead-letter id the caller was given.
     pub id: String,
+    /// The route (`routes[].name`) the record came in on; a redrive replays it there.
     pub route: String,
+    /// The Lambda function the record was meant for.
     pub function: String,
+    /// The client key the record was admitted under (`identity.source`; `-` when anonymous).
     pub key: String,
+    /// The record's JSON body, verbatim (`null` when it was not valid UTF-8 JSON).
     pub record: Box<RawValue>,
     /// The last failure, as text.
     pub error: String,
     /// Lambda's error label (throttle reason, `Unavailable`, …).
     pub error_kind: String,
+    /// How many invokes of the record's batch were attempted before giving up.
     pub attempts: u32,
     /// An attempt ended without knowing whether the function ran (a lost connection or a
     /// read timeout, retried because `retry.retry_timeouts` is on): a redrive may run the
     /// record a second time. Absent in letters written before this field existed.
     #[serde(default)]
     pub possibly_processed: bool,
-    /// RFC 3339 UTC.
+    /// When the first attempt started, RFC 3339 UTC with milliseconds.
     pub first_attempt_at: String,
+    /// When the record was given up on, after its last attempt; RFC 3339 UTC with
+    /// milliseconds.
     pub last_attempt_at: String,
 }
 
@@ -78,14 +85,29 @@ pub fn timestamp(at: SystemTime) -> String {
 /// Why the sink did not confirm one letter.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum SinkError {
+    /// The sink refused or failed the write (an I/O error with the file's path, or what SQS
+    /// answered); metric reason `write_error`.
     #[error("the dead-letter sink could not write it: {0}")]
     Write(String),
+    /// The letter is larger than the sink can hold (SQS: 256 KiB a message); it cannot be
+    /// written at all. Metric reason `too_large`.
     #[error("the dead-letter of {size} bytes is larger than the sink takes ({limit} bytes)")]
-    TooLarge { size: usize, limit: usize },
+    TooLarge {
+        /// The serialized letter, in bytes.
+        size: usize,
+        /// The most the sink takes, in bytes.
+        limit: usize,
+    },
+    /// The writer had not taken the letter by the deadline (or the buffer to it stayed
+    /// full); it was withdrawn, so it is never written. Metric reason `timeout`.
     #[error("the dead-letter sink did not take the letter before the caller's deadline; it was withdrawn and will not be written")]
     Timeout,
+    /// The writer was still writing the letter at the deadline: it may yet land in the
+    /// sink, without the caller holding its id. Metric reason `unconfirmed`.
     #[error("the dead-letter sink was still writing the letter at the caller's deadline; it may yet appear in the sink")]
     Unconfirmed,
+    /// The writer is gone (its thread or task ended), so nothing more is written. Metric
+    /// reason `stopped`.
     #[error("the dead-letter writer has stopped")]
     Stopped,
 }
@@ -175,6 +197,9 @@ impl DeadLetterSink {
         }
     }
 
+    /// A sink appending JSON lines to the file at `path` (`dlq.file`), created with its
+    /// directory if absent, written and fsynced by a dedicated thread. Fails when the file cannot be opened or
+    /// the thread cannot be started.
     pub fn file(path: &Path) -> std::io::Result<DeadLetterSink> {
         let mut sink = FileSink::open(path)?;
         let (tx, mut rx) = mpsc::channel::<Job>(BUFFER);
@@ -198,6 +223,9 @@ impl DeadLetterSink {
         Ok(DeadLetterSink { tx, kind: "file" })
     }
 
+    /// A sink sending each letter as one message to the SQS queue at `queue_url`
+    /// (`dlq.sqs_queue_url`), with `[lambda]`'s region, timeouts and credentials, from a
+    /// task on the current runtime.
     pub async fn sqs(queue_url: &str, lambda: &LambdaConfig) -> DeadLetterSink {
         let sink = SqsSink::new(queue_url, lambda).await;
         let (tx, mut rx) = mpsc::channel::<Job>(BUFFER);
@@ -213,6 +241,7 @@ impl DeadLetterSink {
         DeadLetterSink { tx, kind: "sqs" }
     }
 
+    /// `file` or `sqs`: the `sink` label of the dead-letter metrics.
     pub fn kind(&self) -> &'static str {
         self.kind
     }

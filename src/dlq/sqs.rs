@@ -9,6 +9,8 @@ use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use super::{DeadLetter, SinkError};
 use crate::config::LambdaConfig;
 
+/// Sends letters to one SQS queue (`dlq.sqs_queue_url`) with `SendMessageBatch`. Async:
+/// the sink's writer task owns it.
 #[derive(Debug)]
 pub struct SqsSink {
     client: aws_sdk_sqs::Client,

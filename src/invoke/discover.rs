@@ -22,7 +22,9 @@ use crate::config::Config;
 /// One thing about the config that does not fit the function.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Finding {
+    /// The route (`routes[].name`) whose config does not fit.
     pub route: String,
+    /// What does not fit and what it leads to, naming the config keys involved.
     pub message: String,
 }
 
@@ -37,7 +39,10 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// What discovery learned about a function.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FunctionFacts {
+    /// The function's `Timeout` (whole seconds); `None` when it could not be read.
     pub timeout: Option<Duration>,
+    /// The function's reserved concurrency; `None` when none is set or it could not be
+    /// read. `Some(0)` means the function is switched off.
     pub reserved_concurrency: Option<u32>,
 }
 

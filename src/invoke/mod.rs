@@ -52,7 +52,10 @@ pub enum Invoked {
     /// A synchronous invoke ran; `function_error` is `X-Amz-Function-Error` when the
     /// function itself failed (`Unhandled`, `Handled`).
     Response {
+        /// The function's response body, as Lambda returned it.
         payload: Bytes,
+        /// `X-Amz-Function-Error` (`Unhandled`, `Handled`); `None` when the function
+        /// returned normally.
         function_error: Option<String>,
     },
     /// An `Event` invoke was queued by Lambda (202).
@@ -86,23 +89,48 @@ impl std::fmt::Display for UnknownCause {
 /// Why an invoke did not produce a function result.
 #[derive(Clone, Debug, thiserror::Error, PartialEq)]
 pub enum InvokeFailure {
+    /// `TooManyRequestsException`: the function, account or burst limit was hit; nothing
+    /// ran, so the batch is retried after the wait Lambda asked for.
     #[error("Lambda throttled the invoke: TooManyRequestsException ({reason}): {message}")]
     Throttled {
+        /// The exception's `Reason` (`ReservedFunctionConcurrentInvocationLimitExceeded`,
+        /// `CallerRateLimitExceeded`, …), or `Unknown` when Lambda sent none.
         reason: String,
+        /// Lambda's error message.
         message: String,
+        /// The exception's `Retry-After`, parsed without trusting it: `None` when absent
+        /// or unparsable, otherwise at most [`MAX_RETRY_AFTER`].
         retry_after: Option<Duration>,
     },
+    /// `RequestTooLargeException`: the payload is over Lambda's limit; the caller splits
+    /// the batch.
     #[error("the batch is larger than Lambda accepts: {message}")]
-    TooLarge { message: String },
+    TooLarge {
+        /// Lambda's error message.
+        message: String,
+    },
+    /// Lambda refused the request for good (unknown function, bad payload, credentials or
+    /// permission, a client misconfiguration): another attempt would fail the same way.
     #[error("Lambda refused the invoke: {kind}: {message}")]
-    Rejected { kind: String, message: String },
+    Rejected {
+        /// Lambda's error code (`ResourceNotFoundException`, …), or `ClientConfiguration`
+        /// / `RequestConstruction` when the SDK refused before sending.
+        kind: String,
+        /// What went wrong, from Lambda or the SDK.
+        message: String,
+    },
     /// Lambda did not take the request; nothing ran, so another attempt is safe.
     #[error("Lambda is unavailable: {message}")]
-    Unavailable { message: String },
+    Unavailable {
+        /// The error code and message, or the connection failure.
+        message: String,
+    },
     /// The request may have reached the function: it may have run.
     #[error("{cause}; the outcome is unknown and the record may have been processed: {message}")]
     OutcomeUnknown {
+        /// A read timeout or a connection lost after the request may have left.
         cause: UnknownCause,
+        /// The underlying failure, as text.
         message: String,
     },
 }
@@ -205,6 +233,8 @@ pub struct Invoker {
 }
 
 impl Invoker {
+    /// An invoker of `function` (a Lambda function name or ARN) through `client`, each
+    /// attempt passing `gate` first.
     pub fn new(client: aws_sdk_lambda::Client, function: String, gate: Gate) -> Self {
         Invoker {
             client,
@@ -213,6 +243,7 @@ impl Invoker {
         }
     }
 
+    /// The function this invoker targets, as the routes' `routes[].function` key names it.
     pub fn function(&self) -> &str {
         &self.function
     }

@@ -22,13 +22,17 @@ use crate::invoke::{Gate, GateConfig, Invoker};
 
 /// One route, ready to take records.
 pub struct RouteHandle {
+    /// The route's name (`routes[].name`).
     pub name: String,
+    /// The route's queue and batch worker: where its records are submitted.
     pub batcher: Batcher,
+    /// The route's function's invoker, shared by every route that targets that function.
     pub invoker: Arc<Invoker>,
 }
 
 /// Every route of a config, in config order.
 pub struct Pipeline {
+    /// One handle per `[[routes]]` entry, in the config's order.
     pub routes: Vec<RouteHandle>,
     /// The shared-limits backend, with `[limits] backend = "redis"`; admission uses it too.
     pub limit_backend: Option<RedisBackend>,

@@ -29,6 +29,7 @@ use crate::pipeline::Pipeline;
 /// What a redrive did.
 #[derive(Debug, Default, Serialize)]
 pub struct RedriveReport {
+    /// Letters given to the redrive: `succeeded + function_errors + failed`.
     pub total: usize,
     /// The function processed the record successfully (or Lambda queued it, for events).
     pub succeeded: usize,
@@ -36,6 +37,8 @@ pub struct RedriveReport {
     pub function_errors: usize,
     /// Still undeliverable; returned in `remaining`.
     pub failed: usize,
+    /// The letters counted in `failed`, their attempts, last attempt time and error
+    /// updated, for the caller to keep for a later redrive.
     #[serde(skip)]
     pub remaining: Vec<DeadLetter>,
 }

@@ -30,14 +30,17 @@ pub fn format_duration(d: Duration) -> String {
 pub struct ByteSize(pub u64);
 
 impl ByteSize {
+    /// `n` kibibytes (`n × 1024` bytes), for defaults written in code.
     pub const fn kib(n: u64) -> Self {
         Self(n * 1024)
     }
 
+    /// `n` mebibytes (`n × 1024²` bytes), for defaults written in code.
     pub const fn mib(n: u64) -> Self {
         Self(n * 1024 * 1024)
     }
 
+    /// The size in bytes.
     pub fn bytes(self) -> u64 {
         self.0
     }
@@ -119,10 +122,13 @@ impl<'de> Deserialize<'de> for ByteSize {
 pub mod duration {
     use super::*;
 
+    /// Writes the duration in human units (`"250ms"`), as a config file would.
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format_duration(*d))
     }
 
+    /// Reads a duration string in human units (`"3s"`, `"1m 30s"`); a bare number is an
+    /// error, so a unit is never guessed.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
         parse_duration(&text).map_err(de::Error::custom)
@@ -133,6 +139,7 @@ pub mod duration {
 pub mod opt_duration {
     use super::*;
 
+    /// Writes a present duration in human units and an absent one as none.
     pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
             Some(d) => s.serialize_some(&format_duration(*d)),
@@ -140,6 +147,8 @@ pub mod opt_duration {
         }
     }
 
+    /// Reads a duration string in human units; an absent key is `None` through the field's
+    /// `#[serde(default)]`, not through this function.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let text = String::deserialize(d)?;
         parse_duration(&text).map(Some).map_err(de::Error::custom)

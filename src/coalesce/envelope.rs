@@ -25,7 +25,9 @@ use crate::invoke::{InvokeFailure, Invoked};
 pub struct FunctionError {
     /// `Unhandled` or `Handled`.
     pub kind: String,
+    /// The payload's `errorType` (`Unknown` when it has none or is not JSON).
     pub error_type: String,
+    /// The payload's `errorMessage`, or its first KiB when it is not JSON.
     pub message: String,
 }
 

@@ -53,25 +53,36 @@ pub use self::envelope::FunctionError;
 /// What a route's batcher needs from the config.
 #[derive(Clone, Debug)]
 pub struct BatchSpec {
+    /// The route's name, for logs, metrics and dead letters.
     pub route: String,
+    /// How records go into a payload.
     pub envelope: Envelope,
+    /// Synchronous or asynchronous invokes: decides how an answer is read.
     pub invocation: Invocation,
+    /// Records per invoke (1 for the raw envelope).
     pub max_records: usize,
+    /// Largest invoke payload in bytes, envelope included.
     pub max_bytes: usize,
+    /// Longest a batch waits after its first record (`flush = "window"`).
     pub max_wait: Duration,
+    /// When a batch is sent.
     pub flush: Flush,
+    /// Bound on records waiting in the queue.
     pub max_pending: usize,
     /// Bound on the bytes of queued records' entries.
     pub max_queued_bytes: usize,
     /// Records per second the route can deliver at most (invoke rate × batch size); the
     /// drain estimate until a backlog has been measured.
     pub nominal_drain_rate: f64,
+    /// How failed invokes are retried (attempts, backoff, budget).
     pub retry: RetryConfig,
     /// Split a batch whose invoke failed with a function error, to isolate the failing record.
     pub bisect: bool,
 }
 
 impl BatchSpec {
+    /// The batcher's settings for `route`, defaults resolved (`max_records` and
+    /// `max_bytes` per envelope and invocation).
     pub fn from_route(route: &RouteConfig) -> Self {
         BatchSpec {
             route: route.name.clone(),
@@ -95,9 +106,15 @@ impl BatchSpec {
 pub enum Delivered {
     /// The function processed the record; `body` is its per-record result (`null` when
     /// the response shape carries none, as with `batchItemFailures`).
-    Success { body: Box<RawValue> },
+    Success {
+        /// The function's result for this record, as it wrote it.
+        body: Box<RawValue>,
+    },
     /// The function reported this record failed; `error` is what it said.
-    Failed { error: Box<RawValue> },
+    Failed {
+        /// The function's error for this record, as it wrote it.
+        error: Box<RawValue>,
+    },
     /// Lambda queued the batch (`invocation = "event"`).
     Accepted,
 }
@@ -105,35 +122,69 @@ pub enum Delivered {
 /// Why a record has no result from the function.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
+    /// The queue is full, or cannot reach the record before its caller's deadline; refused
+    /// at `submit`, before the record was queued.
     #[error("the route's queue is full")]
-    QueueFull { retry_after: Duration },
+    QueueFull {
+        /// How long the queue needs to drain at the measured rate (at most an hour).
+        retry_after: Duration,
+    },
+    /// The batcher is closed (shutdown or route removed by a reload): the record was not
+    /// sent.
     #[error("sluicegate is shutting down")]
     Closed,
     /// The route's worker failed (panicked) while it held the record, before the record was
     /// sent; the worker was restarted.
     #[error("the route's batch worker failed before the record was sent to Lambda")]
     WorkerFailed,
+    /// The record's envelope entry alone is larger than one invoke's payload may be.
     #[error("record of {size} bytes cannot fit one invoke of at most {limit} bytes")]
-    TooLarge { size: usize, limit: usize },
+    TooLarge {
+        /// Bytes of the record's envelope entry.
+        size: usize,
+        /// Bytes one record may take: `max_bytes` less the envelope's frame.
+        limit: usize,
+    },
+    /// The invoke failed for good: not retryable, or out of attempts or retry budget on a
+    /// route without a dead-letter sink.
     #[error(transparent)]
     Invoke(#[from] InvokeFailure),
+    /// The function failed the whole invoke (`X-Amz-Function-Error`).
     #[error(transparent)]
     Function(#[from] FunctionError),
+    /// The function's answer cannot be read as this record's result: not JSON, not an
+    /// accepted envelope answer, naming records the batch does not hold, or listing this
+    /// record twice. The message says which.
     #[error("the function's response is malformed: {0}")]
     MalformedResponse(String),
+    /// The function's answer does not mention this record.
     #[error("the function's response has no result for this record")]
     MissingResult,
+    /// The task holding the record's reply ended without answering (it panicked).
     #[error("the record's result was lost (its batch task ended without answering)")]
     Lost,
+    /// The caller's deadline passed while the record waited for an attempt (in the queue,
+    /// a batch or the function's gate); no further attempt carries it.
     #[error("the caller's deadline passed before the record had a result")]
     Expired,
+    /// An attempt failed and the next one could not start before the caller's deadline;
+    /// the failure of the last attempt.
     #[error("the caller's deadline comes before the next retry ({0})")]
     DeadlineBeforeRetry(InvokeFailure),
+    /// Retries were exhausted and the route's dead-letter sink confirmed the record.
     #[error("retries exhausted; the record was dead-lettered as {id} ({failure})")]
-    DeadLettered { id: String, failure: InvokeFailure },
+    DeadLettered {
+        /// The dead letter's id, by which it can be found and redriven.
+        id: String,
+        /// The last attempt's failure.
+        failure: InvokeFailure,
+    },
+    /// Retries were exhausted and the dead-letter sink could not keep the record.
     #[error("retries exhausted ({failure}), and {sink}")]
     NotDeadLettered {
+        /// The last attempt's failure.
         failure: InvokeFailure,
+        /// Why the sink did not keep it.
         sink: crate::dlq::SinkError,
     },
 }
@@ -197,6 +248,7 @@ impl Message {
 /// A submitted record's claim on its result.
 #[derive(Debug)]
 pub struct Ticket {
+    /// The record's id (`r<n>`), unique in this process: its `id` in the batch envelope.
     pub id: Arc<str>,
     rx: oneshot::Receiver<Outcome>,
 }
@@ -349,6 +401,7 @@ impl Batcher {
         self.queued.0.load(Ordering::Relaxed)
     }
 
+    /// The settings this batcher was started with.
     pub fn spec(&self) -> &BatchSpec {
         &self.spec
     }

@@ -12,6 +12,8 @@ pub const SYNC_PAYLOAD_LIMIT: u64 = 6_291_456;
 /// Lambda's payload limit for asynchronous (Event) invokes.
 pub const ASYNC_PAYLOAD_LIMIT: u64 = 1_048_576;
 
+/// `lambda.credentials`: where the Lambda (and SQS dead-letter) client gets its
+/// credentials. Default `auto`.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum CredentialsSource {
@@ -22,20 +24,27 @@ pub enum CredentialsSource {
     Chain,
 }
 
+/// The `[lambda]` section: how the Lambda client reaches and waits on the service.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LambdaConfig {
+    /// AWS region of the functions (default `us-east-1`).
     pub region: String,
-    /// Lambda endpoint; omit for real AWS.
+    /// Lambda endpoint; omit for real AWS. The embedded emulator receives records only
+    /// when this is `http://<emulator.listen>`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint_url: Option<String>,
+    /// Where credentials come from (default `auto`).
     pub credentials: CredentialsSource,
+    /// TCP/TLS connect timeout of the Lambda client (default `3s`).
     #[serde(with = "units::duration")]
     pub connect_timeout: Duration,
-    /// Must exceed the function's own timeout, or a slow invoke is abandoned while it runs.
+    /// How long one invoke may wait for its answer (default `65s`). Must exceed the
+    /// function's own timeout, or a slow invoke is abandoned while it runs.
     #[serde(with = "units::duration")]
     pub read_timeout: Duration,
-    /// Refuse to start on unsafe timeouts or concurrency instead of warning.
+    /// Refuse to start when discovery finds unsafe timeouts or concurrency, instead of
+    /// warning (default `false`).
     pub strict: bool,
 }
 
@@ -52,10 +61,14 @@ impl Default for LambdaConfig {
     }
 }
 
+/// `routes[].invocation`: how a route's function is invoked (default `request_response`).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Invocation {
+    /// Synchronous: the caller waits for the function's result (6 MB payload limit).
     RequestResponse,
+    /// Asynchronous: Lambda queues the payload and the caller is answered `202` once it is
+    /// accepted (1 MB payload limit).
     Event,
 }
 

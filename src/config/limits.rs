@@ -8,41 +8,55 @@ use serde::{Deserialize, Serialize};
 use crate::quota::Quota;
 use crate::units;
 
+/// `limits.backend`: where admission and invoke-rate buckets live (default `local`).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum LimitBackend {
+    /// In this process: each replica enforces its own quotas.
     Local,
+    /// In Redis (`limits.redis_url`), shared by every replica.
     Redis,
 }
 
+/// `limits.on_backend_error`: what admission does while Redis is down (default `local`).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendErrorPolicy {
+    /// Fall back to this replica's local buckets.
     Local,
+    /// Admit every request (fail open).
     Allow,
+    /// Refuse every request (fail closed).
     Deny,
 }
 
+/// The `[limits]` section: admission's backend, its key bound and the global and default
+/// quotas.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
+    /// Where the buckets live (default `local`).
     pub backend: LimitBackend,
+    /// Redis for the shared backend (default `redis://127.0.0.1:6379`); its password is
+    /// masked when the config is shown.
     pub redis_url: String,
+    /// What admission does while Redis is down (default `local`).
     pub on_backend_error: BackendErrorPolicy,
     /// With `backend = "redis"`: deadline of one call to Redis. A call that fails or misses
     /// it marks Redis down and `on_backend_error` decides until a probe finds it back, so no
     /// request waits on Redis longer than this.
     #[serde(with = "units::duration")]
     pub redis_timeout: Duration,
-    /// Bound on tracked keys across all keyed layers.
+    /// Bound on tracked keys across all keyed layers (default `1000000`,
+    /// `1..=100000000`).
     pub max_keys: usize,
-    /// How often idle (full) key buckets are reclaimed.
+    /// How often idle (full) key buckets are reclaimed (default `10s`).
     #[serde(with = "units::duration")]
     pub reclaim_interval: Duration,
     /// Account/stage layer; omit for none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub global: Option<Quota>,
-    /// Per-key layer for keys without a plan.
+    /// Per-key layer for keys without a plan (default `{ rate = 100.0, burst = 200 }`).
     pub default: Quota,
 }
 
@@ -68,14 +82,21 @@ impl Default for LimitsConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PlanConfig {
+    /// The plan's name: `/admin/keys/{key}` shows it, and a reload that keeps a plan's
+    /// name and quota keeps its keys' buckets.
     pub name: String,
+    /// Requests per second each key of the plan may make; may be fractional, `0` closes
+    /// the layer.
     pub rate: f64,
+    /// Requests a key's full bucket lets through at once; `0` closes the layer.
     pub burst: u32,
+    /// The API keys on this plan (default none).
     #[serde(default)]
     pub keys: Vec<String>,
 }
 
 impl PlanConfig {
+    /// The `{rate, burst}` each of this plan's keys gets.
     pub fn quota(&self) -> Quota {
         Quota {
             rate: self.rate,

@@ -67,13 +67,20 @@ pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../config/sluicegate.toml
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// `[server]`: listeners, request bounds, timeouts, the admin token.
     pub server: ServerConfig,
+    /// `[identity]`: how a request's client key is found.
     pub identity: IdentityConfig,
+    /// `[limits]`: admission's backend and its global and default quotas.
     pub limits: LimitsConfig,
+    /// `[[plans]]`: usage plans giving their keys their own quota (default none).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub plans: Vec<PlanConfig>,
+    /// `[lambda]`: region, endpoint, credentials and timeouts of the Lambda client.
     pub lambda: LambdaConfig,
+    /// `[[routes]]`: each request path and the function its records go to (default none).
     pub routes: Vec<RouteConfig>,
+    /// `[emulator]`: the embedded Lambda emulator; off when the section is absent.
     pub emulator: EmulatorConfig,
 }
 

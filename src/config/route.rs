@@ -13,6 +13,7 @@ use super::server::ServerConfig;
 use crate::quota::Quota;
 use crate::units::{self, ByteSize};
 
+/// `routes[].envelope`: how records are put into an invoke's payload (default `batch`).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Envelope {
@@ -22,6 +23,7 @@ pub enum Envelope {
     Raw,
 }
 
+/// `routes[].batch.flush`: when a batch is sent (default `adaptive`).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Flush {
@@ -31,17 +33,20 @@ pub enum Flush {
     Window,
 }
 
+/// `routes[].batch`: how records are grouped into one invoke.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
-    /// Records per invoke (at least 1; at most `MAX_BATCH_RECORDS`).
+    /// Records per invoke (default `20`, `1..=10000`; the `raw` envelope always sends 1).
     pub max_records: NonZeroU32,
     /// Largest invoke payload, envelope included. Default: 5MiB for `request_response`
-    /// routes, 1MiB (Lambda's limit) for `event` routes.
+    /// routes, 1MiB (Lambda's limit) for `event` routes; at most Lambda's 6 MB / 1 MB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_bytes: Option<ByteSize>,
+    /// Longest a batch waits after its first record before it is sent (default `50ms`).
     #[serde(with = "units::duration")]
     pub max_wait: Duration,
+    /// When a batch is sent (default `adaptive`).
     pub flush: Flush,
 }
 
@@ -56,11 +61,15 @@ impl Default for BatchConfig {
     }
 }
 
+/// `routes[].queue`: the bound on records waiting for an invoke; past it callers get
+/// `429 scope=queue`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
+    /// Records waiting at once (default `10000`, `1..=10000000`).
     pub max_pending: usize,
-    /// Bound on the bytes of records waiting in the queue (their envelope entries).
+    /// Bound on the bytes of records waiting in the queue (their envelope entries; default
+    /// `64MiB`); must hold one record of `server.max_record_bytes`.
     pub max_bytes: ByteSize,
 }
 
@@ -73,16 +82,20 @@ impl Default for QueueConfig {
     }
 }
 
+/// `routes[].invoke`: the per-function invoke gate every attempt passes through.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct InvokeConfig {
-    /// Invokes per second (client-side invoke-rate bucket).
+    /// Invokes per second (client-side invoke-rate bucket; default `10.0`, `0.001..=1e6`).
     pub rate: f64,
-    /// Invokes a full bucket lets through at once (at least 1: a bucket without a token
-    /// could never pass an invoke).
+    /// Invokes a full bucket lets through at once (default `10`, `1..=1000000`: a bucket
+    /// without a token could never pass an invoke).
     pub burst: NonZeroU32,
-    /// Invokes in flight at once; keep it at or below the function's reserved concurrency.
+    /// Invokes in flight at once (default `10`, `1..=100000`); keep it at or below the
+    /// function's reserved concurrency.
     pub max_concurrency: NonZeroU32,
+    /// Lower concurrency and rate on throttles (AIMD) and recover while they stay away
+    /// (default `false`).
     pub adaptive: bool,
 }
 
@@ -155,18 +168,27 @@ impl<'de> Deserialize<'de> for Jitter {
     }
 }
 
+/// `routes[].retry`: how a failed invoke is retried.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
+    /// Attempts per batch, the first included (default `5`, `1..=100`).
     pub max_attempts: u32,
+    /// Backoff before retry `n` is `min(cap, base × 2^n)`, then jittered (default `400ms`;
+    /// greater than 0 and at most `cap`).
     #[serde(with = "units::duration")]
     pub base: Duration,
+    /// Longest backoff, and the longest a throttle's `Retry-After` is honoured (default
+    /// `10s`).
     #[serde(with = "units::duration")]
     pub cap: Duration,
+    /// Jitter applied to each backoff (default `equal`).
     pub jitter: Jitter,
-    /// Retries allowed as a fraction of recent invokes.
+    /// Retries allowed as a fraction of invokes over the last 10 s, plus 100 (default
+    /// `0.2`, `0..=1`).
     pub budget: f64,
-    /// Retry a read timeout (only safe when the function is idempotent).
+    /// Retry an unknown outcome — a read timeout, or a connection lost after sending (only
+    /// safe when the function is idempotent; default `false`).
     pub retry_timeouts: bool,
 }
 
@@ -188,25 +210,35 @@ impl Default for RetryConfig {
     }
 }
 
+/// `routes[].dlq`: where records that exhausted their attempts are kept; exactly one of
+/// the two sinks.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct DlqConfig {
+    /// A JSON Lines file records are appended to (`data/dlq.jsonl`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
+    /// An SQS queue records are sent to; the SQS endpoint is the URL's origin and the
+    /// credentials are those of `[lambda]`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sqs_queue_url: Option<String>,
 }
 
+/// A `[[routes]]` entry: a request path whose records are batched into one function.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
+    /// The route's name (required, unique), used in metrics, logs and `/admin/routes`.
     pub name: String,
     /// Request path; default `/<name>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// Lambda function name or ARN the records go to (required).
     pub function: String,
+    /// Synchronous or asynchronous invokes (default `request_response`).
     #[serde(default = "default_invocation")]
     pub invocation: Invocation,
+    /// How records are put into a payload (default `batch`).
     #[serde(default = "default_envelope")]
     pub envelope: Envelope,
     /// Route layer of admission; omit for none.
@@ -219,18 +251,23 @@ pub struct RouteConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub request_timeout: Option<Duration>,
+    /// How records are grouped into invokes.
     #[serde(default)]
     pub batch: BatchConfig,
+    /// The bound on records waiting for an invoke.
     #[serde(default)]
     pub queue: QueueConfig,
+    /// The function's invoke gate: rate, burst and concurrency.
     #[serde(default)]
     pub invoke: InvokeConfig,
+    /// How failed invokes are retried.
     #[serde(default)]
     pub retry: RetryConfig,
     /// Split a batch that failed with a function error until the failing record is found,
     /// so one poison record costs only its own caller (on by default).
     #[serde(default = "default_bisect")]
     pub bisect_on_function_error: bool,
+    /// Dead-letter sink for records that exhausted their attempts; omit for none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dlq: Option<DlqConfig>,
 }
@@ -248,6 +285,7 @@ fn default_bisect() -> bool {
 }
 
 impl RouteConfig {
+    /// The request path the route serves: `path`, or `/<name>` when it is not set.
     pub fn path(&self) -> String {
         self.path
             .clone()
@@ -273,6 +311,7 @@ impl RouteConfig {
         }
     }
 
+    /// This route's caller deadline: its own `request_timeout`, else the server's.
     pub fn request_timeout(&self, server: &ServerConfig) -> Duration {
         self.request_timeout.unwrap_or(server.request_timeout)
     }

@@ -11,37 +11,42 @@ use super::ConfigError;
 use crate::redact;
 use crate::units::{self, ByteSize};
 
+/// The `[server]` section: listeners, record and request bounds, timeouts and the admin
+/// token.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Data-plane listener.
+    /// Data-plane listener (default `127.0.0.1:8080`).
     pub listen: SocketAddr,
-    /// Admin listener (`/metrics`, `/admin/*`); loopback by default.
+    /// Admin listener (`/metrics`, `/admin/*`); default `127.0.0.1:9090`.
     pub admin_listen: SocketAddr,
-    /// Largest accepted record body.
+    /// Largest accepted record body (default `256KiB`, at most Lambda's 6 MB); larger
+    /// ones are answered `413`.
     pub max_record_bytes: ByteSize,
-    /// A caller's deadline, unless the route sets its own.
+    /// A caller's deadline, unless the route sets its own (default `30s`; `504` after it).
     #[serde(with = "units::duration")]
     pub request_timeout: Duration,
-    /// On SIGTERM/SIGINT, time allowed for in-flight work to finish.
+    /// On SIGTERM/SIGINT, time allowed for in-flight work to finish (default `20s`).
     #[serde(with = "units::duration")]
     pub shutdown_grace: Duration,
     /// How long a client may take to send a request's head (request line and headers)
-    /// before its connection is closed; keeps slow clients from holding connections.
+    /// before its connection is closed, and the longest a keep-alive connection may sit
+    /// idle (default `30s`); keeps slow clients from holding connections.
     #[serde(with = "units::duration")]
     pub header_read_timeout: Duration,
     /// Deepest nesting of arrays and objects a record may have; deeper records are refused
-    /// with `400` before they can fail a batch in a runtime that cannot parse them.
+    /// with `400` before they can fail a batch in a runtime that cannot parse them
+    /// (default and largest [`DEFAULT_MAX_JSON_DEPTH`]).
     pub max_json_depth: u32,
     /// How long a client may take to send a record's body once its head has arrived (never
     /// past the caller's deadline); a body that does not arrive in time is answered `408`
-    /// and its connection closed.
+    /// and its connection closed (default `10s`).
     #[serde(with = "units::duration")]
     pub body_read_timeout: Duration,
-    /// Data-plane connections open at once. At the cap the listener stops accepting (new
-    /// connections wait in the kernel's backlog) until one closes. Lowered at start-up when
-    /// the open-files limit could not hold this many plus a reserve for Lambda, Redis, the
-    /// dead-letter sink and the admin listener.
+    /// Data-plane connections open at once (default `10000`, `1..=1000000`). At the cap the
+    /// listener stops accepting (new connections wait in the kernel's backlog) until one
+    /// closes. Lowered at start-up when the open-files limit could not hold this many plus
+    /// a reserve for Lambda, Redis, the dead-letter sink and the admin listener.
     pub max_connections: u32,
     /// Bearer token every `/admin/*` request must carry (`/metrics` and `/healthz` stay
     /// open). Required when `admin_listen` is not a loopback address. Never printed.
@@ -110,6 +115,8 @@ impl Default for ServerConfig {
     }
 }
 
+/// `identity.source`: what identifies a request's client for the per-key layers (default
+/// `api_key`).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum IdentitySource {
@@ -121,12 +128,18 @@ pub enum IdentitySource {
     Header,
 }
 
+/// The `[identity]` section: how a request's client key is found.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdentityConfig {
+    /// What identifies the client (default `api_key`).
     pub source: IdentitySource,
+    /// The header carrying the key for `api_key` and `header` (default `x-api-key`).
     pub header: String,
+    /// Peers whose `X-Forwarded-For` is believed for `ip` (default none).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Refuse requests without a key (`401`) or with a key on no plan (`403`) (default
+    /// `false`).
     pub require_known_key: bool,
 }
 

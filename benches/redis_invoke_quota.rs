@@ -15,11 +15,12 @@ mod common;
 #[path = "../tests/redis_support/mod.rs"]
 mod redis_support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{paced_load, quantile, Harness};
 use redis_support::RedisServer;
 use sluicegate::config::Config;
+use tokio::time::Instant;
 
 const FUNCTIONS: &str = r#"
 [[emulator.functions]]

@@ -3,10 +3,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::Harness;
 use serde_json::Value;
+use tokio::time::Instant;
 
 const ECHO: &str = "[[emulator.functions]]\nname = \"echo\"\nlatency = \"1ms\"\n";
 

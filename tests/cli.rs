@@ -60,7 +60,7 @@ async fn round_trip(listen: u16) {
         .await
         .expect("answered");
     assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
+    let body: Value = response.json().await.expect("the answer is JSON");
     assert_eq!(body["body"]["n"], 41);
 }
 
@@ -335,13 +335,13 @@ async fn emulator(dir: &Path, latency: &str) -> (Process, u16) {
         &file,
         format!("[emulator]\nlisten = \"127.0.0.1:{port}\"\n[[emulator.functions]]\nname = \"f\"\nlatency = \"{latency}\"\n"),
     )
-    .unwrap();
+    .expect("the emulator config is written");
     let process = Process(
         bare_command(dir)
             .args(["emulate", "--config"])
             .arg(&file)
             .spawn()
-            .unwrap(),
+            .expect("the binary starts"),
     );
     wait_until_up(
         &reqwest::Client::new(),
@@ -357,7 +357,7 @@ fn route_config(dir: &Path, emulator_port: u16) -> std::path::PathBuf {
         &config,
         format!("[lambda]\nendpoint_url = \"http://127.0.0.1:{emulator_port}\"\n[[routes]]\nname = \"records\"\nfunction = \"f\"\ninvoke = {{ rate = 5.0, burst = 5, max_concurrency = 2 }}\n"),
     )
-    .unwrap();
+    .expect("the route config is written");
     config
 }
 
@@ -421,7 +421,7 @@ async fn a_second_redrive_of_a_file_refuses_while_the_first_holds_its_lock() {
     };
     let first = redrive().spawn().unwrap();
     let lock = dir.path().join("dead.jsonl.lock");
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     while !lock.exists() {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(20),

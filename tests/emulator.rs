@@ -359,7 +359,7 @@ async fn run_past_the_function_timeout_is_unhandled_task_timed_out() {
         ..function("slow")
     }])
     .await;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let output = invoke(&client, "slow", b"{}".to_vec()).await;
     assert!(
         started.elapsed() < Duration::from_millis(1500),

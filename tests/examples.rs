@@ -252,6 +252,8 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> std::io::Resu
 }
 
 /// Polls `GET path` until it answers 200; the deadline only bounds a broken start.
+// Wall time on purpose: blocking code (no tokio runtime) waiting on another process.
+#[allow(clippy::disallowed_methods)]
 fn wait_for_200(addr: SocketAddr, path: &str, child: &mut Process) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -4,11 +4,12 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{config_toml, free_port, wait_until_up, Harness, Process};
 use serde_json::Value;
 use sluicegate::config::Config;
+use tokio::time::Instant;
 
 const ECHO: &str = "[[emulator.functions]]\nname = \"echo\"\nlatency = \"2ms\"\n";
 const BIN: &str = env!("CARGO_BIN_EXE_sluicegate");
@@ -39,10 +40,10 @@ async fn scrape(h: &Harness) -> String {
         .get(format!("http://{}/metrics", h.running.admin_addr))
         .send()
         .await
-        .unwrap()
+        .expect("the admin listener answers /metrics")
         .text()
         .await
-        .unwrap()
+        .expect("the metrics body is read whole")
 }
 
 #[tokio::test]
@@ -279,7 +280,7 @@ fn signal(pid: u32, name: &str) {
     let status = Command::new("kill")
         .args([&format!("-{name}"), &pid.to_string()])
         .status()
-        .unwrap();
+        .expect("kill(1) runs");
     assert!(status.success());
 }
 

@@ -17,12 +17,13 @@ mod common;
 mod redis_support;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{paced_load, Answer, Harness};
 use redis_support::RedisServer;
 use serde_json::Value;
 use sluicegate::config::Config;
+use tokio::time::Instant;
 
 /// One heavy test at a time: timing bounds assume the machine is not running two of them.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

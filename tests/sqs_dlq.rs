@@ -4,10 +4,11 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{config_toml, free_port, Harness};
 use serde_json::Value;
+use tokio::time::Instant;
 
 struct Moto(Child);
 
@@ -96,9 +97,10 @@ async fn receive_all(sqs: &aws_sdk_sqs::Client, queue_url: &str, expected: usize
             .wait_time_seconds(1)
             .send()
             .await
-            .unwrap();
+            .expect("moto answers ReceiveMessage");
         for message in out.messages() {
-            letters.push(serde_json::from_str(message.body().unwrap()).unwrap());
+            let body = message.body().expect("an SQS message has a body");
+            letters.push(serde_json::from_str(body).expect("a dead letter is JSON"));
         }
     }
     letters
@@ -117,7 +119,8 @@ async fn post_all(h: &Harness, bodies: Vec<String>) -> Vec<(u16, Value)> {
     futures_util::future::join_all(bodies.into_iter().map(|body| async move {
         let response = h.post("/records", &body).await;
         let status = response.status().as_u16();
-        (status, response.json::<Value>().await.unwrap())
+        let body: Value = response.json().await.expect("every answer is a JSON body");
+        (status, body)
     }))
     .await
 }
@@ -128,10 +131,10 @@ async fn metric(h: &Harness, name: &str, labels: &str) -> f64 {
         .get(format!("http://{}/metrics", h.running.admin_addr))
         .send()
         .await
-        .unwrap()
+        .expect("the admin listener answers /metrics")
         .text()
         .await
-        .unwrap();
+        .expect("the metrics body is read whole");
     text.lines()
         .filter(|line| line.starts_with(name) && line.contains(labels))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())

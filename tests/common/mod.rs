@@ -11,7 +11,7 @@ use sluicegate::server::Running;
 /// A config with generous admission limits, the embedded emulator on a free port as the
 /// Lambda endpoint (`endpoint_url` names it; port 0 follows the port it got), and the given
 /// `[[emulator.functions]]` and `[[routes]]` sections.
-pub fn config_toml(functions: &str, routes: &str) -> String {
+pub(crate) fn config_toml(functions: &str, routes: &str) -> String {
     format!(
         r#"
 [server]
@@ -34,18 +34,18 @@ listen = "127.0.0.1:0"
     )
 }
 
-pub struct Harness {
-    pub running: Running,
-    pub http: reqwest::Client,
+pub(crate) struct Harness {
+    pub(crate) running: Running,
+    pub(crate) http: reqwest::Client,
 }
 
 impl Harness {
-    pub async fn start(toml: &str) -> Harness {
+    pub(crate) async fn start(toml: &str) -> Harness {
         let config = Config::from_toml(toml).expect("test config is valid");
         Harness::start_config(config).await
     }
 
-    pub async fn start_config(config: Config) -> Harness {
+    pub(crate) async fn start_config(config: Config) -> Harness {
         let running = sluicegate::server::start(config)
             .await
             .expect("sluicegate starts");
@@ -56,17 +56,17 @@ impl Harness {
         Harness { running, http }
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.running.addr)
     }
 
-    pub fn emulator(&self) -> SocketAddr {
+    pub(crate) fn emulator(&self) -> SocketAddr {
         self.running
             .emulator_addr
             .expect("the test config embeds the emulator")
     }
 
-    pub async fn post(&self, path: &str, body: &str) -> reqwest::Response {
+    pub(crate) async fn post(&self, path: &str, body: &str) -> reqwest::Response {
         self.http
             .post(self.url(path))
             .body(body.to_owned())
@@ -76,7 +76,7 @@ impl Harness {
     }
 
     /// `/emulator/stats` for one function.
-    pub async fn stats(&self, function: &str) -> Value {
+    pub(crate) async fn stats(&self, function: &str) -> Value {
         let all: Value = self
             .http
             .get(format!("http://{}/emulator/stats", self.emulator()))
@@ -91,7 +91,7 @@ impl Harness {
 }
 
 /// A port that was free a moment ago (for processes that must be told a fixed port).
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
@@ -101,27 +101,28 @@ pub fn free_port() -> u16 {
 
 /// One answered request of a load run.
 #[derive(Clone, Copy, Debug)]
-pub struct Answer {
-    pub status: u16,
-    pub latency: std::time::Duration,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) latency: std::time::Duration,
 }
 
 /// Offers `rate` requests per second for `duration` (bounded: `rate × duration` requests
 /// at most), each started on schedule whether or not earlier ones were answered, and
 /// returns every answer. Requests still unanswered 30 s after the load ends are abandoned.
-pub async fn paced_load(
+pub(crate) async fn paced_load(
     http: &reqwest::Client,
     url: &str,
     body: &str,
     rate: f64,
     duration: std::time::Duration,
 ) -> Vec<Answer> {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
+    use tokio::time::Instant;
     let total = (rate * duration.as_secs_f64()).round() as usize;
     let tick = Duration::from_millis(5);
     let per_tick = rate * tick.as_secs_f64();
     let mut tasks = tokio::task::JoinSet::new();
-    let start = tokio::time::Instant::now();
+    let start = Instant::now();
     let mut sent = 0usize;
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -163,7 +164,7 @@ pub async fn paced_load(
 }
 
 /// The `q`-quantile of `values` (sorted copy).
-pub fn quantile(values: &[std::time::Duration], q: f64) -> std::time::Duration {
+pub(crate) fn quantile(values: &[std::time::Duration], q: f64) -> std::time::Duration {
     let mut sorted = values.to_vec();
     sorted.sort();
     if sorted.is_empty() {
@@ -174,12 +175,12 @@ pub fn quantile(values: &[std::time::Duration], q: f64) -> std::time::Duration {
 }
 
 /// A `[[routes]]` entry for `function` with extra TOML lines.
-pub fn route(name: &str, function: &str, extra: &str) -> String {
+pub(crate) fn route(name: &str, function: &str, extra: &str) -> String {
     format!("[[routes]]\nname = \"{name}\"\nfunction = \"{function}\"\n{extra}\n")
 }
 
 /// A child process killed when the test ends, however it ends.
-pub struct Process(pub std::process::Child);
+pub(crate) struct Process(pub(crate) std::process::Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -189,8 +190,8 @@ impl Drop for Process {
 }
 
 /// Polls `url` until it answers 200, for at most 20 s (a cold debug binary starts slowly).
-pub async fn wait_until_up(http: &reqwest::Client, url: &str) {
-    let start = std::time::Instant::now();
+pub(crate) async fn wait_until_up(http: &reqwest::Client, url: &str) {
+    let start = tokio::time::Instant::now();
     while start.elapsed() < std::time::Duration::from_secs(20) {
         if http.get(url).send().await.is_ok_and(|r| r.status() == 200) {
             return;
@@ -201,7 +202,7 @@ pub async fn wait_until_up(http: &reqwest::Client, url: &str) {
 }
 
 /// GETs `url` and parses its JSON body (the test fails if either step does).
-pub async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
+pub(crate) async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
     http.get(url)
         .send()
         .await

@@ -4,12 +4,13 @@
 //! admin API needs its token, never shows secrets and never holds up shutdown.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use sluicegate::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::common::{self, free_port, wait_until_up, Harness, Process};
 use crate::fake_config;

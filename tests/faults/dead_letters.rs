@@ -43,10 +43,10 @@ async fn metric(h: &Harness, name: &str, route: &str) -> f64 {
         .get(format!("http://{}/metrics", h.running.admin_addr))
         .send()
         .await
-        .unwrap()
+        .expect("the admin listener answers /metrics")
         .text()
         .await
-        .unwrap();
+        .expect("the metrics body is read whole");
     text.lines()
         .filter(|line| line.starts_with(name) && line.contains(&format!("route=\"{route}\"")))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())

@@ -163,14 +163,18 @@ impl FakeLambda {
     }
 
     pub fn calls(&self) -> Vec<Call> {
-        self.state.lock().unwrap().calls.clone()
+        self.state
+            .lock()
+            .expect("no holder of the fake's state lock panics")
+            .calls
+            .clone()
     }
 
     /// How often record `id` was processed.
     pub fn processed(&self, id: &str) -> u32 {
         self.state
             .lock()
-            .unwrap()
+            .expect("no holder of the fake's state lock panics")
             .processed
             .get(id)
             .copied()
@@ -179,7 +183,10 @@ impl FakeLambda {
 
     /// Distinct records processed, and the largest number of times any one was.
     pub fn processed_summary(&self) -> (usize, u32) {
-        let state = self.state.lock().unwrap();
+        let state = self
+            .state
+            .lock()
+            .expect("no holder of the fake's state lock panics");
         let most = state.processed.values().copied().max().unwrap_or(0);
         (state.processed.len(), most)
     }
@@ -262,7 +269,9 @@ async fn handle(
         })
         .collect();
     let call = {
-        let mut state = state.lock().unwrap();
+        let mut state = state
+            .lock()
+            .expect("no holder of the fake's state lock panics");
         let call = Call {
             n: state.calls.len(),
             function,
@@ -275,7 +284,9 @@ async fn handle(
     };
     let action = script(&call);
     let process = || {
-        let mut state = state.lock().unwrap();
+        let mut state = state
+            .lock()
+            .expect("no holder of the fake's state lock panics");
         for (id, _) in &call.records {
             *state.processed.entry(id.clone()).or_default() += 1;
         }

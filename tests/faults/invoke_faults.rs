@@ -4,10 +4,11 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use sluicegate::config::{Config, DEFAULT_CONFIG_TOML};
+use tokio::time::Instant;
 
 use crate::common::{self, Harness};
 use crate::fake_config;

@@ -64,7 +64,7 @@ async fn a_reload_that_changes_batching_keeps_one_gate_per_function() {
     let h = Harness::start(&config_toml(SLOW_RESERVED_2, &slow_route(5))).await;
     let mut before = post_many(&h, 30, "before");
     // Fill the gate: both permits held by invokes of the batcher about to be replaced.
-    let start = std::time::Instant::now();
+    let start = tokio::time::Instant::now();
     while in_flight(&h).await < 2 {
         assert!(
             start.elapsed() < Duration::from_secs(10),

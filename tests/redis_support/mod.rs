@@ -12,14 +12,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A running `redis-server`; killed (SIGKILL) on drop.
-pub struct RedisServer {
+pub(crate) struct RedisServer {
     child: Option<Child>,
     port: u16,
 }
 
 impl RedisServer {
     /// Starts a server on a free port.
-    pub fn start() -> RedisServer {
+    pub(crate) fn start() -> RedisServer {
         let mut last = String::new();
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")
@@ -36,7 +36,11 @@ impl RedisServer {
     }
 
     /// Starts a server on `port` (e.g. to restart one that was killed).
-    pub fn start_on(port: u16) -> RedisServer {
+    // Wall time on purpose: this waits on another process from blocking code that may run
+    // outside any tokio runtime, or inside a paused one whose clock would never reach the
+    // deadline.
+    #[allow(clippy::disallowed_methods)]
+    pub(crate) fn start_on(port: u16) -> RedisServer {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             match RedisServer::try_start(port) {
@@ -50,6 +54,9 @@ impl RedisServer {
         }
     }
 
+    // Wall time on purpose, as in `start_on`: the deadline bounds a blocking wait for
+    // another process.
+    #[allow(clippy::disallowed_methods)]
     fn try_start(port: u16) -> Result<RedisServer, String> {
         let mut child = Command::new("redis-server")
             .args(["--port", &port.to_string()])
@@ -86,16 +93,18 @@ impl RedisServer {
         }
     }
 
-    pub fn port(&self) -> u16 {
+    /// The loopback port it listens on.
+    pub(crate) fn port(&self) -> u16 {
         self.port
     }
 
-    pub fn url(&self) -> String {
+    /// Its `redis://` URL, for `limits.redis_url`.
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
     /// Kills the server (SIGKILL: no goodbye to its clients) and waits until it is gone.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

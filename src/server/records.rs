@@ -27,9 +27,13 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
+use super::app::App;
 use super::parseable;
+use super::reload::Server;
 use super::respond::{self, Answer, RequestError, Response, ShedScope};
-use super::{App, IdentityError, Route, Shared, ANONYMOUS, TIMEOUT_HEADER};
+use super::{IdentityError, ANONYMOUS, TIMEOUT_HEADER};
+use crate::coalesce::Batcher;
+use crate::invoke::Invoker;
 use crate::limit::Rejected;
 use crate::limit::{
     Admission, AdmissionLayer, AdmissionService, Admitted, ClientKey, DefaultClock,
@@ -41,36 +45,64 @@ pub(super) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id"
 /// A record route's stack: admission (global → route → key), then the record itself.
 type Stack = AdmissionService<RecordService, DefaultClock, fn(Rejected) -> Response>;
 
+/// One route as the record path sees it: where its records go and the limits a record is
+/// checked against.
+pub(super) struct RecordRoute {
+    pub(super) name: String,
+    pub(super) batcher: Batcher,
+    pub(super) invoker: Arc<Invoker>,
+    pub(super) request_timeout: Duration,
+    pub(super) max_record_bytes: usize,
+    /// Deepest nesting of arrays and objects a record may have (from `server.max_json_depth`
+    /// and the route's envelope).
+    pub(super) max_json_depth: u32,
+    pub(super) body_read_timeout: Duration,
+}
+
+impl RecordRoute {
+    fn policies(&self) -> respond::Policies {
+        let gate = self.invoker.gate();
+        respond::Policies {
+            queue: self.batcher.queue_policy(),
+            upstream: crate::limit::Quota {
+                rate: gate.limits().rate,
+                burst: gate.config().burst,
+            },
+        }
+    }
+}
+
 /// One record route as the data plane dispatches it.
 pub(super) struct Endpoint {
+    /// Compared with every request's path: the data plane finds its route by scanning the
+    /// app's routes for it.
     path: String,
     stack: Stack,
     counters: RouteCounters,
 }
 
-/// The endpoints of an app's routes, in route order (admission's route indexes).
-pub(super) fn endpoints(
-    routes: &[Arc<Route>],
-    admission: &Arc<Admission<DefaultClock>>,
-) -> Vec<Endpoint> {
-    let reject: fn(Rejected) -> Response = respond::rejected;
-    routes
-        .iter()
-        .enumerate()
-        .map(|(index, route)| {
-            let layer = AdmissionLayer::new(Arc::clone(admission), index, reject);
-            Endpoint {
-                path: route.path.clone(),
-                stack: tower::Layer::layer(&layer, RecordService(Arc::clone(route))),
-                counters: RouteCounters::new(&route.name),
-            }
-        })
-        .collect()
+impl Endpoint {
+    /// The endpoint at `path` of the route that is number `index` in admission's route
+    /// list (its position in the app's routes).
+    pub(super) fn new(
+        path: String,
+        index: usize,
+        route: Arc<RecordRoute>,
+        admission: &Arc<Admission<DefaultClock>>,
+    ) -> Self {
+        let reject: fn(Rejected) -> Response = respond::rejected;
+        let layer = AdmissionLayer::new(Arc::clone(admission), index, reject);
+        Endpoint {
+            path,
+            counters: RouteCounters::new(&route.name),
+            stack: tower::Layer::layer(&layer, RecordService(route)),
+        }
+    }
 }
 
 /// The data plane's hyper service, one per connection.
 pub(super) struct DataPlane {
-    pub(super) shared: Arc<Shared>,
+    pub(super) server: Arc<Server>,
     pub(super) peer: SocketAddr,
     pub(super) ids: ConnectionIds,
 }
@@ -83,7 +115,7 @@ impl hyper::service::Service<Request<Incoming>> for DataPlane {
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         // Held for the whole request: an app replaced by a reload lives until the requests
         // it took have been answered.
-        let app = self.shared.app();
+        let app = self.server.app();
         let id = match request.headers().get(REQUEST_ID) {
             Some(id) => id.clone(),
             None => {
@@ -126,7 +158,12 @@ impl hyper::service::Service<Request<Incoming>> for DataPlane {
 
 async fn serve(app: &App, request: Request<Incoming>, peer: SocketAddr) -> Response {
     let path = request.uri().path();
-    if let Some(endpoint) = app.endpoints.iter().find(|e| e.path == path) {
+    if let Some(endpoint) = app
+        .routes
+        .iter()
+        .map(|route| &route.endpoint)
+        .find(|e| e.path == path)
+    {
         let response = record_route(app, endpoint, request, peer)
             .await
             .unwrap_or_else(RequestError::into_response);
@@ -176,7 +213,7 @@ async fn record_route(
 /// An admitted record: read, checked, submitted to the route's batcher, and answered with
 /// its own outcome (plus the key layer's `RateLimit` fields).
 #[derive(Clone)]
-pub(super) struct RecordService(Arc<Route>);
+pub(super) struct RecordService(Arc<RecordRoute>);
 
 impl Service<Request<Incoming>> for RecordService {
     type Response = Response;
@@ -425,7 +462,7 @@ async fn read_body(
 }
 
 async fn record_response(
-    route: &Route,
+    route: &RecordRoute,
     request: Request<Incoming>,
 ) -> Result<Response, RequestError> {
     let (parts, body) = request.into_parts();

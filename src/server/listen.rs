@@ -119,15 +119,15 @@ pub(super) async fn serve_data(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
     let ids = records::RequestIds::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
+    let permits = Arc::new(tokio::sync::Semaphore::new(cap));
     let stop = async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
     tokio::pin!(stop);
     let mut backing_off = false;
     loop {
-        let slot = tokio::select! {
-            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
             _ = &mut stop => break,
         };
         let (stream, peer) = tokio::select! {
@@ -172,8 +172,8 @@ pub(super) async fn serve_data(
             if let Err(e) = connection.await {
                 tracing::trace!(error = %e, "connection ended with an error");
             }
-            // The slot frees when the connection (and its descriptor) is gone.
-            drop(slot);
+            // The permit frees when the connection (and its descriptor) is gone.
+            drop(permit);
         });
     }
     drop(listener);
@@ -207,14 +207,14 @@ pub(super) async fn serve_admin(
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    let permits = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
     let stop = async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
     tokio::pin!(stop);
     loop {
-        let slot = tokio::select! {
-            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
             _ = &mut stop => break,
         };
         let stream = tokio::select! {
@@ -248,7 +248,7 @@ pub(super) async fn serve_admin(
             if let Err(e) = connection.await {
                 tracing::trace!(error = %e, "admin connection ended with an error");
             }
-            drop(slot);
+            drop(permit);
         });
     }
     drop(listener);

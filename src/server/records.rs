@@ -248,16 +248,16 @@ impl Service<Request<Incoming>> for RecordService {
 /// that is none of them (none today) goes to a short locked list.
 pub(super) struct RouteCounters {
     route: Arc<str>,
-    slots: [std::sync::OnceLock<Cell>; SLOTS.len()],
-    others: parking_lot::RwLock<Vec<(SlotKey, Cell)>>,
+    slots: [std::sync::OnceLock<Cell>; COUNTER_SLOTS.len()],
+    others: parking_lot::RwLock<Vec<(CounterKey, Cell)>>,
 }
 
 /// What a response is counted by: its status and, for a shed, its scope.
-type SlotKey = (StatusCode, Option<ShedScope>);
+type CounterKey = (StatusCode, Option<ShedScope>);
 
 /// One slot per [`Answer`], in the order of [`Answer::ALL`]: built from that list, so an
 /// answer and its counter cannot drift apart.
-const SLOTS: [SlotKey; Answer::ALL.len()] = {
+const COUNTER_SLOTS: [CounterKey; Answer::ALL.len()] = {
     let mut slots = [(StatusCode::OK, None); Answer::ALL.len()];
     let mut i = 0;
     while i < slots.len() {
@@ -286,14 +286,14 @@ impl RouteCounters {
     fn count(&self, response: &Response) {
         let scope = response.extensions().get::<ShedScope>().copied();
         let key = (response.status(), scope);
-        match SLOTS.iter().position(|slot| *slot == key) {
+        match COUNTER_SLOTS.iter().position(|slot| *slot == key) {
             Some(slot) => self.slots[slot].get_or_init(|| self.cell(key)).increment(),
             None => self.other(key).increment(),
         }
     }
 
     #[cold]
-    fn other(&self, key: SlotKey) -> Cell {
+    fn other(&self, key: CounterKey) -> Cell {
         let known = self
             .others
             .read()
@@ -307,7 +307,7 @@ impl RouteCounters {
         })
     }
 
-    fn cell(&self, (status, scope): SlotKey) -> Cell {
+    fn cell(&self, (status, scope): CounterKey) -> Cell {
         Cell {
             requests: metrics::counter!(
                 "sluicegate_requests_total",
@@ -565,8 +565,8 @@ mod tests {
 
     #[test]
     fn every_answer_has_its_own_counter_slot() {
-        for (i, slot) in SLOTS.iter().enumerate() {
-            assert!(!SLOTS[..i].contains(slot), "{slot:?} has two slots");
+        for (i, slot) in COUNTER_SLOTS.iter().enumerate() {
+            assert!(!COUNTER_SLOTS[..i].contains(slot), "{slot:?} has two slots");
         }
         for scope in ShedScope::ALL {
             assert!(Answer::ALL.contains(&Answer::Shed(scope)), "{scope:?}");

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use super::records;
 use super::reload::Server;
+use super::request_id::RequestIds;
 use super::StartError;
 use crate::config::Config;
 
@@ -118,7 +119,7 @@ pub(super) async fn serve_data(
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
-    let ids = records::RequestIds::new();
+    let ids = RequestIds::new();
     let permits = Arc::new(tokio::sync::Semaphore::new(cap));
     let stop = async move {
         let _ = stopped.wait_for(|stop| *stop).await;

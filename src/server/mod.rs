@@ -36,17 +36,20 @@
 //! Layout: this file starts ([`start`]), runs ([`run`]) and stops ([`Running::shutdown`])
 //! the server; `app` builds an [`App`] (one list of route entries) from a config;
 //! `reload` holds the shared state and applies reloads; `listen` has the accept loops and
-//! the connection cap; `records` is the data plane's request path, `admin` the admin
-//! router, `identity` the client key, `readiness` `/readyz`, and [`respond`] every status.
+//! the connection cap; `records` is the data plane's request path (with `counters` and
+//! `request_id`), `admin` the admin router, `identity` the client key, `readiness`
+//! `/readyz`, and [`respond`] every status.
 
 mod admin;
 mod app;
+mod counters;
 mod identity;
 mod listen;
 mod parseable;
 mod readiness;
 mod records;
 mod reload;
+mod request_id;
 pub mod respond;
 
 use std::future::Future;

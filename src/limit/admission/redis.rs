@@ -18,13 +18,13 @@ use crate::limit::{Decision, Quota, Scope};
 /// the client key is appended) and GCRA parameters, computed once.
 pub(super) struct RedisLayers {
     backend: RedisBackend,
-    global: Option<SharedLayer>,
-    routes: Vec<Option<SharedLayer>>,
-    plans: Vec<SharedLayer>,
-    default: SharedLayer,
+    global: Option<RedisLayer>,
+    routes: Vec<Option<RedisLayer>>,
+    plans: Vec<RedisLayer>,
+    default: RedisLayer,
 }
 
-struct SharedLayer {
+struct RedisLayer {
     key: String,
     gcra: Gcra,
 }
@@ -37,7 +37,7 @@ impl RedisLayers {
         plans: &[(String, Quota)],
         default: Quota,
     ) -> RedisLayers {
-        let layer = |kind, quota: Quota, name: &str| SharedLayer {
+        let layer = |kind, quota: Quota, name: &str| RedisLayer {
             key: backend.layer_key(kind, quota, name),
             gcra: Gcra::of(quota),
         };

@@ -5,11 +5,11 @@
 //! Only this module knows HTTP. A record request goes: identity (key from API key / IP /
 //! header, `401`/`403` when keys are required) → [`AdmissionLayer`](crate::limit::AdmissionLayer)
 //! for its route (global → route → key, `429` on refusal) → body checks (`413`, `400`) →
-//! the route's [`Batcher`] → wait for the record's outcome until the caller's deadline
-//! (`504`). Every status is produced in [`respond`].
+//! the route's [`Batcher`](crate::coalesce::Batcher) → wait for the record's outcome until
+//! the caller's deadline (`504`). Every status is produced in [`respond`].
 //!
 //! Reload (SIGHUP, `POST /admin/reload`): the new config is loaded and validated; if it is
-//! invalid the running one stays and the reason is returned. Otherwise a new [`App`] is
+//! invalid the running one stays and the reason is returned. Otherwise a new `App` is
 //! built — limits, plans, identity, routes and batch settings — and swapped in. Routes whose
 //! batching and invoke settings did not change keep their batcher (and queue); every
 //! function keeps its one gate, reconfigured in place when its invoke limits changed, so a
@@ -34,7 +34,7 @@
 //! when the open-files limit needs a reserve for everything else.
 //!
 //! Layout: this file starts ([`start`]), runs ([`run`]) and stops ([`Running::shutdown`])
-//! the server; `app` builds an [`App`] (one list of route entries) from a config;
+//! the server; `app` builds an `App` (one list of route entries) from a config;
 //! `reload` holds the shared state and applies reloads; `listen` has the accept loops and
 //! the connection cap; `records` is the data plane's request path (with `counters` and
 //! `request_id`), `admin` the admin router, `identity` the client key, `readiness`

@@ -70,6 +70,28 @@ use ::redis::Script;
 
 use crate::quota::{Decision, Quota, CLOSED_WAIT};
 
+/// Which admission layer a bucket belongs to; its letter names the layer in the key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LayerKind {
+    /// The account/stage bucket (`g`).
+    Global,
+    /// A route's bucket (`r`).
+    Route,
+    /// A client key's bucket (`k`), whatever its plan.
+    Key,
+}
+
+impl LayerKind {
+    /// The letter of the key layout in the module docs.
+    fn letter(self) -> char {
+        match self {
+            LayerKind::Global => 'g',
+            LayerKind::Route => 'r',
+            LayerKind::Key => 'k',
+        }
+    }
+}
+
 /// The script, loaded once per connection and then run by its SHA1 (`EVALSHA`).
 const GCRA_LUA: &str = include_str!("gcra.lua");
 
@@ -281,11 +303,14 @@ impl RedisBackend {
     }
 
     /// Key of a layer bucket: `<prefix>:<kind>:<T>:<burst>:<name>` (see the module docs).
-    pub(crate) fn layer_key(&self, kind: char, quota: Quota, name: &str) -> String {
+    pub(crate) fn layer_key(&self, kind: LayerKind, quota: Quota, name: &str) -> String {
         let gcra = Gcra::of(quota);
         format!(
-            "{}:{kind}:{}:{}:{name}",
-            self.inner.options.prefix, gcra.period, quota.burst
+            "{}:{}:{}:{}:{name}",
+            self.inner.options.prefix,
+            kind.letter(),
+            gcra.period,
+            quota.burst
         )
     }
 
@@ -446,6 +471,14 @@ fn verdict((admitted, bucket, a, b): (i64, i64, i64, i64), buckets: usize) -> Op
 #[cfg(test)]
 mod unit_tests {
     use super::*;
+
+    #[test]
+    fn layer_kinds_keep_the_key_letters_other_replicas_use() {
+        // Replicas of different versions share buckets through these keys.
+        assert_eq!(LayerKind::Global.letter(), 'g');
+        assert_eq!(LayerKind::Route.letter(), 'r');
+        assert_eq!(LayerKind::Key.letter(), 'k');
+    }
 
     #[test]
     fn gcra_parameters_match_the_local_engines_rounding() {

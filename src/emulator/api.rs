@@ -201,6 +201,9 @@ async fn read_body(mut body: Body, limit: usize) -> ReadBody {
     }
 }
 
+/// `POST /2015-03-31/functions/{name}/invocations`: parse the request, check the payload,
+/// spend the invoke quota, then queue the run (`Event`) or run it within the function's
+/// reserved concurrency and answer as Lambda does (`RequestResponse`).
 async fn invoke(
     State(emulator): State<Emulator>,
     Path(path_name): Path<String>,
@@ -209,27 +212,70 @@ async fn invoke(
 ) -> Response {
     let request_id = request_id();
     let name = function_name(&path_name);
-    let kind = match InvocationType::from_headers(&headers) {
-        Ok(kind) => kind,
-        Err(value) => {
-            let message = format!(
-                "1 validation error detected: Value '{value}' at 'invocationType' failed to satisfy constraint: \
-                 Member must satisfy enum value set: [Event, RequestResponse, DryRun]"
-            );
-            return AwsError::user(
-                StatusCode::BAD_REQUEST,
-                "InvalidParameterValueException",
-                "message",
-                message,
-            )
-            .into_response(&request_id);
-        }
-    };
+    match invoke_steps(&emulator, name, &headers, body, &request_id).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(&request_id),
+    }
+}
+
+async fn invoke_steps(
+    emulator: &Emulator,
+    name: &str,
+    headers: &HeaderMap,
+    body: Body,
+    request_id: &str,
+) -> Result<Response, AwsError> {
+    let kind = invocation_type(headers)?;
     // Read the body before answering anything, so the client is never cut off mid-send.
     let body = read_body(body, kind.payload_limit()).await;
-    let Some(function) = emulator.function(name) else {
-        return AwsError::function_not_found(name).into_response(&request_id);
-    };
+    let function = emulator
+        .function(name)
+        .ok_or_else(|| AwsError::function_not_found(name))?;
+    let payload = checked_payload(&function, kind, body)?;
+    if kind == InvocationType::DryRun {
+        // DryRun validates parameters and permissions only: no quota, no run.
+        bump(&function.counters.dry_runs);
+        return Ok(empty(StatusCode::NO_CONTENT, request_id));
+    }
+    take_invoke_token(&function, name, request_id)?;
+    match kind {
+        InvocationType::Event => {
+            // Lambda queues asynchronous invokes and runs them when it has capacity, so they
+            // are never refused for concurrency.
+            accept(&function, &payload);
+            tokio::spawn(Arc::clone(&function).run_event(payload, emulator.closed()));
+            Ok(empty(StatusCode::ACCEPTED, request_id))
+        }
+        // (DryRun has been answered above.)
+        InvocationType::RequestResponse | InvocationType::DryRun => {
+            run_sync(function, name, payload, request_id).await
+        }
+    }
+}
+
+/// The `X-Amz-Invocation-Type` header, refused as Lambda refuses an unknown one.
+fn invocation_type(headers: &HeaderMap) -> Result<InvocationType, AwsError> {
+    InvocationType::from_headers(headers).map_err(|value| {
+        let message = format!(
+            "1 validation error detected: Value '{value}' at 'invocationType' failed to satisfy constraint: \
+             Member must satisfy enum value set: [Event, RequestResponse, DryRun]"
+        );
+        AwsError::user(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameterValueException",
+            "message",
+            message,
+        )
+    })
+}
+
+/// The payload, within the invocation type's limit (and the function's `max_payload`), and
+/// parsed as JSON; each refusal is counted on the function.
+fn checked_payload(
+    function: &Function,
+    kind: InvocationType,
+    body: ReadBody,
+) -> Result<Payload, AwsError> {
     let counters = &function.counters;
     let limit = function
         .cfg
@@ -248,117 +294,111 @@ async fn invoke(
             let message = format!(
                 "Request must be smaller than {limit} bytes for the InvokeFunction operation"
             );
-            return AwsError::user(
+            return Err(AwsError::user(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "RequestTooLargeException",
                 "message",
                 message,
-            )
-            .into_response(&request_id);
+            ));
         }
         ReadBody::Failed(e) => {
             bump(&counters.invalid_payloads);
             let message = format!("Could not read request body: {e}");
-            return AwsError::user(
+            return Err(AwsError::user(
                 StatusCode::BAD_REQUEST,
                 "InvalidRequestContentException",
                 "message",
                 message,
-            )
-            .into_response(&request_id);
+            ));
         }
     };
-    let payload = match Payload::parse(raw) {
-        Ok(payload) => payload,
-        Err(e) => {
-            bump(&counters.invalid_payloads);
-            let message = format!(
-                "Could not parse request body into json: Could not parse payload into json: {e}"
-            );
-            return AwsError::user(
-                StatusCode::BAD_REQUEST,
-                "InvalidRequestContentException",
-                "message",
-                message,
-            )
-            .into_response(&request_id);
-        }
-    };
+    Payload::parse(raw).map_err(|e| {
+        bump(&counters.invalid_payloads);
+        let message = format!(
+            "Could not parse request body into json: Could not parse payload into json: {e}"
+        );
+        AwsError::user(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestContentException",
+            "message",
+            message,
+        )
+    })
+}
 
-    if kind == InvocationType::DryRun {
-        // DryRun validates parameters and permissions only: no quota, no run.
-        bump(&counters.dry_runs);
-        return empty(StatusCode::NO_CONTENT, &request_id);
-    }
-
-    // The quota is spent before the concurrency check, so an invoke refused for
-    // concurrency has still used a token (it did reach Lambda).
-    if let Err(refusal) = function.take_invoke_token() {
-        bump(&counters.rate_throttles);
+/// Spends one token of the function's invoke quota, or refuses with Lambda's throttle.
+///
+/// The quota is spent before the concurrency check, so an invoke refused for concurrency
+/// has still used a token (it did reach Lambda).
+fn take_invoke_token(function: &Function, name: &str, request_id: &str) -> Result<(), AwsError> {
+    function.take_invoke_token().map_err(|refusal| {
+        bump(&function.counters.rate_throttles);
         tracing::debug!(function = name, %request_id, "invoke throttled: CallerRateLimitExceeded");
-        return AwsError::too_many_requests("CallerRateLimitExceeded", retry_after_secs(refusal))
-            .into_response(&request_id);
-    }
+        AwsError::too_many_requests("CallerRateLimitExceeded", retry_after_secs(refusal))
+    })
+}
 
-    match kind {
-        InvocationType::Event => {
-            // Lambda queues asynchronous invokes and runs them when it has capacity, so they
-            // are never refused for concurrency.
-            accept(&function, &payload);
-            tokio::spawn(Arc::clone(&function).run_event(payload, emulator.closed()));
-            empty(StatusCode::ACCEPTED, &request_id)
+/// A `RequestResponse` invoke: takes a concurrency slot (or is throttled), runs the handler
+/// and answers with its result, or with Lambda's answer to a timed-out run.
+async fn run_sync(
+    function: Arc<Function>,
+    name: &str,
+    payload: Payload,
+    request_id: &str,
+) -> Result<Response, AwsError> {
+    let Some(slot) = function.try_acquire() else {
+        bump(&function.counters.concurrency_throttles);
+        tracing::debug!(
+            function = name,
+            %request_id,
+            "invoke throttled: ReservedFunctionConcurrentInvocationLimitExceeded"
+        );
+        return Err(AwsError::too_many_requests(
+            "ReservedFunctionConcurrentInvocationLimitExceeded",
+            1,
+        ));
+    };
+    accept(&function, &payload);
+    // The run gets its own task: as in Lambda, a caller that disconnects (say, on a read
+    // timeout) does not stop the function, which keeps its concurrency slot until it
+    // finishes or times out. The slot is a drop guard, so it is released however that task
+    // ends.
+    let run = tokio::spawn({
+        let function = Arc::clone(&function);
+        async move { function.execute(slot, payload).await }
+    });
+    match run.await {
+        Ok(execution) => Ok(execution_response(&function, execution, request_id)),
+        Err(e) => {
+            tracing::error!(function = name, %request_id, error = %e, "emulated run failed");
+            Err(AwsError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                error_type: "ServiceException",
+                body: json!({ "Type": "Service", "message": "The emulated function run failed." }),
+                retry_after: None,
+            })
         }
-        // (DryRun has been answered above.)
-        InvocationType::RequestResponse | InvocationType::DryRun => {
-            let Some(slot) = function.try_acquire() else {
-                bump(&counters.concurrency_throttles);
-                tracing::debug!(
-                    function = name,
-                    %request_id,
-                    "invoke throttled: ReservedFunctionConcurrentInvocationLimitExceeded"
-                );
-                return AwsError::too_many_requests(
-                    "ReservedFunctionConcurrentInvocationLimitExceeded",
-                    1,
-                )
-                .into_response(&request_id);
-            };
-            accept(&function, &payload);
-            // The run gets its own task: as in Lambda, a caller that disconnects (say, on a
-            // read timeout) does not stop the function, which keeps its concurrency slot
-            // until it finishes or times out. The slot is a drop guard, so it is released
-            // however that task ends.
-            let run = tokio::spawn({
-                let function = Arc::clone(&function);
-                async move { function.execute(slot, payload).await }
-            });
-            match run.await {
-                Ok(Execution::Finished(outcome)) => invoke_response(
-                    outcome.body,
-                    outcome.unhandled.then_some("Unhandled"),
-                    &request_id,
-                ),
-                Ok(Execution::TimedOut) => {
-                    let message = format!(
-                        "{} {request_id} Task timed out after {:.2} seconds",
-                        humantime::format_rfc3339_millis(SystemTime::now()),
-                        function.cfg.timeout.as_secs_f64()
-                    );
-                    let body = serde_json::to_vec(&json!({ "errorMessage": message }))
-                        .expect("a JSON object of one string serializes");
-                    invoke_response(Bytes::from(body), Some("Unhandled"), &request_id)
-                }
-                Err(e) => {
-                    tracing::error!(function = name, %request_id, error = %e, "emulated run failed");
-                    AwsError {
-                        status: StatusCode::INTERNAL_SERVER_ERROR,
-                        error_type: "ServiceException",
-                        body: json!({ "Type": "Service", "message": "The emulated function run failed." }),
-                        retry_after: None,
-                    }
-                    .into_response(&request_id)
-                }
-            }
+    }
+}
+
+/// Lambda's answer to a finished run: the handler's result, marked `Unhandled` when the
+/// function failed or timed out.
+fn execution_response(function: &Function, execution: Execution, request_id: &str) -> Response {
+    match execution {
+        Execution::Finished(outcome) => invoke_response(
+            outcome.body,
+            outcome.unhandled.then_some("Unhandled"),
+            request_id,
+        ),
+        Execution::TimedOut => {
+            let message = format!(
+                "{} {request_id} Task timed out after {:.2} seconds",
+                humantime::format_rfc3339_millis(SystemTime::now()),
+                function.cfg.timeout.as_secs_f64()
+            );
+            let body = serde_json::to_vec(&json!({ "errorMessage": message }))
+                .expect("a JSON object of one string serializes");
+            invoke_response(Bytes::from(body), Some("Unhandled"), request_id)
         }
     }
 }

@@ -76,7 +76,7 @@ impl Function {
     }
 
     /// Takes a concurrency slot if the reserved concurrency allows one more run.
-    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<ConcurrencySlot> {
         let limit = self.cfg.reserved_concurrency.unwrap_or(u32::MAX);
         // Relaxed is enough: the count is the only data guarded here, and read-modify-write
         // operations on one atomic are totally ordered, so the limit can never be overshot.
@@ -89,7 +89,7 @@ impl Function {
         self.counters
             .peak_concurrency
             .fetch_max(previous + 1, Ordering::Relaxed);
-        Some(Slot {
+        Some(ConcurrencySlot {
             function: Arc::clone(self),
         })
     }
@@ -99,7 +99,7 @@ impl Function {
     pub(crate) async fn acquire_queued(
         self: &Arc<Self>,
         closed: &mut watch::Receiver<bool>,
-    ) -> Option<Slot> {
+    ) -> Option<ConcurrencySlot> {
         loop {
             // Register for the wake-up *before* trying, so a release between the failed
             // try and the await is not missed.
@@ -120,7 +120,7 @@ impl Function {
     /// Runs the handler while holding `slot`: decides the outcome at once (so record numbers
     /// follow arrival order), then "works" for the configured latency, or is stopped at the
     /// function timeout. The slot is released when this returns.
-    pub(crate) async fn execute(&self, slot: Slot, payload: Payload) -> Execution {
+    pub(crate) async fn execute(&self, slot: ConcurrencySlot, payload: Payload) -> Execution {
         let outcome = handler::run(&self.cfg, &self.seen_records, &mut rand::rng(), &payload);
         let execution = if self.cfg.latency > self.cfg.timeout {
             tokio::time::sleep(self.cfg.timeout).await;
@@ -163,11 +163,11 @@ impl Function {
 /// A held concurrency slot; dropping it releases the slot, however the run ended
 /// (finished, timed out, or its task was cancelled).
 #[derive(Debug)]
-pub(crate) struct Slot {
+pub(crate) struct ConcurrencySlot {
     function: Arc<Function>,
 }
 
-impl Drop for Slot {
+impl Drop for ConcurrencySlot {
     fn drop(&mut self) {
         self.function.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.function.released.notify_waiters();
@@ -208,7 +208,7 @@ mod tests {
         });
         assert!(zero.try_acquire().is_none());
         let open = function(FunctionConfig::new("f"));
-        let slots: Vec<Slot> = (0..1000)
+        let slots: Vec<ConcurrencySlot> = (0..1000)
             .map(|_| open.try_acquire().expect("unreserved"))
             .collect();
         assert_eq!(open.stats().peak_concurrency, 1000);

@@ -21,17 +21,17 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
+use super::reload::Server;
 use super::respond::AdminError;
-use super::Shared;
 use crate::config::Config;
 
 /// Paths anyone who reaches the listener may read: scrapes and liveness probes.
 const OPEN_PATHS: [&str; 2] = ["/metrics", "/healthz"];
 
 /// `public`: the listener is bound to an address other hosts can reach.
-pub(super) fn router(shared: Arc<Shared>, public: bool) -> Router {
+pub(super) fn router(server: Arc<Server>, public: bool) -> Router {
     let guard = Guard {
-        shared: Arc::clone(&shared),
+        server: Arc::clone(&server),
         public,
     };
     Router::new()
@@ -41,7 +41,7 @@ pub(super) fn router(shared: Arc<Shared>, public: bool) -> Router {
         .route("/admin/config", get(config))
         .route("/admin/keys/{key}", get(key))
         .route("/admin/reload", post(reload))
-        .with_state(shared)
+        .with_state(server)
         // Outside the routes, so a path that matches nothing is refused the same way and
         // does not tell a caller without the token which paths exist.
         .layer(middleware::from_fn_with_state(guard, require_token))
@@ -49,7 +49,7 @@ pub(super) fn router(shared: Arc<Shared>, public: bool) -> Router {
 
 #[derive(Clone)]
 struct Guard {
-    shared: Arc<Shared>,
+    server: Arc<Server>,
     public: bool,
 }
 
@@ -57,7 +57,7 @@ async fn require_token(State(guard): State<Guard>, request: Request, next: Next)
     if OPEN_PATHS.contains(&request.uri().path()) {
         return next.run(request).await;
     }
-    let app = guard.shared.app();
+    let app = guard.server.app();
     match app.config.server.admin_token() {
         Some(token) if bearer_matches(request.headers(), token) => next.run(request).await,
         Some(_) => refuse(AdminError::Unauthorized(
@@ -90,19 +90,20 @@ fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
     scheme.eq_ignore_ascii_case(b"bearer ") && bool::from(given.ct_eq(token.as_bytes()))
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    let Some(handle) = &shared.metrics else {
+async fn metrics(State(server): State<Arc<Server>>) -> Response {
+    let Some(handle) = &server.metrics else {
         return refuse(AdminError::NoMetrics);
     };
     // State gauges are read from the live objects at scrape time, so they are never stale.
-    let app = shared.app();
+    let app = server.app();
     for route in &app.routes {
-        metrics::gauge!("sluicegate_queue_depth", "route" => route.name.clone())
-            .set(route.batcher.queue_depth() as f64);
-        metrics::gauge!("sluicegate_queue_bytes", "route" => route.name.clone())
-            .set(route.batcher.queued_bytes() as f64);
-        let function = route.invoker.function().to_owned();
-        let limits = route.invoker.gate().limits();
+        let name = &route.config.name;
+        metrics::gauge!("sluicegate_queue_depth", "route" => name.clone())
+            .set(route.batcher().queue_depth() as f64);
+        metrics::gauge!("sluicegate_queue_bytes", "route" => name.clone())
+            .set(route.batcher().queued_bytes() as f64);
+        let function = route.invoker().function().to_owned();
+        let limits = route.invoker().gate().limits();
         metrics::gauge!("sluicegate_invoke_rate_limit", "function" => function.clone())
             .set(limits.rate);
         metrics::gauge!("sluicegate_invoke_concurrency_limit", "function" => function.clone())
@@ -118,23 +119,22 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
-async fn routes(State(shared): State<Arc<Shared>>) -> Json<Value> {
-    let app = shared.app();
+async fn routes(State(server): State<Arc<Server>>) -> Json<Value> {
+    let app = server.app();
     let routes: Vec<_> = app
-        .config
         .routes
         .iter()
-        .zip(&app.routes)
-        .map(|(cfg, route)| {
-            let gate = route.invoker.gate();
+        .map(|route| {
+            let cfg = &route.config;
+            let gate = route.invoker().gate();
             let (limits, configured) = (gate.limits(), gate.config());
             json!({
                 "name": cfg.name,
                 "path": cfg.path(),
                 "function": cfg.function,
                 "endpoint": &*app.endpoint,
-                "queue_depth": route.batcher.queue_depth(),
-                "queue_bytes": route.batcher.queued_bytes(),
+                "queue_depth": route.batcher().queue_depth(),
+                "queue_bytes": route.batcher().queued_bytes(),
                 "max_pending": cfg.queue.max_pending,
                 "limit": cfg.limit,
                 "batch": { "max_records": cfg.max_records(), "max_bytes": cfg.max_bytes(), "flush": cfg.batch.flush },
@@ -164,13 +164,13 @@ pub(super) fn redacted(config: &Config) -> Value {
     shown
 }
 
-async fn config(State(shared): State<Arc<Shared>>) -> Json<Value> {
-    Json(redacted(&shared.app().config))
+async fn config(State(server): State<Arc<Server>>) -> Json<Value> {
+    Json(redacted(&server.app().config))
 }
 
 /// What applies to a key: its plan and each layer's quota.
-async fn key(State(shared): State<Arc<Shared>>, Path(key): Path<String>) -> Json<Value> {
-    let app = shared.app();
+async fn key(State(server): State<Arc<Server>>, Path(key): Path<String>) -> Json<Value> {
+    let app = server.app();
     let plan = app.admission.plan_of(&key).map(str::to_owned);
     let key_quota = match &plan {
         Some(name) => app
@@ -199,8 +199,8 @@ async fn key(State(shared): State<Arc<Shared>>, Path(key): Path<String>) -> Json
     }))
 }
 
-async fn reload(State(shared): State<Arc<Shared>>) -> Response {
-    match shared.reload_from_source().await {
+async fn reload(State(server): State<Arc<Server>>) -> Response {
+    match server.reload_from_source().await {
         Ok(report) => Json(json!({"reloaded": true, "restart_required": report.restart_required}))
             .into_response(),
         Err(message) => refuse(AdminError::InvalidConfig(message)),

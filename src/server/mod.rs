@@ -5,11 +5,11 @@
 //! Only this module knows HTTP. A record request goes: identity (key from API key / IP /
 //! header, `401`/`403` when keys are required) → [`AdmissionLayer`](crate::limit::AdmissionLayer)
 //! for its route (global → route → key, `429` on refusal) → body checks (`413`, `400`) →
-//! the route's [`Batcher`] → wait for the record's outcome until the caller's deadline
-//! (`504`). Every status is produced in [`respond`].
+//! the route's [`Batcher`](crate::coalesce::Batcher) → wait for the record's outcome until
+//! the caller's deadline (`504`). Every status is produced in [`respond`].
 //!
 //! Reload (SIGHUP, `POST /admin/reload`): the new config is loaded and validated; if it is
-//! invalid the running one stays and the reason is returned. Otherwise a new [`App`] is
+//! invalid the running one stays and the reason is returned. Otherwise a new `App` is
 //! built — limits, plans, identity, routes and batch settings — and swapped in. Routes whose
 //! batching and invoke settings did not change keep their batcher (and queue); every
 //! function keeps its one gate, reconfigured in place when its invoke limits changed, so a
@@ -32,12 +32,24 @@
 //! record body within `body_read_timeout` (`408`, connection closed); at most
 //! `max_connections` data-plane connections are open (more wait in the backlog), fewer
 //! when the open-files limit needs a reserve for everything else.
+//!
+//! Layout: this file starts ([`start`]), runs ([`run`]) and stops ([`Running::shutdown`])
+//! the server; `app` builds an `App` (one list of route entries) from a config;
+//! `reload` holds the shared state and applies reloads; `listen` has the accept loops and
+//! the connection cap; `records` is the data plane's request path (with `counters` and
+//! `request_id`), `admin` the admin router, `identity` the client key, `readiness`
+//! `/readyz`, and [`respond`] every status.
 
 mod admin;
+mod app;
+mod counters;
 mod identity;
+mod listen;
 mod parseable;
 mod readiness;
 mod records;
+mod reload;
+mod request_id;
 pub mod respond;
 
 use std::future::Future;
@@ -45,23 +57,24 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
+use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use self::identity::{client_ip, Identify, IdentityError, ANONYMOUS, MAX_KEY_BYTES};
-use self::readiness::Readiness;
-use crate::coalesce::{Batcher, Closer};
-use crate::config::{Config, RouteConfig};
-use crate::emulator::{self, RunningEmulator};
+use self::app::App;
+use self::identity::IdentityError;
+pub use self::identity::{client_ip, Identify, ANONYMOUS, MAX_KEY_BYTES};
+use self::listen::{
+    bind, connection_cap, fd_reserve, open_files_limit, serve_admin, serve_data, ADMIN_HEAD_TIMEOUT,
+};
+pub use self::reload::ReloadReport;
+use self::reload::Server;
+use crate::config::Config;
+use crate::emulator::RunningEmulator;
+use crate::invoke;
 use crate::invoke::discover::{self, Finding};
-use crate::invoke::{self, Invoker};
-use crate::limit::{Admission, DefaultClock, Plans, RedisBackend};
-use crate::pipeline::Pipeline;
 
 /// Header with which a caller shortens (never lengthens) its route's deadline.
 pub const TIMEOUT_HEADER: &str = "x-sluicegate-timeout-ms";
@@ -107,33 +120,6 @@ async fn check_fit(config: &Config, client: &aws_sdk_lambda::Client) -> Result<(
     Ok(())
 }
 
-/// One route as the request path sees it.
-struct Route {
-    name: String,
-    path: String,
-    batcher: Batcher,
-    invoker: Arc<Invoker>,
-    request_timeout: Duration,
-    max_record_bytes: usize,
-    /// Deepest nesting of arrays and objects a record may have (from `server.max_json_depth`
-    /// and the route's envelope).
-    max_json_depth: u32,
-    body_read_timeout: Duration,
-}
-
-impl Route {
-    fn policies(&self) -> respond::Policies {
-        let gate = self.invoker.gate();
-        respond::Policies {
-            queue: self.batcher.queue_policy(),
-            upstream: crate::limit::Quota {
-                rate: gate.limits().rate,
-                burst: gate.config().burst,
-            },
-        }
-    }
-}
-
 /// Where the data plane's invokes go, as `/readyz` and `/admin/routes` show it:
 /// `"emulator"` (the embedded one), `"aws"` (SDK endpoint resolution: the regional
 /// endpoint, or `AWS_ENDPOINT_URL_LAMBDA` when set) or the configured URL (credentials
@@ -147,212 +133,6 @@ fn endpoint_label(config: &Config, emulator: bool) -> Arc<str> {
     }
 }
 
-/// Everything a request needs; replaced whole on reload.
-struct App {
-    routes: Vec<Arc<Route>>,
-    /// The record routes as the data plane dispatches them (same order as `routes`).
-    endpoints: Vec<records::Endpoint>,
-    identify: Identify,
-    admission: Arc<Admission<DefaultClock>>,
-    readiness: Readiness,
-    config: Config,
-    /// See [`endpoint_label`].
-    endpoint: Arc<str>,
-}
-
-/// The admission layers of `config`, decided in Redis when `backend` is given (the
-/// pipeline's, so admission and invoke gates share one connection and one health state).
-/// With a previous admission (reload), bucket state is carried over where the quotas did
-/// not change.
-fn build_admission(
-    config: &Config,
-    previous: Option<&Admission<DefaultClock>>,
-    backend: Option<RedisBackend>,
-) -> Arc<Admission<DefaultClock>> {
-    let global = config.limits.global;
-    let routes = config
-        .routes
-        .iter()
-        .map(|r| (r.name.clone(), r.limit))
-        .collect();
-    let plans = Plans::new(
-        config.limits.default,
-        config
-            .plans
-            .iter()
-            .map(|p| (p.name.clone(), p.quota(), p.keys.clone()))
-            .collect(),
-    );
-    let max_keys = config.limits.max_keys;
-    let admission = match previous {
-        Some(previous) => previous.reconfigured(global, routes, plans, max_keys),
-        None => Admission::new(global, routes, plans, max_keys, DefaultClock::default()),
-    };
-    Arc::new(admission.with_backend(backend))
-}
-
-/// Whether a route's records can keep flowing through the same batcher and gate.
-fn same_pipeline(a: &RouteConfig, b: &RouteConfig) -> bool {
-    let strip = |r: &RouteConfig| RouteConfig {
-        limit: None,
-        path: None,
-        ..r.clone()
-    };
-    strip(a) == strip(b)
-}
-
-impl App {
-    async fn build(
-        config: Config,
-        client: &aws_sdk_lambda::Client,
-        endpoint: Arc<str>,
-        previous: Option<&App>,
-    ) -> std::io::Result<Arc<App>> {
-        // A reload keeps the Redis connection (and its health state) when [limits] did not
-        // change how to reach it.
-        let backend = crate::pipeline::limit_backend(
-            &config.limits,
-            previous.and_then(|p| p.admission.backend()),
-        )
-        .await?;
-        // One invoker (and gate) per function for the life of the process: the batchers a
-        // reload replaces drain on the same permits as their successors.
-        let previous_invokers: Vec<Arc<Invoker>> = previous
-            .map(|p| p.routes.iter().map(|r| Arc::clone(&r.invoker)).collect())
-            .unwrap_or_default();
-        let pipeline =
-            Pipeline::build_with(&config, client, true, backend, &previous_invokers).await?;
-        let mut routes = Vec::with_capacity(config.routes.len());
-        for (handle, cfg) in pipeline.routes.into_iter().zip(&config.routes) {
-            let kept = previous.and_then(|p| {
-                let (old_cfg, old) = p
-                    .config
-                    .routes
-                    .iter()
-                    .zip(&p.routes)
-                    .find(|(c, _)| c.name == cfg.name)?;
-                same_pipeline(old_cfg, cfg).then(|| (old.batcher.clone(), Arc::clone(&old.invoker)))
-            });
-            let (batcher, invoker) = kept.unwrap_or((handle.batcher, handle.invoker));
-            routes.push(Arc::new(Route {
-                name: cfg.name.clone(),
-                path: cfg.path(),
-                batcher,
-                invoker,
-                request_timeout: cfg.request_timeout(&config.server),
-                max_record_bytes: config.server.max_record_bytes.as_usize(),
-                max_json_depth: parseable::record_depth_limit(
-                    config.server.max_json_depth,
-                    cfg.envelope,
-                ),
-                body_read_timeout: config.server.body_read_timeout,
-            }));
-        }
-        let admission = build_admission(
-            &config,
-            previous.map(|p| &*p.admission),
-            pipeline.limit_backend.clone(),
-        );
-        let functions: Vec<String> = config.routes.iter().map(|r| r.function.clone()).collect();
-        Ok(Arc::new(App {
-            endpoints: records::endpoints(&routes, &admission),
-            routes,
-            identify: Identify::new(&config.identity),
-            admission,
-            readiness: Readiness::new(client.clone(), functions, Arc::clone(&endpoint)),
-            config,
-            endpoint,
-        }))
-    }
-}
-
-/// What the listeners share: the current app, and how to build the next one.
-struct Shared {
-    /// Read on every request: an `ArcSwap` loads without writing to a lock word that both
-    /// cores would fight over.
-    app: ArcSwap<App>,
-    client: aws_sdk_lambda::Client,
-    /// Where reloads read from; `None` when started from an in-memory config.
-    source: Option<PathBuf>,
-    /// Every batcher ever built, so shutdown can close the ones still draining after a reload.
-    closers: parking_lot::Mutex<Vec<Closer>>,
-    metrics: Option<PrometheusHandle>,
-    /// The embedded emulator's actual URL when it runs, so a reloaded config that names
-    /// it keeps pointing at it (see [`Config::targets_embedded_emulator`]).
-    emulator_url: Option<String>,
-}
-
-/// What a reload did.
-#[derive(Debug, Default, serde::Serialize)]
-pub struct ReloadReport {
-    /// Changed settings that only take effect after a restart (they were left as they are).
-    pub restart_required: Vec<String>,
-}
-
-impl Shared {
-    fn app(&self) -> Arc<App> {
-        self.app.load_full()
-    }
-
-    /// Points the Lambda endpoint at the embedded emulator the way `start` did: only when
-    /// the reloaded config names it.
-    fn fix_endpoint(&self, config: &mut Config) {
-        if let Some(actual) = &self.emulator_url {
-            config.retarget_embedded_emulator(actual);
-        }
-    }
-
-    async fn reload_from_source(&self) -> Result<ReloadReport, String> {
-        let Some(path) = &self.source else {
-            return Err(
-                "sluicegate was started without a config file; nothing to reload".to_owned(),
-            );
-        };
-        let config = Config::load(path).map_err(|e| e.to_string())?;
-        self.reload(config).await
-    }
-
-    async fn reload(&self, mut config: Config) -> Result<ReloadReport, String> {
-        config.validate().map_err(|e| e.to_string())?;
-        self.fix_endpoint(&mut config);
-        let current = self.app();
-        let old = &current.config;
-        let mut report = ReloadReport::default();
-        if config.server.listen != old.server.listen {
-            report.restart_required.push("server.listen".to_owned());
-            config.server.listen = old.server.listen;
-        }
-        if config.server.admin_listen != old.server.admin_listen {
-            report
-                .restart_required
-                .push("server.admin_listen".to_owned());
-            config.server.admin_listen = old.server.admin_listen;
-        }
-        if config.lambda != old.lambda {
-            report.restart_required.push("lambda".to_owned());
-            config.lambda = old.lambda.clone();
-        }
-        if config.emulator != old.emulator {
-            report.restart_required.push("emulator".to_owned());
-            config.emulator = old.emulator.clone();
-        }
-        let next = App::build(
-            config,
-            &self.client,
-            Arc::clone(&current.endpoint),
-            Some(&current),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        self.closers
-            .lock()
-            .extend(next.routes.iter().map(|r| r.batcher.closer()));
-        self.app.store(next);
-        tracing::info!(restart_required = ?report.restart_required, "config reloaded");
-        Ok(report)
-    }
-}
-
 /// A running sluicegate: its bound addresses and a way to reload or stop it.
 pub struct Running {
     /// Where the data plane listens (`server.listen`, with the port the OS chose for `:0`).
@@ -361,7 +141,7 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// The embedded emulator's address, when `[emulator] enabled = true`.
     pub emulator_addr: Option<SocketAddr>,
-    shared: Arc<Shared>,
+    server: Arc<Server>,
     stop: watch::Sender<bool>,
     data: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
@@ -372,26 +152,26 @@ impl Running {
     /// Applies a new config (see the module docs); an invalid one is refused and the
     /// running config stays.
     pub async fn reload(&self, config: Config) -> Result<ReloadReport, String> {
-        self.shared.reload(config).await
+        self.server.reload(config).await
     }
 
     /// Reloads from the config file sluicegate was started with.
     pub async fn reload_from_file(&self) -> Result<ReloadReport, String> {
-        self.shared.reload_from_source().await
+        self.server.reload_from_source().await
     }
 
     /// Stops accepting and drains: in-flight requests finish; after `shutdown_grace`,
     /// records not yet sent to Lambda are answered `503`, and invokes in flight still
     /// answer their callers (bounded by `lambda.read_timeout`).
     pub async fn shutdown(mut self) {
-        let config = self.shared.app().config.clone();
+        let config = self.server.app().config.clone();
         let _ = self.stop.send(true);
         if tokio::time::timeout(config.server.shutdown_grace, &mut self.data)
             .await
             .is_err()
         {
             tracing::warn!("shutdown grace period over: answering records not yet sent with 503");
-            for closer in self.shared.closers.lock().iter() {
+            for closer in self.server.closers.lock().iter() {
                 closer.close();
             }
             let bound = config.lambda.read_timeout + Duration::from_secs(5);
@@ -436,17 +216,18 @@ pub async fn start_with_source(
             addr,
             source,
         };
-        let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
-        let running = emulator::spawn(config.emulator.clone(), listener)
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(bind_error)?;
         // The embedded emulator is the target only when `endpoint_url` names it; when it
         // was asked for port 0 (tests) the endpoint follows the port it got.
-        let actual = running.endpoint_url();
-        targets_emulator = config.retarget_embedded_emulator(&actual);
-        tracing::info!(addr = %running.local_addr, "embedded Lambda emulator listening");
-        emulator_url = Some(actual);
-        emulator = Some(running);
+        let embedded = crate::aws::start_embedded_emulator(&mut config, listener)
+            .await
+            .map_err(bind_error)?;
+        tracing::info!(addr = %embedded.running.local_addr, "embedded Lambda emulator listening");
+        targets_emulator = embedded.targeted;
+        emulator_url = Some(embedded.url);
+        emulator = Some(embedded.running);
     }
     let emulator_addr = emulator.as_ref().map(|e| e.local_addr);
     let endpoint = endpoint_label(&config, targets_emulator);
@@ -457,8 +238,8 @@ pub async fn start_with_source(
     let app = App::build(config, &client, endpoint, None)
         .await
         .map_err(StartError::Pipeline)?;
-    let closers = app.routes.iter().map(|r| r.batcher.closer()).collect();
-    let shared = Arc::new(Shared {
+    let closers = app.routes.iter().map(|r| r.batcher().closer()).collect();
+    let server = Arc::new(Server {
         app: ArcSwap::new(Arc::clone(&app)),
         client,
         source,
@@ -468,32 +249,32 @@ pub async fn start_with_source(
     });
 
     let (stop, stopped) = watch::channel(false);
-    let server = &app.config.server;
-    let (listener, local) = bind("server", server.listen).await?;
-    let (admin_listener, admin_local) = bind("admin", server.admin_listen).await?;
+    let settings = &app.config.server;
+    let (listener, local) = bind("server", settings.listen).await?;
+    let (admin_listener, admin_local) = bind("admin", settings.admin_listen).await?;
 
     let cap = connection_cap(
-        server.max_connections,
+        settings.max_connections,
         open_files_limit(),
         fd_reserve(&app.config),
     );
     let data = tokio::spawn(serve_data(
         listener,
-        Arc::clone(&shared),
+        Arc::clone(&server),
         cap,
         stopped.clone(),
     ));
-    let admin_router = admin::router(Arc::clone(&shared), !admin_local.ip().is_loopback());
+    let admin_router = admin::router(Arc::clone(&server), !admin_local.ip().is_loopback());
     let tasks = vec![
         tokio::spawn(serve_admin(
             admin_listener,
             admin_router,
-            server.header_read_timeout.min(ADMIN_HEAD_TIMEOUT),
-            server.shutdown_grace,
+            settings.header_read_timeout.min(ADMIN_HEAD_TIMEOUT),
+            settings.shutdown_grace,
             stopped.clone(),
         )),
         tokio::spawn(reclaim_keys(
-            Arc::clone(&shared),
+            Arc::clone(&server),
             app.config.limits.reclaim_interval,
             stopped,
         )),
@@ -503,7 +284,7 @@ pub async fn start_with_source(
         addr: local,
         admin_addr: admin_local,
         emulator_addr,
-        shared,
+        server,
         stop,
         data,
         tasks,
@@ -534,260 +315,14 @@ fn log_endpoints(config: &Config, endpoint: &str, emulator: bool) {
     }
 }
 
-async fn bind(
-    what: &'static str,
-    addr: SocketAddr,
-) -> Result<(TcpListener, SocketAddr), StartError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { what, addr, source })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| StartError::Bind { what, addr, source })?;
-    Ok((listener, local))
-}
-
-/// File descriptors kept free for what is not a data-plane connection and not counted
-/// elsewhere: Redis connections, the dead-letter file, the emulator, logs. Without a
-/// reserve, clients that hold connections open can take every descriptor and lock out the
-/// admin port and the invokes that would answer them.
-const FD_RESERVE: u64 = 256;
-
-/// Descriptors the data plane must leave free: [`FD_RESERVE`], the admin listener's
-/// connections, and one Lambda connection per invoke a route may have in flight.
-fn fd_reserve(config: &Config) -> u64 {
-    let invokes: u64 = config
-        .routes
-        .iter()
-        .map(|r| u64::from(r.invoke.max_concurrency.get()))
-        .sum();
-    FD_RESERVE + ADMIN_MAX_CONNECTIONS as u64 + invokes
-}
-
-/// Admin connections open at once: scrapes and operators, never many.
-const ADMIN_MAX_CONNECTIONS: usize = 64;
-
-/// The longest an admin client may take to send a request's head, or stay idle between
-/// requests.
-const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// hyper's per-connection read buffer bound (its default is about 400 KiB). It also bounds
-/// a request's head; 64 KiB is far above any head a producer sends, and keeps an idle or
-/// stalled connection from holding more than this.
-const READ_BUFFER_BYTES: usize = 64 * 1024;
-
-/// The soft `RLIMIT_NOFILE` of this process, from `/proc/self/limits` (Linux); `None` when
-/// unlimited or unknown.
-fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line["Max open files".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// `server.max_connections`, lowered (and logged) when the open-files limit cannot hold
-/// that many connections plus `reserve` ([`fd_reserve`]); a small limit keeps at least
-/// half for the reserve.
-fn connection_cap(configured: u32, open_files: Option<u64>, reserve: u64) -> usize {
-    let configured = u64::from(configured);
-    let Some(limit) = open_files else {
-        return configured as usize;
-    };
-    let room = if limit > 2 * reserve {
-        limit - reserve
-    } else {
-        (limit / 2).max(1)
-    };
-    if room < configured {
-        tracing::warn!(
-            max_connections = configured,
-            open_files_limit = limit,
-            effective = room,
-            "server.max_connections lowered to fit the open-files limit (raise `ulimit -n` for more)"
-        );
-        room as usize
-    } else {
-        configured as usize
-    }
-}
-
-/// The data plane's accept loop. Each request goes to whichever app is current, so a
-/// reload never drops a connection. On stop: no more accepts, each connection finishes the
-/// request it is in and closes; returns when all are closed.
-///
-/// Connections are served by hyper's HTTP/1 server directly (keep-alive, pipelining,
-/// `TCP_NODELAY`, `server.header_read_timeout` for a request's head — which also closes a
-/// keep-alive connection idle that long — so a slow client cannot hold a connection
-/// forever; a record's body has `server.body_read_timeout`). Connection tasks live in a
-/// `JoinSet`: if this task is aborted (shutdown ran out of time), they are aborted with it.
-///
-/// At most `cap` connections are open: the loop takes a permit *before* accepting, so at
-/// the cap new connections wait in the kernel's backlog (and see the server as slow, not
-/// broken) instead of being accepted and dropped in a spin. When `accept` itself fails for
-/// lack of descriptors, the loop backs off instead of retrying at once.
-async fn serve_data(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    cap: usize,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut connections = tokio::task::JoinSet::new();
-    let ids = records::RequestIds::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
-    let stop = async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
-    };
-    tokio::pin!(stop);
-    let mut backing_off = false;
-    loop {
-        let slot = tokio::select! {
-            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
-            _ = &mut stop => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) if is_connection_error(&e) => continue,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait instead of spinning, and
-                    // say so once per episode rather than ten times a second.
-                    if !backing_off {
-                        tracing::warn!(error = %e, "accept failed; backing off");
-                        backing_off = true;
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                        _ = &mut stop => break,
-                    }
-                    continue;
-                }
-            },
-            _ = &mut stop => break,
-        };
-        backing_off = false;
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-        // Read per connection, so a reload applies to the connections after it.
-        let head_timeout = shared.app().config.server.header_read_timeout;
-        let service = records::DataPlane {
-            shared: Arc::clone(&shared),
-            peer,
-            ids: ids.connection(),
-        };
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(head_timeout)
-            .max_buf_size(READ_BUFFER_BYTES)
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
-        while connections.try_join_next().is_some() {}
-        connections.spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::trace!(error = %e, "connection ended with an error");
-            }
-            // The slot frees when the connection (and its descriptor) is gone.
-            drop(slot);
-        });
-    }
-    drop(listener);
-    graceful.shutdown().await;
-}
-
-/// Accept errors that concern one connection only (the peer gave up before it was
-/// accepted): the listener is fine, so accept the next one at once.
-fn is_connection_error(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::ConnectionRefused
-            | std::io::ErrorKind::ConnectionAborted
-            | std::io::ErrorKind::ConnectionReset
-            | std::io::ErrorKind::Interrupted
-    )
-}
-
-/// The admin listener's accept loop: the same hyper HTTP/1 server as the data plane, with
-/// a head/idle timeout, a small connection cap and the same back-off on `accept` errors.
-///
-/// On stop it stops accepting and gives open admin requests until `grace` to finish; then
-/// the remaining connections (a half-sent request, an idle keep-alive) are dropped, so no
-/// admin client can keep the process from exiting.
-async fn serve_admin(
-    listener: TcpListener,
-    router: axum::Router,
-    head_timeout: Duration,
-    grace: Duration,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut connections = tokio::task::JoinSet::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
-    let stop = async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
-    };
-    tokio::pin!(stop);
-    loop {
-        let slot = tokio::select! {
-            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
-            _ = &mut stop => break,
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
-                Err(e) if is_connection_error(&e) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed; backing off");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                        _ = &mut stop => break,
-                    }
-                    continue;
-                }
-            },
-            _ = &mut stop => break,
-        };
-        let router = router.clone();
-        let service =
-            hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                tower::ServiceExt::oneshot(router.clone(), request)
-            });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(head_timeout)
-            .max_buf_size(READ_BUFFER_BYTES)
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
-        while connections.try_join_next().is_some() {}
-        connections.spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::trace!(error = %e, "admin connection ended with an error");
-            }
-            drop(slot);
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("admin connections still open after the grace period; closing them");
-    }
-    // Dropping the set aborts whatever is left.
-    drop(connections);
-}
-
 /// Idle (full) buckets carry no information: dropping them keeps memory bounded by the
 /// active keys, not by every key ever seen.
-async fn reclaim_keys(shared: Arc<Shared>, every: Duration, mut stopped: watch::Receiver<bool>) {
+async fn reclaim_keys(server: Arc<Server>, every: Duration, mut stopped: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => shared.app().admission.reclaim(),
+            _ = tick.tick() => server.app().admission.reclaim(),
             _ = stopped.wait_for(|stop| *stop) => return,
         }
     }
@@ -815,46 +350,4 @@ pub async fn run(
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{connection_cap, fd_reserve, open_files_limit, ADMIN_MAX_CONNECTIONS, FD_RESERVE};
-    use crate::config::Config;
-
-    #[test]
-    fn the_connection_cap_leaves_a_reserve_of_descriptors() {
-        const R: u64 = FD_RESERVE;
-        assert_eq!(connection_cap(10_000, None, R), 10_000);
-        assert_eq!(connection_cap(10_000, Some(1 << 20), R), 10_000);
-        assert_eq!(connection_cap(10_000, Some(4096), R), (4096 - R) as usize);
-        // A small limit keeps half for everything else.
-        assert_eq!(connection_cap(10_000, Some(512), R), 256);
-        assert_eq!(connection_cap(10_000, Some(100), R), 50);
-        assert_eq!(connection_cap(20, Some(100), R), 20);
-        assert_eq!(connection_cap(10_000, Some(1), R), 1);
-    }
-
-    #[test]
-    fn the_reserve_counts_every_invoke_a_route_may_have_in_flight() {
-        let config = Config::from_toml(
-            "[[routes]]\nname = \"a\"\nfunction = \"f\"\ninvoke = { max_concurrency = 1000 }\n\
-             [[routes]]\nname = \"b\"\nfunction = \"g\"\ninvoke = { max_concurrency = 30 }\n",
-        )
-        .expect("valid");
-        let reserve = fd_reserve(&config);
-        assert_eq!(reserve, FD_RESERVE + ADMIN_MAX_CONNECTIONS as u64 + 1030);
-        // `ulimit -n 4096` with 1000 invokes in flight: the data plane gets what is left.
-        assert_eq!(
-            connection_cap(10_000, Some(4096), reserve),
-            (4096 - reserve) as usize
-        );
-    }
-
-    #[test]
-    fn the_open_files_limit_is_read_on_linux() {
-        if cfg!(target_os = "linux") {
-            assert!(open_files_limit().is_some_and(|n| n > 0));
-        }
-    }
 }

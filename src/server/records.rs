@@ -14,12 +14,11 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
+use http::{header, HeaderMap, HeaderName, Method, Request};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::value::RawValue;
@@ -27,9 +26,15 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
+use super::app::App;
+use super::counters::RouteCounters;
 use super::parseable;
-use super::respond::{self, Answer, RequestError, Response, ShedScope};
-use super::{App, IdentityError, Route, Shared, ANONYMOUS, TIMEOUT_HEADER};
+use super::reload::Server;
+use super::request_id::ConnectionIds;
+use super::respond::{self, RequestError, Response};
+use super::{IdentityError, ANONYMOUS, TIMEOUT_HEADER};
+use crate::coalesce::Batcher;
+use crate::invoke::Invoker;
 use crate::limit::Rejected;
 use crate::limit::{
     Admission, AdmissionLayer, AdmissionService, Admitted, ClientKey, DefaultClock,
@@ -41,36 +46,64 @@ pub(super) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id"
 /// A record route's stack: admission (global → route → key), then the record itself.
 type Stack = AdmissionService<RecordService, DefaultClock, fn(Rejected) -> Response>;
 
+/// One route as the record path sees it: where its records go and the limits a record is
+/// checked against.
+pub(super) struct RecordRoute {
+    pub(super) name: String,
+    pub(super) batcher: Batcher,
+    pub(super) invoker: Arc<Invoker>,
+    pub(super) request_timeout: Duration,
+    pub(super) max_record_bytes: usize,
+    /// Deepest nesting of arrays and objects a record may have (from `server.max_json_depth`
+    /// and the route's envelope).
+    pub(super) max_json_depth: u32,
+    pub(super) body_read_timeout: Duration,
+}
+
+impl RecordRoute {
+    fn policies(&self) -> respond::Policies {
+        let gate = self.invoker.gate();
+        respond::Policies {
+            queue: self.batcher.queue_policy(),
+            upstream: crate::limit::Quota {
+                rate: gate.limits().rate,
+                burst: gate.config().burst,
+            },
+        }
+    }
+}
+
 /// One record route as the data plane dispatches it.
 pub(super) struct Endpoint {
+    /// Compared with every request's path: the data plane finds its route by scanning the
+    /// app's routes for it.
     path: String,
     stack: Stack,
     counters: RouteCounters,
 }
 
-/// The endpoints of an app's routes, in route order (admission's route indexes).
-pub(super) fn endpoints(
-    routes: &[Arc<Route>],
-    admission: &Arc<Admission<DefaultClock>>,
-) -> Vec<Endpoint> {
-    let reject: fn(Rejected) -> Response = respond::rejected;
-    routes
-        .iter()
-        .enumerate()
-        .map(|(index, route)| {
-            let layer = AdmissionLayer::new(Arc::clone(admission), index, reject);
-            Endpoint {
-                path: route.path.clone(),
-                stack: tower::Layer::layer(&layer, RecordService(Arc::clone(route))),
-                counters: RouteCounters::new(&route.name),
-            }
-        })
-        .collect()
+impl Endpoint {
+    /// The endpoint at `path` of the route that is number `index` in admission's route
+    /// list (its position in the app's routes).
+    pub(super) fn new(
+        path: String,
+        index: usize,
+        route: Arc<RecordRoute>,
+        admission: &Arc<Admission<DefaultClock>>,
+    ) -> Self {
+        let reject: fn(Rejected) -> Response = respond::rejected;
+        let layer = AdmissionLayer::new(Arc::clone(admission), index, reject);
+        Endpoint {
+            path,
+            counters: RouteCounters::new(&route.name),
+            stack: tower::Layer::layer(&layer, RecordService(route)),
+        }
+    }
 }
 
 /// The data plane's hyper service, one per connection.
 pub(super) struct DataPlane {
-    pub(super) shared: Arc<Shared>,
+    pub(super) server: Arc<Server>,
     pub(super) peer: SocketAddr,
     pub(super) ids: ConnectionIds,
 }
@@ -83,7 +116,7 @@ impl hyper::service::Service<Request<Incoming>> for DataPlane {
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         // Held for the whole request: an app replaced by a reload lives until the requests
         // it took have been answered.
-        let app = self.shared.app();
+        let app = self.server.app();
         let id = match request.headers().get(REQUEST_ID) {
             Some(id) => id.clone(),
             None => {
@@ -126,7 +159,12 @@ impl hyper::service::Service<Request<Incoming>> for DataPlane {
 
 async fn serve(app: &App, request: Request<Incoming>, peer: SocketAddr) -> Response {
     let path = request.uri().path();
-    if let Some(endpoint) = app.endpoints.iter().find(|e| e.path == path) {
+    if let Some(endpoint) = app
+        .routes
+        .iter()
+        .map(|route| &route.endpoint)
+        .find(|e| e.path == path)
+    {
         let response = record_route(app, endpoint, request, peer)
             .await
             .unwrap_or_else(RequestError::into_response);
@@ -176,7 +214,7 @@ async fn record_route(
 /// An admitted record: read, checked, submitted to the route's batcher, and answered with
 /// its own outcome (plus the key layer's `RateLimit` fields).
 #[derive(Clone)]
-pub(super) struct RecordService(Arc<Route>);
+pub(super) struct RecordService(Arc<RecordRoute>);
 
 impl Service<Request<Incoming>> for RecordService {
     type Response = Response;
@@ -201,159 +239,6 @@ impl Service<Request<Incoming>> for RecordService {
             Ok(response)
         })
     }
-}
-
-/// `sluicegate_requests_total{route,status,scope}` and admission rejections by scope.
-///
-/// Counter handles are looked up once per (status, scope) and cached per route: the label
-/// strings are not rebuilt, and the registry not searched, on every request. Every
-/// [`Answer`] has a fixed slot, read without a lock (both cores count at once); a response
-/// that is none of them (none today) goes to a short locked list.
-pub(super) struct RouteCounters {
-    route: Arc<str>,
-    slots: [std::sync::OnceLock<Cell>; SLOTS.len()],
-    others: parking_lot::RwLock<Vec<(SlotKey, Cell)>>,
-}
-
-/// What a response is counted by: its status and, for a shed, its scope.
-type SlotKey = (StatusCode, Option<ShedScope>);
-
-/// One slot per [`Answer`], in the order of [`Answer::ALL`]: built from that list, so an
-/// answer and its counter cannot drift apart.
-const SLOTS: [SlotKey; Answer::ALL.len()] = {
-    let mut slots = [(StatusCode::OK, None); Answer::ALL.len()];
-    let mut i = 0;
-    while i < slots.len() {
-        slots[i] = (Answer::ALL[i].status(), Answer::ALL[i].scope());
-        i += 1;
-    }
-    slots
-};
-
-#[derive(Clone)]
-struct Cell {
-    requests: metrics::Counter,
-    /// `sluicegate_admission_rejections_total{scope}` for admission refusals.
-    rejections: Option<metrics::Counter>,
-}
-
-impl RouteCounters {
-    fn new(route: &str) -> Self {
-        RouteCounters {
-            route: route.into(),
-            slots: Default::default(),
-            others: Default::default(),
-        }
-    }
-
-    fn count(&self, response: &Response) {
-        let scope = response.extensions().get::<ShedScope>().copied();
-        let key = (response.status(), scope);
-        match SLOTS.iter().position(|slot| *slot == key) {
-            Some(slot) => self.slots[slot].get_or_init(|| self.cell(key)).increment(),
-            None => self.other(key).increment(),
-        }
-    }
-
-    #[cold]
-    fn other(&self, key: SlotKey) -> Cell {
-        let known = self
-            .others
-            .read()
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, cell)| cell.clone());
-        known.unwrap_or_else(|| {
-            let cell = self.cell(key);
-            self.others.write().push((key, cell.clone()));
-            cell
-        })
-    }
-
-    fn cell(&self, (status, scope): SlotKey) -> Cell {
-        Cell {
-            requests: metrics::counter!(
-                "sluicegate_requests_total",
-                "route" => self.route.to_string(),
-                "status" => status.as_u16().to_string(),
-                "scope" => scope.map_or("none", ShedScope::as_str)
-            ),
-            rejections: match scope {
-                Some(ShedScope::Limit(scope)) => Some(metrics::counter!(
-                    "sluicegate_admission_rejections_total",
-                    "scope" => scope.as_str()
-                )),
-                _ => None,
-            },
-        }
-    }
-}
-
-impl Cell {
-    fn increment(&self) {
-        self.requests.increment(1);
-        if let Some(rejections) = &self.rejections {
-            rejections.increment(1);
-        }
-    }
-}
-
-/// Request ids `<process prefix>-<connection>-<request>` in hex: unique, and cheap (no
-/// random draw, no formatting machinery, and no counter shared between cores per request).
-#[derive(Clone)]
-pub(super) struct RequestIds {
-    prefix: u32,
-    connections: Arc<AtomicU64>,
-}
-
-impl RequestIds {
-    pub(super) fn new() -> Self {
-        RequestIds {
-            prefix: rand::random(),
-            connections: Arc::new(AtomicU64::new(1)),
-        }
-    }
-
-    /// The ids of one new connection's requests.
-    pub(super) fn connection(&self) -> ConnectionIds {
-        ConnectionIds {
-            prefix: self.prefix,
-            connection: self.connections.fetch_add(1, Ordering::Relaxed),
-            next: AtomicU64::new(1),
-        }
-    }
-}
-
-/// [`RequestIds`] for one connection. Its requests are answered one after another, so the
-/// sequence is only ever touched by the core serving it.
-pub(super) struct ConnectionIds {
-    prefix: u32,
-    connection: u64,
-    next: AtomicU64,
-}
-
-impl ConnectionIds {
-    fn next(&self) -> HeaderValue {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut text = [0u8; 8 + 1 + 16 + 1 + 16];
-        let mut len = hex(u64::from(self.prefix), 8, &mut text);
-        for part in [self.connection, n] {
-            text[len] = b'-';
-            len += 1;
-            len += hex(part, 1, &mut text[len..]);
-        }
-        HeaderValue::from_bytes(&text[..len]).expect("hex digits are a valid header value")
-    }
-}
-
-/// Writes `n` in lower-case hex, at least `min_digits` long; returns the digits written.
-fn hex(n: u64, min_digits: usize, out: &mut [u8]) -> usize {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let digits = (16 - n.leading_zeros() as usize / 4).max(min_digits);
-    for (i, byte) in out[..digits].iter_mut().enumerate() {
-        *byte = DIGITS[((n >> (4 * (digits - 1 - i))) & 0xf) as usize];
-    }
-    digits
 }
 
 /// The caller's deadline: the route's, shortened by `x-sluicegate-timeout-ms`.
@@ -425,7 +310,7 @@ async fn read_body(
 }
 
 async fn record_response(
-    route: &Route,
+    route: &RecordRoute,
     request: Request<Incoming>,
 ) -> Result<Response, RequestError> {
     let (parts, body) = request.into_parts();
@@ -487,77 +372,5 @@ async fn record_response(
             policies: route.policies(),
         }),
         Err(_elapsed) => Err(RequestError::CallerDeadline { record: id }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hex_pads_to_the_minimum_and_grows_past_it() {
-        let mut out = [0u8; 16];
-        let n = hex(0xab, 8, &mut out);
-        assert_eq!(&out[..n], b"000000ab");
-        let n = hex(0, 1, &mut out);
-        assert_eq!(&out[..n], b"0");
-        let n = hex(u64::MAX, 1, &mut out);
-        assert_eq!(&out[..n], b"ffffffffffffffff");
-        let n = hex(0x1_0000_0000, 8, &mut out);
-        assert_eq!(&out[..n], b"100000000");
-    }
-
-    #[test]
-    fn request_ids_are_unique_and_share_the_process_prefix() {
-        let ids = RequestIds::new();
-        let (one, two) = (ids.connection(), ids.clone().connection());
-        let all = [one.next(), one.next(), two.next(), two.next()];
-        let all: Vec<&str> = all.iter().map(|id| id.to_str().unwrap()).collect();
-        for (i, a) in all.iter().enumerate() {
-            let parts: Vec<&str> = a.split('-').collect();
-            assert_eq!(parts.len(), 3, "{a}");
-            assert_eq!(parts[0].len(), 8, "{a}");
-            assert!(
-                parts.iter().all(|p| u64::from_str_radix(p, 16).is_ok()),
-                "{a}"
-            );
-            assert_eq!(parts[0], all[0].split('-').next().unwrap());
-            assert!(all[i + 1..].iter().all(|b| a != b), "{all:?}");
-        }
-    }
-
-    #[test]
-    fn every_answer_has_its_own_counter_slot() {
-        for (i, slot) in SLOTS.iter().enumerate() {
-            assert!(!SLOTS[..i].contains(slot), "{slot:?} has two slots");
-        }
-        for scope in ShedScope::ALL {
-            assert!(Answer::ALL.contains(&Answer::Shed(scope)), "{scope:?}");
-        }
-    }
-
-    #[test]
-    fn every_request_error_is_counted_in_its_answers_slot() {
-        for (error, _, _) in respond::every_request_error() {
-            let counters = RouteCounters::new("r");
-            let answer = error.answer();
-            counters.count(&error.into_response());
-            let slot = Answer::ALL
-                .iter()
-                .position(|a| *a == answer)
-                .expect("every answer is listed");
-            assert!(counters.slots[slot].get().is_some(), "{answer:?}");
-            assert!(counters.others.read().is_empty(), "{answer:?}");
-        }
-    }
-
-    #[test]
-    fn a_response_that_is_no_answer_is_still_counted() {
-        let counters = RouteCounters::new("r");
-        let mut teapot = respond::healthy();
-        *teapot.status_mut() = StatusCode::IM_A_TEAPOT;
-        counters.count(&teapot);
-        assert!(counters.slots.iter().all(|slot| slot.get().is_none()));
-        assert_eq!(counters.others.read().len(), 1);
     }
 }

@@ -33,7 +33,7 @@ use super::{BatchSpec, DrainMeter, Message, RecordError};
 
 use crate::dlq::{self, DeadLetter, DeadLetterSink};
 use crate::invoke::retry::{backoff, RetryBudget};
-use crate::invoke::{Invoke, InvokeFailure, Invoked, Slot};
+use crate::invoke::{Invoke, InvokeFailure, InvokePermit, Invoked};
 
 /// What every batch of one route shares. `I` is the function's invoker ([`Invoke`]).
 pub(super) struct Delivery<I> {
@@ -55,7 +55,7 @@ impl<I: Invoke> Delivery<I> {
     pub(super) fn deliver(
         self: Arc<Self>,
         batch: Vec<Message>,
-        slot: Option<Slot>,
+        slot: Option<InvokePermit>,
     ) -> BoxFuture<'static, ()> {
         self.deliver_part(batch, slot, None)
     }
@@ -65,7 +65,7 @@ impl<I: Invoke> Delivery<I> {
     fn deliver_part(
         self: Arc<Self>,
         batch: Vec<Message>,
-        slot: Option<Slot>,
+        slot: Option<InvokePermit>,
         earlier_unknown: Option<InvokeFailure>,
     ) -> BoxFuture<'static, ()> {
         Box::pin(async move { self.attempts(batch, slot, earlier_unknown).await })
@@ -74,7 +74,7 @@ impl<I: Invoke> Delivery<I> {
     async fn attempts(
         self: Arc<Self>,
         mut batch: Vec<Message>,
-        mut slot: Option<Slot>,
+        mut slot: Option<InvokePermit>,
         mut unknown: Option<InvokeFailure>,
     ) {
         let spec = &self.spec;

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::{BatchSpec, Batcher, Ticket};
 use crate::config::{Envelope, Flush, Invocation, Jitter, RetryConfig};
-use crate::invoke::{Gate, Invoke, InvokeFailure, Invoked, Slot};
+use crate::invoke::{Gate, Invoke, InvokeFailure, InvokePermit, Invoked};
 
 /// One invoke attempt, as the fake saw it.
 #[derive(Clone, Debug)]
@@ -128,7 +128,7 @@ impl Invoke for ScriptedLambda {
         &self,
         payload: Bytes,
         invocation: Invocation,
-        mut slot: Slot,
+        mut slot: InvokePermit,
     ) -> Result<Invoked, InvokeFailure> {
         slot.mark_used();
         let (ids, bodies) = Self::decode(&payload);

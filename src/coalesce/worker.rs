@@ -24,7 +24,7 @@ use super::deliver::Delivery;
 use super::envelope::framed_len;
 use super::{BatchSpec, Message, RecordError};
 use crate::config::Flush;
-use crate::invoke::{Invoke, Slot};
+use crate::invoke::{Invoke, InvokePermit};
 
 /// Process-wide batch ids: `b1`, `b2`, … on the batch span and on each record's request span.
 static NEXT_BATCH_ID: AtomicU64 = AtomicU64::new(1);
@@ -203,7 +203,7 @@ async fn run<I: Invoke>(
         // across loop turns; in window mode it is only polled after the batch closes.
         let acquire = invoker.gate().acquire();
         tokio::pin!(acquire);
-        let mut slot: Option<Slot> = None;
+        let mut slot: Option<InvokePermit> = None;
 
         while !batch.is_full(&spec) {
             // Whatever is already queued joins without waiting: under load this is what

@@ -1,6 +1,6 @@
 //! The gate every invoke attempt passes: a concurrency permit, then an invoke-rate token.
 //!
-//! - Concurrency: `max_concurrency` permits; a [`Slot`] holds one for the whole attempt and
+//! - Concurrency: `max_concurrency` permits; an [`InvokePermit`] holds one for the whole attempt and
 //!   releases it on drop, so a cancelled attempt never leaks capacity.
 //! - Rate: a token bucket (`rate` tokens per second, `burst` capacity, starts full) taken
 //!   *after* the permit, so no token is spent while an attempt still waits for concurrency.
@@ -192,7 +192,7 @@ impl Rate {
 /// The right to run one invoke attempt; gives its permit back (or withdraws it, after an
 /// adaptive decrease) on drop.
 #[derive(Debug)]
-pub struct Slot {
+pub struct InvokePermit {
     permit: Option<OwnedSemaphorePermit>,
     gate: Arc<Inner>,
     /// Set when an invoke attempt was sent with this slot. A slot dropped unused (its
@@ -202,14 +202,14 @@ pub struct Slot {
     local_token: bool,
 }
 
-impl Slot {
+impl InvokePermit {
     /// Marks the slot as spent on a real invoke attempt.
     pub fn mark_used(&mut self) {
         self.used = true;
     }
 }
 
-impl Drop for Slot {
+impl Drop for InvokePermit {
     fn drop(&mut self) {
         if !self.used && self.local_token {
             self.gate.lock_rate().bucket.refund(Instant::now());
@@ -293,13 +293,13 @@ impl Gate {
     /// Waits for a concurrency permit, then an invoke-rate token. Cancel-safe: dropping the
     /// future releases a permit it holds and has taken no local token (a shared token may
     /// be in flight; see the module docs).
-    pub async fn acquire(&self) -> Slot {
+    pub async fn acquire(&self) -> InvokePermit {
         let permit = Arc::clone(&self.inner.permits)
             .acquire_owned()
             .await
             .expect("the gate's semaphore is never closed");
         // `used: true` until a token is taken, so a cancelled wait refunds nothing.
-        let mut slot = Slot {
+        let mut slot = InvokePermit {
             permit: Some(permit),
             gate: Arc::clone(&self.inner),
             used: true,
@@ -347,13 +347,13 @@ impl Gate {
     ///
     /// A shared (Redis) token cannot be taken without a round trip, so a gate built with
     /// [`Gate::shared`] answers `None` here; use [`acquire`](Self::acquire).
-    pub fn try_acquire(&self) -> Option<Slot> {
+    pub fn try_acquire(&self) -> Option<InvokePermit> {
         if self.inner.shared.load().is_some() {
             return None;
         }
         let permit = Arc::clone(&self.inner.permits).try_acquire_owned().ok()?;
         // `used: true` until a token is taken, so a failed take refunds nothing.
-        let mut slot = Slot {
+        let mut slot = InvokePermit {
             permit: Some(permit),
             gate: Arc::clone(&self.inner),
             used: true,
@@ -567,7 +567,7 @@ mod tests {
     }
 
     /// Releases a slot as an invoke attempt would: its token stays spent.
-    fn spend(mut slot: Slot) {
+    fn spend(mut slot: InvokePermit) {
         slot.mark_used();
     }
 
@@ -640,11 +640,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn concurrency_throttles_lower_the_cap_and_withdraw_busy_permits() {
         let gate = gate(10, 1e9, u32::MAX, true);
-        let slots: Vec<Slot> = (0..10).map(|_| gate.try_acquire().expect("free")).collect();
+        let slots: Vec<InvokePermit> = (0..10).map(|_| gate.try_acquire().expect("free")).collect();
         gate.on_throttle("ReservedFunctionConcurrentInvocationLimitExceeded");
         assert_eq!(gate.limits().concurrency, 7);
         drop(slots);
-        let held: Vec<Slot> = std::iter::from_fn(|| gate.try_acquire()).collect();
+        let held: Vec<InvokePermit> = std::iter::from_fn(|| gate.try_acquire()).collect();
         assert_eq!(
             held.len(),
             7,
@@ -660,7 +660,7 @@ mod tests {
             10,
             "recovers to the configured cap"
         );
-        let held: Vec<Slot> = std::iter::from_fn(|| gate.try_acquire()).collect();
+        let held: Vec<InvokePermit> = std::iter::from_fn(|| gate.try_acquire()).collect();
         assert_eq!(held.len(), 10);
     }
 
@@ -678,7 +678,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn reconfigure_moves_permits_in_place_and_withdraws_busy_ones_as_debt() {
         let gate = gate(2, 1e6, 1000, false);
-        let held: Vec<Slot> = std::iter::from_fn(|| gate.try_acquire()).collect();
+        let held: Vec<InvokePermit> = std::iter::from_fn(|| gate.try_acquire()).collect();
         assert_eq!(held.len(), 2);
         // Lowered while both permits are out: nothing is free, one is owed.
         gate.reconfigure(GateConfig {
@@ -689,7 +689,7 @@ mod tests {
         });
         assert_eq!(gate.limits().concurrency, 1);
         drop(held);
-        let held: Vec<Slot> = std::iter::from_fn(|| gate.try_acquire()).collect();
+        let held: Vec<InvokePermit> = std::iter::from_fn(|| gate.try_acquire()).collect();
         assert_eq!(held.len(), 1, "the returning permit paid the debt");
         // Raised: the same gate (and its holders) gains permits.
         gate.reconfigure(GateConfig {
@@ -698,7 +698,7 @@ mod tests {
             burst: 1000,
             adaptive: false,
         });
-        let more: Vec<Slot> = std::iter::from_fn(|| gate.try_acquire()).collect();
+        let more: Vec<InvokePermit> = std::iter::from_fn(|| gate.try_acquire()).collect();
         assert_eq!(more.len(), 2, "three in all, one already held");
         assert_eq!(gate.limits().in_flight, 3);
     }

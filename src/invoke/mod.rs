@@ -43,7 +43,7 @@ use aws_sdk_lambda::types::InvocationType;
 use bytes::Bytes;
 
 pub use self::client::{build_client, sdk_config};
-pub use self::gate::{Gate, GateConfig, Limits, Slot};
+pub use self::gate::{Gate, GateConfig, InvokePermit, Limits};
 use crate::config::Invocation;
 
 /// What an invoke that Lambda accepted returned.
@@ -192,7 +192,7 @@ pub trait Invoke: Send + Sync + 'static {
     /// The function's name, for logs, metrics and dead letters.
     fn function(&self) -> &str;
 
-    /// The gate a batch must pass (take a [`Slot`]) before [`Invoke::invoke`].
+    /// The gate a batch must pass (take an [`InvokePermit`]) before [`Invoke::invoke`].
     fn gate(&self) -> &Gate;
 
     /// Sends one invoke attempt, holding `slot` until it returns, and reports acceptances
@@ -202,7 +202,7 @@ pub trait Invoke: Send + Sync + 'static {
         &self,
         payload: Bytes,
         invocation: Invocation,
-        slot: Slot,
+        slot: InvokePermit,
     ) -> impl Future<Output = Result<Invoked, InvokeFailure>> + Send;
 }
 
@@ -219,7 +219,7 @@ impl Invoke for Invoker {
         &self,
         payload: Bytes,
         invocation: Invocation,
-        slot: Slot,
+        slot: InvokePermit,
     ) -> impl Future<Output = Result<Invoked, InvokeFailure>> + Send {
         Invoker::invoke(self, payload, invocation, slot)
     }
@@ -248,7 +248,7 @@ impl Invoker {
         &self.function
     }
 
-    /// The gate a batch must pass (take a [`Slot`]) before [`Invoker::invoke`].
+    /// The gate a batch must pass (take an [`InvokePermit`]) before [`Invoker::invoke`].
     pub fn gate(&self) -> &Gate {
         &self.gate
     }
@@ -260,7 +260,7 @@ impl Invoker {
         &self,
         payload: Bytes,
         invocation: Invocation,
-        mut slot: Slot,
+        mut slot: InvokePermit,
     ) -> Result<Invoked, InvokeFailure> {
         slot.mark_used();
         let invocation_type = match invocation {

@@ -72,9 +72,9 @@ pub struct DeadLetter {
     pub last_attempt_at: String,
 }
 
-/// A new dead-letter id.
+/// A new dead-letter id: `dl-` and a random (v4) UUID.
 pub fn new_id() -> String {
-    format!("dl-{:016x}", rand::random::<u64>())
+    format!("dl-{}", uuid::Uuid::new_v4())
 }
 
 /// RFC 3339 UTC with milliseconds.
@@ -328,6 +328,16 @@ fn lost(letter: &DeadLetter, why: &SinkError) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_letter_ids_are_prefixed_uuids_and_unique() {
+        let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            let uuid = id.strip_prefix("dl-").expect("prefixed");
+            assert!(uuid::Uuid::parse_str(uuid).is_ok(), "{id}");
+        }
+    }
 
     fn letter(id: &str) -> DeadLetter {
         DeadLetter {

@@ -20,7 +20,9 @@
 //! - [`config`]: the typed TOML config with `SLUICEGATE_*` overrides, validated at load.
 //! - [`emulator`]: a local Lambda Invoke API that the real SDK talks to unchanged.
 //! - [`metrics`]: the Prometheus recorder and the metric names.
-//! - [`quota`]: the token-bucket vocabulary: a bucket's `Quota` and its `Decision`.
+//! - [`quota`]: the token-bucket vocabulary (a bucket's `Quota` and its `Decision`), the one
+//!   whole-seconds rounding, and the adjustable bucket of the invoke gate and the emulator.
+//! - [`lambda`]: what AWS Lambda itself allows (payload limits), for the proxy and the emulator.
 //! - [`units`]: durations and byte sizes written in human units.
 //! - [`redact`]: secrets (URL user-info, the admin token) out of printed config and logs.
 #![forbid(unsafe_code)]
@@ -33,6 +35,7 @@ pub mod config;
 pub mod dlq;
 pub mod emulator;
 pub mod invoke;
+pub mod lambda;
 pub mod limit;
 pub mod metrics;
 pub mod pipeline;

@@ -7,10 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::units;
 
-/// Lambda's payload limit for synchronous (RequestResponse) invokes, request and response.
-pub const SYNC_PAYLOAD_LIMIT: u64 = 6_291_456;
-/// Lambda's payload limit for asynchronous (Event) invokes.
-pub const ASYNC_PAYLOAD_LIMIT: u64 = 1_048_576;
+pub use crate::lambda::{ASYNC_PAYLOAD_LIMIT, SYNC_PAYLOAD_LIMIT};
 
 /// `lambda.credentials`: where the Lambda (and SQS dead-letter) client gets its
 /// credentials. Default `auto`.

@@ -24,8 +24,8 @@ use crate::quota::{ceil_secs, Refusal};
 /// Lambda's payload limits, synchronous (and `DryRun`) and asynchronous (`Event`): the ones
 /// the proxy's config checks batches against, so the two cannot disagree. (6 MiB and 1 MiB
 /// fit in any `usize` the crate builds for.)
-const SYNC_PAYLOAD_LIMIT: usize = crate::config::SYNC_PAYLOAD_LIMIT as usize;
-const ASYNC_PAYLOAD_LIMIT: usize = crate::config::ASYNC_PAYLOAD_LIMIT as usize;
+const SYNC_PAYLOAD_LIMIT: usize = crate::lambda::SYNC_PAYLOAD_LIMIT as usize;
+const ASYNC_PAYLOAD_LIMIT: usize = crate::lambda::ASYNC_PAYLOAD_LIMIT as usize;
 /// How much of an oversized body is read (and thrown away) before answering 413. Reading it
 /// lets the client finish sending and then read our answer, instead of seeing its write
 /// fail with a reset connection; past this much we stop being polite.

@@ -11,8 +11,10 @@
   lt.py wrkjson TEXT OUT              pull the WRKJSON line out of wrk's output into OUT
   lt.py summary KIND FILE             one human line for a finished run (oha | wrk)
   lt.py rss PID                       resident memory of PID in KiB
+  lt.py cpu PID...                    CPU seconds (user + system) of PIDs and descendants
 """
 import json
+import os
 import socket
 import sys
 import time
@@ -143,6 +145,31 @@ def rss(pid):
     return 0
 
 
+def cpu(*pids):
+    """CPU seconds (user + system, every thread) used so far by PIDS and their descendants,
+    from /proc/<pid>/stat: nginx's workers are children of the pid run.sh knows."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            raw = open(f"/proc/{d}/stat").read()
+        except OSError:
+            continue
+        # The command name (field 2) may hold spaces: split after its closing parenthesis.
+        fields = raw[raw.rindex(")") + 2:].split()
+        stats[int(d)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime+stime
+    wanted = {int(p) for p in pids}
+    grew = True
+    while grew:
+        more = {pid for pid, (ppid, _) in stats.items() if ppid in wanted} - wanted
+        wanted |= more
+        grew = bool(more)
+    print(f"{sum(stats[p][1] for p in wanted if p in stats) / tick:.3f}")
+    return 0
+
+
 def main(argv):
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
@@ -164,6 +191,8 @@ def main(argv):
         return summary(*args)
     if cmd == "rss":
         return rss(*args)
+    if cmd == "cpu":
+        return cpu(*args)
     print(__doc__, file=sys.stderr)
     return 2
 

@@ -38,9 +38,11 @@ EXPECTED = {  # statuses each scenario is designed to produce from sluicegate
     "seed000": {"200", "429"},
     "manykeys": {"200", "429"},
     "batching": {"200"},
+    "admitted": {"200"},
 }
 COLORS = {"sluicegate": "#1f77b4", "nginx": "#2ca02c", "static429": "#7f7f7f", "direct": "#9467bd",
-          "many-keys": "#1f77b4", "one-key": "#ff7f0e", "adaptive": "#1f77b4", "window": "#d62728"}
+          "many-keys": "#1f77b4", "one-key": "#ff7f0e", "adaptive": "#1f77b4", "window": "#d62728",
+          "raw": "#ff7f0e"}
 
 
 # --- loading ------------------------------------------------------------------------
@@ -540,12 +542,67 @@ def report_batching(runs):
     return md, summary, plots
 
 
+def admitted_row(r):
+    """One admitted run: throughput and latency, records per invoke from the emulator,
+    CPU µs per answered request from the contender's /proc CPU seconds."""
+    m = r["metrics"]
+    d = delta(r)
+    ok = m["status"].get("200", 0)
+    try:
+        cpu_s = float(r["cpu_s_after"]) - float(r["cpu_s_before"])
+    except (KeyError, TypeError, ValueError):
+        cpu_s = None
+    return {"contender": r["contender"], "tool": r.get("tool"), "rate": r.get("rate"), "rps": m["rps"],
+            "p50": m["p50"], "p99": m["p99"], "status": m["status"], "records": d["records"],
+            "invocations": d["invocations"],
+            "records_per_invoke": d["records"] / d["invocations"] if d["invocations"] else None,
+            "cpu_us_per_request": cpu_s * 1e6 / ok if cpu_s is not None and ok else None}
+
+
+def report_admitted(runs):
+    md, plots = [], []
+    names = {"adaptive": "sluicegate `/records` adaptive (max_concurrency 64)",
+             "window": "sluicegate `/window` window 2 ms (max_concurrency 8)",
+             "raw": "sluicegate `/raw` one record per invoke", "nginx": "nginx `proxy_pass`"}
+    aggs = {c: agg(runs, c, "oha") for c in names}
+    ng = aggs["nginx"]
+    rows = []
+    per_run = [admitted_row(r) for r in runs if r["metrics"]]
+    for c, a in aggs.items():
+        if not a:
+            continue
+        mine = [x for x in per_run if x["contender"] == c and x["tool"] == "oha"]
+        rpi = [x["records_per_invoke"] for x in mine if x["records_per_invoke"]]
+        cpu = [x["cpu_us_per_request"] for x in mine if x["cpu_us_per_request"]]
+        rows.append([names[c], f_rps(a["rps"]), rng(a), f_ratio(a["rps"], ng and ng["rps"]), f_ms(a["p50"]),
+                     f_ms(a["p99"]), f"{statistics.median(rpi):.1f}" if rpi else "–",
+                     f"{statistics.median(cpu):.0f}" if cpu else "–", status_mix(a["status"])])
+    md.append("instant echo functions, no quotas; oha `-c128`; requests/s are records/s (one record "
+              "per request); records per invoke from the emulator's counters\n")
+    md.append(table(["path", "req/s", "range", "vs nginx", "p50 ms", "p99 ms", "records / invoke",
+                     "CPU µs / request", "statuses"], rows))
+    fixed = [x for x in per_run if x["tool"] == "oha-fixed"]
+    if fixed:
+        rows = [[names[x["contender"]], f"{x['rate']}/s", f_rps(x["rps"]),
+                 "–" if x["cpu_us_per_request"] is None else f"{x['cpu_us_per_request']:.0f}",
+                 "–" if x["records_per_invoke"] is None else f"{x['records_per_invoke']:.1f}",
+                 f_ms(x["p50"]), f_ms(x["p99"]), status_mix(x["status"])] for x in fixed]
+        md.append("\nCPU per record at fixed offered loads (oha `-q RATE -c128 --latency-correction`; "
+                  "process CPU from `/proc/<pid>/stat`, nginx with its workers, ÷ 200s)\n")
+        md.append(table(["path", "offered", "achieved req/s", "CPU µs / request", "records / invoke",
+                         "p50 ms", "p99 ms", "statuses"], rows))
+    plots.append(plot_percentiles("admitted-latency.png", "admitted: latency percentiles",
+                                  {"oha -c128": aggs}))
+    return md, per_run, plots
+
+
 SCENARIOS = {
     "shed": ("shed — one hot key far over its limit", report_shed),
     "passthrough": ("passthrough — cost added on the way to Lambda", report_passthrough),
     "seed000": ("seed000 — Lambda's 10 invokes/s quota, 3–5× offered", report_seed000),
     "manykeys": ("manykeys — shed path with many distinct keys", report_manykeys),
     "batching": ("batching — invokes per 1000 records, adaptive vs window", report_batching),
+    "admitted": ("admitted — the admitted path at full speed, vs nginx proxy_pass", report_admitted),
 }
 
 

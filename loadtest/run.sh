@@ -4,7 +4,7 @@
 #
 #   loadtest/run.sh [SCENARIO...|all] [--duration 10s] [--rounds N] [--quick] [--no-build]
 #
-# Scenarios: shed passthrough seed000 manykeys batching (default: all).
+# Scenarios: shed passthrough seed000 manykeys batching admitted (default: all).
 # Writes loadtest/results/<timestamp>/{<scenario>.json,report.md,*.png}.
 set -uo pipefail
 
@@ -21,7 +21,7 @@ Options:
 EOF
 }
 
-ALL_SCENARIOS=(shed passthrough seed000 manykeys batching)
+ALL_SCENARIOS=(shed passthrough seed000 manykeys batching admitted)
 SCENARIOS=()
 DURATION=10
 ROUNDS=3
@@ -51,7 +51,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     all) SCENARIOS+=("${ALL_SCENARIOS[@]}"); shift ;;
-    shed | passthrough | seed000 | manykeys | batching) SCENARIOS+=("$1"); shift ;;
+    shed | passthrough | seed000 | manykeys | batching | admitted) SCENARIOS+=("$1"); shift ;;
     *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
 done
@@ -71,6 +71,8 @@ case "$ROUNDS" in '' | *[!0-9]* | 0) echo "bad --rounds" >&2; exit 2 ;; esac
 MANY_KEYS=${MANY_KEYS:-$([ "$QUICK" = 1 ] && echo 20000 || echo 100000)}
 SEED_RATES=${SEED_RATES:-800}
 BATCH_RATES=${BATCH_RATES:-50 200 800}
+# Fixed offered loads (oha -q) at which admitted measures CPU per record.
+CPU_RATES=${CPU_RATES:-2000 10000}
 BODY='{"n":1}'
 
 [ -n "$OUT" ] || OUT="$LT_DIR/results/$(date +%Y%m%d-%H%M%S)"
@@ -302,13 +304,67 @@ scenario_batching() {
     stop_all
 }
 
+scenario_admitted() {
+    local s=admitted
+    setup_ports
+    local NG=$XP1
+    render_config admitted admitted
+    start_emulator "$CFG" admitted
+    start_sluicegate "$CFG" admitted "$SG"
+    start_nginx admitted "$NG" "$EMU" peer
+    mkdir -p "$OUT/raw/$s"
+    declare -A url=(
+        [adaptive]="http://$SG/records"
+        [window]="http://$SG/window"
+        [raw]="http://$SG/raw"
+        [nginx]="http://$NG/passthrough")
+    declare -A pid=([adaptive]=$SG_PID [window]=$SG_PID [raw]=$SG_PID [nginx]=$NGINX_PID)
+    local c r rate label cpu0 cpu1
+    for c in adaptive window raw nginx; do sample_response $s "$c" "${url[$c]}" -H 'x-api-key: pass'; done
+    # admitted_run LABEL CONTENDER OHA_ARGS... : one oha run with the emulator's counters
+    # and the contender's CPU seconds read around it.
+    admitted_run() {
+        local label=$1 c=$2
+        shift 2
+        emu_stats "$EMU" "$OUT/raw/$s/$label.stats-before.json"
+        cpu0=$($LT cpu "${pid[$c]}")
+        run_oha $s "$label" "${url[$c]}" "$@" -m POST -d "$BODY" \
+            -H 'content-type: application/json' -H 'x-api-key: pass'
+        cpu1=$($LT cpu "${pid[$c]}")
+        sleep 0.5 # let dispatched batches finish, so the emulator's totals settle
+        emu_stats "$EMU" "$OUT/raw/$s/$label.stats-after.json"
+    }
+    # Saturation: as fast as 128 connections go.
+    for r in $(seq 1 "$ROUNDS"); do
+        for c in $(rotated $((r - 1)) adaptive window raw nginx); do
+            label="$c-r$r"
+            admitted_run "$label" "$c" -c 128
+            record $s contender="$c" tool=oha round="$r" connections=128 cpu_s_before="$cpu0" \
+                cpu_s_after="$cpu1" stats_before="raw/$s/$label.stats-before.json" \
+                stats_after="raw/$s/$label.stats-after.json"
+        done
+    done
+    # CPU per record at fixed offered loads: batched adaptive /records vs nginx.
+    for rate in $CPU_RATES; do
+        for c in adaptive nginx; do
+            label="$c-q$rate"
+            admitted_run "$label" "$c" -q "$rate" -c 128 --latency-correction
+            record $s contender="$c" tool=oha-fixed rate="$rate" connections=128 cpu_s_before="$cpu0" \
+                cpu_s_after="$cpu1" stats_before="raw/$s/$label.stats-before.json" \
+                stats_after="raw/$s/$label.stats-after.json"
+        done
+    done
+    sg_metrics $s sluicegate
+    stop_all
+}
+
 # --- main --------------------------------------------------------------------------
 
 need_wrk=0 need_nginx=0 need_oha=0
 for s in "${SCENARIOS[@]}"; do
     case $s in
     shed) need_oha=1 need_wrk=1 need_nginx=1 ;;
-    passthrough) need_oha=1 need_nginx=1 ;;
+    passthrough | admitted) need_oha=1 need_nginx=1 ;;
     manykeys) need_wrk=1 ;;
     *) need_oha=1 ;;
     esac

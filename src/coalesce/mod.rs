@@ -21,7 +21,8 @@
 //! - a queued record is held once: its envelope entry, with the record itself a slice of it;
 //! - a batch flushes at `max_records` or `max_bytes` (envelope included, so the invoke
 //!   payload never exceeds it), when `max_wait` has passed since its first record, or —
-//!   with `flush = "adaptive"` — as soon as the function's gate has a free slot;
+//!   with `flush = "adaptive"` — as soon as none of the route's batches is in flight and
+//!   the function's gate has a free slot (Nagle's rule; `worker.rs` says why);
 //! - records whose caller has gone (disconnected: its receiver dropped; or deadline
 //!   passed) are dropped before dispatch and never reach Lambda;
 //! - every submitted record's caller receives exactly one [`Outcome`]: each reply sender
@@ -63,7 +64,7 @@ pub struct BatchSpec {
     pub max_records: usize,
     /// Largest invoke payload in bytes, envelope included.
     pub max_bytes: usize,
-    /// Longest a batch waits after its first record (`flush = "window"`).
+    /// Longest a batch waits after its first record.
     pub max_wait: Duration,
     /// When a batch is sent.
     pub flush: Flush,

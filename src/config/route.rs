@@ -27,7 +27,9 @@ pub enum Envelope {
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Flush {
-    /// Dispatch as soon as an invoke slot is free; batches grow by themselves under load.
+    /// Dispatch a full batch at once, and a partial one as soon as none of the route's
+    /// batches is in flight and an invoke slot is free (or at `max_wait`): a lone record
+    /// leaves at once, and under load batches stay full.
     Adaptive,
     /// Dispatch when `max_records`, `max_bytes` or `max_wait` is reached.
     Window,

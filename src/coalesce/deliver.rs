@@ -21,7 +21,7 @@
 //! - anything else (unknown function, permissions, an unknown outcome of a non-idempotent
 //!   function) → answered at once, with an error log for configuration problems.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use futures_util::future::BoxFuture;
@@ -42,6 +42,29 @@ pub(super) struct Delivery<I> {
     pub(super) budget: RetryBudget,
     pub(super) dlq: Option<DeadLetterSink>,
     pub(super) drain: Arc<DrainMeter>,
+    /// The route's batch histograms, registered at the first attempt (see [`RouteMetrics`]).
+    pub(super) metrics: OnceLock<RouteMetrics>,
+}
+
+/// A route's `sluicegate_batch_records` and `sluicegate_batch_bytes` handles, registered
+/// once instead of per attempt (which cloned the route name into a fresh label set and
+/// looked the series up in the recorder's registry every time).
+///
+/// Registered lazily, not when the route's batcher starts: `serve` builds the pipeline
+/// before it installs the process-wide recorder, and a handle registered before that is a
+/// no-op for good. The first attempt always comes later, once the listener takes records.
+pub(super) struct RouteMetrics {
+    records: metrics::Histogram,
+    bytes: metrics::Histogram,
+}
+
+impl RouteMetrics {
+    fn register(route: &str) -> Self {
+        RouteMetrics {
+            records: metrics::histogram!("sluicegate_batch_records", "route" => route.to_owned()),
+            bytes: metrics::histogram!("sluicegate_batch_bytes", "route" => route.to_owned()),
+        }
+    }
 }
 
 /// Removes records whose caller has gone (see [`Message::prune_gone`]).
@@ -93,11 +116,12 @@ impl<I: Invoke> Delivery<I> {
             if attempt == 1 {
                 self.budget.record_invoke();
             }
-            metrics::histogram!("sluicegate_batch_records", "route" => spec.route.clone())
-                .record(batch.len() as f64);
+            let metrics = self
+                .metrics
+                .get_or_init(|| RouteMetrics::register(&spec.route));
+            metrics.records.record(batch.len() as f64);
             let payload = envelope::payload(spec.envelope, &batch);
-            metrics::histogram!("sluicegate_batch_bytes", "route" => spec.route.clone())
-                .record(payload.len() as f64);
+            metrics.bytes.record(payload.len() as f64);
             let result = self
                 .invoker
                 .invoke(payload, spec.invocation, acquired)
@@ -313,6 +337,26 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
     const LONG: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn batch_sizes_are_recorded_per_route_through_handles_registered_once() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let metrics = super::RouteMetrics::register("route-a");
+            metrics.records.record(20.0);
+            metrics.records.record(3.0);
+            metrics.bytes.record(900.0);
+        });
+        let text = handle.render();
+        for line in [
+            "sluicegate_batch_records_count{route=\"route-a\"} 2",
+            "sluicegate_batch_records_sum{route=\"route-a\"} 23",
+            "sluicegate_batch_bytes_count{route=\"route-a\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line}:\n{text}");
+        }
+    }
 
     fn times(lambda: &ScriptedLambda) -> Vec<Duration> {
         lambda.calls().iter().map(|c| c.at).collect()

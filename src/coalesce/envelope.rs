@@ -9,6 +9,7 @@
 //! the whole batch failed (`502`, not retried: the function did run it); a record listed
 //! twice in `results` has no single result (`502` for that record).
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -110,10 +111,14 @@ struct BatchResponse<'a> {
     batch_item_failures: Option<Vec<ItemFailure>>,
 }
 
+/// One entry of `results`. Its `id` and `status` borrow from the payload unless they hold
+/// JSON escapes, so reading an answer allocates nothing per record but its body.
 #[derive(Deserialize)]
 struct ResultItem<'a> {
-    id: String,
-    status: String,
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    status: Cow<'a, str>,
     #[serde(borrow, default)]
     body: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -241,14 +246,24 @@ fn unattributable(batch: Vec<Message>, shape: &str, id: &str) {
 }
 
 fn fan_out_results(batch: Vec<Message>, results: &[ResultItem<'_>]) {
-    if let Some(id) = stranger(&batch, results.iter().map(|r| r.id.as_str())) {
+    // The usual answer lists every record once, in the batch's order. Record ids are unique
+    // in the process (`r<n>`), so a positional match means no id is a stranger and none is
+    // listed twice: each record has exactly the result at its index, as the maps below
+    // would find, without building them.
+    if results.len() == batch.len() && results.iter().zip(&batch).all(|(r, m)| *r.id == *m.id) {
+        for (m, item) in batch.into_iter().zip(results) {
+            m.answer(result_outcome(item));
+        }
+        return;
+    }
+    if let Some(id) = stranger(&batch, results.iter().map(|r| &*r.id)) {
         return unattributable(batch, "\"results\"", id);
     }
     // Each id with its result and how often the response lists it: a record listed twice
     // has no single result to report.
     let mut by_id: HashMap<&str, (&ResultItem<'_>, usize)> = HashMap::with_capacity(results.len());
     for item in results {
-        by_id.entry(item.id.as_str()).or_insert((item, 0)).1 += 1;
+        by_id.entry(&*item.id).or_insert((item, 0)).1 += 1;
     }
     for m in batch {
         let outcome = match by_id.get(&*m.id) {
@@ -257,20 +272,25 @@ fn fan_out_results(batch: Vec<Message>, results: &[ResultItem<'_>]) {
                 "the response lists record {} {times} times (twice or more); its result is ambiguous",
                 m.id
             ))),
-            Some((item, _)) => match item.status.as_str() {
-                "success" => Ok(Delivered::Success {
-                    body: owned(item.body),
-                }),
-                "error" => Ok(Delivered::Failed {
-                    error: owned(item.error),
-                }),
-                other => Err(RecordError::MalformedResponse(format!(
-                    "result {} has status {other:?}; expected \"success\" or \"error\"",
-                    item.id
-                ))),
-            },
+            Some((item, _)) => result_outcome(item),
         };
         m.answer(outcome);
+    }
+}
+
+/// The outcome a record's one entry in `results` gives it.
+fn result_outcome(item: &ResultItem<'_>) -> super::Outcome {
+    match &*item.status {
+        "success" => Ok(Delivered::Success {
+            body: owned(item.body),
+        }),
+        "error" => Ok(Delivered::Failed {
+            error: owned(item.error),
+        }),
+        other => Err(RecordError::MalformedResponse(format!(
+            "result {} has status {other:?}; expected \"success\" or \"error\"",
+            item.id
+        ))),
     }
 }
 
@@ -393,6 +413,31 @@ mod tests {
             other => panic!("r2: {other:?}"),
         }
         assert!(matches!(rc.await.unwrap(), Err(RecordError::MissingResult)));
+    }
+
+    #[tokio::test]
+    async fn results_in_batch_order_answer_each_record_as_results_in_any_order_do() {
+        let in_order = r#"{"results":[{"id":"r1","status":"success","body":{"n":1}},{"id":"r2","status":"error","error":{"why":"bad"}}]}"#;
+        let reversed = r#"{"results":[{"id":"r2","status":"error","error":{"why":"bad"}},{"id":"r1","status":"success","body":{"n":1}}]}"#;
+        let escaped = r#"{"results":[{"id":"\u00721","status":"succ\u0065ss","body":{"n":1}},{"id":"r2","status":"error","error":{"why":"bad"}}]}"#;
+        for response in [in_order, reversed, escaped] {
+            match answers_to(response).await {
+                [Ok(Delivered::Success { body }), Ok(Delivered::Failed { error })] => {
+                    assert_eq!(body.get(), r#"{"n":1}"#, "{response}");
+                    assert_eq!(error.get(), r#"{"why":"bad"}"#, "{response}");
+                }
+                other => panic!("{response}: {other:?}"),
+            }
+        }
+        let bad_status =
+            r#"{"results":[{"id":"r1","status":"done"},{"id":"r2","status":"success"}]}"#;
+        assert!(matches!(
+            answers_to(bad_status).await,
+            [
+                Err(RecordError::MalformedResponse(_)),
+                Ok(Delivered::Success { .. })
+            ]
+        ));
     }
 
     #[tokio::test]

@@ -304,6 +304,7 @@ impl Batcher {
             budget: RetryBudget::new(spec.retry.budget),
             dlq,
             drain: Arc::clone(&drain),
+            metrics: Default::default(),
         });
         let (closing, closed) = watch::channel(false);
         tokio::spawn(worker::supervise(rx, delivery, closed));

@@ -34,6 +34,7 @@ mod gate;
 pub mod retry;
 
 use std::future::Future;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use aws_sdk_lambda::error::SdkError;
@@ -230,6 +231,31 @@ pub struct Invoker {
     client: aws_sdk_lambda::Client,
     function: String,
     gate: Gate,
+    metrics: OnceLock<InvokeMetrics>,
+}
+
+/// The invoker's `sluicegate_invoke_duration_seconds` handles, one per outcome, registered
+/// once instead of per invoke (which built the label set, cloned the function name and
+/// looked the series up in the recorder's registry every time).
+///
+/// Registered at the first invoke, not in [`Invoker::new`]: `serve` builds the pipeline
+/// before it installs the process-wide recorder, and a handle registered before that is a
+/// no-op for good. The first invoke always comes later, once the listener takes records.
+struct InvokeMetrics {
+    ok: metrics::Histogram,
+    function_error: metrics::Histogram,
+    error: metrics::Histogram,
+}
+
+impl InvokeMetrics {
+    fn register(function: &str) -> Self {
+        let duration = |outcome: &'static str| metrics::histogram!("sluicegate_invoke_duration_seconds", "function" => function.to_owned(), "outcome" => outcome);
+        InvokeMetrics {
+            ok: duration("ok"),
+            function_error: duration("function_error"),
+            error: duration("error"),
+        }
+    }
 }
 
 impl Invoker {
@@ -240,6 +266,7 @@ impl Invoker {
             client,
             function,
             gate,
+            metrics: OnceLock::new(),
         }
     }
 
@@ -277,20 +304,22 @@ impl Invoker {
             .send()
             .await;
         drop(slot);
-        let outcome = match &result {
-            Ok(out) if out.function_error().is_some() => "function_error",
-            Ok(_) => "ok",
-            Err(_) => "error",
+        let metrics = self
+            .metrics
+            .get_or_init(|| InvokeMetrics::register(&self.function));
+        let duration = match &result {
+            Ok(out) if out.function_error().is_some() => &metrics.function_error,
+            Ok(_) => &metrics.ok,
+            Err(_) => &metrics.error,
         };
-        metrics::histogram!("sluicegate_invoke_duration_seconds", "function" => self.function.clone(), "outcome" => outcome)
-            .record(started.elapsed().as_secs_f64());
+        duration.record(started.elapsed().as_secs_f64());
         let result = match result {
             Ok(out) if invocation == Invocation::Event => {
                 tracing::trace!(status = out.status_code(), "event invoke accepted");
                 Ok(Invoked::Accepted)
             }
             Ok(out) => Ok(Invoked::Response {
-                function_error: out.function_error().map(str::to_owned),
+                function_error: out.function_error,
                 payload: out
                     .payload
                     .map(|blob| Bytes::from(blob.into_inner()))
@@ -477,6 +506,26 @@ mod tests {
         assert_eq!(lost.clone().with_retry_after_at_most(Duration::ZERO), lost);
         assert!(lost.may_have_run());
         assert!(!lost.is_retryable(false) && lost.is_retryable(true));
+    }
+
+    #[test]
+    fn invoke_durations_are_recorded_per_function_and_outcome_through_handles_registered_once() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let metrics = InvokeMetrics::register("fn-a");
+            metrics.ok.record(0.1);
+            metrics.ok.record(0.2);
+            metrics.function_error.record(0.3);
+            metrics.error.record(1.0);
+        });
+        let text = handle.render();
+        for (outcome, count) in [("ok", 2), ("function_error", 1), ("error", 1)] {
+            let line = format!(
+                "sluicegate_invoke_duration_seconds_count{{function=\"fn-a\",outcome=\"{outcome}\"}} {count}"
+            );
+            assert!(text.contains(&line), "missing {line}:\n{text}");
+        }
     }
 
     proptest! {

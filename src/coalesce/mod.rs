@@ -989,9 +989,12 @@ mod tests {
             }
             assert_eq!(batcher.queued_bytes(), 0, "no queued bytes are left behind");
             // Every slot came back: nothing in flight, nothing leaked.
+            // A sleep, not `yield_now`: a task that only yields keeps the paused runtime busy,
+            // so the clock never auto-advances and an attempt still sleeping out its latency
+            // or backoff would never hand its slot back.
             tokio::time::timeout(bound, async {
                 while lambda.gate().limits().in_flight > 0 {
-                    tokio::task::yield_now().await;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             })
             .await

@@ -178,6 +178,22 @@ fn env_override_of_a_secret_is_text_even_when_it_looks_like_a_number() {
 }
 
 #[test]
+fn an_invoke_bucket_slower_than_ten_years_to_fill_is_refused() {
+    // rate 0.001 with burst 1,000,000 takes ~31 years to fill: the gate would have to clamp
+    // its token interval and admit faster than configured.
+    let err = load(&format!(
+        "{MINIMAL}invoke = {{ rate = 0.001, burst = 1000000 }}\n"
+    ))
+    .unwrap_err();
+    assert_eq!(err.key(), Some("routes[0].invoke.burst"), "{err}");
+    assert!(err.to_string().contains("ten years"), "{err}");
+    load(&format!(
+        "{MINIMAL}invoke = {{ rate = 0.001, burst = 300 }}\n"
+    ))
+    .expect("300 tokens at 0.001/s fill in ~3.5 days");
+}
+
+#[test]
 fn env_override_keeps_strings_that_look_like_numbers() {
     let text = "[[plans]]\nname = \"p\"\nrate = 1.0\nburst = 1\nkeys = [\"a\"]\n[[routes]]\nname = \"r\"\nfunction = \"123\"\n";
     let config = load_env(text, &[("SLUICEGATE_ROUTES__0__FUNCTION", "456")]).unwrap();
@@ -326,9 +342,14 @@ fn every_number_is_bounded_to_what_the_code_can_hold() {
         let err = load(&format!("{section}\n{MINIMAL}")).unwrap_err();
         assert_eq!(err.key(), Some(key), "{section}: {err}");
     }
-    // The documented ends of each range are accepted.
+    // The documented ends of each range are accepted (the slowest rate and the largest burst
+    // each on its own: together the bucket would take ~31 years to fill, refused below).
     load(&format!(
-        "{MINIMAL}invoke = {{ rate = 0.001, burst = 1000000, max_concurrency = 100000 }}\n\
+        "{MINIMAL}invoke = {{ rate = 0.001, burst = 1 }}\n"
+    ))
+    .expect("rate 0.001");
+    load(&format!(
+        "{MINIMAL}invoke = {{ rate = 10.0, burst = 1000000, max_concurrency = 100000 }}\n\
          batch = {{ max_records = 10000, max_wait = \"1h\" }}\n\
          queue = {{ max_pending = 10000000 }}\n\
          retry = {{ max_attempts = 100, cap = \"1h\" }}\n"

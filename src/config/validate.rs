@@ -349,6 +349,15 @@ fn validate_invoke(i: usize, inv: &InvokeConfig) -> Result<(), ConfigError> {
         1..=MAX_CONCURRENCY,
         "invokes in flight",
     )?;
+    // The gate's bucket holds what an admission layer can: a bucket that takes more than ten
+    // years to fill (`burst / rate`) would have its token interval clamped, admitting faster
+    // than configured.
+    crate::quota::Quota {
+        rate: inv.rate,
+        burst: inv.burst.get(),
+    }
+    .validate()
+    .map_err(|message| ConfigError::invalid(key("invoke.burst"), message))?;
     Ok(())
 }
 

@@ -16,6 +16,41 @@ use super::request_id::RequestIds;
 use super::StartError;
 use crate::config::Config;
 
+/// Serves one accepted connection with `service` on hyper's HTTP/1 server (`head_timeout`
+/// for a request's head and for idling between requests, a bounded read buffer), watched by
+/// `graceful` so shutdown can drain it, as a task of `connections` so aborting the listener
+/// aborts it. `permit` — the connection's place under the cap — is given back when the
+/// connection, and its descriptor, is gone.
+fn spawn_connection<S>(
+    connections: &mut tokio::task::JoinSet<()>,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+    stream: tokio::net::TcpStream,
+    service: S,
+    head_timeout: Duration,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) where
+    S: hyper::service::HttpService<hyper::body::Incoming> + Send + 'static,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(head_timeout)
+        .max_buf_size(READ_BUFFER_BYTES)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let connection = graceful.watch(connection);
+    // Reap the tasks of connections that have ended, so the set holds only live ones.
+    while connections.try_join_next().is_some() {}
+    connections.spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::trace!(error = %e, "connection ended with an error");
+        }
+        drop(permit);
+    });
+}
+
 /// Binds `addr` for the listener named `what`; returns the listener and its actual address.
 pub(super) async fn bind(
     what: &'static str,
@@ -162,20 +197,14 @@ pub(super) async fn serve_data(
             peer,
             ids: ids.connection(),
         };
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(head_timeout)
-            .max_buf_size(READ_BUFFER_BYTES)
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
-        while connections.try_join_next().is_some() {}
-        connections.spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::trace!(error = %e, "connection ended with an error");
-            }
-            // The permit frees when the connection (and its descriptor) is gone.
-            drop(permit);
-        });
+        spawn_connection(
+            &mut connections,
+            &graceful,
+            stream,
+            service,
+            head_timeout,
+            permit,
+        );
     }
     drop(listener);
     graceful.shutdown().await;
@@ -238,19 +267,14 @@ pub(super) async fn serve_admin(
             hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 tower::ServiceExt::oneshot(router.clone(), request)
             });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(head_timeout)
-            .max_buf_size(READ_BUFFER_BYTES)
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
-        while connections.try_join_next().is_some() {}
-        connections.spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::trace!(error = %e, "admin connection ended with an error");
-            }
-            drop(permit);
-        });
+        spawn_connection(
+            &mut connections,
+            &graceful,
+            stream,
+            service,
+            head_timeout,
+            permit,
+        );
     }
     drop(listener);
     if tokio::time::timeout(grace, graceful.shutdown())

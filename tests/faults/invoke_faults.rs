@@ -231,24 +231,7 @@ async fn a_refused_connection_is_retried_and_ends_unavailable() {
         503,
         "a request never sent is safe to retry"
     );
-    let metrics = harness
-        .http
-        .get(format!("http://{}/metrics", harness.running.admin_addr))
-        .send()
-        .await
-        .expect("metrics answered")
-        .text()
-        .await
-        .expect("text");
-    let retries: f64 = metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("sluicegate_retries_total")
-                && l.contains(r#"function="refused""#)
-                && l.contains("Unavailable")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let (retries, metrics) = unavailable_retries(&harness, "refused").await;
     assert_eq!(retries, 2.0, "max_attempts = 3: two retries\n{metrics}");
     assert!(fake.calls().is_empty());
 }
@@ -357,24 +340,7 @@ async fn a_connect_timeout_is_retried_as_unavailable() {
     let status = response.status();
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(status, 503, "a connect that timed out sent nothing: {body}");
-    let metrics = harness
-        .http
-        .get(format!("http://{}/metrics", harness.running.admin_addr))
-        .send()
-        .await
-        .expect("metrics answered")
-        .text()
-        .await
-        .expect("text");
-    let retries: f64 = metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("sluicegate_retries_total")
-                && l.contains(r#"function="blackhole""#)
-                && l.contains("Unavailable")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let (retries, metrics) = unavailable_retries(&harness, "blackhole").await;
     assert_eq!(retries, 1.0, "max_attempts = 2: one retry\n{metrics}");
     drop(fillers);
 }
@@ -410,4 +376,29 @@ async fn a_caller_leaving_before_a_retry_hears_that_an_earlier_attempt_may_have_
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["error"], "outcome_unknown", "{body}");
     assert_eq!(fake.calls().len(), 2, "no third attempt past the deadline");
+}
+
+/// `sluicegate_retries_total{reason="Unavailable"}` for `function`, and the whole scrape (for
+/// assertion messages). The recorder is process-wide: each test names its own function.
+async fn unavailable_retries(harness: &Harness, function: &str) -> (f64, String) {
+    let metrics = harness
+        .http
+        .get(format!("http://{}/metrics", harness.running.admin_addr))
+        .send()
+        .await
+        .expect("metrics answered")
+        .text()
+        .await
+        .expect("text");
+    let label = format!(r#"function="{function}""#);
+    let retries = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("sluicegate_retries_total")
+                && l.contains(&label)
+                && l.contains("Unavailable")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    (retries, metrics)
 }

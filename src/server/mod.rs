@@ -44,6 +44,7 @@ mod admin;
 mod app;
 mod counters;
 mod identity;
+mod intake;
 mod listen;
 mod parseable;
 mod readiness;

@@ -7,8 +7,10 @@
 //! [`AdmissionService`] in front of [`RecordService`] — then counts the answer. One
 //! allocation for the request's future; a refusal is built without waiting on anything.
 //!
-//! Plain `http` / `hyper` types, no axum: the request path returns what went wrong as a
-//! [`RequestError`] and [`respond`] turns it into the response, so no status is chosen here.
+//! Reading, checking, submitting and awaiting a record are `intake`'s steps, shared with the
+//! other front doors. Plain `http` / `hyper` types, no axum: the request path returns what
+//! went wrong as a [`RequestError`] and [`respond`] turns it into the response, so no status
+//! is chosen here.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,21 +20,19 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{header, HeaderMap, HeaderName, Method, Request};
-use http_body_util::BodyExt;
+use http::{HeaderName, Method, Request};
 use hyper::body::Incoming;
-use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use super::app::App;
 use super::counters::RouteCounters;
-use super::parseable;
+use super::intake;
 use super::reload::Server;
 use super::request_id::ConnectionIds;
 use super::respond::{self, RequestError, Response};
-use super::{IdentityError, ANONYMOUS, TIMEOUT_HEADER};
+use super::{IdentityError, ANONYMOUS};
 use crate::coalesce::Batcher;
 use crate::invoke::Invoker;
 use crate::limit::Rejected;
@@ -61,7 +61,7 @@ pub(super) struct RecordRoute {
 }
 
 impl RecordRoute {
-    fn policies(&self) -> respond::Policies {
+    pub(super) fn policies(&self) -> respond::Policies {
         let gate = self.invoker.gate();
         respond::Policies {
             queue: self.batcher.queue_policy(),
@@ -241,136 +241,25 @@ impl Service<Request<Incoming>> for RecordService {
     }
 }
 
-/// The caller's deadline: the route's, shortened by `x-sluicegate-timeout-ms`.
-// A request error holds a record's failure by value so that a refusal (a queue-full
-// `429`) allocates nothing; it is moved once, to `respond`.
-#[allow(clippy::result_large_err)]
-fn deadline(headers: &HeaderMap, route_timeout: Duration) -> Result<Instant, RequestError> {
-    let timeout = match headers.get(TIMEOUT_HEADER) {
-        None => route_timeout,
-        Some(value) => {
-            let ms = value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .filter(|ms| *ms > 0)
-                .ok_or_else(|| RequestError::BadRequest {
-                    reason: format!(
-                        "{TIMEOUT_HEADER} must be a positive integer number of milliseconds"
-                    ),
-                })?;
-            route_timeout.min(Duration::from_millis(ms))
-        }
-    };
-    Ok(Instant::now() + timeout)
-}
-
-/// The most a body buffer is given before its bytes arrive.
-const INITIAL_BODY_BUFFER: usize = 64 * 1024;
-
-/// Reads a body of at most `max` bytes into one buffer (`413` past that, `400` when the
-/// connection fails mid-body).
-///
-/// Each frame is copied out and dropped at once. Collecting the frames instead keeps every
-/// one of them — and, through it, the part of hyper's read buffer it points into — until
-/// the body ends: a body sent as one-byte chunks then held roughly 50 bytes of bookkeeping
-/// and framing per byte of record. Here a body costs its bytes, at most `max`, and the
-/// buffer grows by doubling but never past `max`.
-async fn read_body(
-    mut body: Incoming,
-    declared: Option<u64>,
-    max: usize,
-) -> Result<bytes::Bytes, RequestError> {
-    // The declared length sizes the buffer only up to what one read can bring (hyper reads
-    // at most 64 KiB at a time): a client that declares a large body and stalls does not get
-    // `max` bytes reserved for it before sending them.
-    let initial = declared.map_or(8 * 1024, |len| {
-        usize::try_from(len).unwrap_or(max).min(INITIAL_BODY_BUFFER)
-    });
-    let mut buffer = Vec::with_capacity(initial.min(max));
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| RequestError::BadRequest {
-            reason: format!("cannot read the body: {e}"),
-        })?;
-        let Ok(data) = frame.into_data() else {
-            // Trailers carry nothing a record needs.
-            continue;
-        };
-        let needed = buffer.len() + data.len();
-        if needed > max {
-            return Err(RequestError::TooLarge { max });
-        }
-        if needed > buffer.capacity() {
-            let grown = needed.max(buffer.capacity() * 2).min(max);
-            buffer.reserve_exact(grown - buffer.len());
-        }
-        buffer.extend_from_slice(&data);
-    }
-    Ok(buffer.into())
-}
-
 async fn record_response(
     route: &RecordRoute,
     request: Request<Incoming>,
 ) -> Result<Response, RequestError> {
     let (parts, body) = request.into_parts();
-    let deadline = deadline(&parts.headers, route.request_timeout)?;
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > route.max_record_bytes as u64) {
-        return Err(RequestError::TooLarge {
-            max: route.max_record_bytes,
-        });
-    }
-    // The body must arrive within `body_read_timeout`, and never after the caller's
-    // deadline: a client that stalls mid-body holds a connection and a buffer, nothing more.
-    let wait = route
-        .body_read_timeout
-        .min(deadline.saturating_duration_since(Instant::now()));
-    let read = read_body(body, declared, route.max_record_bytes);
-    let bytes = tokio::time::timeout(wait, read)
-        .await
-        .map_err(|_elapsed| RequestError::BodyTimeout { waited: wait })??;
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(RequestError::BadRequest {
-            reason: "the body is empty; send one JSON record".to_owned(),
-        });
-    }
-    let record: &RawValue =
-        serde_json::from_slice(&bytes).map_err(|e| RequestError::BadRequest {
-            reason: format!("the body is not valid JSON: {e}"),
-        })?;
-    parseable::check(record.get().as_bytes(), route.max_json_depth).map_err(|unparseable| {
-        RequestError::BadRequest {
-            reason: unparseable.to_string(),
-        }
-    })?;
+    let deadline = intake::deadline(&parts.headers, route.request_timeout)?;
+    let bytes = intake::read_record_body(route, &parts.headers, body, deadline).await?;
+    let record = intake::parse_record(route, &bytes)?;
     let key = parts
         .extensions
         .get::<ClientKey>()
         .map(|k| Arc::clone(&k.0))
         .unwrap_or_else(|| ANONYMOUS.into());
-    let submitted = route.batcher.submit(&key, record, deadline);
+    let ticket = intake::submit(route, &key, record, deadline)?;
     // The queued record is its own copy (its envelope entry): the request body is let go
     // now rather than held until the answer, so a waiting record costs one copy, not two.
     drop(bytes);
-    let ticket = submitted.map_err(|error| RequestError::Record {
-        record: None,
-        error,
-        policies: route.policies(),
-    })?;
     let id = Arc::clone(&ticket.id);
     tracing::Span::current().record("record", &*id);
-    match tokio::time::timeout_at(deadline, ticket.outcome()).await {
-        Ok(Ok(delivered)) => Ok(respond::delivered(&id, delivered)),
-        Ok(Err(error)) => Err(RequestError::Record {
-            record: Some(id),
-            error,
-            policies: route.policies(),
-        }),
-        Err(_elapsed) => Err(RequestError::CallerDeadline { record: id }),
-    }
+    let delivered = intake::outcome(route, ticket, deadline).await?;
+    Ok(respond::delivered(&id, delivered))
 }

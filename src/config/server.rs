@@ -126,6 +126,9 @@ pub enum IdentitySource {
     Ip,
     /// The value of a named header (`identity.header`).
     Header,
+    /// The access key id of the request's AWS Signature Version 4 `Authorization` header
+    /// (`Credential=AKID/...`), as AWS SDK clients send it. The signature is not verified.
+    AwsAccessKey,
 }
 
 /// The `[identity]` section: how a request's client key is found.
@@ -153,6 +156,10 @@ impl Default for IdentityConfig {
         }
     }
 }
+
+/// Where the data plane serves the Lambda Invoke API
+/// (`POST /2015-03-31/functions/{FunctionName}/invocations`); no route path may lie under it.
+pub const LAMBDA_INVOKE_PREFIX: &str = "/2015-03-31/functions/";
 
 /// `server.max_json_depth`'s default and largest value: `serde_json`'s recursion limit.
 pub const DEFAULT_MAX_JSON_DEPTH: u32 = 128;

@@ -11,8 +11,8 @@ use std::time::Duration;
 use super::{
     ByteSize, Config, ConfigError, Envelope, IdentityConfig, InvokeConfig, LambdaConfig,
     LimitBackend, LimitsConfig, PlanConfig, RetryConfig, RouteConfig, ServerConfig,
-    DEFAULT_MAX_JSON_DEPTH, ENVELOPE_FRAME, ENVELOPE_RECORD_OVERHEAD, MAX_CONNECTIONS,
-    SYNC_PAYLOAD_LIMIT,
+    DEFAULT_MAX_JSON_DEPTH, ENVELOPE_FRAME, ENVELOPE_RECORD_OVERHEAD, LAMBDA_INVOKE_PREFIX,
+    MAX_CONNECTIONS, SYNC_PAYLOAD_LIMIT,
 };
 use crate::units;
 
@@ -65,6 +65,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 key("path"),
                 format!("{path:?} is not a plain absolute path"),
+            ));
+        }
+        if path.starts_with(LAMBDA_INVOKE_PREFIX) {
+            return Err(ConfigError::invalid(
+                key("path"),
+                format!("{path:?} is under {LAMBDA_INVOKE_PREFIX}, where the data plane serves the Lambda Invoke API"),
             ));
         }
         if matches!(path.as_str(), "/healthz" | "/readyz") || !paths.insert(path.clone()) {

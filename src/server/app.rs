@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use super::identity::Identify;
+use super::lambda_api::Targets;
 use super::parseable;
 use super::readiness::Readiness;
 use super::records::{Endpoint, RecordRoute};
@@ -48,6 +49,8 @@ pub(super) struct App {
     pub(super) config: Config,
     /// See [`endpoint_label`](super::endpoint_label).
     pub(super) endpoint: Arc<str>,
+    /// Which route each function reachable through the Lambda Invoke API resolves to.
+    pub(super) invoke_targets: Targets,
 }
 
 /// The admission layers of `config`, decided in Redis when `backend` is given (the
@@ -150,6 +153,7 @@ impl App {
         Ok(Arc::new(App {
             routes,
             identify: Identify::new(&config.identity),
+            invoke_targets: Targets::new(&config),
             admission,
             readiness: Readiness::new(client.clone(), functions, Arc::clone(&endpoint)),
             config,

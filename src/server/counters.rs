@@ -51,8 +51,15 @@ impl RouteCounters {
     }
 
     pub(super) fn count(&self, response: &Response) {
-        let scope = response.extensions().get::<ShedScope>().copied();
-        let key = (response.status(), scope);
+        // An Invoke API answer names the `/records` answer it stands for: its own status is
+        // Lambda's (an unknown outcome is a `200` there), the counters keep the contract's.
+        let key = match response.extensions().get::<Answer>() {
+            Some(answer) => (answer.status(), answer.scope()),
+            None => (
+                response.status(),
+                response.extensions().get::<ShedScope>().copied(),
+            ),
+        };
         match COUNTER_SLOTS.iter().position(|slot| *slot == key) {
             Some(slot) => self.slots[slot].get_or_init(|| self.cell(key)).increment(),
             None => self.other(key).increment(),

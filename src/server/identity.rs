@@ -7,6 +7,12 @@
 //! - `ip`: the socket peer's address. Only when the peer is inside `trusted_proxies` is
 //!   `X-Forwarded-For` read, walking from the right past trusted hops; the first untrusted
 //!   hop is the client. A client-supplied header from an untrusted peer is ignored.
+//! - `aws_access_key`: the access key id of an AWS Signature Version 4 `Authorization`
+//!   header (`AWS4-HMAC-SHA256 Credential=AKID/date/region/service/aws4_request, ...`), as
+//!   every AWS SDK signs its requests, so per-tenant limits need no change to SDK clients.
+//!   The signature is not verified (the sidecar holds no client secrets): whoever can reach
+//!   the listener can claim any access key id. A missing header is treated as a missing key;
+//!   one that is not a SigV4 credential is refused as malformed.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -48,8 +54,13 @@ impl Identify {
     pub fn new(cfg: &IdentityConfig) -> Self {
         Identify {
             source: cfg.source,
-            header: HeaderName::from_bytes(cfg.header.as_bytes())
-                .expect("validated at config load"),
+            // A missing SigV4 credential is reported as a missing `Authorization` header.
+            header: match cfg.source {
+                IdentitySource::AwsAccessKey => http::header::AUTHORIZATION,
+                _ => {
+                    HeaderName::from_bytes(cfg.header.as_bytes()).expect("validated at config load")
+                }
+            },
             trusted: cfg.trusted_proxies.clone(),
             require_known: cfg.require_known_key,
         }
@@ -66,6 +77,17 @@ impl Identify {
             IdentitySource::Ip => client_ip(headers, peer.ip(), &self.trusted)
                 .to_string()
                 .into(),
+            IdentitySource::AwsAccessKey => match headers.get(http::header::AUTHORIZATION) {
+                None => {
+                    if self.require_known {
+                        return Err(IdentityError::Missing);
+                    }
+                    return Ok(ANONYMOUS.into());
+                }
+                Some(value) => access_key_id(value.as_bytes())
+                    .map_err(|reason| IdentityError::Invalid(reason.to_owned()))?
+                    .into(),
+            },
             IdentitySource::ApiKey | IdentitySource::Header => {
                 match headers.get(&self.header).map(|v| v.to_str().map(str::trim)) {
                     None | Some(Ok("")) => {
@@ -99,6 +121,40 @@ impl Identify {
     pub fn header(&self) -> &HeaderName {
         &self.header
     }
+
+    /// Where the key comes from (`identity.source`).
+    pub fn source(&self) -> IdentitySource {
+        self.source
+    }
+}
+
+/// The access key id in a SigV4 `Authorization` header's `Credential=AKID/date/region/
+/// service/aws4_request` (the scheme's parameters are comma-separated, in any order).
+/// The error says what is wrong with the header.
+fn access_key_id(authorization: &[u8]) -> Result<&str, &'static str> {
+    const MALFORMED: &str = "the Authorization header is not an AWS Signature Version 4 \
+         header (AWS4-HMAC-SHA256 Credential=<access key id>/<date>/<region>/<service>/aws4_request, ...)";
+    let text = std::str::from_utf8(authorization).map_err(|_| MALFORMED)?;
+    let params = text
+        .trim()
+        .strip_prefix("AWS4-HMAC-SHA256")
+        .filter(|rest| rest.starts_with([' ', '\t']))
+        .ok_or(MALFORMED)?;
+    let credential = params
+        .split(',')
+        .map(str::trim)
+        .find_map(|param| param.strip_prefix("Credential="))
+        .ok_or(MALFORMED)?;
+    let mut scope = credential.split('/');
+    let key = scope.next().unwrap_or_default();
+    // The scope after the key is date, region, service and the `aws4_request` terminator.
+    if scope.count() != 4 || !credential.ends_with("/aws4_request") {
+        return Err(MALFORMED);
+    }
+    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err("the Authorization header's access key id is empty or not alphanumeric");
+    }
+    Ok(key)
 }
 
 /// The client address: the peer, or — behind trusted proxies — the right-most
@@ -201,6 +257,69 @@ mod tests {
         assert_eq!(id.key(&h, peer, known), Err(IdentityError::Unknown));
         h.insert("x-api-key", "gold".parse().unwrap());
         assert_eq!(id.key(&h, peer, known).unwrap().as_ref(), "gold");
+    }
+
+    const SIGNED: &str = "AWS4-HMAC-SHA256 Credential=AKIDTENANTA/20250101/us-east-1/lambda/aws4_request, SignedHeaders=host;x-amz-date, Signature=abc123";
+
+    #[test]
+    fn the_access_key_id_is_read_from_a_sigv4_credential() {
+        assert_eq!(access_key_id(SIGNED.as_bytes()), Ok("AKIDTENANTA"));
+        // Parameters in another order, tab after the scheme.
+        let reordered = "AWS4-HMAC-SHA256\tSignedHeaders=host, Signature=0, Credential=AKID2/20250101/eu-west-1/lambda/aws4_request";
+        assert_eq!(access_key_id(reordered.as_bytes()), Ok("AKID2"));
+    }
+
+    #[test]
+    fn malformed_sigv4_credentials_are_refused() {
+        for bad in [
+            "Bearer token",
+            "AWS4-HMAC-SHA256",
+            "AWS4-HMAC-SHA256X Credential=A/1/2/3/aws4_request",
+            "AWS4-HMAC-SHA256 SignedHeaders=host, Signature=0",
+            "AWS4-HMAC-SHA256 Credential=AKID/20250101/us-east-1/lambda",
+            "AWS4-HMAC-SHA256 Credential=AKID/20250101/us-east-1/lambda/other",
+            "AWS4-HMAC-SHA256 Credential=/20250101/us-east-1/lambda/aws4_request",
+            "AWS4-HMAC-SHA256 Credential=AK-ID/20250101/us-east-1/lambda/aws4_request",
+        ] {
+            assert!(access_key_id(bad.as_bytes()).is_err(), "{bad}");
+        }
+        assert!(access_key_id(b"AWS4-HMAC-SHA256 Credential=\xff/a/b/c/aws4_request").is_err());
+    }
+
+    #[test]
+    fn aws_access_key_identity_keys_by_access_key_id() {
+        let cfg = IdentityConfig {
+            source: IdentitySource::AwsAccessKey,
+            ..IdentityConfig::default()
+        };
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let id = Identify::new(&cfg);
+        let mut h = HeaderMap::new();
+        h.insert("authorization", SIGNED.parse().unwrap());
+        assert_eq!(id.key(&h, peer, |_| false).unwrap().as_ref(), "AKIDTENANTA");
+        assert_eq!(
+            id.key(&HeaderMap::new(), peer, |_| false).unwrap().as_ref(),
+            ANONYMOUS
+        );
+        h.insert("authorization", "Basic dXNlcg==".parse().unwrap());
+        assert!(matches!(
+            id.key(&h, peer, |_| false),
+            Err(IdentityError::Invalid(_))
+        ));
+        let required = Identify::new(&IdentityConfig {
+            require_known_key: true,
+            ..cfg
+        });
+        assert_eq!(required.header(), &http::header::AUTHORIZATION);
+        assert_eq!(
+            required.key(&HeaderMap::new(), peer, |_| true),
+            Err(IdentityError::Missing)
+        );
+        h.insert("authorization", SIGNED.parse().unwrap());
+        assert_eq!(
+            required.key(&h, peer, |k| k == "other"),
+            Err(IdentityError::Unknown)
+        );
     }
 
     #[test]

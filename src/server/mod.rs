@@ -37,7 +37,8 @@
 //! the server; `app` builds an `App` (one list of route entries) from a config;
 //! `reload` holds the shared state and applies reloads; `listen` has the accept loops and
 //! the connection cap; `records` is the data plane's request path (with `counters` and
-//! `request_id`), `admin` the admin router, `identity` the client key, `readiness`
+//! `request_id`), `lambda_api` the Lambda Invoke API door on the same listener (Lambda's
+//! paths, statuses and error shapes over the same record steps), `admin` the admin router, `identity` the client key, `readiness`
 //! `/readyz`, and [`respond`] every status.
 
 mod admin;
@@ -45,6 +46,7 @@ mod app;
 mod counters;
 mod identity;
 mod intake;
+mod lambda_api;
 mod listen;
 mod parseable;
 mod readiness;

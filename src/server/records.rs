@@ -29,6 +29,7 @@ use tracing::Instrument;
 use super::app::App;
 use super::counters::RouteCounters;
 use super::intake;
+use super::lambda_api;
 use super::reload::Server;
 use super::request_id::ConnectionIds;
 use super::respond::{self, RequestError, Response};
@@ -101,6 +102,13 @@ impl Endpoint {
     }
 }
 
+impl Endpoint {
+    /// The route's answer counters (shared by every front door to the route).
+    pub(super) fn counters(&self) -> &RouteCounters {
+        &self.counters
+    }
+}
+
 /// The data plane's hyper service, one per connection.
 pub(super) struct DataPlane {
     pub(super) server: Arc<Server>,
@@ -159,6 +167,9 @@ impl hyper::service::Service<Request<Incoming>> for DataPlane {
 
 async fn serve(app: &App, request: Request<Incoming>, peer: SocketAddr) -> Response {
     let path = request.uri().path();
+    if lambda_api::is_invoke_path(path) {
+        return lambda_api::serve(app, request, peer).await;
+    }
     if let Some(endpoint) = app
         .routes
         .iter()

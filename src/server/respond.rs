@@ -723,6 +723,322 @@ pub fn delivered(id: &str, delivered: Delivered) -> Response {
     )
 }
 
+// The Lambda Invoke API's answers (`lambda_api`): Lambda's own status codes, error types
+// and bodies, so an AWS SDK client pointed at the sidecar parses and retries them as it
+// would Lambda's. Each carries its [`Answer`] in its extensions: the route's counters count
+// an Invoke API call under the `/records` answer it corresponds to, whatever Lambda's
+// status for it is (an unknown outcome is a `504` there, a `200` here).
+
+const X_AMZN_ERROR_TYPE: HeaderName = HeaderName::from_static("x-amzn-errortype");
+const X_AMZ_FUNCTION_ERROR: HeaderName = HeaderName::from_static("x-amz-function-error");
+
+/// A refusal of the Lambda Invoke API door before a call becomes a record: Lambda's own
+/// request errors. Its `Display` is the body's `message`.
+#[derive(Debug, thiserror::Error)]
+pub enum LambdaRefusal {
+    /// No configured route invokes the function (`arn` as Lambda would name it).
+    #[error("Function not found: {arn}")]
+    FunctionNotFound {
+        /// The function's ARN.
+        arn: String,
+    },
+    /// Not `POST .../functions/{FunctionName}/invocations`: sluicegate serves only Invoke.
+    #[error("Unknown operation")]
+    UnknownOperation,
+    /// An `X-Amz-Invocation-Type` that is not `RequestResponse`, `Event` or `DryRun`.
+    #[error("1 validation error detected: Value '{value}' at 'invocationType' failed to satisfy constraint: Member must satisfy enum value set: [Event, RequestResponse, DryRun]")]
+    InvalidInvocationType {
+        /// The header's value, as sent.
+        value: String,
+    },
+    /// A parameter Lambda would refuse (a function name that is none, a qualifier that
+    /// contradicts the name's), or a call the route cannot serve; the text says which.
+    #[error("{0}")]
+    InvalidParameter(String),
+    /// The `Authorization` header is not a SigV4 credential (`identity.source =
+    /// "aws_access_key"`).
+    #[error("{0}")]
+    IncompleteSignature(String),
+}
+
+impl LambdaRefusal {
+    /// The response the Invoke API caller gets: Lambda's status, `x-amzn-ErrorType` and body.
+    pub fn into_response(self) -> Response {
+        let (status, error_type, answer) = match &self {
+            LambdaRefusal::FunctionNotFound { .. } => (
+                StatusCode::NOT_FOUND,
+                "ResourceNotFoundException",
+                Answer::NotFound,
+            ),
+            LambdaRefusal::UnknownOperation => (
+                StatusCode::NOT_FOUND,
+                "UnknownOperationException",
+                Answer::NotFound,
+            ),
+            LambdaRefusal::InvalidInvocationType { .. } | LambdaRefusal::InvalidParameter(_) => (
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterValueException",
+                Answer::BadRequest,
+            ),
+            LambdaRefusal::IncompleteSignature(_) => (
+                StatusCode::BAD_REQUEST,
+                "IncompleteSignatureException",
+                Answer::BadRequest,
+            ),
+        };
+        // `ResourceNotFoundException`'s model member is `Message`, capitalised, as Lambda
+        // sends it (the emulator's answer is the same).
+        let message_key = match self {
+            LambdaRefusal::FunctionNotFound { .. } => "Message",
+            _ => "message",
+        };
+        let body = serde_json::json!({"Type": "User", message_key: self.to_string()});
+        aws_error(status, error_type, &body, answer)
+    }
+}
+
+/// Lambda's error answer: `status`, `x-amzn-ErrorType`, a JSON body; `answer` for the
+/// route's counters.
+fn aws_error(
+    status: StatusCode,
+    error_type: &'static str,
+    body: &serde_json::Value,
+    answer: Answer,
+) -> Response {
+    let mut response = json_response(
+        status,
+        serde_json::to_vec(body).expect("a JSON value serializes"),
+    );
+    response.extensions_mut().insert(answer);
+    response
+        .headers_mut()
+        .insert(X_AMZN_ERROR_TYPE, HeaderValue::from_static(error_type));
+    response
+}
+
+/// A `200` whose payload is a function error, as Lambda answers an invoke whose function
+/// failed: `X-Amz-Function-Error` (`Unhandled` unless the function said otherwise) and the
+/// error as the payload. SDKs return it as a result, never retry it.
+fn function_error_response(kind: &str, payload: impl Into<Bytes>, answer: Answer) -> Response {
+    let mut response = json_response(StatusCode::OK, payload);
+    response.extensions_mut().insert(answer);
+    let kind = HeaderValue::from_str(kind).unwrap_or(HeaderValue::from_static("Unhandled"));
+    response.headers_mut().insert(X_AMZ_FUNCTION_ERROR, kind);
+    response
+}
+
+/// The Lambda `Reason` of an Invoke API call's `429`, by the limit that refused it: the
+/// key's own bucket is the caller's rate (`CallerRateLimitExceeded`); the route's, a
+/// function's invoke rate (`FunctionInvocationRateLimitExceeded`); the global layer, the
+/// account-wide limit (`ConcurrentInvocationLimitExceeded`); a full queue, the function's
+/// capacity (`ReservedFunctionConcurrentInvocationLimitExceeded`); Lambda's own throttle,
+/// the reason Lambda gave.
+fn throttle_reason(error: &RequestError, scope: ShedScope) -> &str {
+    match (scope, error) {
+        (ShedScope::Limit(Scope::Key), _) => "CallerRateLimitExceeded",
+        (ShedScope::Limit(Scope::Route), _) => "FunctionInvocationRateLimitExceeded",
+        (ShedScope::Limit(Scope::Global), _) => "ConcurrentInvocationLimitExceeded",
+        (ShedScope::Queue, _) => "ReservedFunctionConcurrentInvocationLimitExceeded",
+        (
+            ShedScope::Upstream,
+            RequestError::Record {
+                error: RecordError::Invoke(InvokeFailure::Throttled { reason, .. }),
+                ..
+            },
+        ) => reason,
+        (ShedScope::Upstream, _) => "CallerRateLimitExceeded",
+    }
+}
+
+/// What an Invoke API caller is told when its call got no result: Lambda's error shape for
+/// each [`RequestError`], from the same classification as the `/records` answer.
+///
+/// - a shed: `429 TooManyRequestsException` with a `Reason` ([`throttle_reason`]),
+///   `retryAfterSeconds` and `Retry-After`;
+/// - nothing ran (Lambda unavailable or throttled past the retries, a failed worker,
+///   shutdown, Lambda refusing the sidecar's invoke): `500 ServiceException`, which SDKs
+///   retry — correct, as nothing ran;
+/// - the function may have run the call, or may still (an unknown outcome, the caller's
+///   deadline, a response without this record's result): never a status an SDK retries on
+///   its own (standard retry mode retries 500/502/503/504 and throttles), but a `200` with
+///   `X-Amz-Function-Error: Unhandled` and a `Sluicegate.*` `errorType`, as Lambda answers
+///   a function that timed out;
+/// - the function failed the invoke: its error, as Lambda returns it.
+pub fn lambda_error(error: RequestError) -> Response {
+    if let Some(shed) = error.shed() {
+        let reason = throttle_reason(&error, shed.scope);
+        let secs = retry_after_secs(shed.wait);
+        let body = serde_json::json!({
+            "Type": "User",
+            "message": "Rate Exceeded.",
+            "Reason": reason,
+            "retryAfterSeconds": secs.to_string(),
+        });
+        let mut response = aws_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TooManyRequestsException",
+            &body,
+            Answer::Shed(shed.scope),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return response;
+    }
+    let (answer, code) = error.classify();
+    let message = error.to_string();
+    let user = |message: String| serde_json::json!({"Type": "User", "message": message});
+    let service = |message: String| serde_json::json!({"Type": "Service", "message": message});
+    let unhandled = |error_type: &str, message: String| {
+        let body = serde_json::json!({"errorType": error_type, "errorMessage": message});
+        function_error_response(
+            "Unhandled",
+            serde_json::to_vec(&body).expect("a JSON value serializes"),
+            answer,
+        )
+    };
+    match (&error, answer) {
+        (
+            RequestError::Record {
+                error: RecordError::Function(e),
+                ..
+            },
+            _,
+        ) => {
+            let body = serde_json::json!({"errorType": e.error_type, "errorMessage": e.message});
+            function_error_response(
+                &e.kind,
+                serde_json::to_vec(&body).expect("a JSON value serializes"),
+                answer,
+            )
+        }
+        (_, Answer::Timeout) if code == "outcome_unknown" => unhandled(
+            "Sluicegate.OutcomeUnknown",
+            format!(
+                "{message}. The function may have run the payload; resend it only if the \
+                 function is idempotent"
+            ),
+        ),
+        (_, Answer::Timeout) => unhandled(
+            "Sluicegate.DeadlineExceeded",
+            format!(
+                "{message}. The payload may still reach the function; resend it only if the \
+                 function is idempotent"
+            ),
+        ),
+        (
+            RequestError::Record {
+                error:
+                    RecordError::Invoke(InvokeFailure::Rejected { .. })
+                    | RecordError::Closed
+                    | RecordError::WorkerFailed,
+                ..
+            },
+            _,
+        )
+        | (_, Answer::Unavailable) => {
+            let mut response = aws_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ServiceException",
+                &service(message),
+                answer,
+            );
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(error.unavailable_wait())),
+            );
+            response
+        }
+        // The function ran (or its batch task did) and left no usable result for the call.
+        (_, Answer::BadGateway) => unhandled("Sluicegate.NoResult", message),
+        (_, Answer::TooLarge) => aws_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestTooLargeException",
+            &user(message),
+            answer,
+        ),
+        (_, Answer::BodyTimeout) => {
+            let mut response = aws_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "RequestTimeoutException",
+                &user(message),
+                answer,
+            );
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+        (_, Answer::Unauthorized) => aws_error(
+            StatusCode::UNAUTHORIZED,
+            "MissingAuthenticationTokenException",
+            &user(message),
+            answer,
+        ),
+        (_, Answer::Forbidden) => aws_error(
+            StatusCode::FORBIDDEN,
+            "UnrecognizedClientException",
+            &user("The security token included in the request is invalid.".to_owned()),
+            answer,
+        ),
+        (_, Answer::NotFound | Answer::MethodNotAllowed) => aws_error(
+            StatusCode::NOT_FOUND,
+            "UnknownOperationException",
+            &user(LambdaRefusal::UnknownOperation.to_string()),
+            answer,
+        ),
+        // A body that is not one JSON value, a malformed header; and (not reached: those
+        // are no request errors) the answers of a result.
+        (
+            _,
+            Answer::BadRequest
+            | Answer::Success
+            | Answer::Accepted
+            | Answer::FunctionFailed
+            | Answer::Shed(_),
+        ) => aws_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestContentException",
+            &user(message),
+            answer,
+        ),
+    }
+}
+
+/// A `RequestResponse` call's result: the function's result for the record as the payload,
+/// or — when the function reported the record failed — its error as the payload, with
+/// `X-Amz-Function-Error: Unhandled`. (A route that invokes with `Event` gives `202`.)
+pub fn lambda_result(delivered: Delivered) -> Response {
+    match delivered {
+        Delivered::Success { body } => {
+            let mut response = json_response(StatusCode::OK, Bytes::from(body.get().to_owned()));
+            response.extensions_mut().insert(Answer::Success);
+            response
+        }
+        Delivered::Failed { error } => function_error_response(
+            "Unhandled",
+            Bytes::from(error.get().to_owned()),
+            Answer::FunctionFailed,
+        ),
+        Delivered::Accepted => lambda_accepted(),
+    }
+}
+
+/// An `Event` call's answer once its record was delivered: `202`, no payload.
+pub fn lambda_accepted() -> Response {
+    let mut response = json_response(StatusCode::ACCEPTED, Bytes::new());
+    response.extensions_mut().insert(Answer::Accepted);
+    response
+}
+
+/// A `DryRun` call's answer: `204`, nothing invoked, no token spent. (No [`Answer`]: it is
+/// counted under its own status.)
+pub fn lambda_dry_run() -> Response {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+}
+
 /// One of every request error (every record failure among them), with the status and
 /// `error` code the README documents for it.
 #[cfg(test)]
@@ -1069,6 +1385,192 @@ mod tests {
                 })
             );
         }
+    }
+
+    #[tokio::test]
+    async fn lambda_errors_take_lambdas_shapes_and_never_invite_a_retry_of_what_may_have_run() {
+        for (error, _, code) in every_request_error() {
+            let what = format!("{error:?}");
+            let answer = error.answer();
+            let rejected = matches!(
+                error,
+                RequestError::Record {
+                    error: RecordError::Invoke(InvokeFailure::Rejected { .. }),
+                    ..
+                }
+            );
+            let response = lambda_error(error);
+            // Counted as the `/records` answer it stands for.
+            assert_eq!(
+                response.extensions().get::<Answer>(),
+                Some(&answer),
+                "{what}"
+            );
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            let error_type = headers
+                .get("x-amzn-errortype")
+                .map(|v| v.to_str().expect("ASCII").to_owned());
+            let function_error = headers.get("x-amz-function-error").cloned();
+            let body = body_of(response).await;
+            let expected: (u16, Option<&str>) = match code {
+                "rate_limited" => (429, Some("TooManyRequestsException")),
+                "outcome_unknown" | "timeout" | "function_error" => (200, None),
+                "bad_gateway" if rejected => (500, Some("ServiceException")),
+                "bad_gateway" => (200, None),
+                "unavailable" => (500, Some("ServiceException")),
+                "payload_too_large" => (413, Some("RequestTooLargeException")),
+                "bad_request" => (400, Some("InvalidRequestContentException")),
+                "unauthorized" => (401, Some("MissingAuthenticationTokenException")),
+                "forbidden" => (403, Some("UnrecognizedClientException")),
+                "not_found" | "method_not_allowed" => (404, Some("UnknownOperationException")),
+                "request_timeout" => (408, Some("RequestTimeoutException")),
+                other => panic!("no Lambda shape for {other}"),
+            };
+            assert_eq!((status, error_type.as_deref()), expected, "{what}");
+            if status == 200 {
+                assert_eq!(function_error.expect("a function error"), "Unhandled");
+                let error_type = match code {
+                    "outcome_unknown" => "Sluicegate.OutcomeUnknown",
+                    "timeout" => "Sluicegate.DeadlineExceeded",
+                    "function_error" => "Runtime.ExitError",
+                    _ => "Sluicegate.NoResult",
+                };
+                assert_eq!(body["errorType"], error_type, "{what}");
+                assert!(body["errorMessage"].is_string(), "{what}");
+            } else {
+                assert!(function_error.is_none(), "{what}");
+                assert!(
+                    body["Type"].is_string() && body["message"].is_string(),
+                    "{what}"
+                );
+            }
+            if code == "outcome_unknown" {
+                let message = body["errorMessage"].as_str().expect("a message");
+                assert!(message.contains("may have run"), "{message}");
+            }
+            assert_eq!(
+                headers.contains_key("retry-after"),
+                matches!(status, 429 | 500),
+                "{what}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lambda_throttle_names_the_reason_of_the_refusing_limit() {
+        for (scope, reason) in [
+            (ShedScope::Limit(Scope::Key), "CallerRateLimitExceeded"),
+            (
+                ShedScope::Limit(Scope::Route),
+                "FunctionInvocationRateLimitExceeded",
+            ),
+            (
+                ShedScope::Limit(Scope::Global),
+                "ConcurrentInvocationLimitExceeded",
+            ),
+            (
+                ShedScope::Queue,
+                "ReservedFunctionConcurrentInvocationLimitExceeded",
+            ),
+            (ShedScope::Upstream, "CallerRateLimitExceeded"),
+        ] {
+            let shed = Shed {
+                scope,
+                wait: Duration::from_millis(1500),
+                policy: None,
+            };
+            let response = lambda_error(RequestError::Shed(shed));
+            assert_eq!(response.headers()["retry-after"], "2");
+            assert_eq!(
+                body_of(response).await,
+                serde_json::json!({"Type": "User", "message": "Rate Exceeded.",
+                    "Reason": reason, "retryAfterSeconds": "2"})
+            );
+        }
+        // Lambda's own throttle keeps Lambda's reason.
+        let (throttled, _, _) = every_request_error()
+            .into_iter()
+            .find(|(e, _, _)| {
+                matches!(
+                    e,
+                    RequestError::Record {
+                        error: RecordError::Invoke(InvokeFailure::Throttled { .. }),
+                        ..
+                    }
+                )
+            })
+            .expect("listed");
+        let body = body_of(lambda_error(throttled)).await;
+        assert_eq!(body["Reason"], "CallerRateLimitExceeded");
+    }
+
+    #[tokio::test]
+    async fn lambda_results_are_the_records_payload_or_its_error() {
+        let raw = |s: &str| RawValue::from_string(s.to_owned()).expect("valid JSON");
+        let success = lambda_result(Delivered::Success {
+            body: raw(r#"{"n":1}"#),
+        });
+        assert_eq!(success.status(), StatusCode::OK);
+        assert!(!success.headers().contains_key("x-amz-function-error"));
+        assert_eq!(body_of(success).await, serde_json::json!({"n": 1}));
+        let failed = lambda_result(Delivered::Failed {
+            error: raw(r#"{"errorMessage":"bad"}"#),
+        });
+        assert_eq!(failed.status(), StatusCode::OK);
+        assert_eq!(failed.headers()["x-amz-function-error"], "Unhandled");
+        assert_eq!(
+            failed.extensions().get::<Answer>(),
+            Some(&Answer::FunctionFailed)
+        );
+        assert_eq!(
+            body_of(failed).await,
+            serde_json::json!({"errorMessage": "bad"})
+        );
+        assert_eq!(
+            lambda_result(Delivered::Accepted).status(),
+            StatusCode::ACCEPTED
+        );
+        assert_eq!(lambda_dry_run().status(), StatusCode::NO_CONTENT);
+    }
+
+    #[tokio::test]
+    async fn lambda_refusals_take_lambdas_error_shapes() {
+        let not_found = LambdaRefusal::FunctionNotFound {
+            arn: "arn:aws:lambda:us-east-1:123456789012:function:nope".into(),
+        }
+        .into_response();
+        assert_eq!(not_found.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            not_found.headers()["x-amzn-errortype"],
+            "ResourceNotFoundException"
+        );
+        assert_eq!(
+            body_of(not_found).await,
+            serde_json::json!({"Type": "User",
+                "Message": "Function not found: arn:aws:lambda:us-east-1:123456789012:function:nope"})
+        );
+        let bad_type = LambdaRefusal::InvalidInvocationType {
+            value: "Later".into(),
+        }
+        .into_response();
+        assert_eq!(bad_type.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            bad_type.headers()["x-amzn-errortype"],
+            "InvalidParameterValueException"
+        );
+        let unknown = LambdaRefusal::UnknownOperation.into_response();
+        assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            unknown.headers()["x-amzn-errortype"],
+            "UnknownOperationException"
+        );
+        let signature = LambdaRefusal::IncompleteSignature("no".into()).into_response();
+        assert_eq!(signature.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            signature.headers()["x-amzn-errortype"],
+            "IncompleteSignatureException"
+        );
     }
 
     #[test]

@@ -106,6 +106,10 @@ fn impossible_values_are_rejected_with_the_key_named() {
         ("limit = { rate = -5.0, burst = 1 }", "routes[0].limit"),
         ("path = \"records\"", "routes[0].path"),
         ("path = \"/healthz\"", "routes[0].path"),
+        (
+            "path = \"/2015-03-31/functions/f/invocations\"",
+            "routes[0].path",
+        ),
         ("dlq = { }", "routes[0].dlq"),
     ];
     for (line, key) in cases {
@@ -479,4 +483,13 @@ fn the_embedded_emulator_is_the_target_only_when_endpoint_url_names_it() {
     assert!(load(DEFAULT_CONFIG_TOML)
         .unwrap()
         .targets_embedded_emulator());
+}
+
+#[test]
+fn aws_access_key_is_an_identity_source() {
+    let config = load(&format!(
+        "[identity]\nsource = \"aws_access_key\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(config.identity.source, IdentitySource::AwsAccessKey);
 }

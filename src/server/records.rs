@@ -1,4 +1,5 @@
-//! The data plane: `POST <route path>`, `/healthz`, `/readyz`.
+//! The data plane: `POST <route path>`, `/healthz`, `/readyz`, and the Lambda Invoke API's
+//! paths (`/2015-03-31/functions/...`), handed to `lambda_api`.
 //!
 //! This is the path every shed request takes, so it is one hand-written hyper service, not
 //! a router under a stack of boxed middleware: per request it takes the current app, the

@@ -551,7 +551,43 @@ async fn invoke_api_answers_carry_lambdas_headers_and_refuse_bad_requests_in_lam
         invalid_type.json::<Value>().await.expect("JSON")["message"],
         "1 validation error detected: Value 'Later' at 'invocationType' failed to satisfy constraint: Member must satisfy enum value set: [Event, RequestResponse, DryRun]"
     );
-    assert_eq!(h.stats("echo").await["invocations"], 2);
+    // The same identity on the `/records` door.
+    let record = send(Some(signed), "5", "/records").await.expect("answered");
+    assert_eq!(record.status(), 200);
+    let refused = send(Some("Bearer abc"), "5", "/records")
+        .await
+        .expect("answered");
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.expect("JSON");
+    assert_eq!(body["error"], "bad_request");
+    assert!(body["message"]
+        .as_str()
+        .expect("a message")
+        .contains("Signature Version 4"));
+    assert_eq!(h.stats("echo").await["invocations"], 3);
+}
+
+#[tokio::test]
+async fn a_reload_rebuilds_which_functions_the_invoke_api_reaches() {
+    let functions = format!("{}{}", function("echo", ""), function("other", ""));
+    let h = Harness::start(&config("", &functions, &route("records", "echo", ""))).await;
+    let lambda = client(&h, "AKIDRELOAD", Some(RetryConfig::disabled()));
+    assert_eq!(payload(&invoke(&lambda, "echo", &json!(1)).await), json!(1));
+    let moved = config("", &functions, &route("records", "other", ""));
+    h.running
+        .reload(sluicegate::config::Config::from_toml(&moved).expect("valid"))
+        .await
+        .expect("reload accepted");
+    assert!(matches!(
+        invoke_err(&lambda, "echo", InvocationType::RequestResponse).await,
+        InvokeError::ResourceNotFoundException(_)
+    ));
+    assert_eq!(
+        payload(&invoke(&lambda, "other", &json!(2)).await),
+        json!(2)
+    );
+    assert_eq!(h.stats("echo").await["invocations"], 1);
+    assert_eq!(h.stats("other").await["invocations"], 1);
 }
 
 /// boto3, as a Python service would call Lambda: `tests/boto3/invoke.py` asserts payloads,

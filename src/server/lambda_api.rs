@@ -342,7 +342,17 @@ async fn invoke(
         return Ok(respond::lambda_dry_run());
     }
     // Admission before the body, as on the record path: a shed call costs no body read.
-    let admitted = app.admission.admit(index, &key).await?;
+    let admitted = app
+        .admission
+        .admit(index, &key)
+        .await
+        .inspect_err(|rejected| {
+            tracing::debug!(
+                scope = rejected.scope.as_str(),
+                wait_ms = rejected.wait.as_millis() as u64,
+                "admission refused"
+            );
+        })?;
     let bytes = intake::read_record_body(route, &parts.headers, body, deadline).await?;
     let record = intake::parse_record(route, &bytes)?;
     let ticket = intake::submit(route, &key, record, deadline)?;

@@ -2,7 +2,9 @@
 //! kind of answer has ([`Answer`]), which answer each refusal or failure is
 //! ([`RequestError`]), the JSON bodies, and the `Retry-After` / `RateLimit-Policy` /
 //! `RateLimit` headers of the HTTP contract. The admin listener's own refusals
-//! ([`AdminError`]) are mapped here too.
+//! ([`AdminError`]) are mapped here too, and so are the Lambda Invoke API door's answers
+//! ([`lambda_error`], [`lambda_result`], [`LambdaRefusal`]): the same outcomes in Lambda's
+//! statuses, error types and bodies.
 //!
 //! The request path returns what went wrong as a [`RequestError`] value and this module
 //! alone decides what the caller sees (the shape of linkerd2-proxy's `errors/respond.rs`).

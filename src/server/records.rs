@@ -33,7 +33,7 @@ use super::reload::Server;
 use super::request_id::ConnectionIds;
 use super::respond::{self, RequestError, Response};
 use super::{IdentityError, ANONYMOUS, TIMEOUT_HEADER};
-use crate::coalesce::Batcher;
+use crate::coalesce::{Batcher, KeyWeights};
 use crate::invoke::Invoker;
 use crate::limit::Rejected;
 use crate::limit::{
@@ -58,6 +58,8 @@ pub(super) struct RecordRoute {
     /// and the route's envelope).
     pub(super) max_json_depth: u32,
     pub(super) body_read_timeout: Duration,
+    /// Each key's share of a per-key fair queue (its plan's `weight`).
+    pub(super) weights: Arc<KeyWeights>,
 }
 
 impl RecordRoute {
@@ -353,7 +355,10 @@ async fn record_response(
         .get::<ClientKey>()
         .map(|k| Arc::clone(&k.0))
         .unwrap_or_else(|| ANONYMOUS.into());
-    let submitted = route.batcher.submit(&key, record, deadline);
+    let weight = route.weights.weight_of(&key);
+    let submitted = route
+        .batcher
+        .submit_weighted(&key, weight, record, deadline);
     // The queued record is its own copy (its envelope entry): the request body is let go
     // now rather than held until the answer, so a waiting record costs one copy, not two.
     drop(bytes);

@@ -79,7 +79,6 @@ pub(super) enum Refused {
 }
 
 /// A route's fair queue, shared by its batcher handles and its worker.
-#[derive(Debug)]
 pub(super) struct FairQueue {
     state: parking_lot::Mutex<State>,
     ready: Notify,
@@ -223,6 +222,20 @@ impl FairQueue {
     }
 }
 
+impl std::fmt::Debug for FairQueue {
+    /// Sizes only: the records themselves are callers' data.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.state.lock();
+        f.debug_struct("FairQueue")
+            .field("len", &state.len)
+            .field("keys", &state.index.len())
+            .field("max_pending", &self.max_pending)
+            .field("max_bytes", &self.max_bytes)
+            .field("closed", &state.closed)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Hands the batcher's side of a [`FairQueue`] around: when the last handle drops, the
 /// worker learns that nothing more will come (as a channel's receiver does).
 #[derive(Debug)]
@@ -235,7 +248,7 @@ impl Drop for FairSender {
 }
 
 /// One key's records and its place in the ring and in the count index.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Slot {
     /// `None` while the slot is free.
     key: Option<Arc<str>>,
@@ -253,7 +266,7 @@ struct Slot {
 /// one (a key that flooded) is given back.
 const KEPT_SLOT_CAPACITY: usize = 8;
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct State {
     slots: Vec<Slot>,
     free: Vec<usize>,

@@ -522,6 +522,37 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn records_in_a_fair_queue_outlive_a_worker_that_panics() {
+        let mut spec = fake::spec(20);
+        spec.route = "panics-once-fair".into();
+        spec.fairness = crate::config::Fairness::PerKey;
+        PANIC_ONCE.lock().unwrap().push("panics-once-fair".into());
+        let (batcher, lambda) = fake::start(spec, ScriptedLambda::echo(4, MS));
+        // Queued before the worker first runs: it takes `"a"`, panics holding it, and its
+        // successor finds the other two where they were.
+        let held = fake::submit(&batcher, "\"a\"", LONG);
+        let queued = [
+            fake::submit(&batcher, "\"b\"", LONG),
+            fake::submit(&batcher, "\"c\"", LONG),
+        ];
+        let outcome = held.outcome().await;
+        assert!(
+            matches!(outcome, Err(RecordError::WorkerFailed)),
+            "{outcome:?}"
+        );
+        for ticket in queued {
+            let outcome = ticket.outcome().await;
+            assert!(
+                matches!(outcome, Ok(Delivered::Success { .. })),
+                "{outcome:?}"
+            );
+        }
+        let sent: Vec<Vec<String>> = lambda.calls().into_iter().map(|c| c.bodies).collect();
+        assert_eq!(sent, [vec!["\"b\"".to_owned(), "\"c\"".to_owned()]]);
+        assert_eq!(batcher.queued_bytes(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn window_flush_sends_a_partial_batch_at_max_wait_and_full_batches_at_once() {
         let mut spec = fake::spec(5);
         spec.flush = Flush::Window;
@@ -709,7 +740,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn closing_answers_held_and_queued_records_closed_and_in_flight_ones_their_result() {
-        let (batcher, lambda) = fake::start(fake::spec(1), ScriptedLambda::echo(1, 1000 * MS));
+        closing_answers(crate::config::Fairness::PerKey).await;
+        closing_answers(crate::config::Fairness::Fifo).await;
+    }
+
+    async fn closing_answers(fairness: crate::config::Fairness) {
+        let mut spec = fake::spec(1);
+        spec.fairness = fairness;
+        let (batcher, lambda) = fake::start(spec, ScriptedLambda::echo(1, 1000 * MS));
 
         let in_flight = fake::submit(&batcher, "\"a\"", LONG);
         let held = fake::submit(&batcher, "\"b\"", LONG);

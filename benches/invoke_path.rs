@@ -25,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::value::RawValue;
 use sluicegate::coalesce::{BatchSpec, Batcher};
 use sluicegate::config::{
-    CredentialsSource, Envelope, Flush, Invocation, LambdaConfig, RetryConfig,
+    CredentialsSource, Envelope, Fairness, Flush, Invocation, LambdaConfig, RetryConfig,
 };
 use sluicegate::invoke::{self, Gate, Invoke, InvokeFailure, InvokePermit, Invoked, Invoker};
 use tokio::time::Instant;
@@ -98,6 +98,7 @@ fn spec(envelope: Envelope, max_records: usize) -> BatchSpec {
         flush: Flush::Window,
         max_pending: 10_000,
         max_queued_bytes: usize::MAX,
+        fairness: Fairness::PerKey,
         nominal_drain_rate: 1000.0,
         retry: RetryConfig::default(),
         bisect: false,

@@ -4,7 +4,7 @@
 #
 #   loadtest/run.sh [SCENARIO...|all] [--duration 10s] [--rounds N] [--quick] [--no-build]
 #
-# Scenarios: shed passthrough seed000 manykeys batching admitted (default: all).
+# Scenarios: shed passthrough seed000 manykeys batching admitted noisy (default: all).
 # Writes loadtest/results/<timestamp>/{<scenario>.json,report.md,*.png}.
 set -uo pipefail
 
@@ -21,7 +21,7 @@ Options:
 EOF
 }
 
-ALL_SCENARIOS=(shed passthrough seed000 manykeys batching admitted)
+ALL_SCENARIOS=(shed passthrough seed000 manykeys batching admitted noisy)
 SCENARIOS=()
 DURATION=10
 ROUNDS=3
@@ -51,7 +51,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     all) SCENARIOS+=("${ALL_SCENARIOS[@]}"); shift ;;
-    shed | passthrough | seed000 | manykeys | batching | admitted) SCENARIOS+=("$1"); shift ;;
+    shed | passthrough | seed000 | manykeys | batching | admitted | noisy) SCENARIOS+=("$1"); shift ;;
     *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
 done
@@ -73,6 +73,8 @@ SEED_RATES=${SEED_RATES:-800}
 BATCH_RATES=${BATCH_RATES:-50 200 800}
 # Fixed offered loads (oha -q) at which admitted measures CPU per record.
 CPU_RATES=${CPU_RATES:-2000 10000}
+# Records/s the noisy config's function can take (10 invokes/s x 20 records).
+NOISY_CAPACITY=${NOISY_CAPACITY:-200}
 BODY='{"n":1}'
 
 [ -n "$OUT" ] || OUT="$LT_DIR/results/$(date +%Y%m%d-%H%M%S)"
@@ -355,6 +357,50 @@ scenario_admitted() {
         done
     done
     sg_metrics $s sluicegate
+    stop_all
+}
+
+# noisy: key a offers 10x what the function can take, key b 5 % of it; b's goodput (share
+# answered 200) and p99 with a per-key fair queue and with a FIFO queue, and b alone.
+scenario_noisy() {
+    local s=noisy fairness
+    local a_rate=$((NOISY_CAPACITY * 10)) b_rate=$((NOISY_CAPACITY / 20))
+    local url b_args
+    setup_ports
+    mkdir -p "$OUT/raw/$s"
+    url="http://$SG/records"
+    b_args=(-q "$b_rate" -c 32 --latency-correction -m POST -d "$BODY"
+        -H 'content-type: application/json' -H 'x-api-key: noisy-b')
+    # One emulator for both modes (the queue is sluicegate's).
+    render_config noisy-emulator noisy FAIRNESS=per_key
+    start_emulator "$CFG" noisy
+    for fairness in per_key fifo; do
+        render_config "noisy-$fairness" noisy FAIRNESS="$fairness"
+        start_sluicegate "$CFG" "noisy-$fairness" "$SG"
+        if [ "$fairness" = per_key ]; then
+            # b alone: the latency b's p99 under the flood is compared with.
+            OHA_DB=1 run_oha $s b-alone "$url" "${b_args[@]}"
+            record $s contender=b-alone key=b fairness="$fairness" rate="$b_rate" connections=32
+            sleep 1
+        fi
+        # a floods in the background, from a second before b starts to a second after b
+        # ends, so every b request meets a full queue. A subshell: its run variables stay
+        # its own, and it records its run itself.
+        (
+            DURATION=$((DURATION + 2))
+            run_oha $s "a-$fairness" "$url" -q "$a_rate" -c 400 --latency-correction \
+                -m POST -d "$BODY" -H 'content-type: application/json' -H 'x-api-key: noisy-a'
+            record $s contender="a-$fairness" key=a fairness="$fairness" rate="$a_rate" connections=400
+        ) &
+        local flood=$!
+        STARTED_PIDS+=("$flood")
+        sleep 1
+        OHA_DB=1 run_oha $s "b-$fairness" "$url" "${b_args[@]}"
+        record $s contender="b-$fairness" key=b fairness="$fairness" rate="$b_rate" connections=32
+        wait "$flood"
+        sg_metrics $s "sluicegate-$fairness"
+        stop_pid "$SG_PID"
+    done
     stop_all
 }
 

@@ -25,6 +25,7 @@
 //! | `sluicegate_limit_backend_errors_total` | counter | |
 //! | `sluicegate_limit_backend_up` | gauge | |
 //! | `sluicegate_limit_backend_fallbacks_total` | counter | `policy` |
+//! | `sluicegate_queue_displaced_total` | counter | `route` |
 
 use std::sync::OnceLock;
 
@@ -141,5 +142,9 @@ fn describe() {
     describe_counter!(
         "sluicegate_limit_backend_fallbacks_total",
         "Decisions made by the on_backend_error policy while Redis was down."
+    );
+    describe_counter!(
+        "sluicegate_queue_displaced_total",
+        "Queued records displaced from a full per-key fair queue by a lighter key's newcomer (answered 429 scope=queue)."
     );
 }

@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::{BatchSpec, Batcher, Ticket};
-use crate::config::{Envelope, Flush, Invocation, Jitter, RetryConfig};
+use crate::config::{Envelope, Fairness, Flush, Invocation, Jitter, RetryConfig};
 use crate::invoke::{Gate, Invoke, InvokeFailure, InvokePermit, Invoked};
 
 /// One invoke attempt, as the fake saw it.
@@ -205,7 +205,7 @@ pub(super) fn unavailable() -> InvokeFailure {
 }
 
 /// A route spec for tests: batches of up to `max_records`, a 50 ms window, adaptive flush,
-/// and retries whose backoff is exactly `base × 2^(n-1)` (no jitter), capped at 10 s.
+/// a per-key fair queue, and retries whose backoff is exactly `base × 2^(n-1)` (no jitter), capped at 10 s.
 pub(super) fn spec(max_records: usize) -> BatchSpec {
     BatchSpec {
         route: "test".to_owned(),
@@ -217,6 +217,7 @@ pub(super) fn spec(max_records: usize) -> BatchSpec {
         flush: Flush::Adaptive,
         max_pending: 1000,
         max_queued_bytes: usize::MAX,
+        fairness: Fairness::PerKey,
         nominal_drain_rate: 1000.0,
         retry: RetryConfig {
             base: Duration::from_millis(100),

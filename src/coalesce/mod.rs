@@ -3,8 +3,11 @@
 //!
 //! The shape is tower's `Buffer`: a cheap, cloneable handle ([`Batcher`]) sends a
 //! [`Message`] — the record already serialized as its envelope entry, the caller's
-//! deadline and a `oneshot` reply sender — into a bounded channel; one worker task per
-//! route drains the channel into batches and spawns one dispatch task per batch.
+//! deadline and a `oneshot` reply sender — into the route's bounded queue; one worker task
+//! per route drains the queue into batches and spawns one dispatch task per batch. The
+//! queue is a channel with `queue.fairness = "fifo"`, and with `"per_key"` (the default) a
+//! fair queue (`fair.rs`) that serves the keys with records waiting in weighted round
+//! robin and, when full, sheds the key holding the most rather than the newcomer.
 //!
 //! The worker and the delivery loop reach Lambda only through [`Invoke`] (the function's
 //! gate and one invoke attempt): in production the function's
@@ -17,7 +20,11 @@
 //!   the records' envelope entries, counted from `submit` until the worker takes the record
 //!   into a batch); a full queue refuses at once with a `Retry-After` computed from the
 //!   measured drain rate ([`RecordError::QueueFull`]), and so does a queue that, at that
-//!   rate, cannot reach the record before its caller's deadline;
+//!   rate, cannot reach the record before its caller's deadline (FIFO: the records queued;
+//!   per key: the records drawn before it in round robin). A per-key queue refuses only a
+//!   newcomer whose key holds the most records; any other newcomer displaces the newest
+//!   record of the key that does, and that record's caller is answered `QueueFull` with the
+//!   same `Retry-After`;
 //! - a queued record is held once: its envelope entry, with the record itself a slice of it;
 //! - a batch flushes at `max_records` or `max_bytes` (envelope included, so the invoke
 //!   payload never exceeds it), when `max_wait` has passed since its first record, or —
@@ -31,6 +38,7 @@
 
 mod deliver;
 mod envelope;
+mod fair;
 #[cfg(test)]
 mod fake;
 mod worker;
@@ -44,12 +52,15 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::config::{Envelope, Flush, Invocation, RetryConfig, RouteConfig, ENVELOPE_FRAME};
+use crate::config::{
+    Envelope, Fairness, Flush, Invocation, RetryConfig, RouteConfig, ENVELOPE_FRAME,
+};
 use crate::dlq::DeadLetterSink;
 use crate::invoke::retry::RetryBudget;
 use crate::invoke::{Invoke, InvokeFailure};
 
 pub use self::envelope::FunctionError;
+pub use self::fair::KeyWeights;
 
 /// What a route's batcher needs from the config.
 #[derive(Clone, Debug)]
@@ -72,6 +83,8 @@ pub struct BatchSpec {
     pub max_pending: usize,
     /// Bound on the bytes of queued records' entries.
     pub max_queued_bytes: usize,
+    /// The order records are drawn in, and who is shed when the queue is full.
+    pub fairness: Fairness,
     /// Records per second the route can deliver at most (invoke rate × batch size); the
     /// drain estimate until a backlog has been measured.
     pub nominal_drain_rate: f64,
@@ -95,6 +108,7 @@ impl BatchSpec {
             flush: route.batch.flush,
             max_pending: route.queue.max_pending,
             max_queued_bytes: route.queue.max_bytes.as_usize(),
+            fairness: route.queue.fairness,
             nominal_drain_rate: route.invoke.rate * route.max_records() as f64,
             retry: route.retry.clone(),
             bisect: route.bisect_on_function_error,
@@ -123,8 +137,9 @@ pub enum Delivered {
 /// Why a record has no result from the function.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    /// The queue is full, or cannot reach the record before its caller's deadline; refused
-    /// at `submit`, before the record was queued.
+    /// The queue is full, or cannot reach the record before its caller's deadline: refused
+    /// at `submit`, before the record was queued; or, in a per-key fair queue, displaced
+    /// from the full queue by a newcomer of a key holding fewer records.
     #[error("the route's queue is full")]
     QueueFull {
         /// How long the queue needs to drain at the measured rate (at most an hour).
@@ -262,10 +277,17 @@ impl Ticket {
     }
 }
 
+/// The batcher's side of the route's queue.
+#[derive(Clone, Debug)]
+enum Queue {
+    Fifo(mpsc::Sender<Message>),
+    Fair(Arc<fair::FairSender>),
+}
+
 /// Handle to one route's batcher. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Batcher {
-    tx: mpsc::Sender<Message>,
+    queue: Queue,
     queued: Arc<QueuedBytes>,
     spec: Arc<BatchSpec>,
     drain: Arc<DrainMeter>,
@@ -295,7 +317,22 @@ impl Batcher {
         invoker: Arc<I>,
         dlq: Option<DeadLetterSink>,
     ) -> Batcher {
-        let (tx, rx) = mpsc::channel(spec.max_pending);
+        let queued = Arc::new(QueuedBytes::default());
+        let (queue, inbox) = match spec.fairness {
+            Fairness::Fifo => {
+                let (tx, rx) = mpsc::channel(spec.max_pending);
+                (Queue::Fifo(tx), worker::Inbox::Fifo(rx))
+            }
+            Fairness::PerKey => {
+                let fair = Arc::new(fair::FairQueue::new(
+                    spec.max_pending,
+                    spec.max_queued_bytes,
+                    Arc::clone(&queued),
+                ));
+                let sender = fair::FairSender(Arc::clone(&fair));
+                (Queue::Fair(Arc::new(sender)), worker::Inbox::Fair(fair))
+            }
+        };
         let spec = Arc::new(spec);
         let drain = Arc::new(DrainMeter::new(spec.nominal_drain_rate));
         let delivery = Arc::new(deliver::Delivery {
@@ -307,10 +344,10 @@ impl Batcher {
             metrics: Default::default(),
         });
         let (closing, closed) = watch::channel(false);
-        tokio::spawn(worker::supervise(rx, delivery, closed));
+        tokio::spawn(worker::supervise(inbox, delivery, closed));
         Batcher {
-            tx,
-            queued: Arc::new(QueuedBytes::default()),
+            queue,
+            queued,
             spec,
             drain,
             closing: Arc::new(closing),
@@ -318,9 +355,24 @@ impl Batcher {
     }
 
     /// Queues a record for `key` and returns the ticket for its result, or refuses at once.
+    /// The key is served at weight 1 by a per-key fair queue; see
+    /// [`submit_weighted`](Self::submit_weighted).
     pub fn submit(
         &self,
         key: &Arc<str>,
+        body: &RawValue,
+        deadline: Instant,
+    ) -> Result<Ticket, RecordError> {
+        self.submit_weighted(key, 1, body, deadline)
+    }
+
+    /// Queues a record for `key`, whose plan gives it `weight` records per round of a
+    /// per-key fair queue (ignored by a FIFO queue), and returns the ticket for its result,
+    /// or refuses at once.
+    pub fn submit_weighted(
+        &self,
+        key: &Arc<str>,
+        weight: u32,
         body: &RawValue,
         deadline: Instant,
     ) -> Result<Ticket, RecordError> {
@@ -340,14 +392,22 @@ impl Batcher {
                 limit,
             });
         }
-        let Some(charge) = self.queued.charge(entry.len(), self.spec.max_queued_bytes) else {
+        let charge = match &self.queue {
+            Queue::Fifo(_) => self.queued.charge(entry.len(), self.spec.max_queued_bytes),
+            // The fair queue charges under its own lock, once it knows whom it displaces.
+            Queue::Fair(_) => Some(self.queued.add(0)),
+        };
+        let Some(charge) = charge else {
             return Err(RecordError::QueueFull {
                 retry_after: self.drain_estimate(),
             });
         };
         // A record the queue cannot drain before its caller's deadline would only time out
         // in the queue: shed it now, while the caller can still act on Retry-After.
-        let depth = self.queue_depth();
+        let depth = match &self.queue {
+            Queue::Fifo(_) => self.queue_depth(),
+            Queue::Fair(fair) => fair.0.records_ahead(key, weight),
+        };
         if depth > 0 {
             if let Some(rate) = self.drain.measured_rate() {
                 let wait = Duration::from_secs_f64(depth as f64 / rate);
@@ -371,12 +431,38 @@ impl Batcher {
             charge,
         };
         // A refused message is dropped here, and its charge with it.
-        match self.tx.try_send(message) {
-            Ok(()) => Ok(Ticket { id, rx }),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(RecordError::QueueFull {
-                retry_after: self.drain_estimate(),
-            }),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(RecordError::Closed),
+        match &self.queue {
+            Queue::Fifo(tx) => match tx.try_send(message) {
+                Ok(()) => Ok(Ticket { id, rx }),
+                Err(mpsc::error::TrySendError::Full(_)) => Err(RecordError::QueueFull {
+                    retry_after: self.drain_estimate(),
+                }),
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(RecordError::Closed),
+            },
+            Queue::Fair(fair) => match fair.0.push(message, weight) {
+                Ok(displaced) => {
+                    self.answer_displaced(displaced);
+                    Ok(Ticket { id, rx })
+                }
+                Err(fair::Refused::Full) => Err(RecordError::QueueFull {
+                    retry_after: self.drain_estimate(),
+                }),
+                Err(fair::Refused::Closed) => Err(RecordError::Closed),
+            },
+        }
+    }
+
+    /// Answers records a newcomer displaced from a full fair queue as a full queue refuses:
+    /// `429 scope=queue` with the drain estimate, outside the queue's lock.
+    fn answer_displaced(&self, displaced: Vec<Message>) {
+        if displaced.is_empty() {
+            return;
+        }
+        metrics::counter!("sluicegate_queue_displaced_total", "route" => self.spec.route.clone())
+            .increment(displaced.len() as u64);
+        let retry_after = self.drain_estimate();
+        for m in displaced {
+            m.answer(Err(RecordError::QueueFull { retry_after }));
         }
     }
 
@@ -395,7 +481,10 @@ impl Batcher {
 
     /// Records waiting in the queue (not yet taken into a batch).
     pub fn queue_depth(&self) -> usize {
-        self.spec.max_pending - self.tx.capacity()
+        match &self.queue {
+            Queue::Fifo(tx) => self.spec.max_pending - tx.capacity(),
+            Queue::Fair(fair) => fair.0.len(),
+        }
     }
 
     /// Bytes of the records waiting in the queue.
@@ -435,6 +524,20 @@ impl QueuedBytes {
             queue: Arc::clone(self),
             bytes,
         })
+    }
+
+    /// Counts `bytes` more with no bound check: for a caller that checked the room under a
+    /// lock that every other adder takes too (the fair queue).
+    fn add(self: &Arc<Self>, bytes: usize) -> Charge {
+        self.0.fetch_add(bytes, Ordering::AcqRel);
+        Charge {
+            queue: Arc::clone(self),
+            bytes,
+        }
+    }
+
+    fn get(&self) -> usize {
+        self.0.load(Ordering::Acquire)
     }
 }
 
@@ -598,6 +701,36 @@ mod tests {
         }
         let rate = meter.measured_rate().unwrap();
         assert!((rate - 200.0).abs() < 1.0, "{rate}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn displaced_records_are_counted_per_route() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let mut spec = fake::spec(1);
+        spec.max_pending = 2;
+        let (batcher, _lambda) =
+            fake::start(spec, fake::ScriptedLambda::echo(1, Duration::from_secs(1)));
+        let body = RawValue::from_string("1".to_owned()).expect("JSON");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // The worker has not run yet: `a` fills the queue, `b` and `c` each displace one.
+        let submitted: Vec<_> = metrics::with_local_recorder(&recorder, || {
+            ["a", "a", "b", "c"]
+                .into_iter()
+                .map(|key| batcher.submit(&Arc::from(key), &body, deadline))
+                .collect()
+        });
+        let mut displaced = 0;
+        for s in submitted {
+            let ticket = s.expect("lighter keys displace, so every newcomer is taken");
+            if let Err(RecordError::QueueFull { .. }) = ticket.outcome().await {
+                displaced += 1;
+            }
+        }
+        assert_eq!(displaced, 2);
+        let text = handle.render();
+        let line = "sluicegate_queue_displaced_total{route=\"test\"} 2";
+        assert!(text.contains(line), "missing {line}:\n{text}");
     }
 
     /// Lambda's invoke quota as the fake applies it: a token bucket of `rate` per second
@@ -866,9 +999,11 @@ mod tests {
         ]
     }
 
-    /// One caller: when it submits, its deadline, and when (if ever) it hangs up.
+    /// One caller: its key (and the key's weight), when it submits, its deadline, and when
+    /// (if ever) it hangs up.
     #[derive(Clone, Debug)]
     struct Caller {
+        key: u8,
         submit_at: u64,
         deadline: u64,
         hang_up_after: Option<u64>,
@@ -876,11 +1011,13 @@ mod tests {
 
     fn caller() -> impl Strategy<Value = Caller> {
         (
+            0u8..3,
             0u64..500,
             1u64..3000,
             proptest::option::weighted(0.2, 0u64..3000),
         )
-            .prop_map(|(submit_at, deadline, hang_up_after)| Caller {
+            .prop_map(|(key, submit_at, deadline, hang_up_after)| Caller {
+                key,
                 submit_at,
                 deadline,
                 hang_up_after,
@@ -896,6 +1033,9 @@ mod tests {
         retry_timeouts: bool,
         max_attempts: u32,
         latency: u64,
+        fairness: Fairness,
+        /// Small bounds make the queue refuse and (per key) displace.
+        max_pending: usize,
     }
 
     fn route() -> impl Strategy<Value = Route> {
@@ -907,6 +1047,8 @@ mod tests {
             any::<bool>(),
             1u32..5,
             0u64..50,
+            prop_oneof![Just(Fairness::PerKey), Just(Fairness::Fifo)],
+            prop_oneof![Just(1000usize), 1usize..6],
         )
             .prop_map(
                 |(
@@ -917,6 +1059,8 @@ mod tests {
                     retry_timeouts,
                     max_attempts,
                     latency,
+                    fairness,
+                    max_pending,
                 )| {
                     Route {
                         max_records,
@@ -926,6 +1070,8 @@ mod tests {
                         retry_timeouts,
                         max_attempts,
                         latency,
+                        fairness,
+                        max_pending,
                     }
                 },
             )
@@ -949,6 +1095,8 @@ mod tests {
             spec.bisect = route.bisect;
             spec.retry.retry_timeouts = route.retry_timeouts;
             spec.retry.max_attempts = route.max_attempts;
+            spec.fairness = route.fairness;
+            spec.max_pending = route.max_pending;
             let lambda =
                 fake::ScriptedLambda::echo(route.concurrency, Duration::from_millis(route.latency))
                     .script(script.iter().map(Step::reply));
@@ -963,7 +1111,9 @@ mod tests {
                         tokio::time::sleep_until(t0 + Duration::from_millis(c.submit_at)).await;
                         let body = RawValue::from_string("1".to_owned()).expect("JSON");
                         let deadline = Instant::now() + Duration::from_millis(c.deadline);
-                        let ticket = match batcher.submit(&Arc::from("k"), &body, deadline) {
+                        let key: Arc<str> = Arc::from(format!("k{}", c.key));
+                        let weight = u32::from(c.key) + 1;
+                        let ticket = match batcher.submit_weighted(&key, weight, &body, deadline) {
                             Ok(ticket) => ticket,
                             Err(refused) => return Some(Err(refused)),
                         };
@@ -1006,8 +1156,9 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
-        /// Whatever Lambda answers and whenever callers leave, every caller that waits gets
-        /// exactly one outcome (a oneshot carries at most one), and it is never `Lost`.
+        /// Whatever Lambda answers and whenever callers leave, with either queue and queue
+        /// bounds small enough to refuse and displace, every caller that waits gets exactly
+        /// one outcome (a oneshot carries at most one), and it is never `Lost`.
         #[test]
         fn every_submitted_record_gets_exactly_one_outcome(
             route in route(),

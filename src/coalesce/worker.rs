@@ -1,4 +1,6 @@
-//! The per-route worker: channel → batches → one delivery task per batch.
+//! The per-route worker: queue → batches → one delivery task per batch. The queue is a
+//! channel (`fifo`) or the fair queue (`per_key`), read through one [`Inbox`], so the
+//! worker has one code path for both.
 //!
 //! When a batch is sent ([`Flush`]): always when it is full (`max_records` or `max_bytes`)
 //! and when `max_wait` has passed since its first record. Before that, `window` holds it;
@@ -37,6 +39,7 @@ use tracing::Instrument;
 
 use super::deliver::Delivery;
 use super::envelope::framed_len;
+use super::fair::FairQueue;
 use super::{BatchSpec, Message, RecordError};
 use crate::config::Flush;
 use crate::invoke::{Invoke, InvokePermit};
@@ -82,24 +85,45 @@ impl Batch {
 }
 
 /// The route's queue as the worker reads it: a record stops counting against
-/// `queue.max_bytes` the moment the worker takes it, on every path that takes one.
-struct Inbox(mpsc::Receiver<Message>);
+/// `queue.max_bytes` the moment the worker takes it, on every path that takes one. Either
+/// queue answers `recv` with `None`, and `try_recv` with `Disconnected`, once it is empty
+/// and closed or every batcher handle is gone.
+pub(super) enum Inbox {
+    /// `queue.fairness = "fifo"`: the channel, in arrival order.
+    Fifo(mpsc::Receiver<Message>),
+    /// `queue.fairness = "per_key"`: round robin across keys (see `fair.rs`).
+    Fair(Arc<FairQueue>),
+}
 
 impl Inbox {
+    /// Cancel-safe, as the worker's `select!` needs: a record is either returned or still
+    /// queued.
     async fn recv(&mut self) -> Option<Message> {
-        self.0.recv().await.map(Message::taken)
+        match self {
+            Inbox::Fifo(rx) => rx.recv().await.map(Message::taken),
+            Inbox::Fair(fair) => fair.recv().await,
+        }
     }
 
     fn try_recv(&mut self) -> Result<Message, TryRecvError> {
-        self.0.try_recv().map(Message::taken)
+        match self {
+            Inbox::Fifo(rx) => rx.try_recv().map(Message::taken),
+            Inbox::Fair(fair) => fair.try_recv(),
+        }
     }
 
     fn close(&mut self) {
-        self.0.close();
+        match self {
+            Inbox::Fifo(rx) => rx.close(),
+            Inbox::Fair(fair) => fair.close(),
+        }
     }
 
     fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        match self {
+            Inbox::Fifo(rx) => rx.is_empty(),
+            Inbox::Fair(fair) => fair.is_empty(),
+        }
     }
 }
 
@@ -143,7 +167,7 @@ impl Drop for InFlightGuard {
     }
 }
 
-/// Answers everything the worker still holds with `Closed`. The channel is closed first so
+/// Answers everything the worker still holds with `Closed`. The queue is closed first so
 /// no sender can slip a record in after the drain.
 fn fail_all(rx: &mut Inbox, held: Vec<Message>) {
     rx.close();
@@ -155,7 +179,7 @@ fn fail_all(rx: &mut Inbox, held: Vec<Message>) {
     }
 }
 
-/// What the worker holds between the channel and a delivery task. It lives in the
+/// What the worker holds between the queue and a delivery task. It lives in the
 /// supervisor, outside the worker's future, so that the records of a worker that panicked
 /// can still be answered.
 struct Held {
@@ -181,11 +205,10 @@ impl Held {
 /// delivery task are not the worker's: if that task panics they surface as
 /// [`RecordError::Lost`] (`502`), since Lambda may have run them.
 pub(super) async fn supervise<I: Invoke>(
-    rx: mpsc::Receiver<Message>,
+    mut rx: Inbox,
     delivery: Arc<Delivery<I>>,
     closing: watch::Receiver<bool>,
 ) {
-    let mut rx = Inbox(rx);
     let mut held = Held {
         batch: Batch::new(delivery.spec.max_records),
         carry: None,
@@ -414,6 +437,121 @@ mod tests {
         assert_eq!(lambda.calls().len(), 1, "the held record was never sent");
     }
 
+    /// Key `a` offers ten times what the queue holds, all at once, then key `b` three
+    /// records; the function takes one batch of five at a time. Returns, per key, the
+    /// bodies delivered, how many the queue refused at `submit`, and how many it displaced
+    /// after taking them; and the bodies of each invoke.
+    async fn flood(fairness: crate::config::Fairness) -> (Flooded, Flooded, Vec<Vec<String>>) {
+        let mut spec = fake::spec(5);
+        spec.max_pending = 10;
+        spec.fairness = fairness;
+        let (batcher, lambda) = fake::start(spec, ScriptedLambda::echo(1, 100 * MS));
+        let submit = |key: &str, n: usize| {
+            let key: Arc<str> = Arc::from(key);
+            let body = serde_json::value::RawValue::from_string(format!("\"{key}{n}\""))
+                .expect("test JSON");
+            batcher.submit(&key, &body, Instant::now() + LONG)
+        };
+        let a: Vec<_> = (0..100).map(|n| submit("a", n)).collect();
+        let b: Vec<_> = (0..3).map(|n| submit("b", n)).collect();
+        let mut flooded = Vec::new();
+        for submitted in [a, b] {
+            let mut f = Flooded::default();
+            for s in submitted {
+                match s {
+                    Err(RecordError::QueueFull { .. }) => f.refused += 1,
+                    Err(other) => panic!("unexpected refusal {other:?}"),
+                    Ok(ticket) => match ticket.outcome().await {
+                        Ok(Delivered::Success { body }) => f.delivered.push(body.get().to_owned()),
+                        Err(RecordError::QueueFull { retry_after }) => {
+                            assert!(retry_after > Duration::ZERO);
+                            f.displaced += 1;
+                        }
+                        other => panic!("unexpected outcome {other:?}"),
+                    },
+                }
+            }
+            flooded.push(f);
+        }
+        assert_eq!(batcher.queue_depth(), 0);
+        assert_eq!(batcher.queued_bytes(), 0);
+        let b = flooded.pop().expect("two keys");
+        let a = flooded.pop().expect("two keys");
+        let calls = lambda.calls().into_iter().map(|c| c.bodies).collect();
+        (a, b, calls)
+    }
+
+    #[derive(Debug, Default)]
+    struct Flooded {
+        delivered: Vec<String>,
+        refused: usize,
+        displaced: usize,
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flooding_key_cannot_starve_a_light_key_in_a_fair_queue() {
+        let (a, b, calls) = flood(crate::config::Fairness::PerKey).await;
+        assert_eq!(b.delivered, ["\"b0\"", "\"b1\"", "\"b2\""], "{b:?}");
+        assert_eq!((b.refused, b.displaced), (0, 0));
+        assert_eq!(a.refused, 90, "the flood past the bound is refused at once");
+        assert_eq!(
+            a.displaced, 3,
+            "each of b's records displaced one of a's newest"
+        );
+        assert_eq!(
+            a.delivered,
+            (0..7).map(|n| format!("\"a{n}\"")).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            calls,
+            [
+                ["\"a0\"", "\"b0\"", "\"a1\"", "\"b1\"", "\"a2\""],
+                ["\"b2\"", "\"a3\"", "\"a4\"", "\"a5\"", "\"a6\""],
+            ],
+            "the keys take turns"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flooding_key_starves_a_light_key_in_a_fifo_queue() {
+        let (a, b, calls) = flood(crate::config::Fairness::Fifo).await;
+        assert_eq!(b.refused, 3, "{b:?}");
+        assert!(b.delivered.is_empty());
+        assert_eq!((a.refused, a.displaced, a.delivered.len()), (90, 0, 10));
+        assert_eq!(calls.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_in_a_fair_queue_outlive_a_worker_that_panics() {
+        let mut spec = fake::spec(20);
+        spec.route = "panics-once-fair".into();
+        spec.fairness = crate::config::Fairness::PerKey;
+        PANIC_ONCE.lock().unwrap().push("panics-once-fair".into());
+        let (batcher, lambda) = fake::start(spec, ScriptedLambda::echo(4, MS));
+        // Queued before the worker first runs: it takes `"a"`, panics holding it, and its
+        // successor finds the other two where they were.
+        let held = fake::submit(&batcher, "\"a\"", LONG);
+        let queued = [
+            fake::submit(&batcher, "\"b\"", LONG),
+            fake::submit(&batcher, "\"c\"", LONG),
+        ];
+        let outcome = held.outcome().await;
+        assert!(
+            matches!(outcome, Err(RecordError::WorkerFailed)),
+            "{outcome:?}"
+        );
+        for ticket in queued {
+            let outcome = ticket.outcome().await;
+            assert!(
+                matches!(outcome, Ok(Delivered::Success { .. })),
+                "{outcome:?}"
+            );
+        }
+        let sent: Vec<Vec<String>> = lambda.calls().into_iter().map(|c| c.bodies).collect();
+        assert_eq!(sent, [vec!["\"b\"".to_owned(), "\"c\"".to_owned()]]);
+        assert_eq!(batcher.queued_bytes(), 0);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn window_flush_sends_a_partial_batch_at_max_wait_and_full_batches_at_once() {
         let mut spec = fake::spec(5);
@@ -602,7 +740,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn closing_answers_held_and_queued_records_closed_and_in_flight_ones_their_result() {
-        let (batcher, lambda) = fake::start(fake::spec(1), ScriptedLambda::echo(1, 1000 * MS));
+        closing_answers(crate::config::Fairness::PerKey).await;
+        closing_answers(crate::config::Fairness::Fifo).await;
+    }
+
+    async fn closing_answers(fairness: crate::config::Fairness) {
+        let mut spec = fake::spec(1);
+        spec.fairness = fairness;
+        let (batcher, lambda) = fake::start(spec, ScriptedLambda::echo(1, 1000 * MS));
 
         let in_flight = fake::submit(&batcher, "\"a\"", LONG);
         let held = fake::submit(&batcher, "\"b\"", LONG);

@@ -93,6 +93,15 @@ pub struct PlanConfig {
     /// The API keys on this plan (default none).
     #[serde(default)]
     pub keys: Vec<String>,
+    /// The plan's share of a route queue with `fairness = "per_key"`: records a key of
+    /// this plan is served per round, against 1 for keys without a plan (default `1`,
+    /// `1..=1000`).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 impl PlanConfig {

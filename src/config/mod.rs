@@ -41,8 +41,8 @@ pub use self::lambda::{
 };
 pub use self::limits::{BackendErrorPolicy, LimitBackend, LimitsConfig, PlanConfig};
 pub use self::route::{
-    BatchConfig, DlqConfig, Envelope, Flush, InvokeConfig, Jitter, QueueConfig, RetryConfig,
-    RouteConfig, ENVELOPE_FRAME, ENVELOPE_RECORD_OVERHEAD,
+    BatchConfig, DlqConfig, Envelope, Fairness, Flush, InvokeConfig, Jitter, QueueConfig,
+    RetryConfig, RouteConfig, ENVELOPE_FRAME, ENVELOPE_RECORD_OVERHEAD,
 };
 pub use self::server::{
     IdentityConfig, IdentitySource, ServerConfig, DEFAULT_MAX_JSON_DEPTH, LAMBDA_INVOKE_PREFIX,
@@ -50,7 +50,7 @@ pub use self::server::{
 };
 pub use self::validate::{
     INVOKE_RATE, MAX_ATTEMPTS, MAX_BATCH_RECORDS, MAX_CONCURRENCY, MAX_INVOKE_BURST, MAX_KEYS,
-    MAX_PENDING, MAX_TIMEOUT,
+    MAX_PENDING, MAX_TIMEOUT, PLAN_WEIGHT,
 };
 use crate::emulator::EmulatorConfig;
 pub use crate::quota::Quota;

@@ -63,6 +63,20 @@ impl Default for BatchConfig {
     }
 }
 
+/// `routes[].queue.fairness`: the order in which queued records are drawn into batches and
+/// who is shed when the queue is full (default `per_key`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Fairness {
+    /// Deficit round robin across the keys with records waiting, `weight` records per key
+    /// and round; a newcomer to a full queue displaces the newest record of the key holding
+    /// the most queued records (that caller gets `429 scope=queue`), unless the newcomer's
+    /// own key holds the most.
+    PerKey,
+    /// First in, first out; a full queue refuses the newcomer.
+    Fifo,
+}
+
 /// `routes[].queue`: the bound on records waiting for an invoke; past it callers get
 /// `429 scope=queue`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -73,6 +87,8 @@ pub struct QueueConfig {
     /// Bound on the bytes of records waiting in the queue (their envelope entries; default
     /// `64MiB`); must hold one record of `server.max_record_bytes`.
     pub max_bytes: ByteSize,
+    /// Order of service and who is shed at the bound (default `per_key`).
+    pub fairness: Fairness,
 }
 
 impl Default for QueueConfig {
@@ -80,6 +96,7 @@ impl Default for QueueConfig {
         QueueConfig {
             max_pending: 10_000,
             max_bytes: ByteSize::mib(64),
+            fairness: Fairness::PerKey,
         }
     }
 }

@@ -493,3 +493,29 @@ fn aws_access_key_is_an_identity_source() {
     .unwrap();
     assert_eq!(config.identity.source, IdentitySource::AwsAccessKey);
 }
+
+#[test]
+fn queues_are_fair_per_key_by_default_and_plan_weights_are_bounded() {
+    let config = load(MINIMAL).unwrap();
+    assert_eq!(config.routes[0].queue.fairness, Fairness::PerKey);
+    let fifo = load(&format!("{MINIMAL}queue = {{ fairness = \"fifo\" }}\n")).unwrap();
+    assert_eq!(fifo.routes[0].queue.fairness, Fairness::Fifo);
+    let err = load(&format!("{MINIMAL}queue = {{ fairness = \"lifo\" }}\n")).unwrap_err();
+    assert_eq!(err.key(), Some("routes[0].queue.fairness"), "{err}");
+
+    let plan = |weight: &str| {
+        format!(
+            "[[plans]]\nname = \"gold\"\nrate = 1.0\nburst = 1\nkeys = [\"g\"]\n{weight}{MINIMAL}"
+        )
+    };
+    assert_eq!(load(&plan("")).unwrap().plans[0].weight, 1);
+    assert_eq!(
+        load(&plan("weight = 1000\n")).unwrap().plans[0].weight,
+        1000
+    );
+    for bad in ["weight = 0\n", "weight = 1001\n"] {
+        let err = load(&plan(bad)).unwrap_err();
+        assert_eq!(err.key(), Some("plans[0].weight"), "{bad}: {err}");
+        assert!(err.to_string().contains("1..=1000"), "{err}");
+    }
+}

@@ -235,6 +235,12 @@ fn validate_plans(plans: &[PlanConfig]) -> Result<(), ConfigError> {
         plan.quota()
             .validate()
             .map_err(|m| ConfigError::invalid(format!("plans[{i}].rate"), m))?;
+        check_range(
+            &format!("plans[{i}].weight"),
+            plan.weight,
+            PLAN_WEIGHT,
+            "records per round",
+        )?;
         for key in &plan.keys {
             if key.is_empty() || !plan_keys.insert(key.as_str()) {
                 return Err(ConfigError::invalid(
@@ -410,6 +416,9 @@ pub const MAX_CONCURRENCY: u32 = 100_000;
 pub const MAX_BATCH_RECORDS: u32 = 10_000;
 /// `queue.max_pending`.
 pub const MAX_PENDING: usize = 10_000_000;
+/// `plans[].weight`: a key's records per round of a fair queue, against 1 for keys without
+/// a plan.
+pub const PLAN_WEIGHT: std::ops::RangeInclusive<u32> = 1..=1000;
 /// `retry.max_attempts`.
 pub const MAX_ATTEMPTS: u32 = 100;
 /// `limits.max_keys`.

@@ -12,7 +12,7 @@ use super::lambda_api::Targets;
 use super::parseable;
 use super::readiness::Readiness;
 use super::records::{Endpoint, RecordRoute};
-use crate::coalesce::Batcher;
+use crate::coalesce::{Batcher, KeyWeights};
 use crate::config::{Config, RouteConfig};
 use crate::invoke::Invoker;
 use crate::limit::{Admission, DefaultClock, Plans, RedisBackend};
@@ -124,6 +124,7 @@ impl App {
             pipeline.limit_backend.clone(),
         );
         let mut routes = Vec::with_capacity(config.routes.len());
+        let weights = Arc::new(KeyWeights::from_plans(&config.plans));
         for (index, (handle, cfg)) in pipeline.routes.into_iter().zip(&config.routes).enumerate() {
             let kept = previous.and_then(|p| {
                 let old = p.routes.iter().find(|r| r.config.name == cfg.name)?;
@@ -142,6 +143,7 @@ impl App {
                     cfg.envelope,
                 ),
                 body_read_timeout: config.server.body_read_timeout,
+                weights: Arc::clone(&weights),
             });
             routes.push(RouteEntry {
                 config: cfg.clone(),

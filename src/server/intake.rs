@@ -155,8 +155,9 @@ pub(super) fn parse_record<'a>(
     Ok(record)
 }
 
-/// Queues `record` for `key` on the route's batcher, or says at once why not (a full queue
-/// or one that cannot reach the record in time: `429 scope=queue`; a closing route: `503`).
+/// Queues `record` for `key` (with its plan's weight in a fair queue) on the route's
+/// batcher, or says at once why not (a full queue or one that cannot reach the record in
+/// time: `429 scope=queue`; a closing route: `503`).
 #[allow(clippy::result_large_err)]
 pub(super) fn submit(
     route: &RecordRoute,
@@ -164,9 +165,10 @@ pub(super) fn submit(
     record: &RawValue,
     deadline: Instant,
 ) -> Result<Ticket, RequestError> {
+    let weight = route.weights.weight_of(key);
     route
         .batcher
-        .submit(key, record, deadline)
+        .submit_weighted(key, weight, record, deadline)
         .map_err(|error| RequestError::Record {
             record: None,
             error,

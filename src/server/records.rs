@@ -35,7 +35,7 @@ use super::reload::Server;
 use super::request_id::ConnectionIds;
 use super::respond::{self, RequestError, Response};
 use super::{IdentityError, ANONYMOUS};
-use crate::coalesce::Batcher;
+use crate::coalesce::{Batcher, KeyWeights};
 use crate::invoke::Invoker;
 use crate::limit::Rejected;
 use crate::limit::{
@@ -60,6 +60,8 @@ pub(super) struct RecordRoute {
     /// and the route's envelope).
     pub(super) max_json_depth: u32,
     pub(super) body_read_timeout: Duration,
+    /// Each key's share of a per-key fair queue (its plan's `weight`).
+    pub(super) weights: Arc<KeyWeights>,
 }
 
 impl RecordRoute {

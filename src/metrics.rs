@@ -25,6 +25,8 @@
 //! | `sluicegate_limit_backend_errors_total` | counter | |
 //! | `sluicegate_limit_backend_up` | gauge | |
 //! | `sluicegate_limit_backend_fallbacks_total` | counter | `policy` |
+//! | `sluicegate_quota_exhausted_total` | counter | `plan` (`default` for keys without one) |
+//! | `sluicegate_quota_keys_at_limit` | gauge | |
 
 use std::sync::OnceLock;
 
@@ -141,5 +143,13 @@ fn describe() {
     describe_counter!(
         "sluicegate_limit_backend_fallbacks_total",
         "Decisions made by the on_backend_error policy while Redis was down."
+    );
+    describe_counter!(
+        "sluicegate_quota_exhausted_total",
+        "Times a key used the last request of its usage quota's period, by plan."
+    );
+    describe_gauge!(
+        "sluicegate_quota_keys_at_limit",
+        "Keys whose usage-quota count has reached its limit in the current period."
     );
 }

@@ -314,6 +314,7 @@ async fn an_unreachable_redis_applies_the_allow_and_deny_policies() {
                 Fallback::Allow => assert_eq!(
                     admit.await,
                     Ok(Admitted {
+                        usage: None,
                         quota,
                         remaining: quota.burst,
                         reset: Duration::ZERO
@@ -322,6 +323,7 @@ async fn an_unreachable_redis_applies_the_allow_and_deny_policies() {
                 _ => assert_eq!(
                     admit.await,
                     Err(Rejected {
+                        usage: None,
                         scope: Scope::Global,
                         quota,
                         wait: DENY_WAIT

@@ -160,7 +160,7 @@ fn env_overrides_set_nested_keys_and_array_entries() {
     assert_eq!(config.routes[0].function, "other-fn");
     assert_eq!(config.routes[0].batch.max_records.get(), 7);
     assert_eq!(
-        config.limits.default,
+        config.limits.default.throttle(),
         Quota {
             rate: 2.5,
             burst: 3

@@ -550,8 +550,10 @@ async fn probe_while_down(inner: Weak<Inner>) {
 /// Checks and converts the script's `{admitted, bucket, a, b[, used]}` reply; `counted`:
 /// the call had a usage counter after its `buckets`.
 fn verdict(reply: &[i64], buckets: usize, counted: bool) -> Option<Verdict> {
+    // A bucket's refusal has four elements even in a call with a counter (the script stops
+    // before the counter); an admission or the counter's refusal then has five.
     let (admitted, bucket, a, b) = match *reply {
-        [admitted, bucket, a, b] if !counted => (admitted, bucket, a, b),
+        [admitted, bucket, a, b] if !counted || admitted == 0 => (admitted, bucket, a, b),
         [admitted, bucket, a, b, _] if counted => (admitted, bucket, a, b),
         _ => return None,
     };
@@ -560,7 +562,7 @@ fn verdict(reply: &[i64], buckets: usize, counted: bool) -> Option<Verdict> {
         None => None,
     };
     let index = usize::try_from(bucket).ok()?.checked_sub(1)?;
-    if index == buckets && counted && admitted == 0 {
+    if index == buckets && counted && admitted == 0 && used.is_some() {
         // The usage counter refused; its wait is the period's end, known to the caller.
         return Some(Verdict {
             bucket: index,
@@ -670,6 +672,18 @@ mod unit_tests {
             })
         );
         assert_eq!(verdict(&[1, 3, 7, 1_500], 3, true), None, "count missing");
+        assert_eq!(
+            verdict(&[0, 2, 10, 0], 3, true),
+            Some(Verdict {
+                bucket: 1,
+                decision: Decision::Limited {
+                    wait: Duration::from_nanos(10)
+                },
+                used: None,
+            }),
+            "a bucket refused before the counter"
+        );
+        assert_eq!(verdict(&[0, 4, 9, 0], 3, true), None, "count missing");
         assert_eq!(verdict(&[0, 4, 9, 0, 9], 3, false), None);
         assert_eq!(verdict(&[1, 3, 7, 1_500, -1], 3, true), None);
     }

@@ -480,3 +480,66 @@ fn the_embedded_emulator_is_the_target_only_when_endpoint_url_names_it() {
         .unwrap()
         .targets_embedded_emulator());
 }
+
+#[test]
+fn usage_quotas_load_on_plans_and_the_default_and_bad_ones_name_their_key() {
+    use crate::usage::{Period, UsageQuota};
+    let config = load(&format!(
+        "{MINIMAL}\n[limits]\ndefault = {{ rate = 5.0, burst = 10, quota = {{ limit = 1000, period = \"day\" }} }}\n\
+         quota_state = \"/var/lib/sluicegate/quota.json\"\n\
+         [[plans]]\nname = \"gold\"\nrate = 1.0\nburst = 1\nkeys = [\"g\"]\n\
+         quota = {{ limit = 100000, period = \"MONTH\", offset = 14 }}\n"
+    ))
+    .expect("valid");
+    assert_eq!(
+        config.limits.default.quota,
+        Some(UsageQuota {
+            limit: 1000,
+            period: Period::Day,
+            offset: 0
+        })
+    );
+    assert_eq!(
+        config.plans[0].quota,
+        Some(UsageQuota {
+            limit: 100000,
+            period: Period::Month,
+            offset: 14
+        })
+    );
+    assert_eq!(
+        config.limits.quota_state,
+        std::path::PathBuf::from("/var/lib/sluicegate/quota.json")
+    );
+    assert_eq!(
+        load(MINIMAL).unwrap().limits.quota_state,
+        std::path::PathBuf::from("data/quota-state.json")
+    );
+    let plan = |quota: &str| {
+        load(&format!(
+            "{MINIMAL}\n[[plans]]\nname = \"gold\"\nrate = 1.0\nburst = 1\nquota = {quota}\n"
+        ))
+        .unwrap_err()
+        .to_string()
+    };
+    let week = plan("{ limit = 5, period = \"week\", offset = 7 }");
+    assert!(
+        week.contains("plans[0].quota") && week.contains("0 (Sunday) ..= 6"),
+        "{week}"
+    );
+    let day = plan("{ limit = 5, period = \"day\", offset = 1 }");
+    assert!(day.contains("day period takes no offset"), "{day}");
+    let zero = plan("{ limit = 0, period = \"month\" }");
+    assert!(
+        zero.contains("plans[0].quota") && zero.contains("limit must be in 1..="),
+        "{zero}"
+    );
+    let period = plan("{ limit = 5, period = \"year\" }");
+    assert!(period.contains("year"), "{period}");
+    let default = load(&format!(
+        "{MINIMAL}\n[limits]\ndefault = {{ rate = 5.0, burst = 10, quota = {{ limit = 5, period = \"month\", offset = 28 }} }}\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(default.contains("limits.default.quota"), "{default}");
+}

@@ -8,7 +8,7 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `sluicegate_requests_total` | counter | `route`, `status`, `scope` (429s; `none` otherwise) |
-//! | `sluicegate_admission_rejections_total` | counter | `scope` (`global`, `route`, `key`) |
+//! | `sluicegate_admission_rejections_total` | counter | `scope` (`global`, `route`, `key`, `quota`) |
 //! | `sluicegate_queue_depth` | gauge | `route` |
 //! | `sluicegate_queue_bytes` | gauge | `route` |
 //! | `sluicegate_batch_records` | histogram | `route` |

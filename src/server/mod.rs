@@ -28,6 +28,10 @@
 //! Admin connections get `shutdown_grace` too and are then dropped, so no admin client
 //! (a half-sent request, an idle keep-alive) holds the process.
 //!
+//! Usage-quota counts (local backend): read from `limits.quota_state` at start when some
+//! key has a quota, written by a background task at most once a second while they change,
+//! and once more at shutdown after the last request was answered.
+//!
 //! Slow and hostile clients: a request head must arrive within `header_read_timeout`, a
 //! record body within `body_read_timeout` (`408`, connection closed); at most
 //! `max_connections` data-plane connections are open (more wait in the backlog), fewer
@@ -240,7 +244,8 @@ pub async fn start_with_source(
     let app = App::build(config, &client, endpoint, None)
         .await
         .map_err(StartError::Pipeline)?;
-    if app.admission.has_usage_quotas() {
+    // With Redis the counts live there; the local counters only follow them.
+    if app.admission.has_usage_quotas() && app.admission.backend().is_none() {
         let path = app.config.limits.quota_state.clone();
         let counters = Arc::clone(app.admission.usage_counters());
         let now = app.admission.wall_clock().now();

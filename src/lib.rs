@@ -22,6 +22,8 @@
 //! - [`metrics`]: the Prometheus recorder and the metric names.
 //! - [`quota`]: the token-bucket vocabulary (a bucket's `Quota` and its `Decision`), the one
 //!   whole-seconds rounding, and the adjustable bucket of the invoke gate and the emulator.
+//! - [`usage`]: the usage-plan quota vocabulary (`limit` requests per UTC day, week or month)
+//!   and its period arithmetic.
 //! - [`lambda`]: what AWS Lambda itself allows (payload limits), for the proxy and the emulator.
 //! - [`units`]: durations and byte sizes written in human units.
 //! - [`redact`]: secrets (URL user-info, the admin token) out of printed config and logs.
@@ -44,3 +46,4 @@ pub mod redact;
 pub mod redrive;
 pub mod server;
 pub mod units;
+pub mod usage;

@@ -8,7 +8,7 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `sluicegate_requests_total` | counter | `route`, `status`, `scope` (429s; `none` otherwise) |
-//! | `sluicegate_admission_rejections_total` | counter | `scope` (`global`, `route`, `key`) |
+//! | `sluicegate_admission_rejections_total` | counter | `scope` (`global`, `route`, `key`, `quota`) |
 //! | `sluicegate_queue_depth` | gauge | `route` |
 //! | `sluicegate_queue_bytes` | gauge | `route` |
 //! | `sluicegate_batch_records` | histogram | `route` |
@@ -26,6 +26,8 @@
 //! | `sluicegate_limit_backend_up` | gauge | |
 //! | `sluicegate_limit_backend_fallbacks_total` | counter | `policy` |
 //! | `sluicegate_queue_displaced_total` | counter | `route` |
+//! | `sluicegate_quota_exhausted_total` | counter | `plan` (`default` for keys without one) |
+//! | `sluicegate_quota_keys_at_limit` | gauge | |
 
 use std::sync::OnceLock;
 
@@ -146,5 +148,13 @@ fn describe() {
     describe_counter!(
         "sluicegate_queue_displaced_total",
         "Queued records displaced from a full per-key fair queue by a lighter key's newcomer (answered 429 scope=queue)."
+    );
+    describe_counter!(
+        "sluicegate_quota_exhausted_total",
+        "Times a key used the last request of its usage quota's period, by plan."
+    );
+    describe_gauge!(
+        "sluicegate_quota_keys_at_limit",
+        "Keys whose usage-quota count has reached its limit in the current period."
     );
 }

@@ -340,7 +340,7 @@ async fn killing_redis_mid_run_answers_every_request_and_shared_limits_return() 
                 .expect("answered");
             assert_eq!(response.status(), 200);
             let found: Vec<String> = ::redis::cmd("KEYS")
-                .arg(format!("sluicegate:v1:k:*:{key}"))
+                .arg(format!("sluicegate:v1:k:*:{{{key}}}"))
                 .query_async(&mut conn)
                 .await
                 .expect("KEYS");

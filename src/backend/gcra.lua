@@ -21,6 +21,14 @@
 -- Returns {1, i, remaining, reset_ns} for an admission (i = the last bucket), or
 -- {0, i, wait_ns, 0} for a refusal by bucket i (wait_ns = -1: closed layer).
 --
+-- Usage quota (optional): the LAST key is then a request counter, and three arguments follow
+-- the buckets' pairs: its limit, its expiry (PEXPIREAT, ms since the epoch: the period's
+-- end) and the cost of this request (1). The counter is checked only once every bucket
+-- admitted the request, so a request shed by a bucket uses no quota: past the limit the
+-- answer is {0, #KEYS, used, 0, used} and nothing is counted (the buckets keep the tokens
+-- they gave, as for any refusal by a later layer); otherwise the counter is incremented and
+-- the admission's answer carries the new count as a fifth element.
+--
 -- Needs Redis >= 5, where scripts replicate their effects (so a write after TIME is fine).
 --
 -- Times are kept relative to the current whole second, so Lua's doubles hold them exactly
@@ -57,9 +65,15 @@ local result = {1, 0, 0, 0}
 if #KEYS == 0 then
   return result
 end
+-- Two arguments per bucket after the first two; three more when the last key is a counter.
+local buckets = #KEYS
+local quota = #ARGV == 2 * #KEYS + 3
+if quota then
+  buckets = #KEYS - 1
+end
 -- One read for every bucket (most requests are refused or admitted without writing all).
-local stored = call('MGET', unpack(KEYS))
-for i = 1, #KEYS do
+local stored = buckets > 0 and call('MGET', unpack(KEYS, 1, buckets)) or {}
+for i = 1, buckets do
   local t = tonumber(ARGV[2 * i + 1])
   local tau = tonumber(ARGV[2 * i + 2])
   if t == 0 then
@@ -87,5 +101,18 @@ for i = 1, #KEYS do
   local whole = idiv(nxt, BILLION)
   call('PSETEX', KEYS[i], ttl, string.format('%d%09d', sec + whole, nxt - whole * BILLION))
   result = {1, i, remaining, nxt - ns}
+end
+if quota then
+  local counter = KEYS[#KEYS]
+  local base = 2 * buckets + 2
+  local limit = tonumber(ARGV[base + 1])
+  local cost = tonumber(ARGV[base + 3])
+  local used = tonumber(call('GET', counter) or '0') or 0
+  if used + cost > limit then
+    return {0, #KEYS, used, 0, used}
+  end
+  used = call('INCRBY', counter, cost)
+  call('PEXPIREAT', counter, ARGV[base + 2])
+  result[5] = used
 end
 return result

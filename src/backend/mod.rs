@@ -23,7 +23,7 @@
 //!   a little later, so a client that waits `wait` from receiving its answer waits at least
 //!   the exact time: never early.
 //! - **Keys** are `<prefix>:g:<T>:<burst>` (global), `<prefix>:r:<T>:<burst>:<route>`,
-//!   `<prefix>:k:<T>:<burst>:<client key>` and `<prefix>:i:<function>` (invoke rate), where
+//!   `<prefix>:k:<T>:<burst>:{<client key>}` and `<prefix>:i:<function>` (invoke rate), where
 //!   `<prefix>` is `sluicegate:v1` by default. Admission buckets are named after their quota,
 //!   so a changed quota starts a fresh, full bucket — as [`Admission::reconfigured`] does
 //!   locally — and replicas briefly running different configs do not misread each other's
@@ -36,6 +36,12 @@
 //!   (`burst / rate`) after its last admitted request, and a refused request writes nothing:
 //!   keys sprayed at the key layer cost at most (rate the upper layers admit) × refill time.
 //!   `limits.max_keys` bounds the local engine (the fallback), not Redis.
+//! - **Usage quotas**: a key with a usage quota (requests per day, week or month) has a
+//!   counter `<prefix>:q:<period><offset>:<period start>:{<client key>}`, checked and
+//!   incremented by the key layer's script call — the same round trip — only once every
+//!   bucket admitted the request, and expiring (`PEXPIREAT`) at the period's end. Its hash
+//!   tag `{<client key>}` is the key bucket's, so in a Redis Cluster both share a slot. The
+//!   period is computed by the replica from its own UTC clock.
 //!
 //! # Concurrency
 //!
@@ -69,6 +75,7 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::Script;
 
 use crate::quota::{Decision, Quota, CLOSED_WAIT};
+use crate::usage::{UsageQuota, Window};
 
 /// Which admission layer a bucket belongs to; its letter names the layer in the key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -206,12 +213,23 @@ pub(crate) struct BucketRef<'a> {
     pub(crate) gcra: Gcra,
 }
 
+/// A usage-quota counter checked after the buckets of a script call: at most `limit`
+/// requests, the key expiring at `expire_at` (the period's end, since the Unix epoch).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CounterRef<'a> {
+    pub(crate) key: &'a str,
+    pub(crate) limit: u64,
+    pub(crate) expire_at: Duration,
+}
+
 /// The script's answer: the deciding bucket (0-based: the refusing one, or the last one when
-/// admitted) and its decision.
+/// admitted; `buckets.len()` when the usage counter refused) and its decision, and the
+/// usage counter's count when the call had one (after this request when admitted).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Verdict {
     pub(crate) bucket: usize,
     pub(crate) decision: Decision,
+    pub(crate) used: Option<u64>,
 }
 
 /// A connection to the Redis that holds the shared buckets, with its health. Cheap to clone;
@@ -314,6 +332,71 @@ impl RedisBackend {
         )
     }
 
+    /// Key of a client key's bucket in a key layer: the layer's [`layer_key`](Self::layer_key)
+    /// with the client key in a Redis Cluster hash tag (`{…}`), which the key's usage counter
+    /// ([`usage_key`](Self::usage_key)) shares, so both land in one slot.
+    pub(crate) fn client_key(layer_key: &str, client: &str) -> String {
+        format!("{layer_key}{{{client}}}")
+    }
+
+    /// Key of a client key's usage counter in one period:
+    /// `<prefix>:q:<period><offset>:<period start>:{<client key>}`. Named after the period
+    /// but not the limit, so a reload that changes only the limit keeps the count.
+    pub(crate) fn usage_key(&self, client: &str, quota: &UsageQuota, window: Window) -> String {
+        format!(
+            "{}:q:{}{}:{}:{{{client}}}",
+            self.inner.options.prefix,
+            quota.period.as_str(),
+            quota.offset,
+            window.start
+        )
+    }
+
+    /// The count of a usage counter (0 when it does not exist).
+    pub(crate) async fn usage(&self, key: &str) -> Result<u64, Unavailable> {
+        let mut conn = self.inner.conn.clone();
+        let mut cmd = ::redis::cmd("GET");
+        cmd.arg(key);
+        let get = cmd.query_async::<Option<u64>>(&mut conn);
+        match tokio::time::timeout(self.inner.options.timeout, get).await {
+            Ok(Ok(used)) => Ok(used.unwrap_or(0)),
+            Ok(Err(e)) => {
+                self.failed(e);
+                Err(Unavailable)
+            }
+            Err(_elapsed) => Err(Unavailable),
+        }
+    }
+
+    /// Sets a usage counter to `used`, expiring at `expire_at` (since the Unix epoch).
+    pub(crate) async fn set_usage(
+        &self,
+        key: &str,
+        used: u64,
+        expire_at: Duration,
+    ) -> Result<(), Unavailable> {
+        let mut conn = self.inner.conn.clone();
+        let mut pipe = ::redis::pipe();
+        pipe.atomic()
+            .cmd("SET")
+            .arg(key)
+            .arg(used)
+            .ignore()
+            .cmd("PEXPIREAT")
+            .arg(key)
+            .arg(expire_at.as_millis() as u64)
+            .ignore();
+        let set = pipe.query_async::<()>(&mut conn);
+        match tokio::time::timeout(self.inner.options.timeout, set).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                self.failed(e);
+                Err(Unavailable)
+            }
+            Err(_elapsed) => Err(Unavailable),
+        }
+    }
+
     /// Key of a function's invoke-rate bucket.
     pub(crate) fn invoke_key(&self, function: &str) -> String {
         format!("{}:i:{function}", self.inner.options.prefix)
@@ -343,12 +426,26 @@ impl RedisBackend {
         buckets: &[BucketRef<'_>],
         now: Option<Duration>,
     ) -> Result<Verdict, Unavailable> {
+        self.eval_counted(buckets, None, now).await
+    }
+
+    /// [`eval`](Self::eval), then — only when every bucket admitted — the usage `counter`:
+    /// checked and incremented in the same script call (see `gcra.lua`).
+    pub(crate) async fn eval_counted(
+        &self,
+        buckets: &[BucketRef<'_>],
+        counter: Option<CounterRef<'_>>,
+        now: Option<Duration>,
+    ) -> Result<Verdict, Unavailable> {
         if !self.is_up() {
             return Err(Unavailable);
         }
         let mut call = self.inner.script.prepare_invoke();
         for bucket in buckets {
             call.key(bucket.key);
+        }
+        if let Some(counter) = &counter {
+            call.key(counter.key);
         }
         match now {
             Some(now) => call.arg(now.as_nanos().to_string()).arg(LOGICAL_MIN_TTL_MS),
@@ -357,14 +454,19 @@ impl RedisBackend {
         for bucket in buckets {
             call.arg(bucket.gcra.period).arg(bucket.gcra.tau);
         }
+        if let Some(counter) = &counter {
+            call.arg(counter.limit)
+                .arg(counter.expire_at.as_millis() as u64)
+                .arg(1u64);
+        }
         let mut conn = self.inner.conn.clone();
         let reply = tokio::time::timeout(
             self.inner.options.timeout,
-            call.invoke_async::<(i64, i64, i64, i64)>(&mut conn),
+            call.invoke_async::<Vec<i64>>(&mut conn),
         )
         .await;
         match reply {
-            Ok(Ok(reply)) => match verdict(reply, buckets.len()) {
+            Ok(Ok(reply)) => match verdict(&reply, buckets.len(), counter.is_some()) {
                 Some(verdict) => Ok(verdict),
                 None => {
                     self.failed(format_args!("unexpected script reply {reply:?}"));
@@ -445,9 +547,31 @@ async fn probe_while_down(inner: Weak<Inner>) {
     }
 }
 
-/// Checks and converts the script's `{admitted, bucket, a, b}` reply.
-fn verdict((admitted, bucket, a, b): (i64, i64, i64, i64), buckets: usize) -> Option<Verdict> {
+/// Checks and converts the script's `{admitted, bucket, a, b[, used]}` reply; `counted`:
+/// the call had a usage counter after its `buckets`.
+fn verdict(reply: &[i64], buckets: usize, counted: bool) -> Option<Verdict> {
+    // A bucket's refusal has four elements even in a call with a counter (the script stops
+    // before the counter); an admission or the counter's refusal then has five.
+    let (admitted, bucket, a, b) = match *reply {
+        [admitted, bucket, a, b] if !counted || admitted == 0 => (admitted, bucket, a, b),
+        [admitted, bucket, a, b, _] if counted => (admitted, bucket, a, b),
+        _ => return None,
+    };
+    let used = match reply.get(4) {
+        Some(&used) => Some(u64::try_from(used).ok()?),
+        None => None,
+    };
     let index = usize::try_from(bucket).ok()?.checked_sub(1)?;
+    if index == buckets && counted && admitted == 0 && used.is_some() {
+        // The usage counter refused; its wait is the period's end, known to the caller.
+        return Some(Verdict {
+            bucket: index,
+            decision: Decision::Limited {
+                wait: Duration::ZERO,
+            },
+            used,
+        });
+    }
     if index >= buckets {
         return None;
     }
@@ -465,6 +589,7 @@ fn verdict((admitted, bucket, a, b): (i64, i64, i64, i64), buckets: usize) -> Op
     Some(Verdict {
         bucket: index,
         decision,
+        used,
     })
 }
 
@@ -511,7 +636,7 @@ mod unit_tests {
 
     #[test]
     fn replies_are_checked_before_they_are_trusted() {
-        let allowed = verdict((1, 3, 7, 1_500), 3).expect("valid");
+        let allowed = verdict(&[1, 3, 7, 1_500], 3, false).expect("valid");
         assert_eq!(
             allowed,
             Verdict {
@@ -519,17 +644,48 @@ mod unit_tests {
                 decision: Decision::Allowed {
                     remaining: 7,
                     reset: Duration::from_nanos(1_500)
-                }
+                },
+                used: None,
             }
         );
         assert_eq!(
-            verdict((0, 1, -1, 0), 3).expect("valid").decision,
+            verdict(&[0, 1, -1, 0], 3, false).expect("valid").decision,
             Decision::Limited { wait: CLOSED_WAIT }
         );
-        assert_eq!(verdict((0, 4, 10, 0), 3), None);
-        assert_eq!(verdict((0, 0, 10, 0), 3), None);
-        assert_eq!(verdict((2, 1, 10, 0), 3), None);
-        assert_eq!(verdict((1, 1, -5, 0), 3), None);
+        assert_eq!(verdict(&[0, 4, 10, 0], 3, false), None);
+        assert_eq!(verdict(&[0, 0, 10, 0], 3, false), None);
+        assert_eq!(verdict(&[2, 1, 10, 0], 3, false), None);
+        assert_eq!(verdict(&[1, 1, -5, 0], 3, false), None);
+        // With a usage counter: the count comes back; the counter's refusal is index 3.
+        assert_eq!(
+            verdict(&[1, 3, 7, 1_500, 42], 3, true).expect("valid").used,
+            Some(42)
+        );
+        assert_eq!(
+            verdict(&[0, 4, 9, 0, 9], 3, true),
+            Some(Verdict {
+                bucket: 3,
+                decision: Decision::Limited {
+                    wait: Duration::ZERO
+                },
+                used: Some(9),
+            })
+        );
+        assert_eq!(verdict(&[1, 3, 7, 1_500], 3, true), None, "count missing");
+        assert_eq!(
+            verdict(&[0, 2, 10, 0], 3, true),
+            Some(Verdict {
+                bucket: 1,
+                decision: Decision::Limited {
+                    wait: Duration::from_nanos(10)
+                },
+                used: None,
+            }),
+            "a bucket refused before the counter"
+        );
+        assert_eq!(verdict(&[0, 4, 9, 0], 3, true), None, "count missing");
+        assert_eq!(verdict(&[0, 4, 9, 0, 9], 3, false), None);
+        assert_eq!(verdict(&[1, 3, 7, 1_500, -1], 3, true), None);
     }
 
     #[test]

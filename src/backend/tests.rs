@@ -314,6 +314,7 @@ async fn an_unreachable_redis_applies_the_allow_and_deny_policies() {
                 Fallback::Allow => assert_eq!(
                     admit.await,
                     Ok(Admitted {
+                        usage: None,
                         quota,
                         remaining: quota.burst,
                         reset: Duration::ZERO
@@ -322,6 +323,7 @@ async fn an_unreachable_redis_applies_the_allow_and_deny_policies() {
                 _ => assert_eq!(
                     admit.await,
                     Err(Rejected {
+                        usage: None,
                         scope: Scope::Global,
                         quota,
                         wait: DENY_WAIT
@@ -436,4 +438,184 @@ async fn the_tower_layer_awaits_redis_and_calls_inner_only_for_admitted_requests
         2,
         "inner saw only the admitted"
     );
+}
+
+/// Usage quotas with the Redis backend: counted in the key layer's script call, under the
+/// client key's hash tag, kept across "restarts" (new processes' admissions on the same
+/// Redis), and followed by the local counters that decide while Redis is down.
+mod usage_quotas {
+    use super::*;
+    use crate::limit::WallClock;
+    use crate::usage::{Period, UsageQuota};
+
+    const ROOMY: Quota = Quota {
+        rate: 1000.0,
+        burst: 1000,
+    };
+
+    /// A fresh process's admission on `backend`: plan `gold` (key `gold-1`) with a daily
+    /// quota of `limit`, keys without a plan a bucket of `default` and a quota of 10.
+    fn admission(
+        backend: RedisBackend,
+        limit: u64,
+        default: Quota,
+        wall: &WallClock,
+    ) -> Arc<Admission<TokioClock>> {
+        let day = |limit| UsageQuota {
+            limit,
+            period: Period::Day,
+            offset: 0,
+        };
+        let plans = Plans::new(default, vec![("gold".into(), ROOMY, vec!["gold-1".into()])])
+            .with_usage_quotas(Some(day(10)), [Some(day(limit))]);
+        Arc::new(
+            Admission::new(None, vec![("r".into(), None)], plans, 100, TokioClock)
+                .with_wall_clock(wall.clone())
+                .with_backend(Some(backend)),
+        )
+    }
+
+    /// The wall clock at the real time (Redis expires counters on its own clock), frozen.
+    fn wall() -> WallClock {
+        WallClock::fake(WallClock::system().now())
+    }
+
+    #[tokio::test]
+    async fn counts_live_in_redis_and_survive_restarts_under_the_keys_hash_tag() {
+        let server = RedisServer::start();
+        let wall = wall();
+        let first = backend_with_prefix(&server, "quota").await;
+        let a = admission(first, 5, ROOMY, &wall);
+        for used in 1..=3 {
+            let admitted = a.admit(0, "gold-1").await.expect("under the quota");
+            assert_eq!(admitted.usage.map(|u| u.used), Some(used));
+        }
+        drop(a);
+
+        // The counter and the key's bucket share the `{gold-1}` hash tag; the counter
+        // expires at the period's end.
+        let window = UsageQuota {
+            limit: 5,
+            period: Period::Day,
+            offset: 0,
+        }
+        .window(wall.now());
+        let counter = format!("quota:q:day0:{}:{{gold-1}}", window.start);
+        let mut conn = raw(&server).await;
+        let used: u64 = ::redis::cmd("GET")
+            .arg(&counter)
+            .query_async(&mut conn)
+            .await
+            .expect("GET");
+        assert_eq!(used, 3);
+        // PTTL rather than PEXPIRETIME, which needs Redis 7: the README asks for 5.
+        let ttl: u64 = ::redis::cmd("PTTL")
+            .arg(&counter)
+            .query_async(&mut conn)
+            .await
+            .expect("PTTL");
+        let to_end = window.until_end(wall.now()).as_millis() as u64;
+        assert!(
+            (to_end.saturating_sub(60_000)..=to_end).contains(&ttl),
+            "expires at the period's end: {ttl} ms, {to_end} ms to go"
+        );
+        // A restart: a new process, empty local counters, the same Redis.
+        let second = backend_with_prefix(&server, "quota").await;
+        let bucket = RedisBackend::client_key(
+            &second.layer_key(super::super::LayerKind::Key, ROOMY, ""),
+            "gold-1",
+        );
+        let tag = |key: &str| {
+            let open = key.find('{').expect("a hash tag");
+            key[open..=open + key[open..].find('}').expect("closed")].to_owned()
+        };
+        assert_eq!(tag(&bucket), "{gold-1}");
+        assert_eq!(tag(&counter), tag(&bucket), "one Redis Cluster slot");
+        let a = admission(second.clone(), 5, ROOMY, &wall);
+        assert_eq!(a.usage_now("gold-1").await.map(|u| u.used), Some(3));
+        a.admit(0, "gold-1").await.expect("4 of 5");
+        a.admit(0, "gold-1").await.expect("5 of 5");
+        let refused = a.admit(0, "gold-1").await.expect_err("used up");
+        assert_eq!(refused.scope, Scope::Quota);
+        assert_eq!(refused.wait, window.until_end(wall.now()));
+        assert_eq!(refused.usage.map(|u| (u.used, u.quota.limit)), Some((5, 5)));
+        // The local counters followed Redis, for the fallback.
+        assert_eq!(a.usage_of("gold-1").map(|u| u.used), Some(5));
+
+        // Another restart with a raised limit (a changed config): the count is kept.
+        let third = backend_with_prefix(&server, "quota").await;
+        let raised = admission(third, 6, ROOMY, &wall);
+        raised.admit(0, "gold-1").await.expect("6 of 6");
+        assert_eq!(
+            raised.admit(0, "gold-1").await.map_err(|r| r.scope),
+            Err(Scope::Quota)
+        );
+
+        // The admin API's UpdateUsage writes through to Redis.
+        let state = raised.set_usage("gold-1", 1).await.expect("Redis took it");
+        assert_eq!(state.map(|s| s.used), Some(1));
+        let used: u64 = ::redis::cmd("GET")
+            .arg(&counter)
+            .query_async(&mut conn)
+            .await
+            .expect("GET");
+        assert_eq!(used, 1);
+        assert_eq!(
+            raised
+                .admit(0, "gold-1")
+                .await
+                .expect("2 of 6")
+                .usage
+                .map(|u| u.used),
+            Some(2)
+        );
+        drop(second);
+    }
+
+    #[tokio::test]
+    async fn requests_a_bucket_refused_use_no_quota_in_redis() {
+        let server = RedisServer::start();
+        let wall = wall();
+        let tight = Quota {
+            rate: 0.001,
+            burst: 2,
+        };
+        let a = admission(backend_with_prefix(&server, "shed").await, 5, ROOMY, &wall);
+        let mut scopes = Vec::new();
+        for _ in 0..5 {
+            scopes.push(a.admit(0, "k").await.map(|_| ()).map_err(|r| r.scope));
+        }
+        drop(a);
+        let a = admission(backend_with_prefix(&server, "shed").await, 5, tight, &wall);
+        for _ in 0..4 {
+            scopes.push(a.admit(0, "k").await.map(|_| ()).map_err(|r| r.scope));
+        }
+        assert_eq!(scopes[..5], [Ok(()); 5]);
+        assert_eq!(
+            scopes[5..],
+            [Ok(()), Ok(()), Err(Scope::Key), Err(Scope::Key)],
+            "a tighter bucket (a new key in Redis) sheds before the quota counts"
+        );
+        assert_eq!(a.usage_now("k").await.map(|u| u.used), Some(7));
+        assert!(
+            a.backend().is_some_and(RedisBackend::is_up),
+            "no reply was misread"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn while_redis_is_down_the_local_counters_continue_from_the_shared_count() {
+        let mut server = RedisServer::start();
+        let wall = wall();
+        let a = admission(backend_with_prefix(&server, "down").await, 4, ROOMY, &wall);
+        for _ in 0..3 {
+            a.admit(0, "gold-1").await.expect("shared count");
+        }
+        server.kill();
+        // The first call after the kill notices, and the local counters decide from 3.
+        a.admit(0, "gold-1").await.expect("4 of 4, locally");
+        let refused = a.admit(0, "gold-1").await.expect_err("used up locally");
+        assert_eq!(refused.scope, Scope::Quota);
+        assert_eq!(refused.usage.map(|u| u.used), Some(4));
+    }
 }

@@ -500,6 +500,7 @@ mod tests {
             burst: 1,
             keys: keys.iter().map(|k| (*k).to_owned()).collect(),
             weight,
+            quota: None,
         };
         let weights =
             KeyWeights::from_plans(&[plan("gold", 5, &["g1", "g2"]), plan("basic", 1, &["b1"])]);

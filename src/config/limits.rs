@@ -1,12 +1,14 @@
 //! The `[limits]` section (admission: backend, key bound, global and default quotas) and
 //! the `[[plans]]` usage plans.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::quota::Quota;
 use crate::units;
+use crate::usage::UsageQuota;
 
 /// `limits.backend`: where admission and invoke-rate buckets live (default `local`).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -56,8 +58,36 @@ pub struct LimitsConfig {
     /// Account/stage layer; omit for none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub global: Option<Quota>,
-    /// Per-key layer for keys without a plan (default `{ rate = 100.0, burst = 200 }`).
-    pub default: Quota,
+    /// Per-key layer for keys without a plan (default `{ rate = 100.0, burst = 200 }`, no
+    /// usage quota).
+    pub default: KeyLimit,
+    /// With the local backend: the file that keeps usage-quota counters across restarts
+    /// (default `data/quota-state.json`; only read and written when some key has a quota).
+    pub quota_state: PathBuf,
+}
+
+/// `limits.default`: the throttle of keys without a plan, and optionally their usage quota.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyLimit {
+    /// Requests per second per key; may be fractional, `0` closes the layer.
+    pub rate: f64,
+    /// Requests a key's full bucket lets through at once; `0` closes the layer.
+    pub burst: u32,
+    /// At most `limit` requests per key per `period` (`day` | `week` | `month`); none by
+    /// default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<UsageQuota>,
+}
+
+impl KeyLimit {
+    /// The `{rate, burst}` throttle.
+    pub fn throttle(&self) -> Quota {
+        Quota {
+            rate: self.rate,
+            burst: self.burst,
+        }
+    }
 }
 
 impl Default for LimitsConfig {
@@ -70,10 +100,12 @@ impl Default for LimitsConfig {
             max_keys: 1_000_000,
             reclaim_interval: Duration::from_secs(10),
             global: None,
-            default: Quota {
+            default: KeyLimit {
                 rate: 100.0,
                 burst: 200,
+                quota: None,
             },
+            quota_state: PathBuf::from("data/quota-state.json"),
         }
     }
 }
@@ -93,6 +125,10 @@ pub struct PlanConfig {
     /// The API keys on this plan (default none).
     #[serde(default)]
     pub keys: Vec<String>,
+    /// The plan's usage quota: at most `limit` requests per key per `period`; none by
+    /// default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<UsageQuota>,
     /// The plan's share of a route queue with `fairness = "per_key"`: records a key of
     /// this plan is served per round, against 1 for keys without a plan (default `1`,
     /// `1..=1000`).
@@ -105,7 +141,8 @@ fn default_weight() -> u32 {
 }
 
 impl PlanConfig {
-    /// The `{rate, burst}` each of this plan's keys gets.
+    /// The `{rate, burst}` each of this plan's keys gets (its throttle; the usage quota is
+    /// the `quota` field).
     pub fn quota(&self) -> Quota {
         Quota {
             rate: self.rate,

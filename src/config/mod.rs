@@ -39,7 +39,7 @@ pub use self::error::ConfigError;
 pub use self::lambda::{
     CredentialsSource, Invocation, LambdaConfig, ASYNC_PAYLOAD_LIMIT, SYNC_PAYLOAD_LIMIT,
 };
-pub use self::limits::{BackendErrorPolicy, LimitBackend, LimitsConfig, PlanConfig};
+pub use self::limits::{BackendErrorPolicy, KeyLimit, LimitBackend, LimitsConfig, PlanConfig};
 pub use self::route::{
     BatchConfig, DlqConfig, Envelope, Fairness, Flush, InvokeConfig, Jitter, QueueConfig,
     RetryConfig, RouteConfig, ENVELOPE_FRAME, ENVELOPE_RECORD_OVERHEAD,

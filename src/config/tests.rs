@@ -164,7 +164,7 @@ fn env_overrides_set_nested_keys_and_array_entries() {
     assert_eq!(config.routes[0].function, "other-fn");
     assert_eq!(config.routes[0].batch.max_records.get(), 7);
     assert_eq!(
-        config.limits.default,
+        config.limits.default.throttle(),
         Quota {
             rate: 2.5,
             burst: 3
@@ -518,4 +518,67 @@ fn queues_are_fair_per_key_by_default_and_plan_weights_are_bounded() {
         assert_eq!(err.key(), Some("plans[0].weight"), "{bad}: {err}");
         assert!(err.to_string().contains("1..=1000"), "{err}");
     }
+}
+
+#[test]
+fn usage_quotas_load_on_plans_and_the_default_and_bad_ones_name_their_key() {
+    use crate::usage::{Period, UsageQuota};
+    let config = load(&format!(
+        "{MINIMAL}\n[limits]\ndefault = {{ rate = 5.0, burst = 10, quota = {{ limit = 1000, period = \"day\" }} }}\n\
+         quota_state = \"/var/lib/sluicegate/quota.json\"\n\
+         [[plans]]\nname = \"gold\"\nrate = 1.0\nburst = 1\nkeys = [\"g\"]\n\
+         quota = {{ limit = 100000, period = \"MONTH\", offset = 14 }}\n"
+    ))
+    .expect("valid");
+    assert_eq!(
+        config.limits.default.quota,
+        Some(UsageQuota {
+            limit: 1000,
+            period: Period::Day,
+            offset: 0
+        })
+    );
+    assert_eq!(
+        config.plans[0].quota,
+        Some(UsageQuota {
+            limit: 100000,
+            period: Period::Month,
+            offset: 14
+        })
+    );
+    assert_eq!(
+        config.limits.quota_state,
+        std::path::PathBuf::from("/var/lib/sluicegate/quota.json")
+    );
+    assert_eq!(
+        load(MINIMAL).unwrap().limits.quota_state,
+        std::path::PathBuf::from("data/quota-state.json")
+    );
+    let plan = |quota: &str| {
+        load(&format!(
+            "{MINIMAL}\n[[plans]]\nname = \"gold\"\nrate = 1.0\nburst = 1\nquota = {quota}\n"
+        ))
+        .unwrap_err()
+        .to_string()
+    };
+    let week = plan("{ limit = 5, period = \"week\", offset = 7 }");
+    assert!(
+        week.contains("plans[0].quota") && week.contains("0 (Sunday) ..= 6"),
+        "{week}"
+    );
+    let day = plan("{ limit = 5, period = \"day\", offset = 1 }");
+    assert!(day.contains("day period takes no offset"), "{day}");
+    let zero = plan("{ limit = 0, period = \"month\" }");
+    assert!(
+        zero.contains("plans[0].quota") && zero.contains("limit must be in 1..="),
+        "{zero}"
+    );
+    let period = plan("{ limit = 5, period = \"year\" }");
+    assert!(period.contains("year"), "{period}");
+    let default = load(&format!(
+        "{MINIMAL}\n[limits]\ndefault = {{ rate = 5.0, burst = 10, quota = {{ limit = 5, period = \"month\", offset = 28 }} }}\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(default.contains("limits.default.quota"), "{default}");
 }

@@ -217,8 +217,21 @@ fn validate_limits(l: &LimitsConfig) -> Result<(), ConfigError> {
             .map_err(|m| ConfigError::invalid("limits.global", m))?;
     }
     l.default
+        .throttle()
         .validate()
-        .map_err(|m| ConfigError::invalid("limits.default", m))
+        .map_err(|m| ConfigError::invalid("limits.default", m))?;
+    if let Some(quota) = &l.default.quota {
+        quota
+            .validate()
+            .map_err(|m| ConfigError::invalid("limits.default.quota", m))?;
+    }
+    if l.quota_state.as_os_str().is_empty() {
+        return Err(ConfigError::invalid(
+            "limits.quota_state",
+            "must name a file (usage-quota counters are kept there)",
+        ));
+    }
+    Ok(())
 }
 
 /// `[[plans]]`: unique names, valid quotas, and no key in two plans.
@@ -241,6 +254,11 @@ fn validate_plans(plans: &[PlanConfig]) -> Result<(), ConfigError> {
             PLAN_WEIGHT,
             "records per round",
         )?;
+        if let Some(quota) = &plan.quota {
+            quota
+                .validate()
+                .map_err(|m| ConfigError::invalid(format!("plans[{i}].quota"), m))?;
+        }
         for key in &plan.keys {
             if key.is_empty() || !plan_keys.insert(key.as_str()) {
                 return Err(ConfigError::invalid(

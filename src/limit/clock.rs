@@ -1,7 +1,11 @@
-//! The production clock: tokio's monotonic clock, seen through governor's `Clock` trait.
+//! The production clocks: tokio's monotonic clock, seen through governor's `Clock` trait,
+//! for the token buckets; and the wall clock ([`WallClock`]) for usage-quota periods, which
+//! are calendar days, weeks and months in UTC.
 
 use std::ops::Add;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use governor::clock::{Clock, ReasonablyRealtime, Reference};
 use governor::nanos::Nanos;
@@ -51,6 +55,61 @@ impl Clock for TokioClock {
 }
 
 impl ReasonablyRealtime for TokioClock {}
+
+/// UTC time since the Unix epoch, for usage-quota periods: the system's clock, or in tests
+/// a fake one that only moves when told.
+///
+/// The token buckets use a monotonic clock; quota periods cannot, because they are named
+/// by the calendar (a day starts at 00:00 UTC) and must survive restarts. A step of the
+/// system clock moves the current period with it, as it would for API Gateway.
+#[derive(Clone, Debug, Default)]
+pub struct WallClock {
+    /// Nanoseconds since the epoch when fake; `None` for the system clock.
+    fake: Option<Arc<AtomicU64>>,
+}
+
+impl WallClock {
+    /// The system clock.
+    pub fn system() -> WallClock {
+        WallClock { fake: None }
+    }
+
+    /// A fake clock at `since_epoch`; clones share it.
+    pub fn fake(since_epoch: Duration) -> WallClock {
+        WallClock {
+            fake: Some(Arc::new(AtomicU64::new(nanos(since_epoch)))),
+        }
+    }
+
+    /// Moves a fake clock forward by `by`; does nothing to the system clock.
+    pub fn advance(&self, by: Duration) {
+        if let Some(fake) = &self.fake {
+            fake.fetch_add(nanos(by), Ordering::Relaxed);
+        }
+    }
+
+    /// Sets a fake clock to `since_epoch`; does nothing to the system clock.
+    pub fn set(&self, since_epoch: Duration) {
+        if let Some(fake) = &self.fake {
+            fake.store(nanos(since_epoch), Ordering::Relaxed);
+        }
+    }
+
+    /// Now, since the Unix epoch (zero for a system clock set before 1970).
+    pub fn now(&self) -> Duration {
+        match &self.fake {
+            Some(fake) => Duration::from_nanos(fake.load(Ordering::Relaxed)),
+            None => SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// `d` in nanoseconds, saturating (u64 nanoseconds reach the year 2554).
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
 
 #[cfg(test)]
 mod tests {

@@ -77,11 +77,25 @@
 //! limits), `allow` admits, `deny` refuses. Each function's invoke-rate bucket is shared the
 //! same way (`invoke::Gate::shared`).
 //!
+//! # Usage quotas
+//!
+//! A plan (or `limits.default`) may also carry a usage quota ([`crate::usage::UsageQuota`]:
+//! at most `limit` requests per key per UTC day, week or month), as API Gateway usage plans
+//! do. It is checked *after* the key layer admitted the request, so only requests that every
+//! throttling layer admitted count against it (a request shed by a bucket uses none of it);
+//! past the limit the refusal's scope is [`Scope::Quota`] and its wait runs to the next
+//! period's start. Counts live in [`UsageCounters`] (per key and period, bounded like the
+//! keyed buckets, persisted by the server to `limits.quota_state`), or with the Redis backend
+//! in Redis, checked and incremented in the same script call as the buckets. Periods follow
+//! a [`WallClock`] (the system's UTC clock; a fake one in tests).
+//!
 //! # Reload
 //!
 //! [`Admission::reconfigured`] builds the admission for a new config and hands every layer
 //! whose quota did not change over as the same bucket (keys keep their tokens); new or
-//! changed layers start full.
+//! changed layers start full. Usage counters are always carried over: a plan whose quota
+//! limit changes keeps each key's count and applies the new limit (a changed period or offset
+//! starts the new period's count).
 //!
 //! # Use
 //!
@@ -115,15 +129,17 @@ mod clock;
 mod engine;
 mod keyed;
 mod layer;
+mod usage;
 
 #[cfg(test)]
 mod props;
 
 pub use self::admission::{Admission, Admit, Admitted, Plan, Plans, Rejected};
 pub use self::bucket::Bucket;
-pub use self::clock::{DefaultClock, TokioClock, TokioInstant};
+pub use self::clock::{DefaultClock, TokioClock, TokioInstant, WallClock};
 pub use self::keyed::KeyedBuckets;
 pub use self::layer::{AdmissionLayer, AdmissionService, ClientKey, ResponseFuture, ANONYMOUS_KEY};
+pub use self::usage::{Loaded, UsageCounters};
 /// The Redis backend now lives in [`crate::backend`] (the invoke gate uses it too); this
 /// path is kept for code not yet moved to the new one.
 pub use crate::backend as redis;
@@ -139,6 +155,9 @@ pub enum Scope {
     Route,
     /// The client key's bucket (its plan's quota, or `default`).
     Key,
+    /// The client key's usage quota (requests per day, week or month), checked once every
+    /// bucket admitted the request.
+    Quota,
 }
 
 impl Scope {
@@ -148,6 +167,7 @@ impl Scope {
             Scope::Global => "global",
             Scope::Route => "route",
             Scope::Key => "key",
+            Scope::Quota => "quota",
         }
     }
 }
@@ -161,5 +181,6 @@ mod tests {
         assert_eq!(Scope::Global.as_str(), "global");
         assert_eq!(Scope::Route.as_str(), "route");
         assert_eq!(Scope::Key.as_str(), "key");
+        assert_eq!(Scope::Quota.as_str(), "quota");
     }
 }

@@ -1,5 +1,6 @@
 //! The admin listener (`server.admin_listen`, loopback by default): `/metrics`,
-//! `/healthz`, `/admin/routes`, `/admin/config`, `/admin/keys/{key}`, `POST /admin/reload`.
+//! `/healthz`, `/admin/routes`, `/admin/config`, `/admin/keys/{key}`,
+//! `POST /admin/keys/{key}/quota` (set a key's usage count), `POST /admin/reload`.
 //!
 //! With `server.admin_token` set, every path except `/metrics` and `/healthz` needs
 //! `Authorization: Bearer <token>` (`401` and `WWW-Authenticate: Bearer` otherwise); the
@@ -11,7 +12,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap};
 use axum::middleware::{self, Next};
@@ -24,6 +25,7 @@ use subtle::ConstantTimeEq;
 use super::reload::Server;
 use super::respond::AdminError;
 use crate::config::Config;
+use crate::usage::{UsageState, MAX_LIMIT};
 
 /// Paths anyone who reaches the listener may read: scrapes and liveness probes.
 const OPEN_PATHS: [&str; 2] = ["/metrics", "/healthz"];
@@ -40,6 +42,7 @@ pub(super) fn router(server: Arc<Server>, public: bool) -> Router {
         .route("/admin/routes", get(routes))
         .route("/admin/config", get(config))
         .route("/admin/keys/{key}", get(key))
+        .route("/admin/keys/{key}/quota", post(set_quota))
         .route("/admin/reload", post(reload))
         .with_state(server)
         // Outside the routes, so a path that matches nothing is refused the same way and
@@ -112,6 +115,9 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
             .set(limits.in_flight as f64);
     }
     metrics::gauge!("sluicegate_tracked_keys").set(app.admission.tracked_keys() as f64);
+    let now = app.admission.wall_clock().now();
+    metrics::gauge!("sluicegate_quota_keys_at_limit")
+        .set(app.admission.usage_counters().at_limit(now) as f64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         handle.render(),
@@ -168,9 +174,15 @@ async fn config(State(server): State<Arc<Server>>) -> Json<Value> {
     Json(redacted(&server.app().config))
 }
 
-/// What applies to a key: its plan and each layer's quota.
+/// What applies to a key: its plan, each layer's quota, and its usage quota with what the
+/// key used of it this period.
 async fn key(State(server): State<Arc<Server>>, Path(key): Path<String>) -> Json<Value> {
     let app = server.app();
+    let usage = app
+        .admission
+        .usage_now(&key)
+        .await
+        .map(|s| usage_json(&s, &app));
     let plan = app.admission.plan_of(&key).map(str::to_owned);
     let key_quota = match &plan {
         Some(name) => app
@@ -179,7 +191,7 @@ async fn key(State(server): State<Arc<Server>>, Path(key): Path<String>) -> Json
             .iter()
             .find(|p| &p.name == name)
             .map(|p| p.quota()),
-        None => Some(app.config.limits.default),
+        None => Some(app.config.limits.default.throttle()),
     };
     let routes: Vec<Value> = app
         .config
@@ -196,7 +208,61 @@ async fn key(State(server): State<Arc<Server>>, Path(key): Path<String>) -> Json
             "routes": routes,
             "key": key_quota,
         },
+        "quota": usage,
     }))
+}
+
+/// A usage quota and a key's count, as the admin API shows them.
+fn usage_json(state: &UsageState, app: &super::app::App) -> Value {
+    let now = app.admission.wall_clock().now();
+    let reset_at = std::time::SystemTime::UNIX_EPOCH + now + state.reset;
+    json!({
+        "limit": state.quota.limit,
+        "period": state.quota.period.as_str(),
+        "offset": state.quota.offset,
+        "used": state.used,
+        "left": state.left(),
+        "reset_at": humantime::format_rfc3339_seconds(reset_at).to_string(),
+        "reset_in_secs": crate::quota::ceil_secs(state.reset),
+    })
+}
+
+/// `{"used": n}`: sets the key's count in the current period (API Gateway's `UpdateUsage`;
+/// `{"used": 0}` is `ResetUsage`). `404` for a key without a usage quota.
+async fn set_quota(
+    State(server): State<Arc<Server>>,
+    Path(key): Path<String>,
+    body: Bytes,
+) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct SetUsage {
+        used: u64,
+    }
+    let used = match serde_json::from_slice::<SetUsage>(&body) {
+        Ok(SetUsage { used }) if used <= MAX_LIMIT => used,
+        Ok(SetUsage { used }) => {
+            return refuse(AdminError::BadBody(format!(
+                "used must be at most {MAX_LIMIT}, got {used}"
+            )))
+        }
+        Err(e) => {
+            return refuse(AdminError::BadBody(format!(
+                "expected {{\"used\": <non-negative integer>}}: {e}"
+            )))
+        }
+    };
+    let app = server.app();
+    match app.admission.set_usage(&key, used).await {
+        Ok(Some(state)) => {
+            Json(json!({"key": key, "quota": usage_json(&state, &app)})).into_response()
+        }
+        Ok(None) => refuse(AdminError::NoUsageQuota(key)),
+        Err(_) => refuse(AdminError::BackendUnavailable(
+            "Redis did not take the new count; it applies to this replica only until Redis \
+             answers",
+        )),
+    }
 }
 
 async fn reload(State(server): State<Arc<Server>>) -> Response {

@@ -69,12 +69,16 @@ fn build_admission(
         .map(|r| (r.name.clone(), r.limit))
         .collect();
     let plans = Plans::new(
-        config.limits.default,
+        config.limits.default.throttle(),
         config
             .plans
             .iter()
             .map(|p| (p.name.clone(), p.quota(), p.keys.clone()))
             .collect(),
+    )
+    .with_usage_quotas(
+        config.limits.default.quota,
+        config.plans.iter().map(|p| p.quota),
     );
     let max_keys = config.limits.max_keys;
     let admission = match previous {

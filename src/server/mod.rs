@@ -28,6 +28,10 @@
 //! Admin connections get `shutdown_grace` too and are then dropped, so no admin client
 //! (a half-sent request, an idle keep-alive) holds the process.
 //!
+//! Usage-quota counts (local backend): read from `limits.quota_state` at start when some
+//! key has a quota, written by a background task at most once a second while they change,
+//! and once more at shutdown after the last request was answered.
+//!
 //! Slow and hostile clients: a request head must arrive within `header_read_timeout`, a
 //! record body within `body_read_timeout` (`408`, connection closed); at most
 //! `max_connections` data-plane connections are open (more wait in the backlog), fewer
@@ -188,6 +192,8 @@ impl Running {
         for task in self.tasks {
             let _ = task.await;
         }
+        // Every request is answered (or abandoned) by now: nothing counts after this save.
+        save_usage(&self.server).await;
         if let Some(emulator) = self.emulator {
             if let Err(e) = emulator.shutdown().await {
                 tracing::warn!(error = %e, "emulator did not stop cleanly");
@@ -241,6 +247,16 @@ pub async fn start_with_source(
     let app = App::build(config, &client, endpoint, None)
         .await
         .map_err(StartError::Pipeline)?;
+    // With Redis the counts live there; the local counters only follow them.
+    if app.admission.has_usage_quotas() && app.admission.backend().is_none() {
+        let path = app.config.limits.quota_state.clone();
+        let counters = Arc::clone(app.admission.usage_counters());
+        let now = app.admission.wall_clock().now();
+        // Start-up, before serving: blocking here delays nothing but the start.
+        tokio::task::spawn_blocking(move || counters.load(&path, now))
+            .await
+            .map_err(|e| StartError::Pipeline(std::io::Error::other(e)))?;
+    }
     let closers = app.routes.iter().map(|r| r.batcher().closer()).collect();
     let server = Arc::new(Server {
         app: ArcSwap::new(Arc::clone(&app)),
@@ -279,8 +295,9 @@ pub async fn start_with_source(
         tokio::spawn(reclaim_keys(
             Arc::clone(&server),
             app.config.limits.reclaim_interval,
-            stopped,
+            stopped.clone(),
         )),
+        tokio::spawn(persist_usage(Arc::clone(&server), stopped)),
     ];
     tracing::info!(addr = %local, admin = %admin_local, "sluicegate listening");
     Ok(Running {
@@ -328,6 +345,51 @@ async fn reclaim_keys(server: Arc<Server>, every: Duration, mut stopped: watch::
             _ = tick.tick() => server.app().admission.reclaim(),
             _ = stopped.wait_for(|stop| *stop) => return,
         }
+    }
+}
+
+/// How often changed usage-quota counters are written to `limits.quota_state`.
+const USAGE_SAVE_EVERY: Duration = Duration::from_secs(1);
+
+/// Writes changed usage-quota counters at most once a second, so a crash loses at most
+/// about a second of counts; the final save is [`Running::shutdown`]'s.
+async fn persist_usage(server: Arc<Server>, mut stopped: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(USAGE_SAVE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // The save runs outside `select!`: the stop signal's guard must not live across it.
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        save_usage(&server).await;
+    }
+}
+
+/// Saves the usage counters when they changed, off the async runtime (file I/O and fsync).
+/// With the Redis backend Redis holds the counts and nothing is written; a failure is
+/// logged and retried at the next save.
+async fn save_usage(server: &Server) {
+    let app = server.app();
+    let counters = Arc::clone(app.admission.usage_counters());
+    if !counters.is_dirty() || app.admission.backend().is_some() {
+        return;
+    }
+    let path = app.config.limits.quota_state.clone();
+    let now = app.admission.wall_clock().now();
+    let saved = tokio::task::spawn_blocking(move || {
+        let saved = counters.save(&path, now);
+        (path, saved)
+    })
+    .await;
+    match saved {
+        Ok((_, Ok(()))) => {}
+        Ok((path, Err(error))) => tracing::error!(
+            path = %path.display(),
+            %error,
+            "could not save usage-quota counters; retrying in a second"
+        ),
+        Err(error) => tracing::error!(%error, "usage-quota save task failed"),
     }
 }
 

@@ -27,6 +27,7 @@ use crate::coalesce::{Delivered, RecordError};
 use crate::invoke::InvokeFailure;
 use crate::limit::{Admitted, Quota, Rejected, Scope};
 use crate::quota::ceil_secs;
+use crate::usage::UsageState;
 
 /// A response as sluicegate writes it: the whole body in one buffer.
 pub type Response = http::Response<Full<Bytes>>;
@@ -37,7 +38,8 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(1);
 /// Why a request is shed with 429.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ShedScope {
-    /// An admission bucket refused: the key's plan, the route's or the global limit.
+    /// An admission layer refused: the key's plan, the route's or the global limit, or the
+    /// key's usage quota.
     Limit(Scope),
     /// The route's queue is full (`max_pending` records waiting for a batch).
     Queue,
@@ -47,12 +49,13 @@ pub enum ShedScope {
 
 impl ShedScope {
     /// Every scope, in the order of the counter slots.
-    pub const ALL: [ShedScope; 5] = [
+    pub const ALL: [ShedScope; 6] = [
         ShedScope::Limit(Scope::Key),
         ShedScope::Limit(Scope::Route),
         ShedScope::Limit(Scope::Global),
         ShedScope::Queue,
         ShedScope::Upstream,
+        ShedScope::Limit(Scope::Quota),
     ];
 
     /// The scope's name in metric labels and in a `429` body's `message`.
@@ -102,7 +105,7 @@ pub enum Answer {
 
 impl Answer {
     /// Every answer, in the order of the counter slots (`records.rs`).
-    pub const ALL: [Answer; 18] = [
+    pub const ALL: [Answer; 19] = [
         Answer::Success,
         Answer::Accepted,
         Answer::FunctionFailed,
@@ -111,6 +114,7 @@ impl Answer {
         Answer::Shed(ShedScope::ALL[2]),
         Answer::Shed(ShedScope::ALL[3]),
         Answer::Shed(ShedScope::ALL[4]),
+        Answer::Shed(ShedScope::ALL[5]),
         Answer::BadRequest,
         Answer::Unauthorized,
         Answer::Forbidden,
@@ -162,6 +166,9 @@ pub struct Shed {
     pub wait: Duration,
     /// The refusing limit's quota for `RateLimit-Policy`; `None` when it has none to report.
     pub policy: Option<Quota>,
+    /// For a usage-quota refusal: the quota and the key's count (its policy instead of
+    /// `policy`).
+    pub usage: Option<UsageState>,
 }
 
 impl From<Rejected> for Shed {
@@ -170,6 +177,7 @@ impl From<Rejected> for Shed {
             scope: ShedScope::Limit(rejected.scope),
             wait: rejected.wait,
             policy: Some(rejected.quota),
+            usage: rejected.usage,
         }
     }
 }
@@ -318,6 +326,9 @@ impl RequestError {
             RequestError::TooLarge { .. } => (Answer::TooLarge, "payload_too_large"),
             RequestError::CallerDeadline { .. } => (Answer::Timeout, "timeout"),
             RequestError::NotReady { .. } => (Answer::Unavailable, "unavailable"),
+            RequestError::Shed(shed) if shed.scope == ShedScope::Limit(Scope::Quota) => {
+                (Answer::Shed(shed.scope), "quota_exceeded")
+            }
             RequestError::Shed(shed) => (Answer::Shed(shed.scope), "rate_limited"),
             RequestError::Record { error, .. } => classify_record(error),
         }
@@ -335,6 +346,7 @@ impl RequestError {
                 scope: ShedScope::Queue,
                 wait: *retry_after,
                 policy: Some(policies.queue),
+                usage: None,
             }),
             RequestError::Record {
                 error: RecordError::Invoke(InvokeFailure::Throttled { retry_after, .. }),
@@ -344,6 +356,7 @@ impl RequestError {
                 scope: ShedScope::Upstream,
                 wait: retry_after.unwrap_or(DEFAULT_WAIT),
                 policy: Some(policies.upstream),
+                usage: None,
             }),
             _ => None,
         }
@@ -494,6 +507,15 @@ pub enum AdminError {
     /// A reload refused the new config; the running one stays.
     #[error("{0}")]
     InvalidConfig(String),
+    /// A request body the endpoint cannot use; the message says what is wrong.
+    #[error("{0}")]
+    BadBody(String),
+    /// The key has no usage quota (its plan, or `limits.default`, sets none).
+    #[error("key {0:?} has no usage quota")]
+    NoUsageQuota(String),
+    /// The Redis backend did not take a change; this process applied it locally.
+    #[error("{0}")]
+    BackendUnavailable(&'static str),
 }
 
 impl AdminError {
@@ -503,6 +525,9 @@ impl AdminError {
             AdminError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             AdminError::NoMetrics => (StatusCode::NOT_FOUND, "not_found"),
             AdminError::InvalidConfig(_) => (StatusCode::BAD_REQUEST, "invalid_config"),
+            AdminError::BadBody(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            AdminError::NoUsageQuota(_) => (StatusCode::NOT_FOUND, "not_found"),
+            AdminError::BackendUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         let mut response = error(status, code, self.to_string());
         if let AdminError::Unauthorized(_) = self {
@@ -614,7 +639,11 @@ fn shed_response(shed: Shed) -> Response {
         scope,
         wait,
         policy,
+        usage,
     } = shed;
+    if let Some(usage) = usage {
+        return quota_response(scope, wait, usage);
+    }
     let name = scope.as_str();
     // `{"error":"rate_limited","scope":<name>,"retry_after_ms":<ms>}`, written by hand
     // (this runs for every shed request): scope names are fixed identifiers, no escaping.
@@ -641,6 +670,66 @@ fn shed_response(shed: Shed) -> Response {
     response
 }
 
+/// `429 quota_exceeded`: the key used its usage quota for this period. `Retry-After` runs to
+/// the next period's start; the `RateLimit*` fields describe the quota
+/// (`"quota";q=<limit>;w=<period seconds>`, `"quota";r=0;t=<seconds to reset>`).
+fn quota_response(scope: ShedScope, wait: Duration, usage: UsageState) -> Response {
+    #[derive(Serialize)]
+    struct Body {
+        error: &'static str,
+        scope: &'static str,
+        retry_after_ms: u64,
+        limit: u64,
+        used: u64,
+        period: &'static str,
+        message: String,
+    }
+    let body = Body {
+        error: "quota_exceeded",
+        scope: scope.as_str(),
+        retry_after_ms: retry_after_ms(wait),
+        limit: usage.quota.limit,
+        used: usage.used,
+        period: usage.quota.period.as_str(),
+        message: format!(
+            "usage quota of {} requests per {} used up; the next period starts in {} s",
+            usage.quota.limit,
+            usage.quota.period.as_str(),
+            retry_after_secs(wait)
+        ),
+    };
+    let mut response = json_response(
+        Answer::Shed(scope).status(),
+        serde_json::to_vec(&body).expect("plain struct serializes"),
+    );
+    response.extensions_mut().insert(scope);
+    let secs = retry_after_secs(wait);
+    let headers = response.headers_mut();
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    headers.insert(RATELIMIT_POLICY, quota_policy_field(&usage));
+    headers.insert(
+        RATELIMIT,
+        field(scope.as_str(), [(b'r', usage.left()), (b't', secs)]),
+    );
+    response
+}
+
+fn quota_policy_field(usage: &UsageState) -> HeaderValue {
+    field(
+        Scope::Quota.as_str(),
+        [(b'q', usage.quota.limit), (b'w', usage.period_secs)],
+    )
+}
+
+/// Two structured-field items as one list (`a, b`).
+fn list(first: HeaderValue, second: HeaderValue) -> HeaderValue {
+    let mut text = StackText::new();
+    text.push(first.as_bytes());
+    text.push(b", ");
+    text.push(second.as_bytes());
+    HeaderValue::from_bytes(text.as_bytes()).expect("two valid header values and a comma")
+}
+
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 
@@ -660,23 +749,34 @@ pub fn rejected(rejected: Rejected) -> Response {
 }
 
 /// Adds the key layer's `RateLimit-Policy` and `RateLimit` to an admitted response, unless
-/// a later stage already described its own scope (a queue or upstream `429`).
+/// a later stage already described its own scope (a queue or upstream `429`). A key with a
+/// usage quota gets its item too, after the key layer's:
+/// `"key";r=<tokens>;t=<s>, "quota";r=<left>;t=<seconds to the next period>`.
 pub fn add_admitted_headers(response: &mut Response, admitted: &Admitted) {
     if response.headers().contains_key(RATELIMIT) {
         return;
     }
-    let headers = response.headers_mut();
-    headers.insert(RATELIMIT_POLICY, policy_field("key", admitted.quota));
-    headers.insert(
-        RATELIMIT,
-        field(
-            "key",
-            [
-                (b'r', u64::from(admitted.remaining)),
-                (b't', ceil_secs(admitted.reset)),
-            ],
-        ),
+    let mut policy = policy_field("key", admitted.quota);
+    let mut state = field(
+        "key",
+        [
+            (b'r', u64::from(admitted.remaining)),
+            (b't', ceil_secs(admitted.reset)),
+        ],
     );
+    if let Some(usage) = &admitted.usage {
+        policy = list(policy, quota_policy_field(usage));
+        state = list(
+            state,
+            field(
+                Scope::Quota.as_str(),
+                [(b'r', usage.left()), (b't', ceil_secs(usage.reset))],
+            ),
+        );
+    }
+    let headers = response.headers_mut();
+    headers.insert(RATELIMIT_POLICY, policy);
+    headers.insert(RATELIMIT, state);
 }
 
 /// A record's result from the function.
@@ -830,14 +930,16 @@ fn function_error_response(kind: &str, payload: impl Into<Bytes>, answer: Answer
 }
 
 /// The Lambda `Reason` of an Invoke API call's `429`, by the limit that refused it: the
-/// key's own bucket is the caller's rate (`CallerRateLimitExceeded`); the route's, a
+/// key's own bucket and its usage quota are the caller's rate (`CallerRateLimitExceeded`;
+/// Lambda has no usage quota of its own, and its `Retry-After` says when the next period
+/// starts); the route's, a
 /// function's invoke rate (`FunctionInvocationRateLimitExceeded`); the global layer, the
 /// account-wide limit (`ConcurrentInvocationLimitExceeded`); a full queue, the function's
 /// capacity (`ReservedFunctionConcurrentInvocationLimitExceeded`); Lambda's own throttle,
 /// the reason Lambda gave.
 fn throttle_reason(error: &RequestError, scope: ShedScope) -> &str {
     match (scope, error) {
-        (ShedScope::Limit(Scope::Key), _) => "CallerRateLimitExceeded",
+        (ShedScope::Limit(Scope::Key | Scope::Quota), _) => "CallerRateLimitExceeded",
         (ShedScope::Limit(Scope::Route), _) => "FunctionInvocationRateLimitExceeded",
         (ShedScope::Limit(Scope::Global), _) => "ConcurrentInvocationLimitExceeded",
         (ShedScope::Queue, _) => "ReservedFunctionConcurrentInvocationLimitExceeded",
@@ -1231,12 +1333,28 @@ pub(super) fn every_request_error() -> Vec<(RequestError, u16, &'static str)> {
         ),
     ];
     for scope in ShedScope::ALL {
+        let quota = scope == ShedScope::Limit(Scope::Quota);
         let shed = Shed {
+            usage: quota.then(|| UsageState {
+                quota: crate::usage::UsageQuota {
+                    limit: 5,
+                    period: crate::usage::Period::Day,
+                    offset: 0,
+                },
+                used: 5,
+                period_secs: 86_400,
+                reset: Duration::from_millis(300),
+            }),
             scope,
             wait: Duration::from_millis(300),
             policy: None,
         };
-        all.push((RequestError::Shed(shed), 429, "rate_limited"));
+        let code = if quota {
+            "quota_exceeded"
+        } else {
+            "rate_limited"
+        };
+        all.push((RequestError::Shed(shed), 429, code));
     }
     all
 }
@@ -1373,6 +1491,7 @@ mod tests {
         {
             let wait = Duration::from_micros(u64::from(wait_us));
             let shed = Shed {
+                usage: None,
                 scope,
                 wait,
                 policy: None,
@@ -1416,7 +1535,7 @@ mod tests {
             let function_error = headers.get("x-amz-function-error").cloned();
             let body = body_of(response).await;
             let expected: (u16, Option<&str>) = match code {
-                "rate_limited" => (429, Some("TooManyRequestsException")),
+                "rate_limited" | "quota_exceeded" => (429, Some("TooManyRequestsException")),
                 "outcome_unknown" | "timeout" | "function_error" => (200, None),
                 "bad_gateway" if rejected => (500, Some("ServiceException")),
                 "bad_gateway" => (200, None),
@@ -1463,6 +1582,7 @@ mod tests {
     async fn a_lambda_throttle_names_the_reason_of_the_refusing_limit() {
         for (scope, reason) in [
             (ShedScope::Limit(Scope::Key), "CallerRateLimitExceeded"),
+            (ShedScope::Limit(Scope::Quota), "CallerRateLimitExceeded"),
             (
                 ShedScope::Limit(Scope::Route),
                 "FunctionInvocationRateLimitExceeded",
@@ -1481,6 +1601,7 @@ mod tests {
                 scope,
                 wait: Duration::from_millis(1500),
                 policy: None,
+                usage: None,
             };
             let response = lambda_error(RequestError::Shed(shed));
             assert_eq!(response.headers()["retry-after"], "2");
@@ -1575,6 +1696,89 @@ mod tests {
         );
     }
 
+    fn usage(limit: u64, used: u64, reset: Duration) -> UsageState {
+        UsageState {
+            quota: crate::usage::UsageQuota {
+                limit,
+                period: crate::usage::Period::Month,
+                offset: 0,
+            },
+            used,
+            period_secs: 30 * 86_400,
+            reset,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_quota_refusal_waits_for_the_next_period_and_describes_the_quota() {
+        let reset = Duration::from_millis(86_400_000 + 1);
+        let response = rejected(Rejected {
+            scope: Scope::Quota,
+            quota: Quota {
+                rate: 10.0,
+                burst: 20,
+            },
+            wait: reset,
+            usage: Some(usage(100, 100, reset)),
+        });
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        let h = response.headers();
+        assert_eq!(h["retry-after"], "86401");
+        assert_eq!(h["ratelimit-policy"], "\"quota\";q=100;w=2592000");
+        assert_eq!(h["ratelimit"], "\"quota\";r=0;t=86401");
+        assert_eq!(
+            response.extensions().get::<ShedScope>(),
+            Some(&ShedScope::Limit(Scope::Quota))
+        );
+        assert_eq!(
+            body_of(response).await,
+            serde_json::json!({
+                "error": "quota_exceeded",
+                "scope": "quota",
+                "retry_after_ms": 86_400_001,
+                "limit": 100,
+                "used": 100,
+                "period": "month",
+                "message": "usage quota of 100 requests per month used up; the next period starts in 86401 s",
+            })
+        );
+    }
+
+    #[test]
+    fn admitted_responses_carry_the_quota_item_after_the_key_layers() {
+        let quota = Quota {
+            rate: 10.0,
+            burst: 20,
+        };
+        let mut response = healthy();
+        add_admitted_headers(
+            &mut response,
+            &Admitted {
+                quota,
+                remaining: 19,
+                reset: Duration::from_millis(100),
+                usage: Some(usage(100, 37, Duration::from_millis(5_500))),
+            },
+        );
+        let h = response.headers();
+        assert_eq!(
+            h["ratelimit-policy"],
+            "\"key\";q=20;w=2, \"quota\";q=100;w=2592000"
+        );
+        assert_eq!(h["ratelimit"], "\"key\";r=19;t=1, \"quota\";r=63;t=6");
+        let mut plain = healthy();
+        add_admitted_headers(
+            &mut plain,
+            &Admitted {
+                quota,
+                remaining: 19,
+                reset: Duration::from_millis(100),
+                usage: None,
+            },
+        );
+        assert_eq!(plain.headers()["ratelimit"], "\"key\";r=19;t=1");
+    }
+
     #[test]
     fn shed_carries_retry_after_and_ratelimit_fields() {
         let quota = Quota {
@@ -1582,6 +1786,7 @@ mod tests {
             burst: 20,
         };
         let response = rejected(Rejected {
+            usage: None,
             scope: Scope::Key,
             quota,
             wait: Duration::from_millis(100),

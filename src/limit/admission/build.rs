@@ -10,8 +10,10 @@ use governor::clock::Clock;
 
 use super::{Admission, Plans, RouteLayer};
 use crate::limit::bucket::Bucket;
+use crate::limit::clock::WallClock;
 use crate::limit::engine::KeyBudget;
 use crate::limit::keyed::KeyedBuckets;
+use crate::limit::usage::UsageCounters;
 use crate::limit::Quota;
 
 impl<C: Clock + Clone> Admission<C> {
@@ -34,11 +36,22 @@ impl<C: Clock + Clone> Admission<C> {
             global,
             routes,
             plans,
-            budget,
-            ahash::RandomState::new(),
+            Shared {
+                budget,
+                hasher: ahash::RandomState::new(),
+                usage: Arc::new(UsageCounters::new(max_keys)),
+                wall: WallClock::system(),
+            },
             clock,
             |_| None,
         )
+    }
+
+    /// The same admission with usage-quota periods read from `wall` (a fake clock in tests)
+    /// instead of the system clock.
+    pub fn with_wall_clock(mut self, wall: WallClock) -> Self {
+        self.wall = wall;
+        self
     }
 
     /// The admission for a new configuration (a live reload), carrying over what did not
@@ -53,6 +66,10 @@ impl<C: Clock + Clone> Admission<C> {
     /// `plans`. A Redis backend is kept; its buckets are named after their quotas, so there
     /// too unchanged layers keep their state and changed ones start full.
     ///
+    /// Usage-quota counters and the wall clock are always carried over: counts are per key
+    /// and period, so a plan whose quota limit changed keeps each key's count and applies the
+    /// new limit from the next request on.
+    ///
     /// `self` stays usable: requests still in flight on it draw from the carried-over
     /// buckets, so swapping the two loses or mints no token.
     pub fn reconfigured(
@@ -63,13 +80,18 @@ impl<C: Clock + Clone> Admission<C> {
         max_keys: usize,
     ) -> Admission<C> {
         self.budget.set_max(max_keys);
+        self.usage.set_max_keys(max_keys);
         let same = |old: &Quota, new: &Quota| old == new;
         let result = Admission::build(
             global,
             routes,
             plans,
-            Arc::clone(&self.budget),
-            self.hasher.clone(),
+            Shared {
+                budget: Arc::clone(&self.budget),
+                hasher: self.hasher.clone(),
+                usage: Arc::clone(&self.usage),
+                wall: self.wall.clone(),
+            },
             self.clock.clone(),
             |layer| match layer {
                 Layer::Global(quota) => self
@@ -106,11 +128,16 @@ impl<C: Clock + Clone> Admission<C> {
         global: Option<Quota>,
         routes: Vec<(String, Option<Quota>)>,
         plans: Plans,
-        budget: Arc<KeyBudget>,
-        hasher: ahash::RandomState,
+        shared: Shared,
         clock: C,
         reuse: impl Fn(Layer<'_>) -> Option<Reused<C>>,
     ) -> Self {
+        let Shared {
+            budget,
+            hasher,
+            usage,
+            wall,
+        } = shared;
         let bucket = |layer: Layer<'_>, quota: Quota| match reuse(layer) {
             Some(Reused::Bucket(bucket)) => bucket,
             _ => Arc::new(Bucket::new(quota, clock.clone())),
@@ -126,6 +153,7 @@ impl<C: Clock + Clone> Admission<C> {
         };
         let mut plan_of = HashMap::with_hasher(ahash::RandomState::new());
         let mut plan_layers = Vec::with_capacity(plans.plans.len());
+        let plan_usage = plans.plans.iter().map(|p| p.usage).collect();
         for (index, plan) in plans.plans.into_iter().enumerate() {
             for key in plan.keys {
                 plan_of.entry(key.into_boxed_str()).or_insert(index);
@@ -146,6 +174,10 @@ impl<C: Clock + Clone> Admission<C> {
             plan_of,
             plans: plan_layers,
             default: keyed(Layer::Default(&plans.default), plans.default, true),
+            plan_usage,
+            default_usage: plans.default_usage,
+            usage,
+            wall,
             budget,
             hasher,
             overflowed: AtomicU64::new(0),
@@ -153,6 +185,15 @@ impl<C: Clock + Clone> Admission<C> {
             shared: None,
         }
     }
+}
+
+/// What every `Admission` of a process shares with the one it replaces on reload.
+struct Shared {
+    budget: Arc<KeyBudget>,
+    /// Carried-over layers are keyed by its hashes.
+    hasher: ahash::RandomState,
+    usage: Arc<UsageCounters>,
+    wall: WallClock,
 }
 
 /// A layer [`Admission::build`] is about to create, for `reconfigured` to match.

@@ -21,10 +21,12 @@ use governor::clock::Clock;
 pub use self::redis::Admit;
 use self::redis::RedisLayers;
 use super::bucket::Bucket;
-use super::clock::DefaultClock;
+use super::clock::{DefaultClock, WallClock};
 use super::engine::KeyBudget;
 use super::keyed::KeyedBuckets;
+use super::usage::UsageCounters;
 use super::{Decision, Quota, Scope};
+use crate::usage::{UsageQuota, UsageState};
 
 /// A usage plan: API keys that each get a bucket with this quota.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,12 +37,15 @@ pub struct Plan {
     pub quota: Quota,
     /// The API keys on this plan.
     pub keys: Vec<String>,
+    /// The plan's usage quota, if it has one.
+    pub usage: Option<UsageQuota>,
 }
 
 /// Usage plans from the config, and the `default` quota for keys without one.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plans {
     default: Quota,
+    default_usage: Option<UsageQuota>,
     plans: Vec<Plan>,
 }
 
@@ -50,9 +55,32 @@ impl Plans {
     pub fn new(default: Quota, plans: Vec<(String, Quota, Vec<String>)>) -> Self {
         let plans = plans
             .into_iter()
-            .map(|(name, quota, keys)| Plan { name, quota, keys })
+            .map(|(name, quota, keys)| Plan {
+                name,
+                quota,
+                keys,
+                usage: None,
+            })
             .collect();
-        Plans { default, plans }
+        Plans {
+            default,
+            default_usage: None,
+            plans,
+        }
+    }
+
+    /// Adds usage quotas: `default` for keys without a plan, `by_plan` for the plans in
+    /// config order (a missing item is no quota).
+    pub fn with_usage_quotas(
+        mut self,
+        default: Option<UsageQuota>,
+        by_plan: impl IntoIterator<Item = Option<UsageQuota>>,
+    ) -> Self {
+        self.default_usage = default;
+        for (plan, usage) in self.plans.iter_mut().zip(by_plan) {
+            plan.usage = usage;
+        }
+        self
     }
 
     /// The quota of keys without a plan (and of the overflow bucket).
@@ -77,6 +105,8 @@ pub struct Admitted {
     pub remaining: u32,
     /// Time until the key's bucket is full again.
     pub reset: Duration,
+    /// The key's usage quota and its count with this request, when it has a quota.
+    pub usage: Option<UsageState>,
 }
 
 /// A refused request: the refusing layer, its quota and the exact wait for its next token.
@@ -87,8 +117,11 @@ pub struct Rejected {
     /// That layer's quota (for `RateLimit-Policy`).
     pub quota: Quota,
     /// Exact and never early; [`CLOSED_WAIT`](super::CLOSED_WAIT) for a closed layer. The
-    /// server rounds it up to whole seconds (at least 1) for `Retry-After`.
+    /// server rounds it up to whole seconds (at least 1) for `Retry-After`. For
+    /// [`Scope::Quota`], the time until the next period starts.
     pub wait: Duration,
+    /// For [`Scope::Quota`]: the quota and the key's count (`None` for every bucket).
+    pub usage: Option<UsageState>,
 }
 
 /// A route's admission layer, matched by name on reload.
@@ -113,6 +146,13 @@ pub struct Admission<C: Clock = DefaultClock> {
     plans: Vec<(String, Arc<KeyedBuckets<C>>)>,
     /// Keys without a plan; owns the overflow bucket.
     default: Arc<KeyedBuckets<C>>,
+    /// Usage quotas of the plans (same order as `plans`) and of keys without a plan.
+    plan_usage: Vec<Option<UsageQuota>>,
+    default_usage: Option<UsageQuota>,
+    /// Counts against usage quotas; the same counters for every `Admission` of a process.
+    usage: Arc<UsageCounters>,
+    /// The clock of usage-quota periods.
+    wall: WallClock,
     budget: Arc<KeyBudget>,
     /// Hashes client keys for every keyed layer; seeded randomly per process, and handed on
     /// by `reconfigured` because carried-over layers are keyed by these hashes.
@@ -143,8 +183,9 @@ impl<C: Clock> Admission<C> {
         if let Some(bucket) = self.routes.get(route).and_then(|r| r.bucket.as_ref()) {
             refuse(Scope::Route, bucket.quota(), bucket.check())?;
         }
-        let layer = match self.plan_of.get(key) {
-            Some(&index) => &self.plans[index].1,
+        let plan = self.plan_of.get(key).copied();
+        let layer = match plan {
+            Some(index) => &self.plans[index].1,
             None => &self.default,
         };
         let checked = layer.check_hash(self.hasher.hash_one(key));
@@ -156,13 +197,95 @@ impl<C: Clock> Admission<C> {
                 quota: layer.quota(),
                 remaining,
                 reset,
+                usage: self.count_usage(key, plan, layer.quota())?,
             }),
             Decision::Limited { wait } => Err(Rejected {
                 scope: Scope::Key,
                 quota: layer.quota(),
                 wait,
+                usage: None,
             }),
         }
+    }
+
+    /// Counts a request every bucket admitted against `key`'s usage quota, if it has one
+    /// (`plan`: its plan's index). `throttle` is the key layer's quota, reported with a
+    /// refusal.
+    fn count_usage(
+        &self,
+        key: &str,
+        plan: Option<usize>,
+        throttle: Quota,
+    ) -> Result<Option<UsageState>, Rejected> {
+        let Some(quota) = self.usage_quota(plan) else {
+            return Ok(None);
+        };
+        let now = self.wall.now();
+        let window = quota.window(now);
+        let state = |used| UsageState {
+            quota,
+            used,
+            period_secs: window.secs(),
+            reset: window.until_end(now),
+        };
+        match self.usage.take(key, window, quota.limit, plan.is_some()) {
+            Ok(used) => {
+                if used == quota.limit {
+                    self.exhausted(plan);
+                }
+                Ok(Some(state(used)))
+            }
+            Err(used) => Err(Rejected {
+                scope: Scope::Quota,
+                quota: throttle,
+                wait: window.until_end(now),
+                usage: Some(state(used)),
+            }),
+        }
+    }
+
+    /// A key just used the last request of its quota's period.
+    fn exhausted(&self, plan: Option<usize>) {
+        let plan = plan.map_or("default", |index| self.plans[index].0.as_str());
+        metrics::counter!("sluicegate_quota_exhausted_total", "plan" => plan.to_owned())
+            .increment(1);
+    }
+
+    /// The usage quota of the plan at `plan`, or of keys without a plan.
+    fn usage_quota(&self, plan: Option<usize>) -> Option<UsageQuota> {
+        match plan {
+            Some(index) => self.plan_usage.get(index).copied().flatten(),
+            None => self.default_usage,
+        }
+    }
+
+    /// `key`'s usage quota and its count in the current period, if the key has a quota.
+    /// Creates no state. (With the Redis backend, the count this replica last saw.)
+    pub fn usage_of(&self, key: &str) -> Option<UsageState> {
+        let quota = self.usage_quota(self.plan_of.get(key).copied())?;
+        let now = self.wall.now();
+        let window = quota.window(now);
+        Some(UsageState {
+            quota,
+            used: self.usage.used(key, window),
+            period_secs: window.secs(),
+            reset: window.until_end(now),
+        })
+    }
+
+    /// The usage counters (the server saves and restores them, and reclaims past periods).
+    pub fn usage_counters(&self) -> &Arc<UsageCounters> {
+        &self.usage
+    }
+
+    /// The clock of usage-quota periods.
+    pub fn wall_clock(&self) -> &WallClock {
+        &self.wall
+    }
+
+    /// Whether any key has a usage quota (when none does, there is nothing to persist).
+    pub fn has_usage_quotas(&self) -> bool {
+        self.default_usage.is_some() || self.plan_usage.iter().any(Option::is_some)
     }
 
     /// Whether `key` belongs to a plan (for `require_known_key`). Creates no state.
@@ -189,6 +312,7 @@ impl<C: Clock> Admission<C> {
             layer.reclaim();
         }
         self.default.reclaim();
+        self.usage.reclaim(self.wall.now());
     }
 
     /// Keys currently tracked across all keyed layers (≤ `max_keys` plus the number of
@@ -235,6 +359,11 @@ impl<C: Clock> std::fmt::Debug for Admission<C> {
 fn refuse(scope: Scope, quota: Quota, decision: Decision) -> Result<(), Rejected> {
     match decision {
         Decision::Allowed { .. } => Ok(()),
-        Decision::Limited { wait } => Err(Rejected { scope, quota, wait }),
+        Decision::Limited { wait } => Err(Rejected {
+            scope,
+            quota,
+            wait,
+            usage: None,
+        }),
     }
 }

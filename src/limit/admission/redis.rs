@@ -11,8 +11,9 @@ use std::time::Duration;
 use governor::clock::Clock;
 
 use super::{Admission, Admitted, Rejected};
-use crate::backend::{BucketRef, Fallback, Gcra, LayerKind, RedisBackend, DENY_WAIT};
+use crate::backend::{BucketRef, CounterRef, Fallback, Gcra, LayerKind, RedisBackend, DENY_WAIT};
 use crate::limit::{Decision, Quota, Scope};
+use crate::usage::UsageState;
 
 /// The admission layers as Redis buckets: key names (for the key layers, the prefix to which
 /// the client key is appended) and GCRA parameters, computed once.
@@ -147,11 +148,27 @@ where
             .shared
             .as_ref()
             .expect("check_shared is only called with a Redis backend");
-        let (layer, quota) = match self.plan_of.get(key.as_str()) {
-            Some(&index) => (&shared.plans[index], self.plans[index].1.quota()),
+        let plan = self.plan_of.get(key.as_str()).copied();
+        let (layer, quota) = match plan {
+            Some(index) => (&shared.plans[index], self.plans[index].1.quota()),
             None => (&shared.default, self.default.quota()),
         };
-        let key_bucket = format!("{}{key}", layer.key);
+        let key_bucket = RedisBackend::client_key(&layer.key, &key);
+        // The key's usage counter, in the same call: its period from this replica's clock.
+        let usage = self.usage_quota(plan).map(|usage| {
+            let wall = self.wall.now();
+            let window = usage.window(wall);
+            let state = move |used| UsageState {
+                quota: usage,
+                used,
+                period_secs: window.secs(),
+                reset: window.until_end(wall),
+            };
+            (usage, window, state)
+        });
+        let counter_key = usage
+            .as_ref()
+            .map(|(usage, window, _)| shared.backend.usage_key(&key, usage, *window));
         // At most three buckets, in the order the local engine checks them.
         let mut buckets = Vec::with_capacity(3);
         let mut scopes = Vec::with_capacity(3);
@@ -179,16 +196,54 @@ where
             gcra: layer.gcra,
         });
         scopes.push((Scope::Key, quota));
-        match shared.backend.eval(&buckets, now).await {
+        let counter =
+            usage
+                .as_ref()
+                .zip(counter_key.as_deref())
+                .map(|((usage, window, _), key)| CounterRef {
+                    key,
+                    limit: usage.limit,
+                    expire_at: Duration::from_secs(window.end),
+                });
+        match shared.backend.eval_counted(&buckets, counter, now).await {
             Ok(verdict) => {
+                // Keep the local counters in step with the shared count, for the fallback.
+                let counted = usage
+                    .as_ref()
+                    .zip(verdict.used)
+                    .map(|((u, w, state), used)| {
+                        self.usage.observe(&key, *w, u.limit, used, plan.is_some());
+                        state(used)
+                    });
+                if verdict.bucket == buckets.len() {
+                    let state =
+                        counted.expect("only a call with a counter refuses past its buckets");
+                    return Err(Rejected {
+                        scope: Scope::Quota,
+                        quota,
+                        wait: state.reset,
+                        usage: Some(state),
+                    });
+                }
                 let (scope, quota) = scopes[verdict.bucket];
                 match verdict.decision {
-                    Decision::Allowed { remaining, reset } => Ok(Admitted {
+                    Decision::Allowed { remaining, reset } => {
+                        if counted.is_some_and(|s| s.used == s.quota.limit) {
+                            self.exhausted(plan);
+                        }
+                        Ok(Admitted {
+                            quota,
+                            remaining,
+                            reset,
+                            usage: counted,
+                        })
+                    }
+                    Decision::Limited { wait } => Err(Rejected {
+                        scope,
                         quota,
-                        remaining,
-                        reset,
+                        wait,
+                        usage: None,
                     }),
-                    Decision::Limited { wait } => Err(Rejected { scope, quota, wait }),
                 }
             }
             Err(_unavailable) => self.fallback(shared, route, &key),
@@ -197,6 +252,51 @@ where
 }
 
 impl<C: Clock> Admission<C> {
+    /// `key`'s usage quota and its count in the current period: Redis' count with the
+    /// Redis backend (this process's when Redis does not answer), else this process's.
+    /// `None` for a key without a usage quota. Creates no state.
+    pub async fn usage_now(&self, key: &str) -> Option<UsageState> {
+        let mut state = self.usage_of(key)?;
+        if let Some(shared) = self.shared.as_ref().filter(|s| s.backend.is_up()) {
+            let window = state.quota.window(self.wall.now());
+            let counter = shared.backend.usage_key(key, &state.quota, window);
+            if let Ok(used) = shared.backend.usage(&counter).await {
+                state.used = used;
+            }
+        }
+        Some(state)
+    }
+
+    /// Sets `key`'s count in the current period to `used` (API Gateway's `UpdateUsage`;
+    /// `0` is `ResetUsage`), here and, with the Redis backend, in Redis. `Ok(None)` for a key
+    /// without a usage quota; `Err` when Redis did not take it (the local count is set).
+    pub async fn set_usage(
+        &self,
+        key: &str,
+        used: u64,
+    ) -> Result<Option<UsageState>, crate::backend::Unavailable> {
+        let plan = self.plan_of.get(key).copied();
+        let Some(quota) = self.usage_quota(plan) else {
+            return Ok(None);
+        };
+        let now = self.wall.now();
+        let window = quota.window(now);
+        self.usage.set(key, window, quota.limit, used);
+        if let Some(shared) = &self.shared {
+            let counter = shared.backend.usage_key(key, &quota, window);
+            shared
+                .backend
+                .set_usage(&counter, used, Duration::from_secs(window.end))
+                .await?;
+        }
+        Ok(Some(UsageState {
+            quota,
+            used,
+            period_secs: window.secs(),
+            reset: window.until_end(now),
+        }))
+    }
+
     /// The decision while Redis cannot be reached, by the backend's policy.
     fn fallback(
         &self,
@@ -216,6 +316,7 @@ impl<C: Clock> Admission<C> {
                     quota,
                     remaining: quota.burst,
                     reset: Duration::ZERO,
+                    usage: None,
                 })
             }
             Fallback::Deny => Err(Rejected {
@@ -225,6 +326,7 @@ impl<C: Clock> Admission<C> {
                     .as_ref()
                     .map_or_else(|| self.key_quota(key), |b| b.quota()),
                 wait: DENY_WAIT,
+                usage: None,
             }),
         }
     }

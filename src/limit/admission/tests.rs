@@ -49,6 +49,7 @@ fn plan_keys_get_their_plan_and_other_keys_the_default() {
     assert_eq!(
         anon,
         Admitted {
+            usage: None,
             quota: DEFAULT,
             remaining: 1,
             reset: Duration::from_secs(1)
@@ -77,6 +78,7 @@ fn layers_are_checked_global_then_route_then_key() {
     assert_eq!(
         r,
         Rejected {
+            usage: None,
             scope: Scope::Key,
             quota: DEFAULT,
             wait: Duration::from_millis(1000)
@@ -94,6 +96,7 @@ fn layers_are_checked_global_then_route_then_key() {
     assert_eq!(
         r,
         Rejected {
+            usage: None,
             scope: Scope::Global,
             quota: global,
             wait: Duration::from_secs(1)
@@ -160,6 +163,7 @@ fn closed_layers_refuse_with_the_closed_wait() {
     assert_eq!(
         a.check(0, "k"),
         Err(Rejected {
+            usage: None,
             scope: Scope::Global,
             quota: closed,
             wait: CLOSED_WAIT
@@ -354,4 +358,210 @@ fn admission_is_shareable_across_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Admission<FakeRelativeClock>>();
     assert_send_sync::<Admission>();
+}
+
+/// Usage quotas against a fake wall clock (periods) and governor's fake clock (buckets).
+mod usage_quotas {
+    use super::*;
+    use crate::limit::WallClock;
+    use crate::usage::{Period, UsageQuota};
+
+    const DAY: u64 = 86_400;
+    /// The gold plan's bucket here: never the layer that refuses.
+    const ROOMY: Quota = Quota {
+        rate: 1000.0,
+        burst: 1000,
+    };
+    /// 2026-12-01 (a Tuesday) 04:00 UTC.
+    const TUESDAY_4AM: u64 = 1_796_097_600;
+    /// 2024-02-29 23:59:59 UTC: the last second of a leap February.
+    const LEAP_DAY_END: u64 = 1_709_251_199;
+
+    fn quota(limit: u64, period: Period, offset: u32) -> UsageQuota {
+        UsageQuota {
+            limit,
+            period,
+            offset,
+        }
+    }
+
+    /// Gold keys: `gold` usage quota; other keys: `default`. Generous buckets unless said.
+    fn admission(
+        default_bucket: Quota,
+        gold: Option<UsageQuota>,
+        default: Option<UsageQuota>,
+        at: u64,
+    ) -> (Admission<FakeRelativeClock>, WallClock, FakeRelativeClock) {
+        let clock = FakeRelativeClock::default();
+        let wall = WallClock::fake(Duration::from_secs(at));
+        let plans = Plans::new(
+            default_bucket,
+            vec![("gold".into(), ROOMY, vec!["gold-1".into()])],
+        )
+        .with_usage_quotas(default, [gold]);
+        let a = Admission::new(
+            None,
+            vec![("records".into(), None)],
+            plans,
+            100,
+            clock.clone(),
+        )
+        .with_wall_clock(wall.clone());
+        (a, wall, clock)
+    }
+
+    #[test]
+    fn the_quota_refuses_past_its_limit_until_the_next_period_starts() {
+        // A week starting on Monday (offset 1): from Tuesday 04:00 the next period starts
+        // on Monday 2026-12-07 00:00, 5 days and 20 hours away.
+        let (a, wall, _clock) =
+            admission(DEFAULT, Some(quota(3, Period::Week, 1)), None, TUESDAY_4AM);
+        for used in 1..=3 {
+            let admitted = a.check(0, "gold-1").expect("under the quota");
+            let usage = admitted.usage.expect("gold has a quota");
+            assert_eq!((usage.used, usage.left()), (used, 3 - used));
+            assert_eq!(usage.period_secs, 7 * DAY);
+        }
+        let to_monday = Duration::from_secs(5 * DAY + 20 * 3600);
+        let refused = a.check(0, "gold-1").expect_err("quota used up");
+        assert_eq!(refused.scope, Scope::Quota);
+        assert_eq!(
+            refused.wait, to_monday,
+            "Retry-After runs to the period's end"
+        );
+        assert_eq!(refused.quota, ROOMY);
+        assert_eq!(
+            refused.usage.map(|u| (u.used, u.reset)),
+            Some((3, to_monday))
+        );
+        // One second before Monday: still refused; at Monday 00:00 a new period.
+        wall.advance(to_monday - Duration::from_secs(1));
+        assert_eq!(
+            a.check(0, "gold-1").map_err(|r| (r.scope, r.wait)),
+            Err((Scope::Quota, Duration::from_secs(1)))
+        );
+        wall.advance(Duration::from_secs(1));
+        let admitted = a.check(0, "gold-1").expect("a new period");
+        assert_eq!(admitted.usage.map(|u| u.used), Some(1));
+        // Keys without a quota never count.
+        assert_eq!(a.check(0, "someone").expect("bucket").usage, None);
+        assert_eq!(a.usage_of("someone"), None);
+    }
+
+    #[test]
+    fn only_requests_every_bucket_admitted_count_against_the_quota() {
+        // Keys without a plan: a bucket of 2 that refills once an hour, a quota of 10 a day.
+        let slow = Quota {
+            rate: 1.0 / 3600.0,
+            burst: 2,
+        };
+        let (a, _wall, clock) = admission(slow, None, Some(quota(10, Period::Day, 0)), TUESDAY_4AM);
+        let outcomes: Vec<_> = (0..6)
+            .map(|_| a.check(0, "k").map_err(|r| r.scope))
+            .collect();
+        assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 2);
+        assert!(outcomes[2..].iter().all(|o| *o == Err(Scope::Key)));
+        assert_eq!(
+            a.usage_of("k").map(|u| u.used),
+            Some(2),
+            "shed requests used none"
+        );
+        clock.advance(Duration::from_secs(3600));
+        assert_eq!(
+            a.check(0, "k").expect("refilled").usage.map(|u| u.used),
+            Some(3)
+        );
+    }
+
+    #[test]
+    fn a_month_resets_at_the_first_of_the_next_month_after_a_leap_day() {
+        let (a, wall, _clock) = admission(
+            DEFAULT,
+            Some(quota(2, Period::Month, 0)),
+            None,
+            LEAP_DAY_END,
+        );
+        a.check(0, "gold-1").expect("1 of 2");
+        a.check(0, "gold-1").expect("2 of 2");
+        let refused = a.check(0, "gold-1").expect_err("used up");
+        assert_eq!(
+            refused.wait,
+            Duration::from_secs(1),
+            "March starts in a second"
+        );
+        assert_eq!(refused.usage.map(|u| u.period_secs), Some(29 * DAY));
+        wall.advance(Duration::from_secs(1));
+        let march = a.check(0, "gold-1").expect("March");
+        assert_eq!(
+            march.usage.map(|u| (u.used, u.period_secs)),
+            Some((1, 31 * DAY))
+        );
+    }
+
+    #[test]
+    fn a_reload_that_changes_the_limit_keeps_the_used_count() {
+        let (a, _wall, _clock) =
+            admission(DEFAULT, Some(quota(3, Period::Day, 0)), None, TUESDAY_4AM);
+        for _ in 0..3 {
+            a.check(0, "gold-1").expect("under the quota");
+        }
+        assert_eq!(a.check(0, "gold-1").map_err(|r| r.scope), Err(Scope::Quota));
+        let reload = |limit| {
+            a.reconfigured(
+                None,
+                vec![("records".into(), None)],
+                Plans::new(DEFAULT, vec![("gold".into(), ROOMY, vec!["gold-1".into()])])
+                    .with_usage_quotas(None, [Some(quota(limit, Period::Day, 0))]),
+                100,
+            )
+        };
+        let raised = reload(5);
+        assert_eq!(
+            raised
+                .check(0, "gold-1")
+                .expect("4 of 5")
+                .usage
+                .map(|u| u.used),
+            Some(4)
+        );
+        assert_eq!(
+            raised
+                .check(0, "gold-1")
+                .expect("5 of 5")
+                .usage
+                .map(|u| u.used),
+            Some(5)
+        );
+        let refused = raised.check(0, "gold-1").expect_err("5 of 5 used");
+        assert_eq!(refused.usage.map(|u| (u.used, u.quota.limit)), Some((5, 5)));
+        let lowered = raised.reconfigured(
+            None,
+            vec![("records".into(), None)],
+            Plans::new(DEFAULT, vec![("gold".into(), ROOMY, vec!["gold-1".into()])])
+                .with_usage_quotas(None, [Some(quota(2, Period::Day, 0))]),
+            100,
+        );
+        assert_eq!(
+            lowered.usage_of("gold-1").map(|u| (u.used, u.left())),
+            Some((5, 0))
+        );
+        assert_eq!(
+            lowered.check(0, "gold-1").map_err(|r| r.scope),
+            Err(Scope::Quota)
+        );
+    }
+
+    #[test]
+    fn reclaim_drops_counts_of_past_periods() {
+        let (a, wall, _clock) =
+            admission(DEFAULT, None, Some(quota(5, Period::Day, 0)), TUESDAY_4AM);
+        a.check(0, "a").expect("counted");
+        a.check(0, "b").expect("counted");
+        assert_eq!(a.usage_counters().len(), 2);
+        a.reclaim();
+        assert_eq!(a.usage_counters().len(), 2, "still this period");
+        wall.advance(Duration::from_secs(DAY));
+        a.reclaim();
+        assert!(a.usage_counters().is_empty());
+    }
 }

@@ -45,7 +45,8 @@ pub use self::route::{
     RouteConfig, ENVELOPE_FRAME, ENVELOPE_RECORD_OVERHEAD,
 };
 pub use self::server::{
-    IdentityConfig, IdentitySource, ServerConfig, DEFAULT_MAX_JSON_DEPTH, MAX_CONNECTIONS,
+    IdentityConfig, IdentitySource, ServerConfig, DEFAULT_MAX_JSON_DEPTH, MAX_BULK_BYTES,
+    MAX_BULK_RECORDS, MAX_CONNECTIONS,
 };
 pub use self::validate::{
     INVOKE_RATE, MAX_ATTEMPTS, MAX_BATCH_RECORDS, MAX_CONCURRENCY, MAX_INVOKE_BURST, MAX_KEYS,

@@ -11,8 +11,8 @@ use std::time::Duration;
 use super::{
     ByteSize, Config, ConfigError, Envelope, IdentityConfig, InvokeConfig, LambdaConfig,
     LimitBackend, LimitsConfig, PlanConfig, RetryConfig, RouteConfig, ServerConfig,
-    DEFAULT_MAX_JSON_DEPTH, ENVELOPE_FRAME, ENVELOPE_RECORD_OVERHEAD, MAX_CONNECTIONS,
-    SYNC_PAYLOAD_LIMIT,
+    DEFAULT_MAX_JSON_DEPTH, ENVELOPE_FRAME, ENVELOPE_RECORD_OVERHEAD, MAX_BULK_BYTES,
+    MAX_BULK_RECORDS, MAX_CONNECTIONS, SYNC_PAYLOAD_LIMIT,
 };
 use crate::units;
 
@@ -154,6 +154,18 @@ fn validate_server(s: &ServerConfig) -> Result<(), ConfigError> {
             "must be greater than 0 and at most 1h",
         ));
     }
+    check_range(
+        "server.max_bulk_records",
+        s.max_bulk_records,
+        1..=MAX_BULK_RECORDS,
+        "records",
+    )?;
+    check_range(
+        "server.max_bulk_bytes",
+        s.max_bulk_bytes.bytes(),
+        1..=MAX_BULK_BYTES.bytes(),
+        "bytes",
+    )?;
     if !(1..=MAX_CONNECTIONS).contains(&s.max_connections) {
         return Err(ConfigError::invalid(
             "server.max_connections",

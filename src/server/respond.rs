@@ -9,6 +9,10 @@
 //! The per-route request counters keep one slot per [`Answer`], so an answer added here is
 //! counted without a second list to keep in step.
 //!
+//! A record's body is the same whichever door it came through: [`record_answer`] gives the
+//! answer and JSON body of a record's outcome, which is the whole response of a `/records`
+//! request and one entry of a bulk answer.
+//!
 //! Responses are plain `http` types with a [`Full`] body: each body is built once (a shed's
 //! on the stack, then copied once) and handed to hyper without another copy or a boxed body.
 
@@ -96,11 +100,14 @@ pub enum Answer {
     Unavailable,
     /// `504`: no result before the caller's deadline, or the outcome is unknown.
     Timeout,
+    /// `415`: a bulk request's `Content-Type` names a charset or parameter that makes its
+    /// body unreadable as NDJSON.
+    UnsupportedMediaType,
 }
 
 impl Answer {
     /// Every answer, in the order of the counter slots (`records.rs`).
-    pub const ALL: [Answer; 18] = [
+    pub const ALL: [Answer; 19] = [
         Answer::Success,
         Answer::Accepted,
         Answer::FunctionFailed,
@@ -119,6 +126,7 @@ impl Answer {
         Answer::BadGateway,
         Answer::Unavailable,
         Answer::Timeout,
+        Answer::UnsupportedMediaType,
     ];
 
     /// The status of this answer: the one table of status codes.
@@ -138,6 +146,7 @@ impl Answer {
             Answer::BadGateway => StatusCode::BAD_GATEWAY,
             Answer::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Answer::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Answer::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         }
     }
 
@@ -237,6 +246,25 @@ pub enum RequestError {
     /// A limit refused the request.
     #[error("rate limited ({})", .0.scope.as_str())]
     Shed(Shed),
+    /// A bulk request's body is larger than `server.max_bulk_bytes` (`max`).
+    #[error("the body is larger than server.max_bulk_bytes ({max} bytes)")]
+    BulkTooLarge {
+        /// `server.max_bulk_bytes`.
+        max: usize,
+    },
+    /// A bulk request holds more records than `server.max_bulk_records` (`max`).
+    #[error("the body holds more than server.max_bulk_records ({max}) records")]
+    TooManyRecords {
+        /// `server.max_bulk_records`.
+        max: usize,
+    },
+    /// A bulk request's `Content-Type` cannot be read as NDJSON (a charset other than
+    /// UTF-8, a malformed parameter).
+    #[error("{reason}")]
+    UnsupportedMediaType {
+        /// What is wrong with the content type, as the body's `message`.
+        reason: String,
+    },
     /// The record got no result from the function. `record` is its id once it has one
     /// (`None`: refused at submit); `policies` describe the route's queue and invoke rate
     /// for the `429`s this can be.
@@ -317,12 +345,18 @@ impl RequestError {
             RequestError::CallerDeadline { .. } => (Answer::Timeout, "timeout"),
             RequestError::NotReady { .. } => (Answer::Unavailable, "unavailable"),
             RequestError::Shed(shed) => (Answer::Shed(shed.scope), "rate_limited"),
+            RequestError::BulkTooLarge { .. } | RequestError::TooManyRecords { .. } => {
+                (Answer::TooLarge, "payload_too_large")
+            }
+            RequestError::UnsupportedMediaType { .. } => {
+                (Answer::UnsupportedMediaType, "unsupported_media_type")
+            }
             RequestError::Record { error, .. } => classify_record(error),
         }
     }
 
     /// The limit that refused, when this is a `429`.
-    fn shed(&self) -> Option<Shed> {
+    pub fn shed(&self) -> Option<Shed> {
         match self {
             RequestError::Shed(shed) => Some(*shed),
             RequestError::Record {
@@ -360,14 +394,43 @@ impl RequestError {
         }
     }
 
-    /// The response the caller gets.
+    /// The response the caller gets: [`body`](Self::body) and the headers its status
+    /// calls for.
     pub fn into_response(self) -> Response {
         if let Some(shed) = self.shed() {
             return shed_response(shed);
         }
+        let (answer, body) = self.body();
+        let mut response = json_response(answer.status(), body);
+        let headers = response.headers_mut();
+        match &self {
+            RequestError::MethodNotAllowed { allow } => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            // The rest of the body may still be on its way, and nothing on the connection
+            // can be read as a next request.
+            RequestError::BodyTimeout { .. } => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ if answer == Answer::Unavailable => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(self.unavailable_wait())),
+                );
+            }
+            _ => {}
+        }
+        response
+    }
+
+    /// Which answer this is and its JSON body: the body rules of every failure, whether it
+    /// is a whole response or one entry of a bulk answer.
+    pub fn body(&self) -> (Answer, Bytes) {
+        if let Some(shed) = self.shed() {
+            return (Answer::Shed(shed.scope), shed_body(shed.scope, shed.wait));
+        }
         let (answer, code) = self.classify();
-        let status = answer.status();
-        let mut response = match &self {
+        let body = match self {
             RequestError::Record {
                 record,
                 error: RecordError::Function(e),
@@ -388,10 +451,7 @@ impl RequestError {
                     error_type: &e.error_type,
                     message: &e.message,
                 };
-                json_response(
-                    status,
-                    serde_json::to_vec(&body).expect("plain struct serializes"),
-                )
+                serde_json::to_vec(&body).expect("plain struct serializes")
             }
             RequestError::Record {
                 record,
@@ -413,32 +473,21 @@ impl RequestError {
                     dead_letter_id: letter,
                     message: self.to_string(),
                 };
-                json_response(
-                    status,
-                    serde_json::to_vec(&body).expect("plain struct serializes"),
-                )
+                serde_json::to_vec(&body).expect("plain struct serializes")
             }
-            _ => error(status, code, self.to_string()),
+            _ => error_body(code, self.to_string()),
         };
-        let headers = response.headers_mut();
-        match &self {
-            RequestError::MethodNotAllowed { allow } => {
-                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
-            }
-            // The rest of the body may still be on its way, and nothing on the connection
-            // can be read as a next request.
-            RequestError::BodyTimeout { .. } => {
-                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            _ if answer == Answer::Unavailable => {
-                headers.insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(retry_after_secs(self.unavailable_wait())),
-                );
-            }
-            _ => {}
-        }
-        response
+        (answer, body.into())
+    }
+}
+
+/// A record's answer, whichever door it came through: the status it has and its JSON body
+/// (the function's result, or why there is none). The single-record response and a bulk
+/// answer's entry are both this body.
+pub fn record_answer(outcome: &Result<(Arc<str>, Delivered), RequestError>) -> (Answer, Bytes) {
+    match outcome {
+        Ok((id, delivered)) => delivered_body(id, delivered),
+        Err(error) => error.body(),
     }
 }
 
@@ -524,17 +573,21 @@ fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response {
 
 /// `{"error": code, "message": message}` with `status`.
 fn error(status: StatusCode, code: &str, message: String) -> Response {
+    json_response(status, error_body(code, message))
+}
+
+/// `{"error": code, "message": message}`.
+fn error_body(code: &str, message: String) -> Vec<u8> {
     #[derive(Serialize)]
     struct Body<'a> {
         error: &'a str,
         message: String,
     }
-    let body = serde_json::to_vec(&Body {
+    serde_json::to_vec(&Body {
         error: code,
         message,
     })
-    .expect("plain struct serializes");
-    json_response(status, body)
+    .expect("plain struct serializes")
 }
 
 /// `/healthz`: `200` while the process serves.
@@ -608,35 +661,41 @@ impl StackText {
 
 /// `429` with the body and headers of the HTTP contract.
 fn shed_response(shed: Shed) -> Response {
-    let Shed {
-        scope,
-        wait,
-        policy,
-    } = shed;
-    let name = scope.as_str();
-    // `{"error":"rate_limited","scope":<name>,"retry_after_ms":<ms>}`, written by hand
-    // (this runs for every shed request): scope names are fixed identifiers, no escaping.
+    let mut response = json_response(
+        Answer::Shed(shed.scope).status(),
+        shed_body(shed.scope, shed.wait),
+    );
+    // The counters read the scope from here: the body is already serialized.
+    response.extensions_mut().insert(shed.scope);
+    add_shed_headers(&mut response, shed);
+    response
+}
+
+/// `{"error":"rate_limited","scope":<name>,"retry_after_ms":<ms>}`, written by hand (this
+/// runs for every shed request): scope names are fixed identifiers, no escaping.
+fn shed_body(scope: ShedScope, wait: Duration) -> Bytes {
     let mut digits = itoa::Buffer::new();
     let mut body = StackText::new();
     body.push(br#"{"error":"rate_limited","scope":""#);
-    body.push(name.as_bytes());
+    body.push(scope.as_str().as_bytes());
     body.push(br#"","retry_after_ms":"#);
     body.push(digits.format(retry_after_ms(wait)).as_bytes());
     body.push(b"}");
-    let mut response = json_response(
-        Answer::Shed(scope).status(),
-        Bytes::copy_from_slice(body.as_bytes()),
-    );
-    // The counters read the scope from here: the body is already serialized.
-    response.extensions_mut().insert(scope);
-    let secs = retry_after_secs(wait);
+    Bytes::copy_from_slice(body.as_bytes())
+}
+
+/// Sets a shed's `Retry-After` (whole seconds, rounded up) and its scope's
+/// `RateLimit-Policy` and `RateLimit` fields on `response`: a `429`'s own headers, and a
+/// bulk answer's for the record that must wait longest.
+pub fn add_shed_headers(response: &mut Response, shed: Shed) {
+    let name = shed.scope.as_str();
+    let secs = retry_after_secs(shed.wait);
     let headers = response.headers_mut();
     headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    if let Some(quota) = policy {
+    if let Some(quota) = shed.policy {
         headers.insert(RATELIMIT_POLICY, policy_field(name, quota));
     }
     headers.insert(RATELIMIT, field(name, [(b'r', 0), (b't', secs)]));
-    response
 }
 
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -679,6 +738,12 @@ pub fn add_admitted_headers(response: &mut Response, admitted: &Admitted) {
 
 /// A record's result from the function.
 pub fn delivered(id: &str, delivered: Delivered) -> Response {
+    let (answer, body) = delivered_body(id, &delivered);
+    json_response(answer.status(), body)
+}
+
+/// A record's result from the function: its answer and JSON body.
+fn delivered_body(id: &str, delivered: &Delivered) -> (Answer, Bytes) {
     #[derive(Serialize)]
     struct Body<'a> {
         id: &'a str,
@@ -688,7 +753,7 @@ pub fn delivered(id: &str, delivered: Delivered) -> Response {
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<&'a RawValue>,
     }
-    let (answer, body) = match &delivered {
+    let (answer, body) = match delivered {
         Delivered::Success { body } => (
             Answer::Success,
             Body {
@@ -717,9 +782,11 @@ pub fn delivered(id: &str, delivered: Delivered) -> Response {
             },
         ),
     };
-    json_response(
-        answer.status(),
-        serde_json::to_vec(&body).expect("raw values serialize"),
+    (
+        answer,
+        serde_json::to_vec(&body)
+            .expect("raw values serialize")
+            .into(),
     )
 }
 
@@ -912,6 +979,25 @@ pub(super) fn every_request_error() -> Vec<(RequestError, u16, &'static str)> {
             "outcome_unknown",
         ),
     ];
+    all.extend([
+        (
+            RequestError::BulkTooLarge { max: 5_242_880 },
+            413,
+            "payload_too_large",
+        ),
+        (
+            RequestError::TooManyRecords { max: 500 },
+            413,
+            "payload_too_large",
+        ),
+        (
+            RequestError::UnsupportedMediaType {
+                reason: "charset=latin1 is not UTF-8".into(),
+            },
+            415,
+            "unsupported_media_type",
+        ),
+    ]);
     for scope in ShedScope::ALL {
         let shed = Shed {
             scope,

@@ -736,6 +736,48 @@ pub fn add_admitted_headers(response: &mut Response, admitted: &Admitted) {
     );
 }
 
+/// A bulk request's answer: `200` with `{"failed":<n>,"results":[<entry>,…]}`, one entry
+/// per record in order (see [`bulk_entry`]); `failed` counts the entries that are not `2xx`.
+/// `answers[i]` is the answer whose body is `bodies[i]`.
+pub fn bulk_answer(answers: &[Answer], bodies: &[Bytes]) -> Response {
+    let failed = answers.iter().filter(|a| !a.status().is_success()).count();
+    let mut digits = itoa::Buffer::new();
+    let size = bodies.iter().map(|b| b.len() + 20).sum::<usize>() + 32;
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(br#"{"failed":"#);
+    out.extend_from_slice(digits.format(failed).as_bytes());
+    out.extend_from_slice(br#","results":["#);
+    for (i, (answer, body)) in answers.iter().zip(bodies).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        bulk_entry(&mut out, *answer, body);
+    }
+    out.extend_from_slice(b"]}");
+    json_response(StatusCode::OK, out)
+}
+
+/// Appends a bulk entry to `out`: the record's body (a JSON object, as [`record_answer`]
+/// writes it) with `"http_status":<the status it would have had alone>` as its first field.
+pub fn bulk_entry(out: &mut Vec<u8>, answer: Answer, body: &[u8]) {
+    let mut digits = itoa::Buffer::new();
+    out.extend_from_slice(br#"{"http_status":"#);
+    out.extend_from_slice(digits.format(answer.status().as_u16()).as_bytes());
+    // Every record body is an object: `{` and at least one field, so the rest follows a
+    // comma. Anything else would be a bug here, kept valid JSON all the same.
+    match body.strip_prefix(b"{") {
+        Some(rest) if rest.starts_with(b"}") => out.extend_from_slice(rest),
+        Some(rest) => {
+            out.push(b',');
+            out.extend_from_slice(rest);
+        }
+        None => {
+            debug_assert!(false, "a record body is a JSON object");
+            out.push(b'}');
+        }
+    }
+}
+
 /// A record's result from the function.
 pub fn delivered(id: &str, delivered: Delivered) -> Response {
     let (answer, body) = delivered_body(id, &delivered);
@@ -1154,6 +1196,51 @@ mod tests {
                     "retry_after_ms": retry_after_ms(wait),
                 })
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bulk_entry_is_the_records_own_body_with_its_status_first() {
+        let success: Result<(Arc<str>, Delivered), RequestError> = Ok((
+            "r7".into(),
+            Delivered::Success {
+                body: RawValue::from_string(r#"{"n":1}"#.into()).expect("JSON"),
+            },
+        ));
+        let outcomes = [
+            success,
+            Err(RequestError::Shed(Shed {
+                scope: ShedScope::Limit(Scope::Key),
+                wait: Duration::from_millis(120),
+                policy: None,
+            })),
+            Err(RequestError::TooLarge { max: 10 }),
+        ];
+        let (answers, bodies): (Vec<Answer>, Vec<Bytes>) =
+            outcomes.iter().map(record_answer).unzip();
+        let response = bulk_answer(&answers, &bodies);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], "application/json");
+        let body = body_of(response).await;
+        assert_eq!(
+            body,
+            serde_json::json!({"failed": 2, "results": [
+                {"http_status": 200, "id": "r7", "status": "success", "body": {"n": 1}},
+                {"http_status": 429, "error": "rate_limited", "scope": "key", "retry_after_ms": 120},
+                {"http_status": 413, "error": "payload_too_large",
+                 "message": "record is larger than server.max_record_bytes (10 bytes)"},
+            ]})
+        );
+        // The entry's body is the one the single-record response has.
+        for outcome in outcomes {
+            let (answer, bytes) = record_answer(&outcome);
+            let alone = match outcome {
+                Ok((id, delivered)) => super::delivered(&id, delivered),
+                Err(error) => error.into_response(),
+            };
+            assert_eq!(alone.status(), answer.status());
+            let alone = alone.into_body().collect().await.expect("full").to_bytes();
+            assert_eq!(alone, bytes);
         }
     }
 

@@ -361,3 +361,95 @@ async fn bulk_records_are_counted_one_by_one() {
         4.0
     );
 }
+
+#[tokio::test]
+async fn accept_ndjson_streams_one_line_per_record_in_input_order_as_they_complete() {
+    // One record per invoke, one invoke at a time, 250 ms each: the records are answered
+    // 250 ms apart, so a streamed answer's first line arrives well before its last.
+    let functions = r#"
+[[emulator.functions]]
+name = "slow"
+latency = "250ms"
+"#;
+    let routes = route(
+        "records",
+        "slow",
+        "batch = { max_records = 1 }\ninvoke = { rate = 100.0, burst = 100, max_concurrency = 1 }",
+    );
+    let h = Harness::start(&config_toml(functions, &routes)).await;
+    let mut response = h
+        .http
+        .post(h.url("/records"))
+        .header("content-type", NDJSON)
+        .header("accept", NDJSON)
+        .body("{\"n\":1}\n{nope\n{\"n\":2}\n{\"n\":3}\n")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], NDJSON);
+    let mut text = String::new();
+    let mut first_line_at = None;
+    while let Some(chunk) =
+        tokio::time::timeout(std::time::Duration::from_secs(10), response.chunk())
+            .await
+            .expect("the stream ends in time")
+            .expect("the body reads")
+    {
+        text.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+        if first_line_at.is_none() && text.contains('\n') {
+            first_line_at = Some(tokio::time::Instant::now());
+        }
+    }
+    let gap = first_line_at.expect("at least one line").elapsed();
+    assert!(
+        gap >= std::time::Duration::from_millis(400),
+        "the last records were answered {gap:?} after the first line: not streamed"
+    );
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("each line is JSON"))
+        .collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(text.ends_with('\n'));
+    let statuses: Vec<u64> = lines
+        .iter()
+        .map(|l| l["http_status"].as_u64().expect("a status"))
+        .collect();
+    assert_eq!(statuses, [200, 400, 200, 200]);
+    assert_eq!(lines[0]["body"], json!({"n": 1}));
+    assert_eq!(lines[1]["error"], "bad_request");
+    assert_eq!(lines[2]["body"], json!({"n": 2}));
+    assert_eq!(lines[3]["body"], json!({"n": 3}));
+}
+
+#[tokio::test]
+async fn a_streamed_answer_carries_the_admission_sheds_retry_after() {
+    let config = config(ECHO, &route("records", "echo", ""), |c| {
+        c.limits.default = Quota {
+            rate: 0.01,
+            burst: 1,
+        };
+    });
+    let h = Harness::start_config(config).await;
+    let response = h
+        .http
+        .post(h.url("/records"))
+        .header("content-type", NDJSON)
+        .header("accept", "application/json;q=0.5, application/x-ndjson")
+        .body("1\n2\n")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["retry-after"], "100");
+    assert_eq!(response.headers()["ratelimit"], "\"key\";r=0;t=100");
+    let text = response.text().await.expect("the body");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("JSON"))
+        .collect();
+    assert_eq!(lines[0]["http_status"], 200);
+    assert_eq!(lines[1]["http_status"], 429);
+    assert_eq!(lines[1]["scope"], "key");
+}

@@ -23,7 +23,13 @@
 //!   (`respond::record_answer`, the same body `/records` gives) with `"http_status"` first;
 //!   `failed` counts the entries that are not `2xx`. When any record was shed the response
 //!   carries `Retry-After` and the `RateLimit` fields of the record that must wait longest;
-//!   otherwise the key layer's `RateLimit` fields after the last admitted record.
+//!   otherwise the key layer's `RateLimit` fields after the last admitted record;
+//! - with `Accept: application/x-ndjson` the answer is streamed instead: `200`
+//!   `application/x-ndjson`, one entry per line, each written once its record and every
+//!   record before it are answered (no `failed` total: the caller counts the lines). Its
+//!   `Retry-After` / `RateLimit` fields can only describe what was known before the first
+//!   line (admission and queue refusals). A caller that hangs up drops the records still
+//!   waiting, as a `/records` caller's would be.
 //!
 //! Counting: every entry is counted in `sluicegate_requests_total` exactly as the same
 //! record sent alone would be (so shed and error rates mean "records"), a bulk request
@@ -33,6 +39,7 @@
 use std::sync::Arc;
 
 use futures_util::future::join_all;
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use http::{header, HeaderMap, Request};
 use hyper::body::Incoming;
 use serde_json::value::RawValue;
@@ -41,7 +48,7 @@ use super::app::App;
 use super::counters::RouteCounters;
 use super::intake;
 use super::records::RecordRoute;
-use super::respond::{self, Answer, RequestError, Response, Shed};
+use super::respond::{self, RequestError, Response, Shed};
 use crate::coalesce::{Delivered, Ticket};
 use crate::limit::Admitted;
 
@@ -68,19 +75,13 @@ pub(super) fn is_bulk(headers: &HeaderMap) -> bool {
 pub(super) async fn serve(
     app: &App,
     index: usize,
-    route: &RecordRoute,
-    counters: &RouteCounters,
+    route: &Arc<RecordRoute>,
+    counters: &Arc<RouteCounters>,
     key: Arc<str>,
     request: Request<Incoming>,
 ) -> Response {
-    let mut response = match answer(app, index, route, &key, request).await {
-        Ok(Answered { response, answers }) => {
-            for answer in &answers {
-                counters.count_answer(*answer);
-            }
-            counters.count_bulk(response.status(), answers.len());
-            response
-        }
+    let mut response = match answer(app, index, route, counters, &key, request).await {
+        Ok(response) => response,
         Err(error) => {
             let response = error.into_response();
             counters.count(&response);
@@ -92,12 +93,6 @@ pub(super) async fn serve(
     response
 }
 
-/// A bulk answer and the answer of each of its records, for the counters.
-struct Answered {
-    response: Response,
-    answers: Vec<Answer>,
-}
-
 /// Where a record stands once its line has been checked, admitted and submitted.
 enum Slot {
     /// Answered already: refused at the check, by admission or at submit.
@@ -106,16 +101,21 @@ enum Slot {
     Queued(Ticket),
 }
 
+/// Reads, checks, admits and submits the records, then answers with every record's
+/// outcome: all at once, or (`Accept: application/x-ndjson`) one line each as it is ready.
+/// Counts the records' answers; a whole-request refusal is returned for the caller to count.
 #[allow(clippy::result_large_err)]
 async fn answer(
     app: &App,
     index: usize,
-    route: &RecordRoute,
+    route: &Arc<RecordRoute>,
+    counters: &Arc<RouteCounters>,
     key: &Arc<str>,
     request: Request<Incoming>,
-) -> Result<Answered, RequestError> {
+) -> Result<Response, RequestError> {
     let (parts, body) = request.into_parts();
     check_content_type(&parts.headers)?;
+    let streamed = wants_lines(&parts.headers);
     let deadline = intake::deadline(&parts.headers, route.request_timeout)?;
     let server = &app.config.server;
     let max_bytes = server.max_bulk_bytes.as_usize();
@@ -169,19 +169,95 @@ async fn answer(
     drop(lines);
     drop(body);
 
-    let outcomes = join_all(slots.into_iter().map(|slot| async move {
-        match slot {
-            Slot::Done(outcome) => outcome,
-            Slot::Queued(ticket) => {
-                let id = Arc::clone(&ticket.id);
-                intake::outcome(route, ticket, deadline)
-                    .await
-                    .map(|delivered| (id, delivered))
+    let records = slots.len();
+    // Sheds decided so far (admission, a full queue): all a streamed answer's headers can
+    // say, since they go out before the first line.
+    let decided = slots.iter().fold(None, |longest, slot| match slot {
+        Slot::Done(outcome) => longer(longest, outcome),
+        Slot::Queued(_) => longest,
+    });
+    // Owned futures (the route by `Arc`): a streamed answer's body outlives this call.
+    // Dropping one drops its ticket, which marks the record gone (a caller that hung up).
+    let outcomes = slots.into_iter().map(|slot| {
+        let route = Arc::clone(route);
+        async move {
+            match slot {
+                Slot::Done(outcome) => outcome,
+                Slot::Queued(ticket) => {
+                    let id = Arc::clone(&ticket.id);
+                    intake::outcome(&route, ticket, deadline)
+                        .await
+                        .map(|delivered| (id, delivered))
+                }
             }
         }
-    }))
-    .await;
-    Ok(render(&outcomes, admitted.as_ref()))
+    });
+    let response = if streamed {
+        // An upstream shed found later is in its own line only.
+        let outcomes: Vec<_> = outcomes.collect();
+        let counters = Arc::clone(counters);
+        let lines = outcomes
+            .into_iter()
+            .collect::<FuturesOrdered<_>>()
+            .map(move |outcome| {
+                let (answer, body) = respond::record_answer(&outcome);
+                counters.count_answer(answer);
+                respond::bulk_line(answer, &body)
+            });
+        let mut response = respond::bulk_lines(lines);
+        add_rate_headers(&mut response, decided, admitted.as_ref());
+        response
+    } else {
+        let outcomes = join_all(outcomes).await;
+        let mut answers = Vec::with_capacity(outcomes.len());
+        let mut bodies = Vec::with_capacity(outcomes.len());
+        let mut longest: Option<Shed> = None;
+        for outcome in &outcomes {
+            let (answer, body) = respond::record_answer(outcome);
+            longest = longer(longest, outcome);
+            counters.count_answer(answer);
+            answers.push(answer);
+            bodies.push(body);
+        }
+        let mut response = respond::bulk_answer(&answers, &bodies);
+        add_rate_headers(&mut response, longest, admitted.as_ref());
+        response
+    };
+    counters.count_bulk(response.status(), records);
+    Ok(response)
+}
+
+/// The shed with the longer wait: `longest` so far, or `outcome`'s.
+fn longer(
+    longest: Option<Shed>,
+    outcome: &Result<(Arc<str>, Delivered), RequestError>,
+) -> Option<Shed> {
+    match (longest, outcome.as_ref().err().and_then(RequestError::shed)) {
+        (Some(longest), Some(shed)) if longest.wait >= shed.wait => Some(longest),
+        (longest, None) => longest,
+        (_, shed) => shed,
+    }
+}
+
+/// A bulk answer's `Retry-After` and `RateLimit` fields: those of the record that must wait
+/// longest when any was shed, otherwise the key layer's after the last admitted record.
+fn add_rate_headers(response: &mut Response, longest: Option<Shed>, admitted: Option<&Admitted>) {
+    match (longest, admitted) {
+        (Some(shed), _) => respond::add_shed_headers(response, shed),
+        (None, Some(admitted)) => respond::add_admitted_headers(response, admitted),
+        (None, None) => {}
+    }
+}
+
+/// Whether the caller asked for the answer streamed (`Accept` lists `application/x-ndjson`).
+fn wants_lines(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|range| range.split(';').next())
+        .any(|media| media.trim().eq_ignore_ascii_case(NDJSON))
 }
 
 /// Splits the body into its record lines: a `\r\n` ending is accepted, lines holding only
@@ -251,36 +327,11 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), RequestError> {
     Ok(())
 }
 
-/// The answer to a bulk request whose records all have their outcome.
-fn render(
-    outcomes: &[Result<(Arc<str>, Delivered), RequestError>],
-    admitted: Option<&Admitted>,
-) -> Answered {
-    let mut answers = Vec::with_capacity(outcomes.len());
-    let mut bodies = Vec::with_capacity(outcomes.len());
-    let mut longest: Option<Shed> = None;
-    for outcome in outcomes {
-        let (answer, body) = respond::record_answer(outcome);
-        if let Some(shed) = outcome.as_ref().err().and_then(RequestError::shed) {
-            if longest.is_none_or(|l| shed.wait > l.wait) {
-                longest = Some(shed);
-            }
-        }
-        answers.push(answer);
-        bodies.push(body);
-    }
-    let mut response = respond::bulk_answer(&answers, &bodies);
-    match (longest, admitted) {
-        (Some(shed), _) => respond::add_shed_headers(&mut response, shed),
-        (None, Some(admitted)) => respond::add_admitted_headers(&mut response, admitted),
-        (None, None) => {}
-    }
-    Answered { response, answers }
-}
-
 #[cfg(test)]
 mod tests {
     use http::HeaderValue;
+
+    use crate::server::respond::Answer;
 
     use super::*;
 

@@ -82,7 +82,8 @@ pub(super) struct Endpoint {
     /// app's routes for it.
     path: String,
     stack: Stack,
-    counters: RouteCounters,
+    /// Shared with a streamed bulk answer, which counts its records as they are answered.
+    counters: Arc<RouteCounters>,
 }
 
 impl Endpoint {
@@ -98,7 +99,7 @@ impl Endpoint {
         let layer = AdmissionLayer::new(Arc::clone(admission), index, reject);
         Endpoint {
             path,
-            counters: RouteCounters::new(&route.name),
+            counters: Arc::new(RouteCounters::new(&route.name)),
             stack: tower::Layer::layer(&layer, RecordService(route)),
         }
     }

@@ -13,15 +13,21 @@
 //! answer and JSON body of a record's outcome, which is the whole response of a `/records`
 //! request and one entry of a bulk answer.
 //!
-//! Responses are plain `http` types with a [`Full`] body: each body is built once (a shed's
-//! on the stack, then copied once) and handed to hyper without another copy or a boxed body.
+//! Responses are plain `http` types whose [`Body`] is, but for a streamed bulk answer, one
+//! [`Full`] buffer: each body is built once (a shed's on the stack, then copied once) and
+//! handed to hyper without another copy or a boxed body.
 
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::Stream;
 use http::{header, HeaderName, HeaderValue, StatusCode};
 use http_body_util::Full;
+use hyper::body::{Frame, SizeHint};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -30,8 +36,55 @@ use crate::invoke::InvokeFailure;
 use crate::limit::{Admitted, Quota, Rejected, Scope};
 use crate::quota::ceil_secs;
 
-/// A response as sluicegate writes it: the whole body in one buffer.
-pub type Response = http::Response<Full<Bytes>>;
+/// A response as sluicegate writes it.
+pub type Response = http::Response<Body>;
+
+/// A data-plane response body: the whole body in one buffer, or the lines of a streamed
+/// bulk answer, each sent as soon as it is ready.
+pub enum Body {
+    /// The whole body at once (every answer but a streamed bulk one).
+    Full(Full<Bytes>),
+    /// One chunk per item, in order; the body ends with the stream.
+    Lines(Pin<Box<dyn Stream<Item = Bytes> + Send>>),
+}
+
+impl From<Bytes> for Body {
+    fn from(bytes: Bytes) -> Self {
+        Body::Full(Full::new(bytes))
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            Body::Full(full) => Pin::new(full).poll_frame(cx),
+            Body::Lines(lines) => lines
+                .as_mut()
+                .poll_next(cx)
+                .map(|line| line.map(|line| Ok(Frame::data(line)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Full(full) => full.is_end_stream(),
+            Body::Lines(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Full(full) => full.size_hint(),
+            Body::Lines(_) => SizeHint::default(),
+        }
+    }
+}
 
 /// The wait a `503` (or an upstream `429`) asks for when nothing better is known.
 const DEFAULT_WAIT: Duration = Duration::from_secs(1);
@@ -562,7 +615,7 @@ impl AdminError {
 }
 
 fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response {
-    let mut response = Response::new(Full::new(body.into()));
+    let mut response = Response::new(Body::from(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -755,6 +808,26 @@ pub fn bulk_answer(answers: &[Answer], bodies: &[Bytes]) -> Response {
     }
     out.extend_from_slice(b"]}");
     json_response(StatusCode::OK, out)
+}
+
+/// A streamed bulk answer: `200` with `application/x-ndjson`, one entry (see
+/// [`bulk_entry`]) per line, each sent once it and every record before it are answered.
+pub fn bulk_lines(lines: impl Stream<Item = Bytes> + Send + 'static) -> Response {
+    let mut response = Response::new(Body::Lines(Box::pin(lines)));
+    *response.status_mut() = StatusCode::OK;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
+/// One line of a streamed bulk answer: the entry and a newline.
+pub fn bulk_line(answer: Answer, body: &[u8]) -> Bytes {
+    let mut line = Vec::with_capacity(body.len() + 20);
+    bulk_entry(&mut line, answer, body);
+    line.push(b'\n');
+    line.into()
 }
 
 /// Appends a bulk entry to `out`: the record's body (a JSON object, as [`record_answer`]

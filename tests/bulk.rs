@@ -3,10 +3,12 @@
 //! batching, and the counters.
 
 mod common;
+mod redis_support;
 
 use common::{config_toml, route, Harness};
+use redis_support::RedisServer;
 use serde_json::{json, Value};
-use sluicegate::config::Config;
+use sluicegate::config::{BackendErrorPolicy, Config, LimitBackend};
 use sluicegate::limit::Quota;
 use sluicegate::units::ByteSize;
 
@@ -452,4 +454,39 @@ async fn a_streamed_answer_carries_the_admission_sheds_retry_after() {
     assert_eq!(lines[0]["http_status"], 200);
     assert_eq!(lines[1]["http_status"], 429);
     assert_eq!(lines[1]["scope"], "key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_each_record_spends_a_token_of_the_shared_bucket() {
+    let redis = RedisServer::start();
+    let shared = |c: &mut Config| {
+        c.limits.backend = LimitBackend::Redis;
+        c.limits.redis_url = redis.url();
+        // A slow Redis must not fall back to local buckets mid-test.
+        c.limits.redis_timeout = std::time::Duration::from_secs(2);
+        c.limits.on_backend_error = BackendErrorPolicy::Deny;
+        c.limits.default = Quota {
+            rate: 0.01,
+            burst: 3,
+        };
+    };
+    let a = Harness::start_config(config(ECHO, &route("records", "echo", ""), shared)).await;
+    let b = Harness::start_config(config(ECHO, &route("records", "echo", ""), shared)).await;
+    let (status, headers, body) = bulk(&a, NDJSON, "1\n2\n").await;
+    assert_eq!((status, statuses(&body)), (200, vec![200, 200]));
+    assert!(!headers.contains_key("retry-after"));
+    // The other replica sees the one token left, then sheds the rest record by record.
+    let (status, headers, body) = bulk(&b, NDJSON, "3\n4\n5\n").await;
+    assert_eq!(
+        (status, statuses(&body)),
+        (200, vec![200, 429, 429]),
+        "{body}"
+    );
+    assert_eq!(body["results"][1]["scope"], "key");
+    assert_eq!(headers["retry-after"], "100");
+    assert_eq!(
+        a.stats("echo").await["records"].as_u64().unwrap_or(0)
+            + b.stats("echo").await["records"].as_u64().unwrap_or(0),
+        3
+    );
 }

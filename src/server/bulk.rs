@@ -127,6 +127,7 @@ async fn answer(
             other => other,
         })?;
     let lines = record_lines(&body, server.max_bulk_records as usize)?;
+    tracing::debug!(records = lines.len(), streamed, "bulk request");
 
     // Every line is checked before any is admitted: a line that cannot be a record spends
     // no token, and admission sees the valid records in input order.

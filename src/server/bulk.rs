@@ -195,16 +195,12 @@ async fn answer(
     });
     let response = if streamed {
         // An upstream shed found later is in its own line only.
-        let outcomes: Vec<_> = outcomes.collect();
         let counters = Arc::clone(counters);
-        let lines = outcomes
-            .into_iter()
-            .collect::<FuturesOrdered<_>>()
-            .map(move |outcome| {
-                let (answer, body) = respond::record_answer(&outcome);
-                counters.count_answer(answer);
-                respond::bulk_line(answer, &body)
-            });
+        let lines = outcomes.collect::<FuturesOrdered<_>>().map(move |outcome| {
+            let (answer, body) = respond::record_answer(&outcome);
+            counters.count_answer(answer);
+            respond::bulk_line(answer, &body)
+        });
         let mut response = respond::bulk_lines(lines);
         add_rate_headers(&mut response, decided, admitted.as_ref());
         response

@@ -40,10 +40,11 @@ EXPECTED = {  # statuses each scenario is designed to produce from sluicegate
     "batching": {"200"},
     "admitted": {"200"},
     "noisy": {"200", "429"},
+    "bulk": {"200"},
 }
 COLORS = {"sluicegate": "#1f77b4", "nginx": "#2ca02c", "static429": "#7f7f7f", "direct": "#9467bd",
           "many-keys": "#1f77b4", "one-key": "#ff7f0e", "adaptive": "#1f77b4", "window": "#d62728",
-          "raw": "#ff7f0e"}
+          "raw": "#ff7f0e", "bulk": "#1f77b4", "single": "#ff7f0e"}
 
 
 # --- loading ------------------------------------------------------------------------
@@ -633,6 +634,55 @@ def report_noisy(runs):
     return md, summary, []
 
 
+def bulk_row(r):
+    """One bulk-scenario run: records/s from oha (2xx responses × records per request) and
+    from the emulator (records its function received during the run)."""
+    m = r["metrics"]
+    d = delta(r)
+    per = int(r.get("records_per_request") or 1)
+    ok = sum(v for k, v in m["status"].items() if k.startswith("2"))
+    secs = m["seconds"] or 0.0
+    return {"contender": r["contender"], "rps": m["rps"], "records_per_request": per,
+            "records_per_s": ok * per / secs if secs else 0.0,
+            "delivered_per_s": d["records"] / secs if secs else 0.0,
+            "invocations": d["invocations"], "records": d["records"],
+            "records_per_invoke": d["records"] / d["invocations"] if d["invocations"] else None,
+            "p50": m["p50"], "p99": m["p99"], "status": m["status"]}
+
+
+def report_bulk(runs):
+    md, plots = [], []
+    names = {"bulk": "sluicegate bulk NDJSON (`/bulk`)", "single": "sluicegate one record per request "
+             "(`/records`)", "nginx": "nginx `proxy_pass` (one record per request)"}
+    per_run = [bulk_row(r) for r in runs if r["metrics"]]
+    med = {}
+    for c in names:
+        mine = [x for x in per_run if x["contender"] == c]
+        if mine:
+            med[c] = {k: statistics.median([x[k] for x in mine if x[k] is not None] or [0])
+                      for k in ("rps", "records_per_s", "delivered_per_s", "p50", "p99")}
+            med[c]["per"] = mine[0]["records_per_request"]
+            rpi = [x["records_per_invoke"] for x in mine if x["records_per_invoke"]]
+            med[c]["rpi"] = statistics.median(rpi) if rpi else None
+            med[c]["range"] = (min(x["records_per_s"] for x in mine), max(x["records_per_s"] for x in mine))
+    rows = []
+    for c, m in med.items():
+        status = agg(runs, c, "oha")["status"]
+        rows.append([names[c], m["per"], f_rps(m["rps"]), f_rps(m["records_per_s"]),
+                     f"{f_rps(m['range'][0])}–{f_rps(m['range'][1])}" if len(per_run) > len(med) else "–",
+                     f_rps(m["delivered_per_s"]),
+                     f_ratio(m["records_per_s"], med.get("single", {}).get("records_per_s")),
+                     f_ratio(m["records_per_s"], med.get("nginx", {}).get("records_per_s")),
+                     "–" if m["rpi"] is None else f"{m['rpi']:.1f}", f_ms(m["p50"]), f_ms(m["p99"]),
+                     status_mix(status)])
+    md.append("instant echo functions, no quotas; oha `-c64`; records/s = 2xx responses/s × records per "
+              "request (median of rounds); delivered/s = records the emulator's function received ÷ run time; "
+              "targets: bulk ≥ 5× single and ≥ 3× nginx\n")
+    md.append(table(["path", "records / request", "req/s", "records/s", "range", "delivered/s",
+                     "vs single", "vs nginx", "records / invoke", "p50 ms", "p99 ms", "statuses"], rows))
+    return md, {"medians": med, "runs": per_run}, plots
+
+
 SCENARIOS = {
     "shed": ("shed — one hot key far over its limit", report_shed),
     "passthrough": ("passthrough — cost added on the way to Lambda", report_passthrough),
@@ -641,6 +691,7 @@ SCENARIOS = {
     "batching": ("batching — invokes per 1000 records, adaptive vs window", report_batching),
     "admitted": ("admitted — the admitted path at full speed, vs nginx proxy_pass", report_admitted),
     "noisy": ("noisy — a flooding key next to a light one, per_key vs fifo queue", report_noisy),
+    "bulk": ("bulk — records/s through NDJSON requests of 100 records vs one per request", report_bulk),
 }
 
 

@@ -4,7 +4,7 @@
 #
 #   loadtest/run.sh [SCENARIO...|all] [--duration 10s] [--rounds N] [--quick] [--no-build]
 #
-# Scenarios: shed passthrough seed000 manykeys batching admitted noisy (default: all).
+# Scenarios: shed passthrough seed000 manykeys batching admitted noisy bulk (default: all).
 # Writes loadtest/results/<timestamp>/{<scenario>.json,report.md,*.png}.
 set -uo pipefail
 
@@ -21,7 +21,7 @@ Options:
 EOF
 }
 
-ALL_SCENARIOS=(shed passthrough seed000 manykeys batching admitted noisy)
+ALL_SCENARIOS=(shed passthrough seed000 manykeys batching admitted noisy bulk)
 SCENARIOS=()
 DURATION=10
 ROUNDS=3
@@ -51,7 +51,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     all) SCENARIOS+=("${ALL_SCENARIOS[@]}"); shift ;;
-    shed | passthrough | seed000 | manykeys | batching | admitted | noisy) SCENARIOS+=("$1"); shift ;;
+    shed | passthrough | seed000 | manykeys | batching | admitted | noisy | bulk) SCENARIOS+=("$1"); shift ;;
     *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
 done
@@ -63,6 +63,8 @@ fi
 case "$DURATION" in '' | *[!0-9]*) echo "bad --duration" >&2; exit 2 ;; esac
 [ "$DURATION" -ge 1 ] || { echo "--duration must be at least 1s" >&2; exit 2; }
 case "$ROUNDS" in '' | *[!0-9]* | 0) echo "bad --rounds" >&2; exit 2 ;; esac
+case "${BULK_RECORDS:-100}" in '' | *[!0-9]* | 0) echo "bad BULK_RECORDS (1..500)" >&2; exit 2 ;; esac
+[ "${BULK_RECORDS:-100}" -le 500 ] || { echo "bad BULK_RECORDS (1..500)" >&2; exit 2; }
 
 # shellcheck source=loadtest/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -75,6 +77,8 @@ BATCH_RATES=${BATCH_RATES:-50 200 800}
 CPU_RATES=${CPU_RATES:-2000 10000}
 # Records/s the noisy config's function can take (10 invokes/s x 20 records).
 NOISY_CAPACITY=${NOISY_CAPACITY:-200}
+# Records per bulk request in the bulk scenario (at most the config's max_bulk_records, 500).
+BULK_RECORDS=${BULK_RECORDS:-100}
 BODY='{"n":1}'
 
 [ -n "$OUT" ] || OUT="$LT_DIR/results/$(date +%Y%m%d-%H%M%S)"
@@ -404,13 +408,60 @@ scenario_noisy() {
     stop_all
 }
 
+# bulk: records/s through NDJSON requests of BULK_RECORDS records, against the same
+# records one per request and nginx proxy_pass.
+scenario_bulk() {
+    local s=bulk
+    setup_ports
+    local NG=$XP1
+    render_config bulk bulk
+    start_emulator "$CFG" bulk
+    start_sluicegate "$CFG" bulk "$SG"
+    start_nginx bulk "$NG" "$EMU" peer
+    mkdir -p "$OUT/raw/$s"
+    # One bulk body: BULK_RECORDS records, one per line, as a producer would batch them.
+    local body="$WORK/bulk.ndjson" i
+    for ((i = 0; i < BULK_RECORDS; i++)); do printf '{"n":%d}\n' "$i"; done >"$body"
+    cp "$body" "$OUT/raw/$s/body.ndjson"
+    declare -A url=(
+        [bulk]="http://$SG/bulk"
+        [single]="http://$SG/records"
+        [nginx]="http://$NG/passthrough")
+    declare -A per=([bulk]=$BULK_RECORDS [single]=1 [nginx]=1)
+    sample_response $s single "${url[single]}" -H 'x-api-key: pass'
+    sample_response $s nginx "${url[nginx]}" -H 'x-api-key: pass'
+    curl -sS -m 5 -i -X POST -H 'content-type: application/x-ndjson' -H 'x-api-key: pass' \
+        --data-binary "@$body" "${url[bulk]}" >"$OUT/raw/$s/response-bulk.txt" 2>&1 || true
+    local c r label
+    for r in $(seq 1 "$ROUNDS"); do
+        for c in $(rotated $((r - 1)) bulk single nginx); do
+            label="$c-r$r"
+            emu_stats "$EMU" "$OUT/raw/$s/$label.stats-before.json"
+            if [ "$c" = bulk ]; then
+                run_oha $s "$label" "${url[$c]}" -c 64 -m POST -D "$body" \
+                    -T application/x-ndjson -H 'x-api-key: pass'
+            else
+                run_oha $s "$label" "${url[$c]}" -c 64 -m POST -d "$BODY" \
+                    -T application/json -H 'x-api-key: pass'
+            fi
+            sleep 0.5 # let dispatched batches finish, so the emulator's totals settle
+            emu_stats "$EMU" "$OUT/raw/$s/$label.stats-after.json"
+            record $s contender="$c" tool=oha round="$r" connections=64 \
+                records_per_request="${per[$c]}" stats_before="raw/$s/$label.stats-before.json" \
+                stats_after="raw/$s/$label.stats-after.json"
+        done
+    done
+    sg_metrics $s sluicegate
+    stop_all
+}
+
 # --- main --------------------------------------------------------------------------
 
 need_wrk=0 need_nginx=0 need_oha=0
 for s in "${SCENARIOS[@]}"; do
     case $s in
     shed) need_oha=1 need_wrk=1 need_nginx=1 ;;
-    passthrough | admitted) need_oha=1 need_nginx=1 ;;
+    passthrough | admitted | bulk) need_oha=1 need_nginx=1 ;;
     manykeys) need_wrk=1 ;;
     *) need_oha=1 ;;
     esac

@@ -9,6 +9,8 @@
 //! |---|---|---|
 //! | `sluicegate_requests_total` | counter | `route`, `status`, `scope` (429s; `none` otherwise) |
 //! | `sluicegate_admission_rejections_total` | counter | `scope` (`global`, `route`, `key`, `quota`) |
+//! | `sluicegate_bulk_requests_total` | counter | `route`, `status` |
+//! | `sluicegate_bulk_records_total` | counter | `route` |
 //! | `sluicegate_queue_depth` | gauge | `route` |
 //! | `sluicegate_queue_bytes` | gauge | `route` |
 //! | `sluicegate_batch_records` | histogram | `route` |
@@ -82,7 +84,15 @@ pub fn install() -> Option<PrometheusHandle> {
 fn describe() {
     describe_counter!(
         "sluicegate_requests_total",
-        "Record requests answered, by route, HTTP status and shed scope."
+        "Record requests answered, by route, HTTP status and shed scope (each record of a bulk request counts as one)."
+    );
+    describe_counter!(
+        "sluicegate_bulk_requests_total",
+        "Bulk (application/x-ndjson) requests answered, by route and HTTP status."
+    );
+    describe_counter!(
+        "sluicegate_bulk_records_total",
+        "Records received in bulk requests, by route."
     );
     describe_counter!(
         "sluicegate_admission_rejections_total",

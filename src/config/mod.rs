@@ -46,7 +46,7 @@ pub use self::route::{
 };
 pub use self::server::{
     IdentityConfig, IdentitySource, ServerConfig, DEFAULT_MAX_JSON_DEPTH, LAMBDA_INVOKE_PREFIX,
-    MAX_CONNECTIONS,
+    MAX_BULK_BYTES, MAX_BULK_RECORDS, MAX_CONNECTIONS,
 };
 pub use self::validate::{
     INVOKE_RATE, MAX_ATTEMPTS, MAX_BATCH_RECORDS, MAX_CONCURRENCY, MAX_INVOKE_BURST, MAX_KEYS,

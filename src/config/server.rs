@@ -48,6 +48,12 @@ pub struct ServerConfig {
     /// closes. Lowered at start-up when the open-files limit could not hold this many plus
     /// a reserve for Lambda, Redis, the dead-letter sink and the admin listener.
     pub max_connections: u32,
+    /// Most records one bulk (`application/x-ndjson`) request may carry (default `500`,
+    /// `1..=`[`MAX_BULK_RECORDS`]); a request with more is answered `413` as a whole.
+    pub max_bulk_records: u32,
+    /// Largest bulk request body (default `5MiB`, at most [`MAX_BULK_BYTES`]); a larger
+    /// one is answered `413` as a whole. A slow bulk body holds at most this much memory.
+    pub max_bulk_bytes: ByteSize,
     /// Bearer token every `/admin/*` request must carry (`/metrics` and `/healthz` stay
     /// open). Required when `admin_listen` is not a loopback address. Never printed.
     #[serde(
@@ -92,6 +98,14 @@ impl ServerConfig {
     }
 }
 
+/// The largest `server.max_bulk_records`: every record of a bulk request waits for its
+/// outcome at once, so this bounds the tickets and entries one request holds.
+pub const MAX_BULK_RECORDS: u32 = 10_000;
+
+/// The largest `server.max_bulk_bytes` (64 MiB): a bulk body is held in memory until its
+/// records are queued.
+pub const MAX_BULK_BYTES: ByteSize = ByteSize::mib(64);
+
 /// The largest `server.max_connections`: past this the open-files limit, not the setting,
 /// is what bounds connections on any usual system.
 pub const MAX_CONNECTIONS: u32 = 1_000_000;
@@ -108,6 +122,8 @@ impl Default for ServerConfig {
             max_json_depth: DEFAULT_MAX_JSON_DEPTH,
             body_read_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            max_bulk_records: 500,
+            max_bulk_bytes: ByteSize::mib(5),
             admin_token: None,
             admin_token_file: None,
             admin_token_from_file: None,

@@ -582,3 +582,34 @@ fn usage_quotas_load_on_plans_and_the_default_and_bad_ones_name_their_key() {
     .to_string();
     assert!(default.contains("limits.default.quota"), "{default}");
 }
+
+#[test]
+fn bulk_bounds_default_to_500_records_and_5_mib_and_are_range_checked() {
+    let config = load(MINIMAL).unwrap();
+    assert_eq!(config.server.max_bulk_records, 500);
+    assert_eq!(config.server.max_bulk_bytes.bytes(), 5 * 1024 * 1024);
+    let shipped = load(DEFAULT_CONFIG_TOML).unwrap();
+    assert_eq!(shipped.server.max_bulk_records, 500);
+    assert_eq!(shipped.server.max_bulk_bytes.bytes(), 5 * 1024 * 1024);
+    for (key, value) in [
+        ("max_bulk_records", "0"),
+        ("max_bulk_records", "10001"),
+        ("max_bulk_bytes", "0"),
+        ("max_bulk_bytes", "\"65MiB\""),
+    ] {
+        let err = load(&format!("[server]\n{key} = {value}\n{MINIMAL}")).unwrap_err();
+        assert_eq!(
+            err.key(),
+            Some(format!("server.{key}").as_str()),
+            "{value}: {err}"
+        );
+    }
+    for (key, value) in [
+        ("max_bulk_records", "1"),
+        ("max_bulk_records", "10000"),
+        ("max_bulk_bytes", "1"),
+        ("max_bulk_bytes", "\"64MiB\""),
+    ] {
+        load(&format!("[server]\n{key} = {value}\n{MINIMAL}")).unwrap();
+    }
+}

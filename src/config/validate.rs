@@ -12,7 +12,7 @@ use super::{
     ByteSize, Config, ConfigError, Envelope, IdentityConfig, InvokeConfig, LambdaConfig,
     LimitBackend, LimitsConfig, PlanConfig, RetryConfig, RouteConfig, ServerConfig,
     DEFAULT_MAX_JSON_DEPTH, ENVELOPE_FRAME, ENVELOPE_RECORD_OVERHEAD, LAMBDA_INVOKE_PREFIX,
-    MAX_CONNECTIONS, SYNC_PAYLOAD_LIMIT,
+    MAX_BULK_BYTES, MAX_BULK_RECORDS, MAX_CONNECTIONS, SYNC_PAYLOAD_LIMIT,
 };
 use crate::units;
 
@@ -160,6 +160,18 @@ fn validate_server(s: &ServerConfig) -> Result<(), ConfigError> {
             "must be greater than 0 and at most 1h",
         ));
     }
+    check_range(
+        "server.max_bulk_records",
+        s.max_bulk_records,
+        1..=MAX_BULK_RECORDS,
+        "records",
+    )?;
+    check_range(
+        "server.max_bulk_bytes",
+        s.max_bulk_bytes.bytes(),
+        1..=MAX_BULK_BYTES.bytes(),
+        "bytes",
+    )?;
     if !(1..=MAX_CONNECTIONS).contains(&s.max_connections) {
         return Err(ConfigError::invalid(
             "server.max_connections",

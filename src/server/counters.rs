@@ -1,5 +1,11 @@
 //! The data plane's request counters: `sluicegate_requests_total{route,status,scope}` and
-//! `sluicegate_admission_rejections_total{scope}`, one fixed slot per [`Answer`].
+//! `sluicegate_admission_rejections_total{scope}`, one fixed slot per [`Answer`]; and, for
+//! bulk requests, `sluicegate_bulk_requests_total{route,status}` and
+//! `sluicegate_bulk_records_total{route}`.
+//!
+//! `sluicegate_requests_total` counts answers about records: one per `/records` request,
+//! one per entry of a bulk answer (as if the record had been sent alone), and one per bulk
+//! request refused as a whole.
 
 use std::sync::Arc;
 
@@ -17,6 +23,11 @@ pub(super) struct RouteCounters {
     route: Arc<str>,
     slots: [std::sync::OnceLock<Cell>; COUNTER_SLOTS.len()],
     others: parking_lot::RwLock<Vec<(CounterKey, Cell)>>,
+    /// `sluicegate_bulk_requests_total{route,status}`, by status; a bulk request is answered
+    /// with few distinct statuses, so a short list.
+    bulk_requests: parking_lot::RwLock<Vec<(StatusCode, metrics::Counter)>>,
+    /// `sluicegate_bulk_records_total{route}`.
+    bulk_records: std::sync::OnceLock<metrics::Counter>,
 }
 
 /// What a response is counted by: its status and, for a shed, its scope.
@@ -47,6 +58,8 @@ impl RouteCounters {
             route: route.into(),
             slots: Default::default(),
             others: Default::default(),
+            bulk_requests: Default::default(),
+            bulk_records: Default::default(),
         }
     }
 
@@ -60,6 +73,46 @@ impl RouteCounters {
                 response.extensions().get::<ShedScope>().copied(),
             ),
         };
+        self.count_key(key);
+    }
+
+    /// Counts one record's answer given without a response of its own (a bulk entry).
+    pub(super) fn count_answer(&self, answer: Answer) {
+        self.count_key((answer.status(), answer.scope()));
+    }
+
+    /// Counts a bulk request answered with `status`, carrying `records` records (`0` when
+    /// it was refused as a whole).
+    pub(super) fn count_bulk(&self, status: StatusCode, records: usize) {
+        let known = self
+            .bulk_requests
+            .read()
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map(|(_, counter)| counter.clone());
+        let requests = known.unwrap_or_else(|| {
+            let counter = metrics::counter!(
+                "sluicegate_bulk_requests_total",
+                "route" => self.route.to_string(),
+                "status" => status.as_u16().to_string()
+            );
+            self.bulk_requests.write().push((status, counter.clone()));
+            counter
+        });
+        requests.increment(1);
+        if records > 0 {
+            self.bulk_records
+                .get_or_init(|| {
+                    metrics::counter!(
+                        "sluicegate_bulk_records_total",
+                        "route" => self.route.to_string()
+                    )
+                })
+                .increment(records as u64);
+        }
+    }
+
+    fn count_key(&self, key: CounterKey) {
         match COUNTER_SLOTS.iter().position(|slot| *slot == key) {
             Some(slot) => self.slots[slot].get_or_init(|| self.cell(key)).increment(),
             None => self.other(key).increment(),

@@ -6,7 +6,10 @@
 //! header, `401`/`403` when keys are required) → [`AdmissionLayer`](crate::limit::AdmissionLayer)
 //! for its route (global → route → key, `429` on refusal) → body checks (`413`, `400`) →
 //! the route's [`Batcher`](crate::coalesce::Batcher) → wait for the record's outcome until
-//! the caller's deadline (`504`). Every status is produced in [`respond`].
+//! the caller's deadline (`504`). Every status is produced in [`respond`]. A request with
+//! `Content-Type: application/x-ndjson` is a bulk request (`bulk`): after identity, each of
+//! its records is admitted, checked and submitted on its own, and the answer lists every
+//! record's outcome.
 //!
 //! Reload (SIGHUP, `POST /admin/reload`): the new config is loaded and validated; if it is
 //! invalid the running one stays and the reason is returned. Otherwise a new `App` is
@@ -41,12 +44,13 @@
 //! the server; `app` builds an `App` (one list of route entries) from a config;
 //! `reload` holds the shared state and applies reloads; `listen` has the accept loops and
 //! the connection cap; `records` is the data plane's request path (with `counters` and
-//! `request_id`), `lambda_api` the Lambda Invoke API door on the same listener (Lambda's
+//! `request_id`), `lambda_api` the Lambda Invoke API door and `bulk` the NDJSON bulk door on the same listener (Lambda's
 //! paths, statuses and error shapes over the same record steps), `admin` the admin router, `identity` the client key, `readiness`
 //! `/readyz`, and [`respond`] every status.
 
 mod admin;
 mod app;
+mod bulk;
 mod counters;
 mod identity;
 mod intake;

@@ -5,7 +5,9 @@
 //! a router under a stack of boxed middleware: per request it takes the current app, the
 //! request id (the caller's `x-request-id`, or a new one), a debug-level span, looks the
 //! path up among the record routes, identifies the caller, and calls the route's stack —
-//! [`AdmissionService`] in front of [`RecordService`] — then counts the answer. One
+//! [`AdmissionService`] in front of [`RecordService`] — then counts the answer. A bulk
+//! request (`Content-Type: application/x-ndjson`) goes to the `bulk` door after identity
+//! instead: it admits each of its records itself, and counts them. One
 //! allocation for the request's future; a refusal is built without waiting on anything.
 //!
 //! Reading, checking, submitting and awaiting a record are `intake`'s steps, shared with the
@@ -27,7 +29,8 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
-use super::app::App;
+use super::app::{App, RouteEntry};
+use super::bulk;
 use super::counters::RouteCounters;
 use super::intake;
 use super::lambda_api;
@@ -83,7 +86,8 @@ pub(super) struct Endpoint {
     /// app's routes for it.
     path: String,
     stack: Stack,
-    counters: RouteCounters,
+    /// Shared with a streamed bulk answer, which counts its records as they are answered.
+    counters: Arc<RouteCounters>,
 }
 
 impl Endpoint {
@@ -99,7 +103,7 @@ impl Endpoint {
         let layer = AdmissionLayer::new(Arc::clone(admission), index, reject);
         Endpoint {
             path,
-            counters: RouteCounters::new(&route.name),
+            counters: Arc::new(RouteCounters::new(&route.name)),
             stack: tower::Layer::layer(&layer, RecordService(route)),
         }
     }
@@ -170,20 +174,23 @@ impl hyper::service::Service<Request<Incoming>> for DataPlane {
 
 async fn serve(app: &App, request: Request<Incoming>, peer: SocketAddr) -> Response {
     let path = request.uri().path();
-    if lambda_api::is_invoke_path(path) {
-        return lambda_api::serve(app, request, peer).await;
-    }
-    if let Some(endpoint) = app
+    if let Some((index, entry)) = app
         .routes
         .iter()
-        .map(|route| &route.endpoint)
-        .find(|e| e.path == path)
+        .enumerate()
+        .find(|(_, route)| route.endpoint.path == path)
     {
-        let response = record_route(app, endpoint, request, peer)
+        let response = record_route(app, index, entry, request, peer)
             .await
             .unwrap_or_else(RequestError::into_response);
-        endpoint.counters.count(&response);
+        // A bulk answer's records were counted one by one.
+        if response.extensions().get::<bulk::Counted>().is_none() {
+            entry.endpoint.counters.count(&response);
+        }
         return response;
+    }
+    if lambda_api::is_invoke_path(path) {
+        return lambda_api::serve(app, request, peer).await;
     }
     let readable = matches!(*request.method(), Method::GET | Method::HEAD);
     let answer = match path {
@@ -198,10 +205,12 @@ async fn serve(app: &App, request: Request<Incoming>, peer: SocketAddr) -> Respo
     answer.unwrap_or_else(RequestError::into_response)
 }
 
-/// Identity, then the route's stack.
+/// Identity, then the route's stack — or, for a bulk request, the bulk door, which admits
+/// each record itself (a bulk spends one token per record, none for the request).
 async fn record_route(
     app: &App,
-    endpoint: &Endpoint,
+    index: usize,
+    entry: &RouteEntry,
     mut request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response, RequestError> {
@@ -218,8 +227,12 @@ async fn record_route(
             IdentityError::Unknown => RequestError::Forbidden,
             IdentityError::Invalid(reason) => RequestError::BadRequest { reason },
         })?;
+    if bulk::is_bulk(request.headers()) {
+        let counters = &entry.endpoint.counters;
+        return Ok(bulk::serve(app, index, &entry.record, counters, key, request).await);
+    }
     request.extensions_mut().insert(ClientKey(key));
-    match endpoint.stack.clone().oneshot(request).await {
+    match entry.endpoint.stack.clone().oneshot(request).await {
         Ok(response) => Ok(response),
         Err(never) => match never {},
     }

@@ -11,15 +11,25 @@
 //! The per-route request counters keep one slot per [`Answer`], so an answer added here is
 //! counted without a second list to keep in step.
 //!
-//! Responses are plain `http` types with a [`Full`] body: each body is built once (a shed's
-//! on the stack, then copied once) and handed to hyper without another copy or a boxed body.
+//! A record's body is the same whichever door it came through: [`record_answer`] gives the
+//! answer and JSON body of a record's outcome, which is the whole response of a `/records`
+//! request and one entry of a bulk answer.
+//!
+//! Responses are plain `http` types whose [`Body`] is, but for a streamed bulk answer, one
+//! [`Full`] buffer: each body is built once (a shed's on the stack, then copied once) and
+//! handed to hyper without another copy or a boxed body.
 
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::Stream;
 use http::{header, HeaderName, HeaderValue, StatusCode};
 use http_body_util::Full;
+use hyper::body::{Frame, SizeHint};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -29,8 +39,55 @@ use crate::limit::{Admitted, Quota, Rejected, Scope};
 use crate::quota::ceil_secs;
 use crate::usage::UsageState;
 
-/// A response as sluicegate writes it: the whole body in one buffer.
-pub type Response = http::Response<Full<Bytes>>;
+/// A response as sluicegate writes it.
+pub type Response = http::Response<Body>;
+
+/// A data-plane response body: the whole body in one buffer, or the lines of a streamed
+/// bulk answer, each sent as soon as it is ready.
+pub enum Body {
+    /// The whole body at once (every answer but a streamed bulk one).
+    Full(Full<Bytes>),
+    /// One chunk per item, in order; the body ends with the stream.
+    Lines(Pin<Box<dyn Stream<Item = Bytes> + Send>>),
+}
+
+impl From<Bytes> for Body {
+    fn from(bytes: Bytes) -> Self {
+        Body::Full(Full::new(bytes))
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            Body::Full(full) => Pin::new(full).poll_frame(cx),
+            Body::Lines(lines) => lines
+                .as_mut()
+                .poll_next(cx)
+                .map(|line| line.map(|line| Ok(Frame::data(line)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Full(full) => full.is_end_stream(),
+            Body::Lines(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Full(full) => full.size_hint(),
+            Body::Lines(_) => SizeHint::default(),
+        }
+    }
+}
 
 /// The wait a `503` (or an upstream `429`) asks for when nothing better is known.
 const DEFAULT_WAIT: Duration = Duration::from_secs(1);
@@ -101,11 +158,14 @@ pub enum Answer {
     Unavailable,
     /// `504`: no result before the caller's deadline, or the outcome is unknown.
     Timeout,
+    /// `415`: a bulk request's `Content-Type` names a charset or parameter that makes its
+    /// body unreadable as NDJSON.
+    UnsupportedMediaType,
 }
 
 impl Answer {
     /// Every answer, in the order of the counter slots (`records.rs`).
-    pub const ALL: [Answer; 19] = [
+    pub const ALL: [Answer; 20] = [
         Answer::Success,
         Answer::Accepted,
         Answer::FunctionFailed,
@@ -125,6 +185,7 @@ impl Answer {
         Answer::BadGateway,
         Answer::Unavailable,
         Answer::Timeout,
+        Answer::UnsupportedMediaType,
     ];
 
     /// The status of this answer: the one table of status codes.
@@ -144,6 +205,7 @@ impl Answer {
             Answer::BadGateway => StatusCode::BAD_GATEWAY,
             Answer::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Answer::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Answer::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         }
     }
 
@@ -247,6 +309,25 @@ pub enum RequestError {
     /// A limit refused the request.
     #[error("rate limited ({})", .0.scope.as_str())]
     Shed(Shed),
+    /// A bulk request's body is larger than `server.max_bulk_bytes` (`max`).
+    #[error("the body is larger than server.max_bulk_bytes ({max} bytes)")]
+    BulkTooLarge {
+        /// `server.max_bulk_bytes`.
+        max: usize,
+    },
+    /// A bulk request holds more records than `server.max_bulk_records` (`max`).
+    #[error("the body holds more than server.max_bulk_records ({max}) records")]
+    TooManyRecords {
+        /// `server.max_bulk_records`.
+        max: usize,
+    },
+    /// A bulk request's `Content-Type` cannot be read as NDJSON (a charset other than
+    /// UTF-8, a malformed parameter).
+    #[error("{reason}")]
+    UnsupportedMediaType {
+        /// What is wrong with the content type, as the body's `message`.
+        reason: String,
+    },
     /// The record got no result from the function. `record` is its id once it has one
     /// (`None`: refused at submit); `policies` describe the route's queue and invoke rate
     /// for the `429`s this can be.
@@ -330,12 +411,18 @@ impl RequestError {
                 (Answer::Shed(shed.scope), "quota_exceeded")
             }
             RequestError::Shed(shed) => (Answer::Shed(shed.scope), "rate_limited"),
+            RequestError::BulkTooLarge { .. } | RequestError::TooManyRecords { .. } => {
+                (Answer::TooLarge, "payload_too_large")
+            }
+            RequestError::UnsupportedMediaType { .. } => {
+                (Answer::UnsupportedMediaType, "unsupported_media_type")
+            }
             RequestError::Record { error, .. } => classify_record(error),
         }
     }
 
     /// The limit that refused, when this is a `429`.
-    fn shed(&self) -> Option<Shed> {
+    pub fn shed(&self) -> Option<Shed> {
         match self {
             RequestError::Shed(shed) => Some(*shed),
             RequestError::Record {
@@ -375,14 +462,43 @@ impl RequestError {
         }
     }
 
-    /// The response the caller gets.
+    /// The response the caller gets: [`body`](Self::body) and the headers its status
+    /// calls for.
     pub fn into_response(self) -> Response {
         if let Some(shed) = self.shed() {
             return shed_response(shed);
         }
+        let (answer, body) = self.body();
+        let mut response = json_response(answer.status(), body);
+        let headers = response.headers_mut();
+        match &self {
+            RequestError::MethodNotAllowed { allow } => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            // The rest of the body may still be on its way, and nothing on the connection
+            // can be read as a next request.
+            RequestError::BodyTimeout { .. } => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ if answer == Answer::Unavailable => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(self.unavailable_wait())),
+                );
+            }
+            _ => {}
+        }
+        response
+    }
+
+    /// Which answer this is and its JSON body: the body rules of every failure, whether it
+    /// is a whole response or one entry of a bulk answer.
+    pub fn body(&self) -> (Answer, Bytes) {
+        if let Some(shed) = self.shed() {
+            return (Answer::Shed(shed.scope), shed_body(&shed));
+        }
         let (answer, code) = self.classify();
-        let status = answer.status();
-        let mut response = match &self {
+        let body = match self {
             RequestError::Record {
                 record,
                 error: RecordError::Function(e),
@@ -403,10 +519,7 @@ impl RequestError {
                     error_type: &e.error_type,
                     message: &e.message,
                 };
-                json_response(
-                    status,
-                    serde_json::to_vec(&body).expect("plain struct serializes"),
-                )
+                serde_json::to_vec(&body).expect("plain struct serializes")
             }
             RequestError::Record {
                 record,
@@ -428,32 +541,21 @@ impl RequestError {
                     dead_letter_id: letter,
                     message: self.to_string(),
                 };
-                json_response(
-                    status,
-                    serde_json::to_vec(&body).expect("plain struct serializes"),
-                )
+                serde_json::to_vec(&body).expect("plain struct serializes")
             }
-            _ => error(status, code, self.to_string()),
+            _ => error_body(code, self.to_string()),
         };
-        let headers = response.headers_mut();
-        match &self {
-            RequestError::MethodNotAllowed { allow } => {
-                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
-            }
-            // The rest of the body may still be on its way, and nothing on the connection
-            // can be read as a next request.
-            RequestError::BodyTimeout { .. } => {
-                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            _ if answer == Answer::Unavailable => {
-                headers.insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(retry_after_secs(self.unavailable_wait())),
-                );
-            }
-            _ => {}
-        }
-        response
+        (answer, body.into())
+    }
+}
+
+/// A record's answer, whichever door it came through: the status it has and its JSON body
+/// (the function's result, or why there is none). The single-record response and a bulk
+/// answer's entry are both this body.
+pub fn record_answer(outcome: &Result<(Arc<str>, Delivered), RequestError>) -> (Answer, Bytes) {
+    match outcome {
+        Ok((id, delivered)) => delivered_body(id, delivered),
+        Err(error) => error.body(),
     }
 }
 
@@ -540,7 +642,7 @@ impl AdminError {
 }
 
 fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response {
-    let mut response = Response::new(Full::new(body.into()));
+    let mut response = Response::new(Body::from(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -551,17 +653,21 @@ fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response {
 
 /// `{"error": code, "message": message}` with `status`.
 fn error(status: StatusCode, code: &str, message: String) -> Response {
+    json_response(status, error_body(code, message))
+}
+
+/// `{"error": code, "message": message}`.
+fn error_body(code: &str, message: String) -> Vec<u8> {
     #[derive(Serialize)]
     struct Body<'a> {
         error: &'a str,
         message: String,
     }
-    let body = serde_json::to_vec(&Body {
+    serde_json::to_vec(&Body {
         error: code,
         message,
     })
-    .expect("plain struct serializes");
-    json_response(status, body)
+    .expect("plain struct serializes")
 }
 
 /// `/healthz`: `200` while the process serves.
@@ -635,45 +741,55 @@ impl StackText {
 
 /// `429` with the body and headers of the HTTP contract.
 fn shed_response(shed: Shed) -> Response {
-    let Shed {
-        scope,
-        wait,
-        policy,
-        usage,
-    } = shed;
-    if let Some(usage) = usage {
-        return quota_response(scope, wait, usage);
-    }
-    let name = scope.as_str();
-    // `{"error":"rate_limited","scope":<name>,"retry_after_ms":<ms>}`, written by hand
-    // (this runs for every shed request): scope names are fixed identifiers, no escaping.
-    let mut digits = itoa::Buffer::new();
-    let mut body = StackText::new();
-    body.push(br#"{"error":"rate_limited","scope":""#);
-    body.push(name.as_bytes());
-    body.push(br#"","retry_after_ms":"#);
-    body.push(digits.format(retry_after_ms(wait)).as_bytes());
-    body.push(b"}");
-    let mut response = json_response(
-        Answer::Shed(scope).status(),
-        Bytes::copy_from_slice(body.as_bytes()),
-    );
+    let mut response = json_response(Answer::Shed(shed.scope).status(), shed_body(&shed));
     // The counters read the scope from here: the body is already serialized.
-    response.extensions_mut().insert(scope);
-    let secs = retry_after_secs(wait);
-    let headers = response.headers_mut();
-    headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    if let Some(quota) = policy {
-        headers.insert(RATELIMIT_POLICY, policy_field(name, quota));
-    }
-    headers.insert(RATELIMIT, field(name, [(b'r', 0), (b't', secs)]));
+    response.extensions_mut().insert(shed.scope);
+    add_shed_headers(&mut response, shed);
     response
 }
 
-/// `429 quota_exceeded`: the key used its usage quota for this period. `Retry-After` runs to
-/// the next period's start; the `RateLimit*` fields describe the quota
-/// (`"quota";q=<limit>;w=<period seconds>`, `"quota";r=0;t=<seconds to reset>`).
-fn quota_response(scope: ShedScope, wait: Duration, usage: UsageState) -> Response {
+/// A shed's body: `{"error":"rate_limited","scope":<name>,"retry_after_ms":<ms>}`, written
+/// by hand (this runs for every shed request: scope names are fixed identifiers, no
+/// escaping), or a usage-quota refusal's `quota_exceeded` body.
+fn shed_body(shed: &Shed) -> Bytes {
+    if let Some(usage) = &shed.usage {
+        return quota_body(shed.scope, shed.wait, usage);
+    }
+    let Shed { scope, wait, .. } = *shed;
+    let mut digits = itoa::Buffer::new();
+    let mut body = StackText::new();
+    body.push(br#"{"error":"rate_limited","scope":""#);
+    body.push(scope.as_str().as_bytes());
+    body.push(br#"","retry_after_ms":"#);
+    body.push(digits.format(retry_after_ms(wait)).as_bytes());
+    body.push(b"}");
+    Bytes::copy_from_slice(body.as_bytes())
+}
+
+/// Sets a shed's `Retry-After` (whole seconds, rounded up) and its scope's
+/// `RateLimit-Policy` and `RateLimit` fields on `response`: a `429`'s own headers, and a
+/// bulk answer's for the record that must wait longest.
+pub fn add_shed_headers(response: &mut Response, shed: Shed) {
+    let name = shed.scope.as_str();
+    let secs = retry_after_secs(shed.wait);
+    let headers = response.headers_mut();
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    if let Some(usage) = &shed.usage {
+        headers.insert(RATELIMIT_POLICY, quota_policy_field(usage));
+        headers.insert(RATELIMIT, field(name, [(b'r', usage.left()), (b't', secs)]));
+        return;
+    }
+    if let Some(quota) = shed.policy {
+        headers.insert(RATELIMIT_POLICY, policy_field(name, quota));
+    }
+    headers.insert(RATELIMIT, field(name, [(b'r', 0), (b't', secs)]));
+}
+
+/// The body of `429 quota_exceeded`: the key used its usage quota for this period. Its
+/// `Retry-After` runs to the next period's start and its `RateLimit*` fields describe the
+/// quota (`"quota";q=<limit>;w=<period seconds>`, `"quota";r=0;t=<seconds to reset>`): see
+/// [`add_shed_headers`].
+fn quota_body(scope: ShedScope, wait: Duration, usage: &UsageState) -> Bytes {
     #[derive(Serialize)]
     struct Body {
         error: &'static str,
@@ -698,20 +814,9 @@ fn quota_response(scope: ShedScope, wait: Duration, usage: UsageState) -> Respon
             retry_after_secs(wait)
         ),
     };
-    let mut response = json_response(
-        Answer::Shed(scope).status(),
-        serde_json::to_vec(&body).expect("plain struct serializes"),
-    );
-    response.extensions_mut().insert(scope);
-    let secs = retry_after_secs(wait);
-    let headers = response.headers_mut();
-    headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    headers.insert(RATELIMIT_POLICY, quota_policy_field(&usage));
-    headers.insert(
-        RATELIMIT,
-        field(scope.as_str(), [(b'r', usage.left()), (b't', secs)]),
-    );
-    response
+    serde_json::to_vec(&body)
+        .expect("plain struct serializes")
+        .into()
 }
 
 fn quota_policy_field(usage: &UsageState) -> HeaderValue {
@@ -779,8 +884,76 @@ pub fn add_admitted_headers(response: &mut Response, admitted: &Admitted) {
     headers.insert(RATELIMIT, state);
 }
 
+/// A bulk request's answer: `200` with `{"failed":<n>,"results":[<entry>,…]}`, one entry
+/// per record in order (see [`bulk_entry`]); `failed` counts the entries that are not `2xx`.
+/// `answers[i]` is the answer whose body is `bodies[i]`.
+pub fn bulk_answer(answers: &[Answer], bodies: &[Bytes]) -> Response {
+    let failed = answers.iter().filter(|a| !a.status().is_success()).count();
+    let mut digits = itoa::Buffer::new();
+    let size = bodies.iter().map(|b| b.len() + 20).sum::<usize>() + 32;
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(br#"{"failed":"#);
+    out.extend_from_slice(digits.format(failed).as_bytes());
+    out.extend_from_slice(br#","results":["#);
+    for (i, (answer, body)) in answers.iter().zip(bodies).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        bulk_entry(&mut out, *answer, body);
+    }
+    out.extend_from_slice(b"]}");
+    json_response(StatusCode::OK, out)
+}
+
+/// A streamed bulk answer: `200` with `application/x-ndjson`, one entry (see
+/// [`bulk_entry`]) per line, each sent once it and every record before it are answered.
+pub fn bulk_lines(lines: impl Stream<Item = Bytes> + Send + 'static) -> Response {
+    let mut response = Response::new(Body::Lines(Box::pin(lines)));
+    *response.status_mut() = StatusCode::OK;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
+/// One line of a streamed bulk answer: the entry and a newline.
+pub fn bulk_line(answer: Answer, body: &[u8]) -> Bytes {
+    let mut line = Vec::with_capacity(body.len() + 20);
+    bulk_entry(&mut line, answer, body);
+    line.push(b'\n');
+    line.into()
+}
+
+/// Appends a bulk entry to `out`: the record's body (a JSON object, as [`record_answer`]
+/// writes it) with `"http_status":<the status it would have had alone>` as its first field.
+pub fn bulk_entry(out: &mut Vec<u8>, answer: Answer, body: &[u8]) {
+    let mut digits = itoa::Buffer::new();
+    out.extend_from_slice(br#"{"http_status":"#);
+    out.extend_from_slice(digits.format(answer.status().as_u16()).as_bytes());
+    // Every record body is an object: `{` and at least one field, so the rest follows a
+    // comma. Anything else would be a bug here, kept valid JSON all the same.
+    match body.strip_prefix(b"{") {
+        Some(rest) if rest.starts_with(b"}") => out.extend_from_slice(rest),
+        Some(rest) => {
+            out.push(b',');
+            out.extend_from_slice(rest);
+        }
+        None => {
+            debug_assert!(false, "a record body is a JSON object");
+            out.push(b'}');
+        }
+    }
+}
+
 /// A record's result from the function.
 pub fn delivered(id: &str, delivered: Delivered) -> Response {
+    let (answer, body) = delivered_body(id, &delivered);
+    json_response(answer.status(), body)
+}
+
+/// A record's result from the function: its answer and JSON body.
+fn delivered_body(id: &str, delivered: &Delivered) -> (Answer, Bytes) {
     #[derive(Serialize)]
     struct Body<'a> {
         id: &'a str,
@@ -790,7 +963,7 @@ pub fn delivered(id: &str, delivered: Delivered) -> Response {
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<&'a RawValue>,
     }
-    let (answer, body) = match &delivered {
+    let (answer, body) = match delivered {
         Delivered::Success { body } => (
             Answer::Success,
             Body {
@@ -819,9 +992,11 @@ pub fn delivered(id: &str, delivered: Delivered) -> Response {
             },
         ),
     };
-    json_response(
-        answer.status(),
-        serde_json::to_vec(&body).expect("raw values serialize"),
+    (
+        answer,
+        serde_json::to_vec(&body)
+            .expect("raw values serialize")
+            .into(),
     )
 }
 
@@ -1085,6 +1260,12 @@ pub fn lambda_error(error: RequestError) -> Response {
             &user("The security token included in the request is invalid.".to_owned()),
             answer,
         ),
+        (_, Answer::UnsupportedMediaType) => aws_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaTypeException",
+            &user(message),
+            answer,
+        ),
         (_, Answer::NotFound | Answer::MethodNotAllowed) => aws_error(
             StatusCode::NOT_FOUND,
             "UnknownOperationException",
@@ -1138,7 +1319,7 @@ pub fn lambda_accepted() -> Response {
 /// A `DryRun` call's answer: `204`, nothing invoked, no token spent. (No [`Answer`]: it is
 /// counted under its own status.)
 pub fn lambda_dry_run() -> Response {
-    let mut response = Response::new(Full::new(Bytes::new()));
+    let mut response = Response::new(Body::from(Bytes::new()));
     *response.status_mut() = StatusCode::NO_CONTENT;
     response
 }
@@ -1332,6 +1513,25 @@ pub(super) fn every_request_error() -> Vec<(RequestError, u16, &'static str)> {
             "outcome_unknown",
         ),
     ];
+    all.extend([
+        (
+            RequestError::BulkTooLarge { max: 5_242_880 },
+            413,
+            "payload_too_large",
+        ),
+        (
+            RequestError::TooManyRecords { max: 500 },
+            413,
+            "payload_too_large",
+        ),
+        (
+            RequestError::UnsupportedMediaType {
+                reason: "charset=latin1 is not UTF-8".into(),
+            },
+            415,
+            "unsupported_media_type",
+        ),
+    ]);
     for scope in ShedScope::ALL {
         let quota = scope == ShedScope::Limit(Scope::Quota);
         let shed = Shed {
@@ -1545,6 +1745,7 @@ mod tests {
                 "unauthorized" => (401, Some("MissingAuthenticationTokenException")),
                 "forbidden" => (403, Some("UnrecognizedClientException")),
                 "not_found" | "method_not_allowed" => (404, Some("UnknownOperationException")),
+                "unsupported_media_type" => (415, Some("UnsupportedMediaTypeException")),
                 "request_timeout" => (408, Some("RequestTimeoutException")),
                 other => panic!("no Lambda shape for {other}"),
             };
@@ -1777,6 +1978,52 @@ mod tests {
             },
         );
         assert_eq!(plain.headers()["ratelimit"], "\"key\";r=19;t=1");
+    }
+
+    #[tokio::test]
+    async fn a_bulk_entry_is_the_records_own_body_with_its_status_first() {
+        let success: Result<(Arc<str>, Delivered), RequestError> = Ok((
+            "r7".into(),
+            Delivered::Success {
+                body: RawValue::from_string(r#"{"n":1}"#.into()).expect("JSON"),
+            },
+        ));
+        let outcomes = [
+            success,
+            Err(RequestError::Shed(Shed {
+                scope: ShedScope::Limit(Scope::Key),
+                wait: Duration::from_millis(120),
+                policy: None,
+                usage: None,
+            })),
+            Err(RequestError::TooLarge { max: 10 }),
+        ];
+        let (answers, bodies): (Vec<Answer>, Vec<Bytes>) =
+            outcomes.iter().map(record_answer).unzip();
+        let response = bulk_answer(&answers, &bodies);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], "application/json");
+        let body = body_of(response).await;
+        assert_eq!(
+            body,
+            serde_json::json!({"failed": 2, "results": [
+                {"http_status": 200, "id": "r7", "status": "success", "body": {"n": 1}},
+                {"http_status": 429, "error": "rate_limited", "scope": "key", "retry_after_ms": 120},
+                {"http_status": 413, "error": "payload_too_large",
+                 "message": "record is larger than server.max_record_bytes (10 bytes)"},
+            ]})
+        );
+        // The entry's body is the one the single-record response has.
+        for outcome in outcomes {
+            let (answer, bytes) = record_answer(&outcome);
+            let alone = match outcome {
+                Ok((id, delivered)) => super::delivered(&id, delivered),
+                Err(error) => error.into_response(),
+            };
+            assert_eq!(alone.status(), answer.status());
+            let alone = alone.into_body().collect().await.expect("full").to_bytes();
+            assert_eq!(alone, bytes);
+        }
     }
 
     #[test]

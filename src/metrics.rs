@@ -25,6 +25,11 @@
 //! | `sluicegate_limit_backend_errors_total` | counter | |
 //! | `sluicegate_limit_backend_up` | gauge | |
 //! | `sluicegate_limit_backend_fallbacks_total` | counter | `policy` |
+//! | `sluicegate_idempotency_replays_total` | counter | |
+//! | `sluicegate_idempotency_joins_total` | counter | |
+//! | `sluicegate_idempotency_conflicts_total` | counter | |
+//! | `sluicegate_idempotency_evictions_total` | counter | |
+//! | `sluicegate_idempotency_refusals_total` | counter | `reason` |
 
 use std::sync::OnceLock;
 
@@ -141,5 +146,25 @@ fn describe() {
     describe_counter!(
         "sluicegate_limit_backend_fallbacks_total",
         "Decisions made by the on_backend_error policy while Redis was down."
+    );
+    describe_counter!(
+        "sluicegate_idempotency_replays_total",
+        "Requests with an Idempotency-Key answered with a completed request's stored response."
+    );
+    describe_counter!(
+        "sluicegate_idempotency_joins_total",
+        "Requests with an Idempotency-Key that waited for the same key's request in flight."
+    );
+    describe_counter!(
+        "sluicegate_idempotency_conflicts_total",
+        "Idempotency-Keys reused with a different body (422)."
+    );
+    describe_counter!(
+        "sluicegate_idempotency_evictions_total",
+        "Completed idempotency entries dropped to stay within max_entries / max_bytes."
+    );
+    describe_counter!(
+        "sluicegate_idempotency_refusals_total",
+        "Requests with an Idempotency-Key refused, by reason (reused, in_flight_elsewhere, full, unavailable, abandoned)."
     );
 }

@@ -13,6 +13,7 @@ use super::readiness::Readiness;
 use super::records::{Endpoint, RecordRoute};
 use crate::coalesce::Batcher;
 use crate::config::{Config, RouteConfig};
+use crate::idempotency::Idempotency;
 use crate::invoke::Invoker;
 use crate::limit::{Admission, DefaultClock, Plans, RedisBackend};
 use crate::pipeline::Pipeline;
@@ -48,6 +49,9 @@ pub(super) struct App {
     pub(super) config: Config,
     /// See [`endpoint_label`](super::endpoint_label).
     pub(super) endpoint: Arc<str>,
+    /// The `Idempotency-Key` store: handed from app to app on reload, so its entries (the
+    /// in-flight ones above all) survive it.
+    pub(super) idempotency: Arc<Idempotency>,
 }
 
 /// The admission layers of `config`, decided in Redis when `backend` is given (the
@@ -120,6 +124,14 @@ impl App {
             previous.map(|p| &*p.admission),
             pipeline.limit_backend.clone(),
         );
+        let idempotency = Arc::new(
+            Idempotency::new(
+                &config.idempotency,
+                &config.limits,
+                previous.map(|p| &*p.idempotency),
+            )
+            .map_err(std::io::Error::other)?,
+        );
         let mut routes = Vec::with_capacity(config.routes.len());
         for (index, (handle, cfg)) in pipeline.routes.into_iter().zip(&config.routes).enumerate() {
             let kept = previous.and_then(|p| {
@@ -139,6 +151,7 @@ impl App {
                     cfg.envelope,
                 ),
                 body_read_timeout: config.server.body_read_timeout,
+                idempotency: Arc::clone(&idempotency),
             });
             routes.push(RouteEntry {
                 config: cfg.clone(),
@@ -154,6 +167,7 @@ impl App {
             readiness: Readiness::new(client.clone(), functions, Arc::clone(&endpoint)),
             config,
             endpoint,
+            idempotency,
         }))
     }
 }

@@ -43,6 +43,7 @@
 mod admin;
 mod app;
 mod counters;
+mod idempotent;
 mod identity;
 mod intake;
 mod listen;

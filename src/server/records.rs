@@ -28,12 +28,14 @@ use tracing::Instrument;
 
 use super::app::App;
 use super::counters::RouteCounters;
+use super::idempotent;
 use super::intake;
 use super::reload::Server;
 use super::request_id::ConnectionIds;
 use super::respond::{self, RequestError, Response};
 use super::{IdentityError, ANONYMOUS};
 use crate::coalesce::Batcher;
+use crate::idempotency::{self, BodyHash, Idempotency};
 use crate::invoke::Invoker;
 use crate::limit::Rejected;
 use crate::limit::{
@@ -58,6 +60,8 @@ pub(super) struct RecordRoute {
     /// and the route's envelope).
     pub(super) max_json_depth: u32,
     pub(super) body_read_timeout: Duration,
+    /// The server's `Idempotency-Key` store (one for every route; it outlives reloads).
+    pub(super) idempotency: Arc<Idempotency>,
 }
 
 impl RecordRoute {
@@ -241,12 +245,20 @@ impl Service<Request<Incoming>> for RecordService {
     }
 }
 
+// The submit closure returns intake's `RequestError`, held by value (see `intake`).
+#[allow(clippy::result_large_err)]
 async fn record_response(
     route: &RecordRoute,
     request: Request<Incoming>,
 ) -> Result<Response, RequestError> {
     let (parts, body) = request.into_parts();
     let deadline = intake::deadline(&parts.headers, route.request_timeout)?;
+    // A bad key is refused before the body is read.
+    let idempotency_key = if route.idempotency.enabled() {
+        idempotency::key_of(&parts.headers).map_err(RequestError::InvalidIdempotencyKey)?
+    } else {
+        None
+    };
     let bytes = intake::read_record_body(route, &parts.headers, body, deadline).await?;
     let record = intake::parse_record(route, &bytes)?;
     let key = parts
@@ -254,6 +266,20 @@ async fn record_response(
         .get::<ClientKey>()
         .map(|k| Arc::clone(&k.0))
         .unwrap_or_else(|| ANONYMOUS.into());
+    if let Some(idempotency_key) = idempotency_key {
+        // Admission has run: a replay spends the caller's tokens like any request. The
+        // body is held until the answer here (its hash is taken before submitting).
+        return idempotent::once(
+            route,
+            &key,
+            idempotency_key,
+            BodyHash::of(&bytes),
+            deadline,
+            || intake::submit(route, &key, record, deadline),
+            idempotent::render_record,
+        )
+        .await;
+    }
     let ticket = intake::submit(route, &key, record, deadline)?;
     // The queued record is its own copy (its envelope entry): the request body is let go
     // now rather than held until the answer, so a waiting record costs one copy, not two.

@@ -252,6 +252,73 @@ latency = "600ms"
     );
 }
 
+#[tokio::test]
+async fn an_outcome_that_stays_unknown_is_stored_as_504_outcome_unknown_not_invoked_again() {
+    let functions = r#"
+[[emulator.functions]]
+name = "slow"
+latency = "600ms"
+"#;
+    // The read timeout passes while the function runs: Lambda may have processed the
+    // record, and the route does not retry read timeouts (not declared idempotent).
+    let config = Config::from_toml_with_env(
+        &config_toml(functions, &route("records", "slow", "")),
+        "<test>",
+        [(
+            "SLUICEGATE_LAMBDA__READ_TIMEOUT".to_owned(),
+            "200ms".to_owned(),
+        )],
+    )
+    .expect("test config is valid");
+    let h = Harness::start_config(config).await;
+    let first = send(&h, Some("unknown-1"), r#"{"n":1}"#, None).await;
+    assert_eq!(first.status, 504, "{first:?}");
+    assert_eq!(first.body["error"], "outcome_unknown");
+    let retry = send(&h, Some("unknown-1"), r#"{"n":1}"#, None).await;
+    assert_eq!(retry.status, 504, "{retry:?}");
+    assert!(
+        retry.replayed,
+        "the truth is replayed, the record is not invoked again"
+    );
+    assert_eq!(retry.body, first.body);
+    let stats = stats_when(&h, "slow", |s| s["in_flight"] == 0).await;
+    assert_eq!(stats["invocations"], 1, "{stats}");
+}
+
+#[tokio::test]
+async fn entries_survive_a_reload_in_flight_and_completed() {
+    let functions = r#"
+[[emulator.functions]]
+name = "slow"
+latency = "600ms"
+"#;
+    let toml = |rate: &str| {
+        config_toml(
+            functions,
+            &route(
+                "records",
+                "slow",
+                &format!("limit = {{ rate = {rate}, burst = 1000 }}"),
+            ),
+        )
+    };
+    let h = Harness::start(&toml("1000.0")).await;
+    let done = send(&h, Some("before"), "1", None).await;
+    assert_eq!(done.status, 200);
+    let early = send(&h, Some("in-flight"), "2", Some(150)).await;
+    assert_eq!(early.status, 504, "{early:?}");
+    let config = Config::from_toml(&toml("2000.0")).expect("valid");
+    h.running.reload(config).await.expect("the reload applies");
+    let replay = send(&h, Some("before"), "1", None).await;
+    assert_eq!((replay.status, replay.replayed), (200, true), "{replay:?}");
+    assert_eq!(replay.body, done.body);
+    // The record in flight across the reload: joined or replayed, never invoked again.
+    let retry = send(&h, Some("in-flight"), "2", None).await;
+    assert_eq!((retry.status, retry.replayed), (200, true), "{retry:?}");
+    let stats = stats_when(&h, "slow", |s| s["in_flight"] == 0).await;
+    assert_eq!(stats["records"], 2, "{stats}");
+}
+
 #[test]
 fn n_concurrent_duplicates_make_exactly_one_invoke() {
     use proptest::prelude::*;
@@ -408,6 +475,20 @@ async fn in_flight_on_one_replica_the_other_answers_409_with_retry_after_and_no_
         (stats["invocations"].as_u64(), stats["records"].as_u64()),
         (Some(1), Some(1))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_a_request_with_a_key_is_refused_503_and_not_invoked() {
+    let mut redis = RedisServer::start();
+    let (a, _b) = two_replicas(&redis, "1ms").await;
+    redis.kill();
+    let refused = send(&a, Some("down-1"), "1", None).await;
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(refused.body["error"], "idempotency_unavailable");
+    assert_eq!(refused.retry_after.as_deref(), Some("1"));
+    assert_eq!(a.stats("slow").await["invocations"], 0);
+    // Without a key the request is served (admission falls back to local buckets).
+    assert_eq!(send(&a, None, "1", None).await.status, 200);
 }
 
 // --- the retry storm ------------------------------------------------------------------

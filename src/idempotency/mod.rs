@@ -244,12 +244,14 @@ pub enum Begin {
 }
 
 /// The request that holds a scope until its outcome is settled. Dropping it unsettled
-/// (before its record was submitted: a panic) forgets the scope and tells joiners
-/// [`Refusal::Abandoned`].
+/// (its request went away before submitting the record) forgets the scope and tells
+/// joiners [`Refusal::Abandoned`].
 pub struct Lead {
-    pending: Option<Box<Pending>>,
+    pending: Box<Pending>,
 }
 
+/// A claimed scope until it is settled; dropped unsettled, it forgets the scope (see its
+/// `Drop`).
 struct Pending {
     scope: Scope,
     hash: BodyHash,
@@ -258,29 +260,21 @@ struct Pending {
     redis: Option<RedisStore>,
     ttl: Duration,
     progress: watch::Sender<Progress>,
+    settled: bool,
 }
 
 impl Lead {
     /// A waiter on this request's own outcome.
     pub fn waiter(&self) -> Waiter {
         Waiter {
-            progress: self
-                .pending
-                .as_ref()
-                .expect("a lead is pending until consumed")
-                .progress
-                .subscribe(),
+            progress: self.pending.progress.subscribe(),
         }
     }
 
     /// The record was refused before it was submitted: publishes `answer` and forgets the
     /// scope (`keep` false) so a retry is a real retry.
-    pub async fn refused(mut self, answer: Snapshot) {
-        let pending = self
-            .pending
-            .take()
-            .expect("a lead is pending until consumed");
-        pending
+    pub async fn refused(self, answer: Snapshot) {
+        self.pending
             .settle(Settled::Answer(Arc::new(answer)), false)
             .await;
     }
@@ -288,14 +282,11 @@ impl Lead {
     /// The record `record` was submitted: a task awaits `outcome` — the response and
     /// whether to keep it — however long it takes, then stores or forgets it and tells
     /// everyone waiting. Returns a waiter on that outcome.
-    pub fn spawn<F>(mut self, record: Arc<str>, outcome: F) -> Waiter
+    pub fn spawn<F>(self, record: Arc<str>, outcome: F) -> Waiter
     where
         F: std::future::Future<Output = (Snapshot, bool)> + Send + 'static,
     {
-        let pending = self
-            .pending
-            .take()
-            .expect("a lead is pending until consumed");
+        let pending = self.pending;
         pending.progress.send_modify(|p| p.record = Some(record));
         let waiter = Waiter {
             progress: pending.progress.subscribe(),
@@ -310,10 +301,23 @@ impl Lead {
     }
 }
 
-impl Drop for Lead {
+impl Drop for Pending {
+    /// Unsettled: the request went away (a client that disconnected while its claim was
+    /// checked, or before its record was submitted) or the runtime is shutting down. The
+    /// scope is forgotten at once, so it neither stays claimed forever nor counts against
+    /// the bounds, and joiners are told. A submitted record is settled by a task that
+    /// holds its ticket, which no caller can cut short.
     fn drop(&mut self) {
-        if let Some(pending) = self.pending.take() {
-            tokio::spawn(pending.settle(Settled::Refused(Refusal::Abandoned), false));
+        if self.settled {
+            return;
+        }
+        self.local.lock().settle(&self.scope, None, Instant::now());
+        self.progress
+            .send_modify(|p| p.settled = Some(Settled::Refused(Refusal::Abandoned)));
+        if let Some(redis) = &self.redis {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                redis.release_later(self.scope, self.hash);
+            }
         }
     }
 }
@@ -322,7 +326,7 @@ impl Pending {
     /// Writes the outcome to Redis first (so a retry that reaches another replica after
     /// the caller has its answer is replayed, not refused as in flight), then to the local
     /// store, then tells the waiters.
-    async fn settle(self, settled: Settled, keep: bool) {
+    async fn settle(mut self: Box<Self>, settled: Settled, keep: bool) {
         let stored = match (&settled, keep) {
             (Settled::Answer(answer), true) => Some(Arc::clone(answer)),
             _ => None,
@@ -342,6 +346,7 @@ impl Pending {
             .lock()
             .settle(&self.scope, stored, Instant::now());
         self.progress.send_modify(|p| p.settled = Some(settled));
+        self.settled = true;
     }
 }
 
@@ -445,28 +450,30 @@ impl Idempotency {
             }
         };
         let progress = claimed.map_err(|local::Full| refused(Refusal::Full))?;
-        let mut pending = Pending {
+        let mut pending = Box::new(Pending {
             scope,
             hash,
             local: Arc::clone(&self.local),
             redis: None,
             ttl: self.ttl,
             progress,
-        };
+            settled: false,
+        });
         let Some(redis) = &self.redis else {
-            return Ok(Begin::Lead(Lead {
-                pending: Some(Box::new(pending)),
-            }));
+            return Ok(Begin::Lead(Lead { pending }));
         };
         // The local claim is held while Redis is asked, so duplicates on this replica join
         // it instead of racing to Redis.
-        let answer = match redis.claim(&scope, &hash, self.ttl).await {
-            Ok(Claim::Won) => {
-                pending.redis = Some(redis.clone());
-                return Ok(Begin::Lead(Lead {
-                    pending: Some(Box::new(pending)),
-                }));
-            }
+        // Set before the call: a request that goes away while waiting for Redis takes back
+        // the claim the call may have written (`Pending`'s drop); cleared below when the
+        // key is someone else's.
+        pending.redis = Some(redis.clone());
+        let claim = redis.claim(&scope, &hash, self.ttl).await;
+        if !matches!(claim, Ok(Claim::Won)) {
+            pending.redis = None;
+        }
+        let answer = match claim {
+            Ok(Claim::Won) => return Ok(Begin::Lead(Lead { pending })),
             Ok(Claim::Completed { hash: stored, .. }) | Ok(Claim::InFlight { hash: stored })
                 if stored != hash =>
             {
@@ -474,8 +481,7 @@ impl Idempotency {
             }
             Ok(Claim::Completed { answer, .. }) => Ok(Arc::new(answer)),
             Ok(Claim::InFlight { .. }) => Err(Refusal::InFlightElsewhere),
-            Err(error) => {
-                tracing::warn!(%error, "idempotency store unavailable: refusing a request with a key");
+            Err(_logged) => {
                 // The claim may have been written before the call failed: take it back,
                 // or the key would answer 409 until it expires.
                 redis.release_later(scope, hash);
@@ -686,5 +692,28 @@ mod tests {
             store.begin(Scope::new("r", "k", "2"), hash).await.err(),
             Some(Refusal::Full)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lead_dropped_before_submitting_frees_the_scope_and_tells_its_joiners() {
+        let store = store(1);
+        let scope = Scope::new("r", "k", "1");
+        let hash = BodyHash::of(b"{}");
+        let Ok(Begin::Lead(lead)) = store.begin(scope, hash).await else {
+            panic!("the first request leads");
+        };
+        let Ok(Begin::Join(joiner)) = store.begin(scope, hash).await else {
+            panic!("a duplicate in flight joins");
+        };
+        drop(lead);
+        assert!(matches!(
+            joiner.wait(Instant::now() + Duration::from_secs(1)).await,
+            Ok(Settled::Refused(Refusal::Abandoned))
+        ));
+        // Not held forever, not counted against the bound of one entry.
+        assert!(matches!(
+            store.begin(Scope::new("r", "k", "2"), hash).await,
+            Ok(Begin::Lead(_))
+        ));
     }
 }

@@ -14,6 +14,8 @@
 //! fails refuses the request (`503`); a store or release that fails leaves the claim to
 //! expire.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -97,6 +99,9 @@ pub(crate) struct RedisStore {
     owner: String,
     url: String,
     timeout: Duration,
+    /// Whether the last claim got an answer: only transitions are logged, never each
+    /// refused request. Guards no other memory, so `Relaxed`.
+    up: Arc<AtomicBool>,
 }
 
 impl RedisStore {
@@ -119,6 +124,7 @@ impl RedisStore {
             owner: uuid::Uuid::new_v4().to_string(),
             url: url.to_owned(),
             timeout,
+            up: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -151,8 +157,29 @@ impl RedisStore {
             .map_err(RedisStoreError::from)
     }
 
-    /// Claims `scope` for `hash` for `ttl`, or says what holds it.
+    /// Claims `scope` for `hash` for `ttl`, or says what holds it. Logs when Redis stops
+    /// or starts answering (once per transition).
     pub(crate) async fn claim(
+        &self,
+        scope: &Scope,
+        hash: &BodyHash,
+        ttl: Duration,
+    ) -> Result<Claim, RedisStoreError> {
+        let claim = self.try_claim(scope, hash, ttl).await;
+        match &claim {
+            Err(error) if self.up.swap(false, Ordering::Relaxed) => tracing::warn!(
+                %error,
+                "the idempotency store in Redis is unreachable: requests with an Idempotency-Key are refused (503) until it answers"
+            ),
+            Ok(_) if !self.up.swap(true, Ordering::Relaxed) => {
+                tracing::info!("the idempotency store in Redis answers again");
+            }
+            _ => {}
+        }
+        claim
+    }
+
+    async fn try_claim(
         &self,
         scope: &Scope,
         hash: &BodyHash,

@@ -54,7 +54,7 @@ pub struct FunctionStats {
     pub queued_events: u64,
     /// Records given to the handler whose bytes (a batch record's `body`, or a whole other
     /// payload) it had already been given: processing the same record twice. Remembered
-    /// by a 128-bit hash over the last [`SEEN_RECORDS`] records.
+    /// by a 128-bit hash over the last 1,000,000 records.
     #[serde(default)]
     pub duplicate_records: u64,
 }

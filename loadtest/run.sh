@@ -4,7 +4,7 @@
 #
 #   loadtest/run.sh [SCENARIO...|all] [--duration 10s] [--rounds N] [--quick] [--no-build]
 #
-# Scenarios: shed passthrough seed000 manykeys batching admitted noisy bulk (default: all).
+# Scenarios: shed passthrough seed000 manykeys batching admitted noisy bulk retry-storm (default: all).
 # Writes loadtest/results/<timestamp>/{<scenario>.json,report.md,*.png}.
 set -uo pipefail
 
@@ -21,7 +21,7 @@ Options:
 EOF
 }
 
-ALL_SCENARIOS=(shed passthrough seed000 manykeys batching admitted noisy bulk)
+ALL_SCENARIOS=(shed passthrough seed000 manykeys batching admitted noisy bulk retry-storm)
 SCENARIOS=()
 DURATION=10
 ROUNDS=3
@@ -51,7 +51,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     all) SCENARIOS+=("${ALL_SCENARIOS[@]}"); shift ;;
-    shed | passthrough | seed000 | manykeys | batching | admitted | noisy | bulk) SCENARIOS+=("$1"); shift ;;
+    shed | passthrough | seed000 | manykeys | batching | admitted | noisy | bulk | retry-storm) SCENARIOS+=("$1"); shift ;;
     *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
 done
@@ -455,6 +455,46 @@ scenario_bulk() {
     stop_all
 }
 
+# retry-storm: a check, not a benchmark. Clients retry every 504/503/429/409 with each
+# record's own Idempotency-Key against a slow, throttling function: the emulator must
+# process no record twice (duplicate_records = 0) and every record must end in 200. The
+# same storm without keys runs next as the control (its duplicates are what keys prevent).
+# STORM_CLIENTS x STORM_RECORDS records per storm. Writes retry-storm.json; a failed check
+# makes run.sh exit 1 after the report.
+STORM_CLIENTS=${STORM_CLIENTS:-32}
+STORM_RECORDS=${STORM_RECORDS:-$([ "$QUICK" = 1 ] && echo 5 || echo 20)}
+CHECKS_FAILED=0
+scenario_retry-storm() {
+    local s=retry-storm mode
+    setup_ports
+    render_config retry-storm retry-storm
+    start_emulator "$CFG" retry-storm
+    start_sluicegate "$CFG" retry-storm "$SG"
+    mkdir -p "$OUT/raw/$s"
+    for mode in keyed unkeyed; do
+        python3 "$LT_DIR/retry_storm.py" "http://$SG/records" "http://$EMU/emulator/stats" flaky \
+            "$STORM_CLIENTS" "$STORM_RECORDS" "$mode" "$OUT/raw/$s/$mode.json" >/dev/null \
+            || die "retry_storm.py failed ($mode)"
+    done
+    python3 - "$OUT/raw/$s/keyed.json" "$OUT/raw/$s/unkeyed.json" "$OUT/retry-storm.json" <<'PY'
+import json, sys
+keyed, unkeyed = (json.load(open(p)) for p in sys.argv[1:3])
+ok = (keyed["duplicate_records"] == 0 and keyed["finals"] == {"200": keyed["records_sent"]}
+      and keyed["records_processed"] == keyed["records_sent"])
+json.dump({"scenario": "retry-storm", "passed": ok, "keyed": keyed, "unkeyed": unkeyed},
+          open(sys.argv[3], "w"), indent=1)
+print(f"keyed: {keyed['records_sent']} records, {keyed['records_processed']} processed, "
+      f"{keyed['duplicate_records']} duplicates, finals {keyed['finals']}, answers {keyed['answers']}; "
+      f"without keys: {unkeyed['records_processed']} processed, {unkeyed['duplicate_records']} duplicates"
+      f" -> {'PASS' if ok else 'FAIL'}")
+sys.exit(0 if ok else 1)
+PY
+    local rc=$?
+    [ "$rc" = 0 ] || { log "retry-storm check FAILED (see $OUT/retry-storm.json)"; CHECKS_FAILED=1; }
+    sg_metrics $s sluicegate
+    stop_all
+}
+
 # --- main --------------------------------------------------------------------------
 
 need_wrk=0 need_nginx=0 need_oha=0
@@ -463,6 +503,7 @@ for s in "${SCENARIOS[@]}"; do
     shed) need_oha=1 need_wrk=1 need_nginx=1 ;;
     passthrough | admitted | bulk) need_oha=1 need_nginx=1 ;;
     manykeys) need_wrk=1 ;;
+    retry-storm) ;;
     *) need_oha=1 ;;
     esac
 done
@@ -494,3 +535,4 @@ done
 log "all scenarios done in $(($(date +%s) - T0)) s; writing the report"
 python3 "$LT_DIR/report.py" "$OUT" || die "report.py failed"
 log "report: $OUT/report.md"
+[ "$CHECKS_FAILED" = 0 ] || die "a check failed (retry-storm)"

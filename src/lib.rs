@@ -8,6 +8,8 @@
 //! Modules are listed from the top down; each one uses only modules below it (tests aside).
 //! - [`commands`]: what each `sluicegate` subcommand does (`main.rs` only parses arguments).
 //! - [`server`]: the data plane (hyper HTTP/1, one hand-written service), identity extraction, error → HTTP mapping, admin listener.
+//! - [`idempotency`]: `Idempotency-Key`: at most one processing per key, joins, stored
+//!   outcomes for replay (local, bounded; shared through Redis).
 //! - [`redrive`]: replays dead letters through a pipeline with the routes' own limits.
 //! - [`pipeline`]: assembles routes: one invoker (gate) per function, one batcher per route.
 //! - [`coalesce`]: per-route batcher (handle + worker) and the batch envelope.
@@ -36,6 +38,7 @@ pub mod commands;
 pub mod config;
 pub mod dlq;
 pub mod emulator;
+pub mod idempotency;
 pub mod invoke;
 pub mod lambda;
 pub mod limit;

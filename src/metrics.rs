@@ -30,6 +30,11 @@
 //! | `sluicegate_queue_displaced_total` | counter | `route` |
 //! | `sluicegate_quota_exhausted_total` | counter | `plan` (`default` for keys without one) |
 //! | `sluicegate_quota_keys_at_limit` | gauge | |
+//! | `sluicegate_idempotency_replays_total` | counter | |
+//! | `sluicegate_idempotency_joins_total` | counter | |
+//! | `sluicegate_idempotency_conflicts_total` | counter | |
+//! | `sluicegate_idempotency_evictions_total` | counter | |
+//! | `sluicegate_idempotency_refusals_total` | counter | `reason` |
 
 use std::sync::OnceLock;
 
@@ -166,5 +171,25 @@ fn describe() {
     describe_gauge!(
         "sluicegate_quota_keys_at_limit",
         "Keys whose usage-quota count has reached its limit in the current period."
+    );
+    describe_counter!(
+        "sluicegate_idempotency_replays_total",
+        "Requests with an Idempotency-Key answered with a completed request's stored response."
+    );
+    describe_counter!(
+        "sluicegate_idempotency_joins_total",
+        "Requests with an Idempotency-Key that waited for the same key's request in flight."
+    );
+    describe_counter!(
+        "sluicegate_idempotency_conflicts_total",
+        "Idempotency-Keys reused with a different body (422)."
+    );
+    describe_counter!(
+        "sluicegate_idempotency_evictions_total",
+        "Completed idempotency entries dropped to stay within max_entries / max_bytes."
+    );
+    describe_counter!(
+        "sluicegate_idempotency_refusals_total",
+        "Requests with an Idempotency-Key refused, by reason (reused, in_flight_elsewhere, full, unavailable, abandoned)."
     );
 }

@@ -11,6 +11,7 @@
 //! - `limits.rs`: `[limits]` and `[[plans]]`;
 //! - `lambda.rs`: `[lambda]` and Lambda's payload limits per invocation type;
 //! - `route.rs`: a `[[routes]]` entry (envelope, batch, queue, invoke, retry, dlq);
+//! - `idempotency.rs`: `[idempotency]` (`Idempotency-Key`: on or off, ttl and bounds);
 //! - `[emulator]` is the emulator's own type ([`EmulatorConfig`]): config depends on the
 //!   emulator's config, never the other way round, so `sluicegate emulate` and the emulator
 //!   stay usable without the proxy's config;
@@ -24,6 +25,7 @@
 
 mod env;
 mod error;
+mod idempotency;
 mod lambda;
 mod limits;
 mod route;
@@ -36,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use self::env::parse_with_env;
 pub use self::error::ConfigError;
+pub use self::idempotency::IdempotencyConfig;
 pub use self::lambda::{
     CredentialsSource, Invocation, LambdaConfig, ASYNC_PAYLOAD_LIMIT, SYNC_PAYLOAD_LIMIT,
 };
@@ -83,6 +86,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// `[emulator]`: the embedded Lambda emulator; off when the section is absent.
     pub emulator: EmulatorConfig,
+    /// `[idempotency]`: `Idempotency-Key` handling and its bounds.
+    pub idempotency: IdempotencyConfig,
 }
 
 impl Default for Config {
@@ -98,6 +103,7 @@ impl Default for Config {
                 enabled: false,
                 ..EmulatorConfig::default()
             },
+            idempotency: IdempotencyConfig::default(),
         }
     }
 }

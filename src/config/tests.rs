@@ -613,3 +613,34 @@ fn bulk_bounds_default_to_500_records_and_5_mib_and_are_range_checked() {
         load(&format!("[server]\n{key} = {value}\n{MINIMAL}")).unwrap();
     }
 }
+
+#[test]
+fn idempotency_is_on_by_default_with_documented_bounds_and_bad_bounds_are_named() {
+    let config = load(MINIMAL).expect("minimal config loads");
+    assert_eq!(config.idempotency, IdempotencyConfig::default());
+    assert!(config.idempotency.enabled);
+    assert_eq!(config.idempotency.ttl, Duration::from_secs(600));
+    assert_eq!(config.idempotency.max_entries, 100_000);
+    assert_eq!(config.idempotency.max_bytes, ByteSize(64 * 1024 * 1024));
+    let set = load_env(
+        MINIMAL,
+        &[
+            ("SLUICEGATE_IDEMPOTENCY__TTL", "1h"),
+            ("SLUICEGATE_IDEMPOTENCY__ENABLED", "false"),
+        ],
+    )
+    .expect("overrides load");
+    assert_eq!(set.idempotency.ttl, Duration::from_secs(3600));
+    assert!(!set.idempotency.enabled);
+    for (section, key) in [
+        ("ttl = \"500ms\"", "idempotency.ttl"),
+        ("ttl = \"8d\"", "idempotency.ttl"),
+        ("max_entries = 0", "idempotency.max_entries"),
+        ("max_bytes = \"1KiB\"", "idempotency.max_bytes"),
+        ("surprise = 1", "idempotency"),
+    ] {
+        let text = format!("{MINIMAL}\n[idempotency]\n{section}\n");
+        let error = load(&text).expect_err(section).to_string();
+        assert!(error.contains(key), "{section}: {error}");
+    }
+}

@@ -2,15 +2,15 @@
 //! at load time with the offending key named, so the rest of the code never re-checks.
 //!
 //! Sections are checked in file order (`[server]`, `[identity]`, `[limits]`, `[[plans]]`,
-//! `[lambda]`, `[[routes]]`, `[emulator]`); the first problem found is the one reported.
+//! `[lambda]`, `[[routes]]`, `[emulator]`, `[idempotency]`); the first problem found is the one reported.
 
 use std::collections::HashSet;
 use std::fmt;
 use std::time::Duration;
 
 use super::{
-    ByteSize, Config, ConfigError, Envelope, IdentityConfig, InvokeConfig, LambdaConfig,
-    LimitBackend, LimitsConfig, PlanConfig, RetryConfig, RouteConfig, ServerConfig,
+    ByteSize, Config, ConfigError, Envelope, IdempotencyConfig, IdentityConfig, InvokeConfig,
+    LambdaConfig, LimitBackend, LimitsConfig, PlanConfig, RetryConfig, RouteConfig, ServerConfig,
     DEFAULT_MAX_JSON_DEPTH, ENVELOPE_FRAME, ENVELOPE_RECORD_OVERHEAD, LAMBDA_INVOKE_PREFIX,
     MAX_BULK_BYTES, MAX_BULK_RECORDS, MAX_CONNECTIONS, SYNC_PAYLOAD_LIMIT,
 };
@@ -32,6 +32,7 @@ impl Config {
         self.emulator
             .validate()
             .map_err(|(key, message)| ConfigError::invalid(format!("emulator.{key}"), message))?;
+        validate_idempotency(&self.idempotency)?;
         if self.routes.is_empty() {
             return Err(ConfigError::invalid(
                 "routes",
@@ -453,6 +454,29 @@ pub const PLAN_WEIGHT: std::ops::RangeInclusive<u32> = 1..=1000;
 pub const MAX_ATTEMPTS: u32 = 100;
 /// `limits.max_keys`.
 pub const MAX_KEYS: usize = 100_000_000;
+
+/// `[idempotency]`: a ttl of a second to a week, and bounds that hold at least a few
+/// responses.
+fn validate_idempotency(i: &IdempotencyConfig) -> Result<(), ConfigError> {
+    if i.ttl < Duration::from_secs(1) || i.ttl > Duration::from_secs(7 * 24 * 3600) {
+        return Err(ConfigError::invalid(
+            "idempotency.ttl",
+            format!("must be in 1s..=7d, got {}", units::format_duration(i.ttl)),
+        ));
+    }
+    check_range(
+        "idempotency.max_entries",
+        i.max_entries,
+        1..=100_000_000,
+        "entries",
+    )?;
+    check_range(
+        "idempotency.max_bytes",
+        i.max_bytes.0,
+        64 * 1024..=64 * 1024 * 1024 * 1024,
+        "bytes",
+    )
+}
 
 fn check_timeout(key: &str, timeout: Duration) -> Result<(), ConfigError> {
     if timeout.is_zero() || timeout > MAX_TIMEOUT {

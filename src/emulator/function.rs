@@ -121,6 +121,7 @@ impl Function {
     /// follow arrival order), then "works" for the configured latency, or is stopped at the
     /// function timeout. The slot is released when this returns.
     pub(crate) async fn execute(&self, slot: ConcurrencySlot, payload: Payload) -> Execution {
+        self.counters.note_records(&payload);
         let outcome = handler::run(&self.cfg, &self.seen_records, &mut rand::rng(), &payload);
         let execution = if self.cfg.latency > self.cfg.timeout {
             tokio::time::sleep(self.cfg.timeout).await;

@@ -53,6 +53,16 @@ impl Payload {
         })
     }
 
+    /// Each record's bytes as the function is given them: a batch record's `body`, or
+    /// the whole payload.
+    pub(crate) fn record_bytes(&self) -> impl Iterator<Item = &[u8]> {
+        let (records, other) = match self {
+            Payload::Batch(records) => (records.as_slice(), None),
+            Payload::Other(raw) => (&[][..], Some(&raw[..])),
+        };
+        records.iter().map(|r| r.body.get().as_bytes()).chain(other)
+    }
+
     /// How many records the function is given.
     pub(crate) fn records(&self) -> u64 {
         match self {

@@ -3,10 +3,13 @@
 //! The field names are a contract: tests and load tests assert on them. Fields may be
 //! added, never removed or renamed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::handler::Payload;
 
 /// Counters of every function, keyed by function name.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -49,7 +52,15 @@ pub struct FunctionStats {
     /// Accepted `Event` invokes waiting for a concurrency slot.
     #[serde(default)]
     pub queued_events: u64,
+    /// Records given to the handler whose bytes (a batch record's `body`, or a whole other
+    /// payload) it had already been given: processing the same record twice. Remembered
+    /// by a 128-bit hash over the last 1,000,000 records.
+    #[serde(default)]
+    pub duplicate_records: u64,
 }
+
+/// How many of the latest records' hashes a function remembers for `duplicate_records`.
+pub(crate) const SEEN_RECORDS: usize = 1_000_000;
 
 /// Throttles by the `Reason` field of `TooManyRequestsException`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -82,6 +93,42 @@ pub(crate) struct Counters {
     pub(crate) dry_runs: AtomicU64,
     pub(crate) queued_events: AtomicU64,
     pub(crate) peak_concurrency: AtomicU32,
+    pub(crate) duplicate_records: AtomicU64,
+    seen: parking_lot::Mutex<Seen>,
+}
+
+/// The hashes of the latest records, oldest first out past `capacity`.
+#[derive(Debug)]
+struct Seen {
+    capacity: usize,
+    hashes: HashSet<u128>,
+    order: VecDeque<u128>,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Seen {
+            capacity: SEEN_RECORDS,
+            hashes: HashSet::new(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl Seen {
+    /// Remembers `hash`; whether it was already remembered.
+    fn seen_before(&mut self, hash: u128) -> bool {
+        if !self.hashes.insert(hash) {
+            return true;
+        }
+        self.order.push_back(hash);
+        if self.order.len() > self.capacity {
+            if let Some(oldest) = self.order.pop_front() {
+                self.hashes.remove(&oldest);
+            }
+        }
+        false
+    }
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -89,6 +136,25 @@ pub(crate) fn bump(counter: &AtomicU64) {
 }
 
 impl Counters {
+    /// Counts the records of `payload` the function was already given (by the first 128
+    /// bits of SHA-256 of each record's bytes). One lock per invoke, not per record.
+    pub(crate) fn note_records(&self, payload: &Payload) {
+        let hashes: Vec<u128> = payload
+            .record_bytes()
+            .map(|bytes| {
+                let digest = Sha256::digest(bytes);
+                let mut first = [0u8; 16];
+                first.copy_from_slice(&digest[..16]);
+                u128::from_be_bytes(first)
+            })
+            .collect();
+        let mut seen = self.seen.lock();
+        let duplicates = hashes.into_iter().filter(|h| seen.seen_before(*h)).count();
+        drop(seen);
+        self.duplicate_records
+            .fetch_add(duplicates as u64, Ordering::Relaxed);
+    }
+
     pub(crate) fn snapshot(&self, in_flight: u32) -> FunctionStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         FunctionStats {
@@ -109,6 +175,7 @@ impl Counters {
             dry_runs: get(&self.dry_runs),
             in_flight,
             queued_events: get(&self.queued_events),
+            duplicate_records: get(&self.duplicate_records),
         }
     }
 }
@@ -138,6 +205,44 @@ mod tests {
         assert_eq!(f["peak_concurrency"], 0);
         let back: Stats = serde_json::from_value(value).expect("parses back");
         assert_eq!(back, stats);
+    }
+
+    #[test]
+    fn a_record_given_twice_is_a_duplicate_whatever_batch_carries_it() {
+        let counters = Counters::default();
+        let batch = |ids: &[&str], bodies: &[&str]| {
+            let records: Vec<String> = ids
+                .iter()
+                .zip(bodies)
+                .map(|(id, body)| format!(r#"{{"id":"{id}","key":"k","body":{body}}}"#))
+                .collect();
+            Payload::parse(format!(r#"{{"records":[{}]}}"#, records.join(",")).into())
+                .expect("an envelope")
+        };
+        counters.note_records(&batch(&["r1", "r2"], &[r#"{"n":1}"#, r#"{"n":2}"#]));
+        assert_eq!(counters.snapshot(0).duplicate_records, 0);
+        // New ids, one body already processed.
+        counters.note_records(&batch(&["r3", "r4"], &[r#"{"n":2}"#, r#"{"n":3}"#]));
+        assert_eq!(counters.snapshot(0).duplicate_records, 1);
+        let plain = Payload::parse(bytes::Bytes::from_static(b"{\"n\":9}")).expect("JSON");
+        counters.note_records(&plain);
+        let plain = Payload::parse(bytes::Bytes::from_static(b"{\"n\":9}")).expect("JSON");
+        counters.note_records(&plain);
+        assert_eq!(counters.snapshot(0).duplicate_records, 2);
+    }
+
+    #[test]
+    fn the_seen_set_forgets_the_oldest_past_its_capacity() {
+        let mut seen = Seen {
+            capacity: 2,
+            ..Seen::default()
+        };
+        assert!(!seen.seen_before(1));
+        assert!(!seen.seen_before(2));
+        assert!(seen.seen_before(1));
+        assert!(!seen.seen_before(3));
+        assert!(!seen.seen_before(1), "1 was the oldest and was forgotten");
+        assert_eq!(seen.hashes.len(), 2);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use super::readiness::Readiness;
 use super::records::{Endpoint, RecordRoute};
 use crate::coalesce::{Batcher, KeyWeights};
 use crate::config::{Config, RouteConfig};
+use crate::idempotency::Idempotency;
 use crate::invoke::Invoker;
 use crate::limit::{Admission, DefaultClock, Plans, RedisBackend};
 use crate::pipeline::Pipeline;
@@ -51,6 +52,9 @@ pub(super) struct App {
     pub(super) endpoint: Arc<str>,
     /// Which route each function reachable through the Lambda Invoke API resolves to.
     pub(super) invoke_targets: Targets,
+    /// The `Idempotency-Key` store: handed from app to app on reload, so its entries (the
+    /// in-flight ones above all) survive it.
+    pub(super) idempotency: Arc<Idempotency>,
 }
 
 /// The admission layers of `config`, decided in Redis when `backend` is given (the
@@ -127,6 +131,14 @@ impl App {
             previous.map(|p| &*p.admission),
             pipeline.limit_backend.clone(),
         );
+        let idempotency = Arc::new(
+            Idempotency::new(
+                &config.idempotency,
+                &config.limits,
+                previous.map(|p| &*p.idempotency),
+            )
+            .map_err(std::io::Error::other)?,
+        );
         let mut routes = Vec::with_capacity(config.routes.len());
         let weights = Arc::new(KeyWeights::from_plans(&config.plans));
         for (index, (handle, cfg)) in pipeline.routes.into_iter().zip(&config.routes).enumerate() {
@@ -148,6 +160,7 @@ impl App {
                 ),
                 body_read_timeout: config.server.body_read_timeout,
                 weights: Arc::clone(&weights),
+                idempotency: Arc::clone(&idempotency),
             });
             routes.push(RouteEntry {
                 config: cfg.clone(),
@@ -164,6 +177,7 @@ impl App {
             readiness: Readiness::new(client.clone(), functions, Arc::clone(&endpoint)),
             config,
             endpoint,
+            idempotency,
         }))
     }
 }

@@ -52,6 +52,7 @@ mod admin;
 mod app;
 mod bulk;
 mod counters;
+mod idempotent;
 mod identity;
 mod intake;
 mod lambda_api;

@@ -11,7 +11,9 @@
 //! allocation for the request's future; a refusal is built without waiting on anything.
 //!
 //! Reading, checking, submitting and awaiting a record are `intake`'s steps, shared with the
-//! other front doors. Plain `http` / `hyper` types, no axum: the request path returns what
+//! other front doors. A request with an `Idempotency-Key` goes through `idempotent::once`
+//! after admission (a replay spends the caller's tokens like any request): its key is
+//! checked before the body is read, and its record submitted at most once per key. Plain `http` / `hyper` types, no axum: the request path returns what
 //! went wrong as a [`RequestError`] and [`respond`] turns it into the response, so no status
 //! is chosen here.
 
@@ -32,6 +34,7 @@ use tracing::Instrument;
 use super::app::{App, RouteEntry};
 use super::bulk;
 use super::counters::RouteCounters;
+use super::idempotent;
 use super::intake;
 use super::lambda_api;
 use super::reload::Server;
@@ -39,6 +42,7 @@ use super::request_id::ConnectionIds;
 use super::respond::{self, RequestError, Response};
 use super::{IdentityError, ANONYMOUS};
 use crate::coalesce::{Batcher, KeyWeights};
+use crate::idempotency::{self, BodyHash, Idempotency};
 use crate::invoke::Invoker;
 use crate::limit::Rejected;
 use crate::limit::{
@@ -65,6 +69,8 @@ pub(super) struct RecordRoute {
     pub(super) body_read_timeout: Duration,
     /// Each key's share of a per-key fair queue (its plan's `weight`).
     pub(super) weights: Arc<KeyWeights>,
+    /// The server's `Idempotency-Key` store (one for every route; it outlives reloads).
+    pub(super) idempotency: Arc<Idempotency>,
 }
 
 impl RecordRoute {
@@ -268,12 +274,20 @@ impl Service<Request<Incoming>> for RecordService {
     }
 }
 
+// The submit closure returns intake's `RequestError`, held by value (see `intake`).
+#[allow(clippy::result_large_err)]
 async fn record_response(
     route: &RecordRoute,
     request: Request<Incoming>,
 ) -> Result<Response, RequestError> {
     let (parts, body) = request.into_parts();
     let deadline = intake::deadline(&parts.headers, route.request_timeout)?;
+    // A bad key is refused before the body is read.
+    let idempotency_key = if route.idempotency.enabled() {
+        idempotency::key_of(&parts.headers).map_err(RequestError::InvalidIdempotencyKey)?
+    } else {
+        None
+    };
     let bytes = intake::read_record_body(route, &parts.headers, body, deadline).await?;
     let record = intake::parse_record(route, &bytes)?;
     let key = parts
@@ -281,6 +295,20 @@ async fn record_response(
         .get::<ClientKey>()
         .map(|k| Arc::clone(&k.0))
         .unwrap_or_else(|| ANONYMOUS.into());
+    if let Some(idempotency_key) = idempotency_key {
+        // Admission has run: a replay spends the caller's tokens like any request. The
+        // body is held until the answer here (its hash is taken before submitting).
+        return idempotent::once(
+            route,
+            &key,
+            idempotency_key,
+            BodyHash::of(&bytes),
+            deadline,
+            || intake::submit(route, &key, record, deadline),
+            idempotent::render_record,
+        )
+        .await;
+    }
     let ticket = intake::submit(route, &key, record, deadline)?;
     // The queued record is its own copy (its envelope entry): the request body is let go
     // now rather than held until the answer, so a waiting record costs one copy, not two.

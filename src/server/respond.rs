@@ -34,6 +34,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::coalesce::{Delivered, RecordError};
+use crate::idempotency::{self, KeyError, Refusal, Snapshot};
 use crate::invoke::InvokeFailure;
 use crate::limit::{Admitted, Quota, Rejected, Scope};
 use crate::quota::ceil_secs;
@@ -134,7 +135,8 @@ pub enum Answer {
     Success,
     /// `202`: Lambda accepted an `invocation = "event"` batch.
     Accepted,
-    /// `422`: the function reported this record failed.
+    /// `422`: the function reported this record failed (or an `Idempotency-Key` was reused
+    /// with another body).
     FunctionFailed,
     /// `429`: a limit refused the request.
     Shed(ShedScope),
@@ -161,11 +163,13 @@ pub enum Answer {
     /// `415`: a bulk request's `Content-Type` names a charset or parameter that makes its
     /// body unreadable as NDJSON.
     UnsupportedMediaType,
+    /// `409`: a request with the same `Idempotency-Key` is in flight on another replica.
+    Conflict,
 }
 
 impl Answer {
     /// Every answer, in the order of the counter slots (`records.rs`).
-    pub const ALL: [Answer; 20] = [
+    pub const ALL: [Answer; 21] = [
         Answer::Success,
         Answer::Accepted,
         Answer::FunctionFailed,
@@ -186,6 +190,7 @@ impl Answer {
         Answer::Unavailable,
         Answer::Timeout,
         Answer::UnsupportedMediaType,
+        Answer::Conflict,
     ];
 
     /// The status of this answer: the one table of status codes.
@@ -206,6 +211,7 @@ impl Answer {
             Answer::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Answer::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Answer::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Answer::Conflict => StatusCode::CONFLICT,
         }
     }
 
@@ -340,6 +346,13 @@ pub enum RequestError {
         /// The route's queue and invoke-rate quotas, for a `429`'s `RateLimit-Policy`.
         policies: Policies,
     },
+    /// The `Idempotency-Key` header is not a usable key.
+    #[error("{0}")]
+    InvalidIdempotencyKey(KeyError),
+    /// A request with an `Idempotency-Key` that is not served (reused with another body,
+    /// in flight elsewhere, or the store cannot take it).
+    #[error("{0}")]
+    Idempotency(Refusal),
 }
 
 /// The `message` of a record's failure: the record's id first where the error says
@@ -418,6 +431,14 @@ impl RequestError {
                 (Answer::UnsupportedMediaType, "unsupported_media_type")
             }
             RequestError::Record { error, .. } => classify_record(error),
+            RequestError::InvalidIdempotencyKey(_) => (Answer::BadRequest, "bad_request"),
+            RequestError::Idempotency(refusal) => match refusal {
+                Refusal::Reused => (Answer::FunctionFailed, "idempotency_key_reused"),
+                Refusal::InFlightElsewhere => (Answer::Conflict, "idempotency_key_in_flight"),
+                Refusal::Full => (Answer::Unavailable, "idempotency_store_full"),
+                Refusal::Unavailable => (Answer::Unavailable, "idempotency_unavailable"),
+                Refusal::Abandoned => (Answer::Unavailable, "unavailable"),
+            },
         }
     }
 
@@ -480,7 +501,8 @@ impl RequestError {
             RequestError::BodyTimeout { .. } => {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            _ if answer == Answer::Unavailable => {
+            // The draft's answer to a duplicate of a request still in flight: retry later.
+            _ if answer == Answer::Conflict || answer == Answer::Unavailable => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after_secs(self.unavailable_wait())),
@@ -1260,6 +1282,20 @@ pub fn lambda_error(error: RequestError) -> Response {
             &user("The security token included in the request is invalid.".to_owned()),
             answer,
         ),
+        // A duplicate of a call still in flight elsewhere: Lambda's conflict, retry later.
+        (_, Answer::Conflict) => {
+            let mut response = aws_error(
+                StatusCode::CONFLICT,
+                "ResourceConflictException",
+                &user(message),
+                answer,
+            );
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(error.unavailable_wait())),
+            );
+            response
+        }
         (_, Answer::UnsupportedMediaType) => aws_error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "UnsupportedMediaTypeException",
@@ -1321,6 +1357,54 @@ pub fn lambda_accepted() -> Response {
 pub fn lambda_dry_run() -> Response {
     let mut response = Response::new(Body::from(Bytes::new()));
     *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+}
+
+/// Whether a record's outcome is kept for replay under its `Idempotency-Key`: every
+/// outcome the record may have caused (`200`, `202`, `422`, `502`, `504 outcome_unknown`),
+/// and none of those that say it was not processed (sheds, `503`s, a deadline that passed
+/// before any attempt, a record too large to send), so their retry is a real retry.
+pub fn keep_for_replay(outcome: &Result<Delivered, RequestError>) -> bool {
+    match outcome {
+        Ok(_) => true,
+        Err(error) => {
+            let (answer, code) = error.classify();
+            matches!(
+                answer,
+                Answer::Success | Answer::Accepted | Answer::FunctionFailed | Answer::BadGateway
+            ) || code == "outcome_unknown"
+        }
+    }
+}
+
+/// A response as kept for idempotent replay.
+pub async fn snapshot(response: Response) -> Snapshot {
+    use http_body_util::BodyExt;
+    let (parts, body) = response.into_parts();
+    let body = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(never) => match never {},
+    };
+    Snapshot {
+        status: parts.status,
+        headers: parts.headers,
+        extensions: parts.extensions,
+        body,
+    }
+}
+
+/// The response a snapshot stands for; `replayed` marks it `Idempotent-Replayed: true`
+/// (it is another request's outcome: a replay or a join).
+pub fn from_snapshot(snapshot: &Snapshot, replayed: bool) -> Response {
+    let mut response = Response::new(Body::from(snapshot.body.clone()));
+    *response.status_mut() = snapshot.status;
+    *response.headers_mut() = snapshot.headers.clone();
+    *response.extensions_mut() = snapshot.extensions.clone();
+    if replayed {
+        response
+            .headers_mut()
+            .insert(idempotency::REPLAYED, HeaderValue::from_static("true"));
+    }
     response
 }
 
@@ -1512,6 +1596,36 @@ pub(super) fn every_request_error() -> Vec<(RequestError, u16, &'static str)> {
             504,
             "outcome_unknown",
         ),
+        (
+            RequestError::InvalidIdempotencyKey(KeyError::TooLong { len: 300 }),
+            400,
+            "bad_request",
+        ),
+        (
+            RequestError::Idempotency(Refusal::Reused),
+            422,
+            "idempotency_key_reused",
+        ),
+        (
+            RequestError::Idempotency(Refusal::InFlightElsewhere),
+            409,
+            "idempotency_key_in_flight",
+        ),
+        (
+            RequestError::Idempotency(Refusal::Full),
+            503,
+            "idempotency_store_full",
+        ),
+        (
+            RequestError::Idempotency(Refusal::Unavailable),
+            503,
+            "idempotency_unavailable",
+        ),
+        (
+            RequestError::Idempotency(Refusal::Abandoned),
+            503,
+            "unavailable",
+        ),
     ];
     all.extend([
         (
@@ -1605,12 +1719,12 @@ mod tests {
     }
 
     #[test]
-    fn every_429_and_503_carries_retry_after() {
+    fn every_409_429_and_503_carries_retry_after() {
         for (error, status, _) in every_request_error() {
             let what = format!("{error:?}");
             let response = error.into_response();
             let has_retry_after = response.headers().contains_key(header::RETRY_AFTER);
-            assert_eq!(has_retry_after, matches!(status, 429 | 503), "{what}");
+            assert_eq!(has_retry_after, matches!(status, 409 | 429 | 503), "{what}");
         }
     }
 
@@ -1746,6 +1860,11 @@ mod tests {
                 "forbidden" => (403, Some("UnrecognizedClientException")),
                 "not_found" | "method_not_allowed" => (404, Some("UnknownOperationException")),
                 "unsupported_media_type" => (415, Some("UnsupportedMediaTypeException")),
+                "idempotency_key_in_flight" => (409, Some("ResourceConflictException")),
+                "idempotency_key_reused" => (400, Some("InvalidRequestContentException")),
+                "idempotency_store_full" | "idempotency_unavailable" => {
+                    (500, Some("ServiceException"))
+                }
                 "request_timeout" => (408, Some("RequestTimeoutException")),
                 other => panic!("no Lambda shape for {other}"),
             };
@@ -1773,7 +1892,7 @@ mod tests {
             }
             assert_eq!(
                 headers.contains_key("retry-after"),
-                matches!(status, 429 | 500),
+                matches!(status, 409 | 429 | 500),
                 "{what}"
             );
         }
@@ -2047,5 +2166,53 @@ mod tests {
             response.extensions().get::<ShedScope>(),
             Some(&ShedScope::Limit(Scope::Key))
         );
+    }
+
+    #[tokio::test]
+    async fn an_idempotency_conflict_is_409_with_retry_after_and_a_reuse_is_422_saying_so() {
+        let response = RequestError::Idempotency(Refusal::InFlightElsewhere).into_response();
+        assert_eq!(response.status(), 409);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let reused = body_of(RequestError::Idempotency(Refusal::Reused).into_response()).await;
+        assert_eq!(reused["error"], "idempotency_key_reused");
+        assert!(
+            reused["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("different request body")),
+            "{reused}"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_outcomes_the_record_may_have_caused_are_kept_for_replay() {
+        let kept: Vec<(u16, &str)> = every_request_error()
+            .into_iter()
+            .filter(|(error, _, _)| {
+                matches!(
+                    error,
+                    RequestError::Record {
+                        record: Some(_),
+                        ..
+                    }
+                )
+            })
+            .map(|(error, status, code)| (keep_for_replay(&Err(error)), status, code))
+            .filter(|(keep, _, _)| *keep)
+            .map(|(_, status, code)| (status, code))
+            .collect();
+        for (status, code) in &kept {
+            assert!(
+                matches!(status, 502 | 422 | 200 | 202) || *code == "outcome_unknown",
+                "{status} {code} kept"
+            );
+        }
+        assert!(kept.contains(&(504, "outcome_unknown")));
+        assert!(kept.contains(&(502, "function_error")));
+        assert!(keep_for_replay(&Ok(Delivered::Accepted)));
+        let snap = snapshot(delivered("r1", Delivered::Accepted)).await;
+        let replay = from_snapshot(&snap, true);
+        assert_eq!(replay.status(), 202);
+        assert_eq!(replay.headers()[idempotency::REPLAYED], "true");
+        assert_eq!(body_of(replay).await["id"], "r1");
     }
 }

@@ -31,6 +31,18 @@
 //!   line (admission and queue refusals). A caller that hangs up drops the records still
 //!   waiting, as a `/records` caller's would be.
 //!
+//! `Idempotency-Key` on a bulk request (validated as on `/records`, a bad key is one
+//! whole-request `400`) scopes per line: the record at position `i` — its index in
+//! `results`, blank lines not counted — is served as a `/records` request with the key
+//! `<key>/<i>` and the body hash of its record (the line without its line ending and
+//! surrounding whitespace), through the same `idempotent` seam and store. It still passes
+//! admission (a replayed line spends its token); once admitted it is replayed (its stored
+//! response is its entry), joins the same line in flight, or is refused (`422`
+//! `idempotency_key_reused` with another record, `409` in flight on another replica) as
+//! its own entry. An entry that is another request's outcome (replayed or joined) has
+//! `"replayed":true` after `"http_status"`. A line refused by its check or by admission
+//! never reaches the store, and sheds and `503`s are not stored, so their retry is real.
+//!
 //! Counting: every entry is counted in `sluicegate_requests_total` exactly as the same
 //! record sent alone would be (so shed and error rates mean "records"), a bulk request
 //! refused as a whole is counted there once, and `sluicegate_bulk_requests_total` /
@@ -46,10 +58,12 @@ use serde_json::value::RawValue;
 
 use super::app::App;
 use super::counters::RouteCounters;
+use super::idempotent::{self, Started};
 use super::intake;
 use super::records::RecordRoute;
-use super::respond::{self, RequestError, Response, Shed};
+use super::respond::{self, Answer, RequestError, Response, Shed};
 use crate::coalesce::{Delivered, Ticket};
+use crate::idempotency::{self, BodyHash, Snapshot};
 use crate::limit::Admitted;
 
 /// The media type of a bulk request.
@@ -96,9 +110,47 @@ pub(super) async fn serve(
 /// Where a record stands once its line has been checked, admitted and submitted.
 enum Slot {
     /// Answered already: refused at the check, by admission or at submit.
-    Done(Result<(Arc<str>, Delivered), RequestError>),
+    Done(Outcome),
     /// Queued; its outcome is awaited.
     Queued(Ticket),
+    /// Under the request's `Idempotency-Key`: started (answered, or awaited) by the seam.
+    Keyed(Started),
+}
+
+/// A record's outcome as its entry is written.
+enum Outcome {
+    /// Served without a key: its own result or why there is none.
+    Record(Result<(Arc<str>, Delivered), RequestError>),
+    /// Served under its line's key: the response as stored for it (and whether it is
+    /// another request's outcome), or why there is none.
+    Keyed(Result<(Arc<Snapshot>, bool), RequestError>),
+}
+
+impl Outcome {
+    /// The entry's answer and body (`respond::record_answer`'s, or the stored response's).
+    fn entry(&self) -> (Answer, bytes::Bytes) {
+        match self {
+            Outcome::Record(outcome) => respond::record_answer(outcome),
+            Outcome::Keyed(Ok((answer, replayed))) => {
+                let body = if *replayed {
+                    respond::replayed_body(&answer.body)
+                } else {
+                    answer.body.clone()
+                };
+                (respond::snapshot_answer(answer), body)
+            }
+            Outcome::Keyed(Err(error)) => error.body(),
+        }
+    }
+
+    /// The shed it reports, if any.
+    fn shed(&self) -> Option<Shed> {
+        match self {
+            Outcome::Record(outcome) => outcome.as_ref().err().and_then(RequestError::shed),
+            Outcome::Keyed(Ok((answer, _))) => respond::snapshot_shed(answer),
+            Outcome::Keyed(Err(error)) => error.shed(),
+        }
+    }
 }
 
 /// Reads, checks, admits and submits the records, then answers with every record's
@@ -117,6 +169,12 @@ async fn answer(
     check_content_type(&parts.headers)?;
     let streamed = wants_lines(&parts.headers);
     let deadline = intake::deadline(&parts.headers, route.request_timeout)?;
+    // A bad key is refused for the whole request, before the body is read (as `/records`).
+    let idempotency_key = if route.idempotency.enabled() {
+        idempotency::key_of(&parts.headers).map_err(RequestError::InvalidIdempotencyKey)?
+    } else {
+        None
+    };
     let server = &app.config.server;
     let max_bytes = server.max_bulk_bytes.as_usize();
     let body = intake::read_limited(route, &parts.headers, body, max_bytes, deadline)
@@ -133,10 +191,9 @@ async fn answer(
     // no token, and admission sees the valid records in input order.
     let checked: Vec<Result<&RawValue, RequestError>> =
         lines.iter().map(|line| check(route, line)).collect();
-    // Idempotency-Key (issue 15) seam: a bulk record's own key is
-    // `<Idempotency-Key>/<position>`, its position being its index in `checked` (and in
-    // `results`; blank lines are not counted). A stored outcome for it is an answered
-    // record here, before admission spends a token or the record is queued.
+    // Under an Idempotency-Key a record's own key is `<Idempotency-Key>/<position>`, its
+    // position being its index in `checked` (and in `results`; blank lines are not
+    // counted). It is looked up after admission, as a `/records` request's is.
 
     // Decided together, in input order: `join_all` creates every future before polling
     // any, so with the local engine each decision is made as its future is created; with
@@ -152,19 +209,39 @@ async fn answer(
     .await;
 
     let mut admitted: Option<Admitted> = None;
-    let slots: Vec<Slot> = decisions
-        .into_iter()
-        .map(|decision| match decision {
-            Ok((record, decision)) => {
-                admitted = Some(decision);
-                match intake::submit(route, key, record, deadline) {
-                    Ok(ticket) => Slot::Queued(ticket),
-                    Err(error) => Slot::Done(Err(error)),
+    let slots: Vec<Slot> = match idempotency_key {
+        None => decisions
+            .into_iter()
+            .map(|decision| match decision {
+                Ok((record, decision)) => {
+                    admitted = Some(decision);
+                    match intake::submit(route, key, record, deadline) {
+                        Ok(ticket) => Slot::Queued(ticket),
+                        Err(error) => Slot::Done(Outcome::Record(Err(error))),
+                    }
                 }
-            }
-            Err(error) => Slot::Done(Err(error)),
-        })
-        .collect();
+                Err(error) => Slot::Done(Outcome::Record(Err(error))),
+            })
+            .collect(),
+        Some(idempotency_key) => {
+            let records: Vec<_> = decisions
+                .into_iter()
+                .map(|decision| {
+                    decision.map(|(record, decision)| {
+                        admitted = Some(decision);
+                        record
+                    })
+                })
+                .collect();
+            // Every line is started (replayed, joined, or submitted when it leads) before
+            // any is awaited; with the local store each start runs to its submit on its
+            // first poll, in input order.
+            join_all(records.into_iter().enumerate().map(|(position, record)| {
+                start_line(route, key, idempotency_key, position, record, deadline)
+            }))
+            .await
+        }
+    };
     // Each queued record holds its own copy (its envelope entry): the body is let go before
     // the wait, so a bulk in flight costs its records once, not twice.
     drop(lines);
@@ -175,7 +252,10 @@ async fn answer(
     // say, since they go out before the first line.
     let decided = slots.iter().fold(None, |longest, slot| match slot {
         Slot::Done(outcome) => longer(longest, outcome),
-        Slot::Queued(_) => longest,
+        Slot::Keyed(Started::Answered { answer, .. }) => {
+            longer_shed(longest, respond::snapshot_shed(answer))
+        }
+        Slot::Queued(_) | Slot::Keyed(Started::Waiting { .. }) => longest,
     });
     // Owned futures (the route by `Arc`): a streamed answer's body outlives this call.
     // Dropping one drops its ticket, which marks the record gone (a caller that hung up).
@@ -186,10 +266,13 @@ async fn answer(
                 Slot::Done(outcome) => outcome,
                 Slot::Queued(ticket) => {
                     let id = Arc::clone(&ticket.id);
-                    intake::outcome(&route, ticket, deadline)
-                        .await
-                        .map(|delivered| (id, delivered))
+                    Outcome::Record(
+                        intake::outcome(&route, ticket, deadline)
+                            .await
+                            .map(|delivered| (id, delivered)),
+                    )
                 }
+                Slot::Keyed(started) => Outcome::Keyed(started.finish(deadline).await),
             }
         }
     });
@@ -197,7 +280,7 @@ async fn answer(
         // An upstream shed found later is in its own line only.
         let counters = Arc::clone(counters);
         let lines = outcomes.collect::<FuturesOrdered<_>>().map(move |outcome| {
-            let (answer, body) = respond::record_answer(&outcome);
+            let (answer, body) = outcome.entry();
             counters.count_answer(answer);
             respond::bulk_line(answer, &body)
         });
@@ -210,7 +293,7 @@ async fn answer(
         let mut bodies = Vec::with_capacity(outcomes.len());
         let mut longest: Option<Shed> = None;
         for outcome in &outcomes {
-            let (answer, body) = respond::record_answer(outcome);
+            let (answer, body) = outcome.entry();
             longest = longer(longest, outcome);
             counters.count_answer(answer);
             answers.push(answer);
@@ -224,12 +307,47 @@ async fn answer(
     Ok(response)
 }
 
+/// Starts the record at `position` under its line's key `<idempotency_key>/<position>`
+/// (see the module docs); a line refused by its check or by admission is answered as it
+/// is and never reaches the store.
+// The submit closure returns intake's `RequestError`, held by value (see `intake`).
+#[allow(clippy::result_large_err)]
+async fn start_line(
+    route: &RecordRoute,
+    key: &Arc<str>,
+    idempotency_key: &str,
+    position: usize,
+    record: Result<&RawValue, RequestError>,
+    deadline: tokio::time::Instant,
+) -> Slot {
+    let record = match record {
+        Ok(record) => record,
+        Err(error) => return Slot::Done(Outcome::Record(Err(error))),
+    };
+    let line_key = format!("{idempotency_key}/{position}");
+    let started = idempotent::start(
+        route,
+        key,
+        &line_key,
+        BodyHash::of(record.get().as_bytes()),
+        || intake::submit(route, key, record, deadline),
+        idempotent::render_record,
+    )
+    .await;
+    match started {
+        Ok(started) => Slot::Keyed(started),
+        Err(refusal) => Slot::Done(Outcome::Keyed(Err(refusal))),
+    }
+}
+
 /// The shed with the longer wait: `longest` so far, or `outcome`'s.
-fn longer(
-    longest: Option<Shed>,
-    outcome: &Result<(Arc<str>, Delivered), RequestError>,
-) -> Option<Shed> {
-    match (longest, outcome.as_ref().err().and_then(RequestError::shed)) {
+fn longer(longest: Option<Shed>, outcome: &Outcome) -> Option<Shed> {
+    longer_shed(longest, outcome.shed())
+}
+
+/// The shed with the longer wait of `longest` so far and `shed`.
+fn longer_shed(longest: Option<Shed>, shed: Option<Shed>) -> Option<Shed> {
+    match (longest, shed) {
         (Some(longest), Some(shed)) if longest.wait >= shed.wait => Some(longest),
         (longest, None) => longest,
         (_, shed) => shed,

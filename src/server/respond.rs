@@ -13,7 +13,9 @@
 //!
 //! A record's body is the same whichever door it came through: [`record_answer`] gives the
 //! answer and JSON body of a record's outcome, which is the whole response of a `/records`
-//! request and one entry of a bulk answer.
+//! request and one entry of a bulk answer. A bulk line under an `Idempotency-Key` is
+//! stored as the response `/records` would give ([`snapshot`]); [`snapshot_answer`] and
+//! [`replayed_body`] turn that back into its entry.
 //!
 //! Responses are plain `http` types whose [`Body`] is, but for a streamed bulk answer, one
 //! [`Full`] buffer: each body is built once (a shed's on the stack, then copied once) and
@@ -764,8 +766,11 @@ impl StackText {
 /// `429` with the body and headers of the HTTP contract.
 fn shed_response(shed: Shed) -> Response {
     let mut response = json_response(Answer::Shed(shed.scope).status(), shed_body(&shed));
-    // The counters read the scope from here: the body is already serialized.
+    // The counters read the scope from here: the body is already serialized. The shed
+    // itself rides along for a bulk entry built from this response's idempotency snapshot
+    // (the bulk answer's `Retry-After` is that of the record that must wait longest).
     response.extensions_mut().insert(shed.scope);
+    response.extensions_mut().insert(shed);
     add_shed_headers(&mut response, shed);
     response
 }
@@ -1406,6 +1411,49 @@ pub fn from_snapshot(snapshot: &Snapshot, replayed: bool) -> Response {
             .insert(idempotency::REPLAYED, HeaderValue::from_static("true"));
     }
     response
+}
+
+/// The answer a snapshot's response stands for (its counter slot and a bulk entry's
+/// `http_status`): the status, and for a `429` the shed scope it carries. A snapshot read
+/// back from Redis has no extensions, but holds a stored outcome, never a shed.
+pub fn snapshot_answer(snapshot: &Snapshot) -> Answer {
+    if let Some(answer) = snapshot.extensions.get::<Answer>() {
+        return *answer;
+    }
+    let scope = snapshot.extensions.get::<ShedScope>().copied();
+    Answer::ALL
+        .into_iter()
+        .find(|answer| {
+            answer.status() == snapshot.status && (scope.is_none() || answer.scope() == scope)
+        })
+        // Every response the data plane writes has an [`Answer`]'s status.
+        .unwrap_or(Answer::BadGateway)
+}
+
+/// The shed a snapshot's response reports, when it is a `429` built on this replica.
+pub fn snapshot_shed(snapshot: &Snapshot) -> Option<Shed> {
+    snapshot.extensions.get::<Shed>().copied()
+}
+
+/// A bulk entry's body for a line answered with another request's outcome (a replay of
+/// its stored response, or a join of its record in flight): the record's body with
+/// `"replayed":true` as its first field — the entry's `Idempotent-Replayed: true`.
+pub fn replayed_body(body: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(body.len() + 16);
+    out.extend_from_slice(br#"{"replayed":true"#);
+    // A record body is a JSON object (see [`bulk_entry`]).
+    match body.strip_prefix(b"{") {
+        Some(rest) if rest.starts_with(b"}") => out.extend_from_slice(rest),
+        Some(rest) => {
+            out.push(b',');
+            out.extend_from_slice(rest);
+        }
+        None => {
+            debug_assert!(false, "a record body is a JSON object");
+            out.push(b'}');
+        }
+    }
+    out.into()
 }
 
 /// One of every request error (every record failure among them), with the status and
@@ -2214,5 +2262,51 @@ mod tests {
         assert_eq!(replay.status(), 202);
         assert_eq!(replay.headers()[idempotency::REPLAYED], "true");
         assert_eq!(body_of(replay).await["id"], "r1");
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_an_entry_with_the_answer_and_shed_it_stood_for() {
+        // Every request error, as its own response snapshot: the same answer comes back,
+        // a shed's scope and wait among it.
+        for (error, status, code) in every_request_error() {
+            let answer = error.answer();
+            let shed = error.shed();
+            let snap = snapshot(error.into_response()).await;
+            assert_eq!(snapshot_answer(&snap), answer, "{status} {code}");
+            assert_eq!(snapshot_shed(&snap), shed, "{status} {code}");
+        }
+        // Read back from Redis a snapshot has no extensions; what is stored is never a shed.
+        for answer in [
+            Answer::Success,
+            Answer::Accepted,
+            Answer::FunctionFailed,
+            Answer::BadGateway,
+            Answer::Timeout,
+        ] {
+            let stored = Snapshot {
+                status: answer.status(),
+                headers: http::HeaderMap::new(),
+                extensions: http::Extensions::new(),
+                body: Bytes::from_static(b"{}"),
+            };
+            assert_eq!(snapshot_answer(&stored), answer);
+            assert_eq!(snapshot_shed(&stored), None);
+        }
+    }
+
+    #[test]
+    fn a_replayed_entry_says_so_first_and_stays_one_object() {
+        assert_eq!(
+            &replayed_body(br#"{"id":"r1","status":"success"}"#)[..],
+            br#"{"replayed":true,"id":"r1","status":"success"}"#
+        );
+        assert_eq!(&replayed_body(b"{}")[..], br#"{"replayed":true}"#);
+        let mut entry = Vec::new();
+        bulk_entry(
+            &mut entry,
+            Answer::Success,
+            &replayed_body(br#"{"id":"r1"}"#),
+        );
+        assert_eq!(entry, br#"{"http_status":200,"replayed":true,"id":"r1"}"#);
     }
 }

@@ -1232,6 +1232,21 @@ pub fn lambda_error(error: RequestError) -> Response {
                  function is idempotent"
             ),
         ),
+        // Kept in the dead-letter sink for redrive: an SDK must not resend it on its own
+        // (`ServiceException` would be retried, and the redrive would run it a second time).
+        (
+            RequestError::Record {
+                error: RecordError::DeadLettered { id, .. },
+                ..
+            },
+            _,
+        ) => unhandled(
+            "Sluicegate.DeadLettered",
+            format!(
+                "{message}. The payload was kept as dead letter {id} and runs when it is \
+                 redriven; resending it would run it twice"
+            ),
+        ),
         (
             RequestError::Record {
                 error:
@@ -1366,12 +1381,17 @@ pub fn lambda_dry_run() -> Response {
 }
 
 /// Whether a record's outcome is kept for replay under its `Idempotency-Key`: every
-/// outcome the record may have caused (`200`, `202`, `422`, `502`, `504 outcome_unknown`),
-/// and none of those that say it was not processed (sheds, `503`s, a deadline that passed
-/// before any attempt, a record too large to send), so their retry is a real retry.
+/// outcome the record may have caused (`200`, `202`, `422`, `502`, `504 outcome_unknown`)
+/// or will cause (a `503` whose record the dead-letter sink confirmed: a redrive runs it),
+/// and none of those that say it was not processed (sheds, other `503`s, a deadline that
+/// passed before any attempt, a record too large to send), so their retry is a real retry.
 pub fn keep_for_replay(outcome: &Result<Delivered, RequestError>) -> bool {
     match outcome {
         Ok(_) => true,
+        Err(RequestError::Record {
+            error: RecordError::DeadLettered { .. },
+            ..
+        }) => true,
         Err(error) => {
             let (answer, code) = error.classify();
             matches!(
@@ -1882,6 +1902,13 @@ mod tests {
                     ..
                 }
             );
+            let dead_lettered = matches!(
+                error,
+                RequestError::Record {
+                    error: RecordError::DeadLettered { .. },
+                    ..
+                }
+            );
             let response = lambda_error(error);
             // Counted as the `/records` answer it stands for.
             assert_eq!(
@@ -1901,6 +1928,7 @@ mod tests {
                 "outcome_unknown" | "timeout" | "function_error" => (200, None),
                 "bad_gateway" if rejected => (500, Some("ServiceException")),
                 "bad_gateway" => (200, None),
+                "unavailable" if dead_lettered => (200, None),
                 "unavailable" => (500, Some("ServiceException")),
                 "payload_too_large" => (413, Some("RequestTooLargeException")),
                 "bad_request" => (400, Some("InvalidRequestContentException")),
@@ -1920,6 +1948,7 @@ mod tests {
             if status == 200 {
                 assert_eq!(function_error.expect("a function error"), "Unhandled");
                 let error_type = match code {
+                    "unavailable" => "Sluicegate.DeadLettered",
                     "outcome_unknown" => "Sluicegate.OutcomeUnknown",
                     "timeout" => "Sluicegate.DeadlineExceeded",
                     "function_error" => "Runtime.ExitError",
@@ -2250,10 +2279,23 @@ mod tests {
             .collect();
         for (status, code) in &kept {
             assert!(
-                matches!(status, 502 | 422 | 200 | 202) || *code == "outcome_unknown",
+                matches!(status, 502 | 422 | 200 | 202)
+                    || *code == "outcome_unknown"
+                    || (*status, *code) == (503, "unavailable"),
                 "{status} {code} kept"
             );
         }
+        // A confirmed dead letter is kept (a redrive runs it); an unconfirmed one is not.
+        assert!(kept.contains(&(503, "unavailable")));
+        assert!(every_request_error()
+            .into_iter()
+            .any(|(error, _, _)| matches!(
+                &error,
+                RequestError::Record {
+                    error: RecordError::NotDeadLettered { .. },
+                    ..
+                }
+            ) && !keep_for_replay(&Err(error))));
         assert!(kept.contains(&(504, "outcome_unknown")));
         assert!(kept.contains(&(502, "function_error")));
         assert!(keep_for_replay(&Ok(Delivered::Accepted)));

@@ -25,6 +25,8 @@
 //! | `sluicegate_limit_backend_errors_total` | counter | |
 //! | `sluicegate_limit_backend_up` | gauge | |
 //! | `sluicegate_limit_backend_fallbacks_total` | counter | `policy` |
+//! | `sluicegate_limit_backend_replicas` | gauge | |
+//! | `sluicegate_limit_backend_uncharged_total` | counter | |
 
 use std::sync::OnceLock;
 
@@ -141,5 +143,13 @@ fn describe() {
     describe_counter!(
         "sluicegate_limit_backend_fallbacks_total",
         "Decisions made by the on_backend_error policy while Redis was down."
+    );
+    describe_gauge!(
+        "sluicegate_limit_backend_replicas",
+        "Live replicas counted through Redis heartbeats (N: the local fallback gives each rate/N, burst/N)."
+    );
+    describe_counter!(
+        "sluicegate_limit_backend_uncharged_total",
+        "Fallback tokens not charged to Redis because too many buckets were waiting for charges."
     );
 }

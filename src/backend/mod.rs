@@ -39,7 +39,7 @@
 //!
 //! # Concurrency
 //!
-//! Every replica talks to Redis through one connection ([`conn`]): with `redis_url` a
+//! Every replica talks to Redis through one connection (`conn.rs`): with `redis_url` a
 //! `ConnectionManager`, a single multiplexed connection that concurrent requests share, so
 //! their script calls are written back to back and their replies matched in order —
 //! pipelined, not one round trip after another; with `redis_cluster` the cluster client, one
@@ -59,7 +59,7 @@
 //! Every call has a deadline (`limits.redis_timeout`, 50 ms by default). A call that fails or
 //! misses it is decided by the `on_backend_error` policy ([`Fallback`]) and counts in
 //! `sluicegate_limit_backend_errors_total`, but does not by itself take the backend down:
-//! [`health`] declares it **down** only after `limits.redis_down_after` consecutive failures
+//! `health.rs` declares it **down** only after `limits.redis_down_after` consecutive failures
 //! (3) or an error ratio of one half over a second, and **up** again only after
 //! `limits.redis_up_after` consecutive good probes (3, answered within the deadline), so a
 //! Redis that is slow now and then does not flap the backend. Each transition moves the

@@ -31,8 +31,8 @@
 //! pipelined on their masters' connections), then — only when both admitted — the key
 //! layer's call. First refusal wins as on one node: a route refusal leaves the global token
 //! taken (as API Gateway does); a global refusal gives back the route token taken
-//! concurrently (`charge.lua` with −1), so the route bucket never counts a request that the
-//! layer above it refused. That costs two round trips instead of one, and keeps the key
+//! concurrently (`charge.lua` with −1, before the refusal is answered), so the route bucket
+//! never counts a request that the layer above it refused. That costs two round trips instead of one, and keeps the key
 //! layer's call (and anything it counts) after every bucket above it admitted.
 
 use std::collections::HashMap;
@@ -363,9 +363,10 @@ async fn per_slot(
                 if let Ok(r) = r {
                     if r.decision.is_allowed() {
                         // The route gave a token for a request the global layer refused.
-                        let backend = backend.clone();
-                        let (key, gcra) = (route.key.to_owned(), route.gcra);
-                        tokio::spawn(async move { backend.charge(&key, gcra, -1).await });
+                        // Given back before answering (one more round trip, on the refused
+                        // path only), so a flood of refusals spawns nothing; if it fails the
+                        // token stays spent: conservative.
+                        let _ = backend.charge(route.key, route.gcra, -1).await;
                     }
                 }
                 return Ok(Verdict { bucket: 0, ..g });

@@ -24,9 +24,9 @@
 //! | `sluicegate_tracked_keys` | gauge | |
 //! | `sluicegate_limit_backend_errors_total` | counter | |
 //! | `sluicegate_limit_backend_up` | gauge | |
-//! | `sluicegate_limit_backend_fallbacks_total` | counter | `policy` |
 //! | `sluicegate_limit_backend_replicas` | gauge | |
 //! | `sluicegate_limit_backend_uncharged_total` | counter | |
+//! | `sluicegate_limit_backend_fallbacks_total` | counter | `policy` |
 
 use std::sync::OnceLock;
 
@@ -140,10 +140,6 @@ fn describe() {
         "sluicegate_limit_backend_up",
         "1 while the shared (Redis) limit backend answers, 0 while the fallback policy applies."
     );
-    describe_counter!(
-        "sluicegate_limit_backend_fallbacks_total",
-        "Decisions made by the on_backend_error policy while Redis was down."
-    );
     describe_gauge!(
         "sluicegate_limit_backend_replicas",
         "Live replicas counted through Redis heartbeats (N: the local fallback gives each rate/N, burst/N)."
@@ -151,5 +147,9 @@ fn describe() {
     describe_counter!(
         "sluicegate_limit_backend_uncharged_total",
         "Fallback tokens not charged to Redis because too many buckets were waiting for charges."
+    );
+    describe_counter!(
+        "sluicegate_limit_backend_fallbacks_total",
+        "Decisions made by the on_backend_error policy while Redis was down."
     );
 }

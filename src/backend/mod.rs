@@ -509,12 +509,12 @@ impl RedisBackend {
             call.invoke_async::<(i64, i64, i64, i64)>(&mut conn),
         )
         .await;
+        if matches!(reply, Ok(Ok(_))) {
+            self.succeeded();
+        }
         match reply {
             Ok(Ok(reply)) => match verdict(reply, buckets.len()) {
-                Some(verdict) => {
-                    self.succeeded();
-                    Ok(verdict)
-                }
+                Some(verdict) => Ok(verdict),
                 None => {
                     self.failed(format_args!("unexpected script reply {reply:?}"));
                     Err(Unavailable)

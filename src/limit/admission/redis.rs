@@ -44,11 +44,8 @@ use std::time::Duration;
 
 use governor::clock::Clock;
 
-use super::{refuse, Admission, Admitted, Rejected};
-use crate::backend::{
-    BucketRef, Fallback, Gcra, LayerKind, RedisBackend, Unavailable, Verdict, DENY_WAIT,
-    PROBE_EVERY,
-};
+use super::{Admission, Admitted, Rejected};
+use crate::backend::{BucketRef, Fallback, Gcra, LayerKind, RedisBackend, DENY_WAIT};
 use crate::limit::{Decision, Quota, Scope};
 
 /// Shared buckets with uncharged fallback tokens that one replica remembers; tokens for
@@ -161,7 +158,7 @@ async fn charge_when_up(backend: RedisBackend, ledger: Arc<Mutex<Ledger>>) {
             calls.spawn(async move {
                 match backend.charge(&key, gcra, tokens).await {
                     Ok(()) => None,
-                    Err(Unavailable) => Some((key, gcra, tokens)),
+                    Err(crate::backend::Unavailable) => Some((key, gcra, tokens)),
                 }
             });
         }
@@ -181,7 +178,7 @@ async fn charge_when_up(backend: RedisBackend, ledger: Arc<Mutex<Ledger>>) {
                 return;
             }
         }
-        tokio::time::sleep(PROBE_EVERY).await;
+        tokio::time::sleep(crate::backend::PROBE_EVERY).await;
     }
 }
 
@@ -340,7 +337,8 @@ async fn per_slot(
     backend: &RedisBackend,
     buckets: &[BucketRef<'_>],
     now: Option<Duration>,
-) -> Result<Verdict, Unavailable> {
+) -> Result<crate::backend::Verdict, crate::backend::Unavailable> {
+    use crate::backend::Verdict;
     let (upper, key) = buckets.split_at(buckets.len() - 1);
     match upper {
         [] => {}
@@ -430,7 +428,7 @@ impl<C: Clock> Admission<C> {
         let mut charges = Vec::with_capacity(3);
         let decision = (|| {
             if let (Some(bucket), Some(layer)) = (&self.global, &shared.global) {
-                refuse(Scope::Global, bucket.quota(), bucket.check_n(cost))?;
+                super::refuse(Scope::Global, bucket.quota(), bucket.check_n(cost))?;
                 charges.push((layer.key.clone(), layer.gcra));
             }
             if let Some((Some(bucket), Some(layer))) = self
@@ -439,7 +437,7 @@ impl<C: Clock> Admission<C> {
                 .zip(shared.routes.get(route))
                 .map(|(r, s)| (r.bucket.as_ref(), s.as_ref()))
             {
-                refuse(Scope::Route, bucket.quota(), bucket.check_n(cost))?;
+                super::refuse(Scope::Route, bucket.quota(), bucket.check_n(cost))?;
                 charges.push((layer.key.clone(), layer.gcra));
             }
             let (local, layer) = match self.plan_of.get(key) {

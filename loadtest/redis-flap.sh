@@ -23,6 +23,6 @@ command -v redis-server >/dev/null || {
 out="loadtest/results/redis-flap-$(date +%Y%m%dT%H%M%S).txt"
 mkdir -p loadtest/results
 cargo test --test redis_flap -- --nocapture --test-threads=1 2>&1 | tee "$out.log" |
-    grep -E '^redis-flap |^test result' | tee "$out"
+    grep -oE 'redis-flap (steady|flapping|killed).*|^test result.*' | tee "$out"
 rm -f "$out.log"
 grep -q '^test result: ok' "$out"

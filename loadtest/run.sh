@@ -52,6 +52,8 @@ while [ $# -gt 0 ]; do
     -h | --help) usage; exit 0 ;;
     all) SCENARIOS+=("${ALL_SCENARIOS[@]}"); shift ;;
     shed | passthrough | seed000 | manykeys | batching | admitted | noisy | bulk | retry-storm) SCENARIOS+=("$1"); shift ;;
+    # Correctness under a slow/killed Redis, not speed: its own script (debug build).
+    redis-flap) exec "$(dirname "$0")/redis-flap.sh" ;;
     *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
 done

@@ -26,6 +26,8 @@
 //! | `sluicegate_tracked_keys` | gauge | |
 //! | `sluicegate_limit_backend_errors_total` | counter | |
 //! | `sluicegate_limit_backend_up` | gauge | |
+//! | `sluicegate_limit_backend_replicas` | gauge | |
+//! | `sluicegate_limit_backend_uncharged_total` | counter | |
 //! | `sluicegate_limit_backend_fallbacks_total` | counter | `policy` |
 //! | `sluicegate_queue_displaced_total` | counter | `route` |
 //! | `sluicegate_quota_exhausted_total` | counter | `plan` (`default` for keys without one) |
@@ -155,6 +157,14 @@ fn describe() {
     describe_gauge!(
         "sluicegate_limit_backend_up",
         "1 while the shared (Redis) limit backend answers, 0 while the fallback policy applies."
+    );
+    describe_gauge!(
+        "sluicegate_limit_backend_replicas",
+        "Live replicas counted through Redis heartbeats (N: the local fallback gives each rate/N, burst/N)."
+    );
+    describe_counter!(
+        "sluicegate_limit_backend_uncharged_total",
+        "Fallback tokens not charged to Redis because too many buckets were waiting for charges."
     );
     describe_counter!(
         "sluicegate_limit_backend_fallbacks_total",

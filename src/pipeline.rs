@@ -47,6 +47,10 @@ pub fn redis_options(limits: &LimitsConfig) -> Option<RedisOptions> {
             BackendErrorPolicy::Allow => Fallback::Allow,
             BackendErrorPolicy::Deny => Fallback::Deny,
         },
+        cluster: limits.redis_cluster.clone(),
+        expected_replicas: limits.expected_replicas,
+        down_after: limits.redis_down_after,
+        up_after: limits.redis_up_after,
         ..RedisOptions::new(limits.redis_url.clone())
     })
 }
@@ -70,7 +74,14 @@ pub async fn limit_backend(
     RedisBackend::connect(options).await.map(Some).map_err(|e| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            format!("limits.redis_url: {e}"),
+            format!(
+                "{}: {e}",
+                if limits.redis_cluster.is_empty() {
+                    "limits.redis_url"
+                } else {
+                    "limits.redis_cluster"
+                }
+            ),
         )
     })
 }

@@ -45,35 +45,61 @@
 //!
 //! # Concurrency
 //!
-//! Every replica talks to Redis through one [`ConnectionManager`]: a single multiplexed
-//! connection that concurrent requests share, so their script calls are written back to back
-//! and their replies matched in order — pipelined, not one round trip after another. Redis
-//! runs each script atomically, so two replicas can never both take a bucket's last token.
-//! The connection manager reconnects by itself after the connection drops.
+//! Every replica talks to Redis through one connection (`conn.rs`): with `redis_url` a
+//! `ConnectionManager`, a single multiplexed connection that concurrent requests share, so
+//! their script calls are written back to back and their replies matched in order —
+//! pipelined, not one round trip after another; with `redis_cluster` the cluster client, one
+//! multiplexed connection per master, following `MOVED`/`ASK` and failovers. Redis runs each
+//! script atomically, so two replicas can never both take a bucket's last token. Both
+//! reconnect by themselves after a connection drops.
+//!
+//! # Redis Cluster
+//!
+//! A script call may only touch keys of one slot, so on a cluster admission makes one call
+//! per layer (the layers' keys hash to different slots: no single hot slot for the global
+//! layer). See `limit::admission` for how the layers' calls are ordered and what a refusal
+//! gives back.
 //!
 //! # When Redis fails
 //!
 //! Every call has a deadline (`limits.redis_timeout`, 50 ms by default). A call that fails or
-//! misses it marks the backend **down**: the `sluicegate_limit_backend_up` gauge drops to 0
-//! and one warning is logged (one per transition, never per request); every failed call
-//! counts in `sluicegate_limit_backend_errors_total`. While down, no request talks to Redis
-//! at all — each one is decided at once by the `on_backend_error` policy ([`Fallback`]), so
-//! none waits on a dead Redis, even for the deadline. A background probe runs the script
-//! (with no buckets) every 250 ms; its first success marks the backend up again (gauge 1,
-//! one log line) and requests go back to the shared buckets. A restarted Redis is empty: its
+//! misses it is decided by the `on_backend_error` policy ([`Fallback`]) and counts in
+//! `sluicegate_limit_backend_errors_total`, but does not by itself take the backend down:
+//! `health.rs` declares it **down** only after `limits.redis_down_after` consecutive failures
+//! (3) or an error ratio of one half over a second, and **up** again only after
+//! `limits.redis_up_after` consecutive good probes (3, answered within the deadline), so a
+//! Redis that is slow now and then does not flap the backend. Each transition moves the
+//! `sluicegate_limit_backend_up` gauge and logs one line. While down, no request talks to
+//! Redis at all — each one is decided at once by the policy, so none waits on a dead Redis.
+//! A background task probes every 250 ms while down. A restarted Redis is empty: its
 //! buckets start full, and the script is loaded again on first use (`EVALSHA` falls back to
 //! `SCRIPT LOAD`).
 //!
+//! # The fleet's share while down
+//!
+//! While up, each replica heartbeats every second (`replicas.lua`: a sorted set
+//! `<prefix>:replicas` of replica ids scored by expiry, O(log n)); the count it reads back is
+//! the number of live replicas N ([`fleet_share`](RedisBackend::fleet_share), at least
+//! `limits.expected_replicas`). The local fallback then gives each replica `rate / N` and
+//! `burst / N` of every layer, and the tokens it admits are charged to the shared buckets
+//! when Redis answers again (`charge.lua`), so the fleet stays near the configured limits
+//! instead of N× them (see `limit::admission` for the bound).
+//!
 //! [`Admission::reconfigured`]: crate::limit::Admission::reconfigured
 
+mod conn;
+mod health;
+
 use std::fmt::Display;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::Script;
+use tokio::sync::watch;
 
+use self::conn::Conn;
+use self::health::{Health, Transition};
 use crate::quota::{Decision, Quota, CLOSED_WAIT};
 use crate::usage::{UsageQuota, Window};
 
@@ -102,6 +128,22 @@ impl LayerKind {
 /// The script, loaded once per connection and then run by its SHA1 (`EVALSHA`).
 const GCRA_LUA: &str = include_str!("gcra.lua");
 
+/// Charges a bucket for tokens taken elsewhere (or gives some back).
+const CHARGE_LUA: &str = include_str!("charge.lua");
+
+/// A replica's heartbeat; answers the number of live replicas.
+const REPLICAS_LUA: &str = include_str!("replicas.lua");
+
+/// How often a replica heartbeats while the backend is up; a heartbeat lives three times
+/// this long, so one late heartbeat does not drop a replica from the count.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// Default of `limits.redis_down_after`: consecutive failed calls that take the backend down.
+pub const DEFAULT_DOWN_AFTER: u32 = 3;
+
+/// Default of `limits.redis_up_after`: consecutive good probes that bring it back up.
+pub const DEFAULT_UP_AFTER: u32 = 3;
+
 /// The key prefix unless [`RedisOptions::prefix`] says otherwise; `v1` names the state
 /// encoding, so a future change of it cannot misread old keys.
 pub const DEFAULT_PREFIX: &str = "sluicegate:v1";
@@ -112,11 +154,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
 /// How often a down backend is probed.
 pub const PROBE_EVERY: Duration = Duration::from_millis(250);
 
-/// The deadline of one probe (off the request path, so longer than a call's).
+/// The deadline of the start-up probe (off the request path, so longer than a call's).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// The deadline of one connection attempt.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The wait reported for requests refused by [`Fallback::Deny`]: about when the next probes
 /// will have told whether Redis is back.
@@ -129,10 +168,10 @@ const LOGICAL_MIN_TTL_MS: u64 = 600_000;
 /// What to do while Redis cannot be reached (`limits.on_backend_error`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fallback {
-    /// Decide with this replica's local buckets, which apply the **configured** limits: each
-    /// replica admits up to the full limits on its own, so N replicas falling back together
-    /// may admit up to N× the shared limits until Redis returns. The local buckets were idle
-    /// while Redis answered, so they start full.
+    /// Decide with this replica's local buckets at its share of the configured limits
+    /// (`rate / N`, `burst / N`, N the live replicas seen through Redis, at least
+    /// `limits.expected_replicas`); what they admit is charged to the shared buckets when
+    /// Redis answers again.
     Local,
     /// Admit every request (invoke tokens are granted) until Redis returns.
     Allow,
@@ -163,16 +202,39 @@ pub struct RedisOptions {
     pub fallback: Fallback,
     /// Prefix of every key (default [`DEFAULT_PREFIX`]).
     pub prefix: String,
+    /// The masters of a Redis Cluster (`limits.redis_cluster`); when not empty, `url` is
+    /// not used.
+    pub cluster: Vec<String>,
+    /// `limits.expected_replicas`: the fewest replicas the fallback's share assumes.
+    pub expected_replicas: Option<u32>,
+    /// Consecutive failed calls that take the backend down (at least 1).
+    pub down_after: u32,
+    /// Consecutive good probes that bring it back up (at least 1).
+    pub up_after: u32,
 }
 
 impl RedisOptions {
-    /// Options for `url` with the defaults: 50 ms deadline, local fallback, default prefix.
+    /// Options for `url` with the defaults: 50 ms deadline, local fallback, default prefix,
+    /// the default hysteresis, no replica floor.
     pub fn new(url: impl Into<String>) -> Self {
         RedisOptions {
             url: url.into(),
             timeout: DEFAULT_TIMEOUT,
             fallback: Fallback::Local,
             prefix: DEFAULT_PREFIX.to_owned(),
+            cluster: Vec::new(),
+            expected_replicas: None,
+            down_after: DEFAULT_DOWN_AFTER,
+            up_after: DEFAULT_UP_AFTER,
+        }
+    }
+
+    /// Options for the Redis Cluster whose masters include `nodes`, with the defaults.
+    pub fn cluster(nodes: Vec<String>) -> Self {
+        let url = nodes.first().cloned().unwrap_or_default();
+        RedisOptions {
+            cluster: nodes,
+            ..RedisOptions::new(url)
         }
     }
 }
@@ -240,15 +302,25 @@ pub struct RedisBackend {
 }
 
 struct Inner {
-    conn: ConnectionManager,
+    conn: Conn,
     script: Script,
+    charge: Script,
+    replicas_script: Script,
     options: RedisOptions,
     /// `host:port/db` without credentials, for logs.
     addr: String,
-    /// Whether requests use Redis. Only transitions are acted on (logged, gauged), and
-    /// `swap` makes each one happen exactly once however many requests race to it. The flag
-    /// guards no other memory, so `Relaxed` suffices.
+    /// Whether requests use Redis: [`Health::is_up`], copied so the request path reads an
+    /// atomic and locks nothing. Written only under the `health` lock. The flag guards no
+    /// other memory, so `Relaxed` suffices.
     up: AtomicBool,
+    /// The hysteresis. A `std` mutex: held for a few comparisons, never across an await.
+    health: Mutex<Health>,
+    /// Sends every up/down transition, for tasks that wait for Redis to return.
+    up_tx: watch::Sender<bool>,
+    /// Live replicas counted by the last heartbeat (0 before the first).
+    replicas: AtomicU32,
+    /// This replica's id in the heartbeat set.
+    id: String,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -268,32 +340,46 @@ impl RedisBackend {
     /// backend starts down — the fallback policy applies, and a warning says so — and comes up
     /// by itself when Redis answers. Must run inside a Tokio runtime (it spawns the probe).
     pub async fn connect(options: RedisOptions) -> Result<RedisBackend, ::redis::RedisError> {
-        let client = ::redis::Client::open(options.url.as_str())?;
-        // Reconnection runs in the background (requests never wait for it: the backend is
-        // down meanwhile). Short, capped backoff, so a restarted Redis is found within about
-        // a second; our own deadline on every call replaces the response timeout.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(None)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500))
-            .set_number_of_retries(4);
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let conn = if options.cluster.is_empty() {
+            Conn::single(&options.url)?
+        } else {
+            Conn::cluster(&options.cluster)?
+        };
+        let addr = if options.cluster.is_empty() {
+            crate::redact::url(&options.url)
+        } else {
+            let nodes: Vec<String> = options
+                .cluster
+                .iter()
+                .map(|n| crate::redact::url(n))
+                .collect();
+            format!("cluster {}", nodes.join(","))
+        };
         let backend = RedisBackend {
             inner: Arc::new(Inner {
                 conn,
                 script: Script::new(GCRA_LUA),
-                addr: crate::redact::url(&options.url),
+                charge: Script::new(CHARGE_LUA),
+                replicas_script: Script::new(REPLICAS_LUA),
+                addr,
+                health: Mutex::new(Health::new(options.down_after, options.up_after)),
                 options,
                 up: AtomicBool::new(false),
+                up_tx: watch::Sender::new(false),
+                replicas: AtomicU32::new(0),
+                id: uuid::Uuid::new_v4().to_string(),
             }),
         };
         metrics::gauge!("sluicegate_limit_backend_up").set(0.0);
-        match backend.probe().await {
-            Ok(()) => tracing::info!(
-                redis = %backend.inner.addr,
-                "admission and invoke-rate limits are shared through Redis"
-            ),
+        match backend.probe(PROBE_TIMEOUT).await {
+            Ok(()) => {
+                backend.transition(|health| health.force_up(), "");
+                backend.heartbeat().await;
+                tracing::info!(
+                    redis = %backend.inner.addr,
+                    "admission and invoke-rate limits are shared through Redis"
+                )
+            }
             Err(error) => tracing::warn!(
                 redis = %backend.inner.addr,
                 %error,
@@ -301,8 +387,29 @@ impl RedisBackend {
                 "Redis is unreachable at start-up: applying on_backend_error until it answers"
             ),
         }
-        tokio::spawn(probe_while_down(Arc::downgrade(&backend.inner)));
+        tokio::spawn(watch_health(Arc::downgrade(&backend.inner)));
         Ok(backend)
+    }
+
+    /// Whether this backend talks to a Redis Cluster (`limits.redis_cluster`).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.inner.conn, Conn::Cluster(_))
+    }
+
+    /// N, the share of the configured limits one replica's local fallback gets (`1 / N`):
+    /// the live replicas counted through Redis while it was up (this one included), at least
+    /// `limits.expected_replicas`, at least 1.
+    pub fn fleet_share(&self) -> u32 {
+        let seen = self.inner.replicas.load(Ordering::Relaxed);
+        seen.max(self.inner.options.expected_replicas.unwrap_or(1))
+            .max(1)
+    }
+
+    /// Resolves once the backend is up (at once if it is).
+    pub(crate) async fn until_up(&self) {
+        let mut rx = self.inner.up_tx.subscribe();
+        // The sender lives in `inner`, which `self` holds: it cannot close meanwhile.
+        let _ = rx.wait_for(|up| *up).await;
     }
 
     /// Whether requests currently use Redis (false while the fallback policy applies).
@@ -402,6 +509,45 @@ impl RedisBackend {
         format!("{}:i:{function}", self.inner.options.prefix)
     }
 
+    /// Charges the bucket `key` for `tokens` taken elsewhere (the local fallback), or gives
+    /// `-tokens` back: one round trip. A charge empties the bucket at most (what is beyond
+    /// is forgiven: a bucket holds no debt), a give-back fills it at most.
+    pub(crate) async fn charge(
+        &self,
+        key: &str,
+        gcra: Gcra,
+        tokens: i64,
+    ) -> Result<(), Unavailable> {
+        if !self.is_up() {
+            return Err(Unavailable);
+        }
+        if gcra.period == 0 || tokens == 0 {
+            return Ok(());
+        }
+        let mut call = self.inner.charge.prepare_invoke();
+        call.key(key).arg(tokens).arg(gcra.period).arg(gcra.tau);
+        let mut conn = self.inner.conn.clone();
+        let reply = tokio::time::timeout(
+            self.inner.options.timeout,
+            call.invoke_async::<i64>(&mut conn),
+        )
+        .await;
+        match reply {
+            Ok(Ok(_remaining)) => {
+                self.succeeded();
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.failed_with(&e);
+                Err(Unavailable)
+            }
+            Err(_elapsed) => {
+                self.failed(self.missed_deadline());
+                Err(Unavailable)
+            }
+        }
+    }
+
     /// Takes a token from the single bucket `key` with `quota`: one round trip.
     ///
     /// The decision is the local engine's for the same bucket (`remaining`, `reset` and
@@ -465,6 +611,9 @@ impl RedisBackend {
             call.invoke_async::<Vec<i64>>(&mut conn),
         )
         .await;
+        if matches!(reply, Ok(Ok(_))) {
+            self.succeeded();
+        }
         match reply {
             Ok(Ok(reply)) => match verdict(&reply, buckets.len(), counter.is_some()) {
                 Some(verdict) => Ok(verdict),
@@ -474,36 +623,35 @@ impl RedisBackend {
                 }
             },
             Ok(Err(e)) => {
-                self.failed(e);
+                self.failed_with(&e);
                 Err(Unavailable)
             }
             Err(_elapsed) => {
-                self.failed(format_args!(
-                    "no answer within limits.redis_timeout ({:?})",
-                    self.inner.options.timeout
-                ));
+                self.failed(self.missed_deadline());
                 Err(Unavailable)
             }
         }
     }
 
-    /// Runs the script with no bucket: Redis answers, and the script is loaded. Marks the
-    /// backend up on success; says why not otherwise.
-    async fn probe(&self) -> Result<(), String> {
+    fn missed_deadline(&self) -> String {
+        format!(
+            "no answer within limits.redis_timeout ({:?})",
+            self.inner.options.timeout
+        )
+    }
+
+    /// Runs the script with no bucket within `timeout`: Redis answers, and the script is
+    /// loaded. Says why not otherwise. Changes no state: the caller feeds the outcome to the
+    /// hysteresis.
+    async fn probe(&self, timeout: Duration) -> Result<(), String> {
         let mut call = self.inner.script.prepare_invoke();
         call.arg("").arg(0u64);
         let mut conn = self.inner.conn.clone();
-        let timeout = PROBE_TIMEOUT.max(self.inner.options.timeout);
         let failure =
             match tokio::time::timeout(timeout, call.invoke_async::<::redis::Value>(&mut conn))
                 .await
             {
-                Ok(Ok(_)) => {
-                    if !self.inner.up.swap(true, Ordering::Relaxed) {
-                        metrics::gauge!("sluicegate_limit_backend_up").set(1.0);
-                    }
-                    return Ok(());
-                }
+                Ok(Ok(_)) => return Ok(()),
                 Ok(Err(e)) => e.to_string(),
                 Err(_elapsed) => format!("no answer within {timeout:?}"),
             };
@@ -512,37 +660,120 @@ impl RedisBackend {
         Err(failure)
     }
 
-    /// A call failed: count it, and on the up → down transition log it once.
+    /// Heartbeats this replica and reads the number of live replicas (while up). A failed
+    /// heartbeat keeps the last count; it does not count against the backend's health (the
+    /// heartbeat set's slot may be the only one failing on a cluster).
+    async fn heartbeat(&self) {
+        let mut call = self.inner.replicas_script.prepare_invoke();
+        let ttl = 3 * HEARTBEAT_EVERY.as_millis() as u64;
+        call.key(format!("{}:replicas", self.inner.options.prefix))
+            .arg(&self.inner.id)
+            .arg(ttl);
+        let mut conn = self.inner.conn.clone();
+        let timeout = PROBE_TIMEOUT.max(self.inner.options.timeout);
+        match tokio::time::timeout(timeout, call.invoke_async::<u32>(&mut conn)).await {
+            Ok(Ok(live)) => {
+                let before = self.inner.replicas.swap(live, Ordering::Relaxed);
+                metrics::gauge!("sluicegate_limit_backend_replicas").set(f64::from(live));
+                if before != live {
+                    tracing::debug!(redis = %self.inner.addr, live, "live replicas");
+                }
+            }
+            Ok(Err(error)) => tracing::debug!(%error, "Redis heartbeat failed"),
+            Err(_elapsed) => tracing::debug!("Redis heartbeat missed its deadline"),
+        }
+    }
+
+    /// Feeds an outcome to the hysteresis and acts on the transition it makes, once: the
+    /// flag, the gauge, the watchers and one log line (`error`: why, when going down).
+    fn transition(&self, step: impl FnOnce(&mut Health) -> Transition, error: &str) {
+        let transition = {
+            let mut health = self
+                .inner
+                .health
+                .lock()
+                .expect("health lock never poisoned");
+            let transition = step(&mut health);
+            self.inner.up.store(health.is_up(), Ordering::Relaxed);
+            transition
+        };
+        match transition {
+            Transition::Stay => {}
+            Transition::Down => {
+                metrics::gauge!("sluicegate_limit_backend_up").set(0.0);
+                self.inner.up_tx.send_replace(false);
+                tracing::warn!(
+                    redis = %self.inner.addr,
+                    error,
+                    on_backend_error = self.fallback().as_str(),
+                    fleet_share = self.fleet_share(),
+                    "Redis backend down: shared limits unavailable, applying on_backend_error"
+                );
+            }
+            Transition::Up => {
+                metrics::gauge!("sluicegate_limit_backend_up").set(1.0);
+                self.inner.up_tx.send_replace(true);
+            }
+        }
+    }
+
+    /// A call answered in time.
+    fn succeeded(&self) {
+        self.transition(|h| h.call(true, tokio::time::Instant::now()), "");
+    }
+
+    /// A call failed with `error`: a lost connection takes the backend down at once, any
+    /// other error counts as [`failed`](Self::failed).
+    fn failed_with(&self, error: &::redis::RedisError) {
+        if error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal() {
+            metrics::counter!("sluicegate_limit_backend_errors_total").increment(1);
+            self.transition(Health::lost, &error.to_string());
+        } else {
+            self.failed(error);
+        }
+    }
+
+    /// A call failed: count it, and feed it to the hysteresis (which may take the backend
+    /// down, logged once).
     fn failed(&self, error: impl Display) {
         metrics::counter!("sluicegate_limit_backend_errors_total").increment(1);
-        if self.inner.up.swap(false, Ordering::Relaxed) {
-            metrics::gauge!("sluicegate_limit_backend_up").set(0.0);
-            tracing::warn!(
-                redis = %self.inner.addr,
-                error = %error,
-                on_backend_error = self.fallback().as_str(),
-                "Redis backend down: shared limits unavailable, applying on_backend_error"
-            );
-        }
+        let error = error.to_string();
+        self.transition(|h| h.call(false, tokio::time::Instant::now()), &error);
     }
 }
 
-/// Probes every [`PROBE_EVERY`] while the backend is down; ends when the backend is dropped.
-/// Holds only a weak reference between probes, so it never keeps a backend alive.
-async fn probe_while_down(inner: Weak<Inner>) {
+/// While the backend is down, probes every [`PROBE_EVERY`] (a probe is good when answered
+/// within the call deadline, so a slow Redis stays down); while up, heartbeats every
+/// [`HEARTBEAT_EVERY`]. Ends when the backend is dropped: holds only a weak reference
+/// between ticks, so it never keeps a backend alive.
+async fn watch_health(inner: Weak<Inner>) {
     let mut tick = tokio::time::interval(PROBE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heartbeat: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else {
             return;
         };
         let backend = RedisBackend { inner };
-        if !backend.is_up() && backend.probe().await.is_ok() {
+        if backend.is_up() {
+            let due =
+                last_heartbeat.is_none_or(|at| at.elapsed() + PROBE_EVERY / 2 >= HEARTBEAT_EVERY);
+            if due {
+                last_heartbeat = Some(tokio::time::Instant::now());
+                backend.heartbeat().await;
+            }
+            continue;
+        }
+        let ok = backend.probe(backend.inner.options.timeout).await.is_ok();
+        backend.transition(|h| h.probe(ok), "");
+        if backend.is_up() {
             tracing::info!(
                 redis = %backend.inner.addr,
                 "Redis backend up again: shared limits restored"
             );
+            last_heartbeat = Some(tokio::time::Instant::now());
+            backend.heartbeat().await;
         }
     }
 }
@@ -703,3 +934,7 @@ mod unit_tests {
 /// Against a real `redis-server`: the script against the local engine, and both users.
 #[cfg(test)]
 mod tests;
+
+/// Against a real `redis-server`: heartbeats, the fallback's share, charges.
+#[cfg(test)]
+mod fleet_tests;

@@ -49,6 +49,21 @@ pub struct LimitsConfig {
     /// request waits on Redis longer than this.
     #[serde(with = "units::duration")]
     pub redis_timeout: Duration,
+    /// With `backend = "redis"`: the masters of a Redis Cluster (`redis://host:port` each),
+    /// instead of `redis_url` (default empty: one Redis at `redis_url`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub redis_cluster: Vec<String>,
+    /// The fewest live replicas the local fallback assumes when it gives each replica
+    /// `rate / N` and `burst / N` (default: none, N is what the heartbeats counted, at
+    /// least 1; `1..=10000`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_replicas: Option<u32>,
+    /// Consecutive failed or late Redis calls that declare Redis down (default `3`,
+    /// `1..=1000`).
+    pub redis_down_after: u32,
+    /// Consecutive good probes (250 ms apart, each answered within `redis_timeout`) that
+    /// declare it up again (default `3`, `1..=1000`).
+    pub redis_up_after: u32,
     /// Bound on tracked keys across all keyed layers (default `1000000`,
     /// `1..=100000000`).
     pub max_keys: usize,
@@ -97,6 +112,10 @@ impl Default for LimitsConfig {
             redis_url: "redis://127.0.0.1:6379".to_owned(),
             on_backend_error: BackendErrorPolicy::Local,
             redis_timeout: Duration::from_millis(50),
+            redis_cluster: Vec::new(),
+            expected_replicas: None,
+            redis_down_after: 3,
+            redis_up_after: 3,
             max_keys: 1_000_000,
             reclaim_interval: Duration::from_secs(10),
             global: None,

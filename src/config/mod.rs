@@ -202,6 +202,9 @@ impl Config {
     pub fn redacted(&self) -> Config {
         let mut config = self.clone();
         config.limits.redis_url = redact::url(&config.limits.redis_url);
+        for node in &mut config.limits.redis_cluster {
+            *node = redact::url(node);
+        }
         if let Some(url) = &mut config.lambda.endpoint_url {
             *url = redact::url(url);
         }

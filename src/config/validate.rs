@@ -215,7 +215,8 @@ fn validate_limits(l: &LimitsConfig) -> Result<(), ConfigError> {
             "must be greater than 0 and at most 10s (requests wait on Redis up to this long)",
         ));
     }
-    if l.backend == LimitBackend::Redis {
+    validate_redis_fleet(l)?;
+    if l.backend == LimitBackend::Redis && l.redis_cluster.is_empty() {
         if let Err(e) = redis::Client::open(l.redis_url.as_str()) {
             return Err(ConfigError::invalid(
                 "limits.redis_url",
@@ -454,6 +455,61 @@ pub const PLAN_WEIGHT: std::ops::RangeInclusive<u32> = 1..=1000;
 pub const MAX_ATTEMPTS: u32 = 100;
 /// `limits.max_keys`.
 pub const MAX_KEYS: usize = 100_000_000;
+/// `limits.expected_replicas`.
+const MAX_EXPECTED_REPLICAS: u32 = 10_000;
+/// `limits.redis_down_after` and `limits.redis_up_after`.
+const MAX_HYSTERESIS: u32 = 1_000;
+
+/// `limits.redis_cluster`, `limits.expected_replicas` and the hysteresis counts.
+fn validate_redis_fleet(l: &LimitsConfig) -> Result<(), ConfigError> {
+    if let Some(n) = l.expected_replicas {
+        check_range(
+            "limits.expected_replicas",
+            n,
+            1..=MAX_EXPECTED_REPLICAS,
+            "replicas",
+        )?;
+    }
+    check_range(
+        "limits.redis_down_after",
+        l.redis_down_after,
+        1..=MAX_HYSTERESIS,
+        "calls",
+    )?;
+    check_range(
+        "limits.redis_up_after",
+        l.redis_up_after,
+        1..=MAX_HYSTERESIS,
+        "probes",
+    )?;
+    if l.redis_cluster.is_empty() {
+        return Ok(());
+    }
+    if l.redis_url != LimitsConfig::default().redis_url {
+        return Err(ConfigError::invalid(
+            "limits.redis_cluster",
+            "set either limits.redis_url (one Redis) or limits.redis_cluster (a Redis Cluster), not both",
+        ));
+    }
+    for node in &l.redis_cluster {
+        let usable = redis::Client::open(node.as_str())
+            .map_err(|e| e.to_string())
+            .and_then(|_| match node.split_once("://") {
+                Some(("redis" | "rediss", _)) => Ok(()),
+                _ => Err("not a redis:// URL".to_owned()),
+            });
+        if let Err(e) = usable {
+            return Err(ConfigError::invalid(
+                "limits.redis_cluster",
+                format!(
+                    "{:?} is not a usable Redis node URL: {e}",
+                    crate::redact::url(node)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// `[idempotency]`: a ttl of a second to a week, and bounds that hold at least a few
 /// responses.

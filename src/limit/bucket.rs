@@ -34,6 +34,15 @@ impl<C: Clock> Bucket<C> {
         }
     }
 
+    /// Takes `cost` tokens at once (at most the burst), or says how long until they are
+    /// available. The Redis fallback pays a replica's fleet share this way.
+    pub(crate) fn check_n(&self, cost: u32) -> Decision {
+        match &self.engine {
+            Some(engine) => engine.check_n(0, cost).decision,
+            None => Decision::Limited { wait: CLOSED_WAIT },
+        }
+    }
+
     /// The quota this bucket enforces.
     pub fn quota(&self) -> Quota {
         self.quota

@@ -359,4 +359,36 @@ impl<S: StateStore<Key = Probe>, C: Clock> Engine<S, C> {
             overflowed: probe.overflowed.get(),
         }
     }
+
+    /// Takes `cost` tokens at once (all or none), as [`check`](Self::check) takes one. A
+    /// cost above the bucket's burst is clamped to the burst, so it can still be paid by a
+    /// full bucket: the Redis fallback's fleet share must never close a layer outright.
+    pub(crate) fn check_n(&self, hash: u64, cost: u32) -> Checked {
+        let now = self.limiter.clock().now();
+        let probe = Probe::new(hash);
+        let n = |cost: u32| std::num::NonZeroU32::new(cost.max(1)).expect("at least 1");
+        let outcome = match self.limiter.check_key_n(&probe, n(cost)) {
+            Ok(outcome) => outcome,
+            Err(governor::InsufficientCapacity(burst)) => self
+                .limiter
+                .check_key_n(&probe, n(burst))
+                .expect("a bucket's own burst fits in it"),
+        };
+        let decision = match outcome {
+            Ok(snapshot) => {
+                let elapsed = now.duration_since(self.origin).as_u64();
+                Decision::Allowed {
+                    remaining: snapshot.remaining_burst_capacity(),
+                    reset: Duration::from_nanos(probe.tat.get().saturating_sub(elapsed)),
+                }
+            }
+            Err(not_until) => Decision::Limited {
+                wait: not_until.wait_time_from(now),
+            },
+        };
+        Checked {
+            decision,
+            overflowed: probe.overflowed.get(),
+        }
+    }
 }

@@ -65,6 +65,17 @@ impl<C: Clock> KeyedBuckets<C> {
         }
     }
 
+    /// [`check_hash`](Self::check_hash) taking `cost` tokens at once (at most the burst).
+    pub(crate) fn check_hash_n(&self, hash: u64, cost: u32) -> Checked {
+        match &self.engine {
+            Some(engine) => engine.check_n(hash, cost),
+            None => Checked {
+                decision: Decision::Limited { wait: CLOSED_WAIT },
+                overflowed: false,
+            },
+        }
+    }
+
     /// The quota every key of this layer gets.
     pub fn quota(&self) -> Quota {
         self.quota

@@ -69,12 +69,14 @@
 //! `remaining`, `reset` and the exact `wait` — for the same request sequence (a property
 //! test holds the two to it). Time is Redis' own clock, so replicas' clocks never matter;
 //! a request costs one round trip on a connection that concurrent requests share
-//! (pipelined). [`Admission::admit`] is the entry point that follows the configured
+//! (pipelined; on a Redis Cluster one call per layer, at most two round trips).
+//! [`Admission::admit`] is the entry point that follows the configured
 //! backend: locally it is [`Admission::check`], ready at once; with Redis it is a future,
-//! bounded by `limits.redis_timeout`. While Redis cannot be reached, `on_backend_error`
-//! ([`Fallback`]) decides at once, without waiting on Redis: `local` uses this replica's
-//! buckets with the configured limits (N replicas may then admit up to N× the shared
-//! limits), `allow` admits, `deny` refuses. Each function's invoke-rate bucket is shared the
+//! bounded by `limits.redis_timeout`. A call that fails or misses it, and every request
+//! while Redis is down, is decided by `on_backend_error` ([`Fallback`]): `local` uses this
+//! replica's buckets at its share of the limits (`rate / N`, `burst / N`, N the live
+//! replicas) and charges what it admitted to the shared buckets when Redis returns, so the
+//! fleet stays near the shared limits; `allow` admits, `deny` refuses. Each function's invoke-rate bucket is shared the
 //! same way (`invoke::Gate::shared`).
 //!
 //! # Usage quotas

@@ -1,10 +1,44 @@
 //! Admission through Redis (`[limits] backend = "redis"`): the same layers as Redis buckets,
-//! decided in one script call per request, and the [`Fallback`] policy while Redis cannot
-//! be reached.
+//! decided in one script call per request (one call per layer on a Redis Cluster), and the
+//! [`Fallback`] policy while Redis cannot be reached.
+//!
+//! # The local fallback's share, and why the fleet stays within the bound
+//!
+//! `on_backend_error = "local"` decides with this `Admission`'s local buckets, which hold
+//! the configured quotas, but a fallback admission takes **N tokens** from each layer (N =
+//! [`RedisBackend::fleet_share`], clamped to the layer's burst): each replica gets `rate / N`
+//! and `burst / N`. Two more rules keep the fleet from spending a local and a shared token
+//! for the same time window:
+//!
+//! - **Mirror**: while Redis decides, every token a shared bucket gives this replica is also
+//!   taken (N at a time, when available) from the matching local bucket. A replica that was
+//!   spending its share of the shared limits therefore falls back with an empty local
+//!   bucket, not a full one: without this each flap would hand the fleet a fresh `burst`.
+//! - **Charge**: every token the fallback admits is recorded per shared bucket and charged
+//!   to it (`charge.lua`) as soon as Redis answers again, so the shared buckets resume from
+//!   what the fleet really spent.
+//!
+//! Over a run of length t the shared buckets admit at most `burst + rate × t` tokens,
+//! charges included; what escapes them is what the fallback admitted and has not charged
+//! yet (at most one down window's `rate × window` plus each replica's unmirrored local
+//! burst / N), plus what a charge cannot push past empty (a bucket holds no debt), which
+//! is at most one `burst` per recovery, and only when the fleet's load was uneven while up. `tests/redis_flap.rs` measures the flapping and killed cases.
+//!
+//! # Redis Cluster
+//!
+//! A script call may touch only one slot, and the layers' keys lie in different slots, so
+//! a request makes one call per layer: the global and route calls together (concurrently,
+//! pipelined on their masters' connections), then — only when both admitted — the key
+//! layer's call. First refusal wins as on one node: a route refusal leaves the global token
+//! taken (as API Gateway does); a global refusal gives back the route token taken
+//! concurrently (`charge.lua` with −1, before the refusal is answered), so the route bucket
+//! never counts a request that the layer above it refused. That costs two round trips instead of one, and keeps the key
+//! layer's call (and anything it counts) after every bucket above it admitted.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -15,6 +49,12 @@ use crate::backend::{BucketRef, CounterRef, Fallback, Gcra, LayerKind, RedisBack
 use crate::limit::{Decision, Quota, Scope};
 use crate::usage::UsageState;
 
+/// Shared buckets with uncharged fallback tokens that one replica remembers; tokens for
+/// further buckets are not charged (and counted in
+/// `sluicegate_limit_backend_uncharged_total`), so key spraying while Redis is down cannot
+/// grow this without bound.
+const MAX_CHARGED_BUCKETS: usize = 65_536;
+
 /// The admission layers as Redis buckets: key names (for the key layers, the prefix to which
 /// the client key is appended) and GCRA parameters, computed once.
 pub(super) struct RedisLayers {
@@ -23,11 +63,27 @@ pub(super) struct RedisLayers {
     routes: Vec<Option<RedisLayer>>,
     plans: Vec<RedisLayer>,
     default: RedisLayer,
+    /// Tokens the local fallback admitted, to charge to the shared buckets.
+    ledger: Arc<Mutex<Ledger>>,
 }
 
 struct RedisLayer {
     key: String,
     gcra: Gcra,
+}
+
+impl RedisLayer {
+    /// The Redis key of client `key`'s bucket in this key layer.
+    fn key_bucket(&self, key: &str) -> String {
+        RedisBackend::client_key(&self.key, key)
+    }
+}
+
+/// Uncharged fallback tokens per shared bucket, and whether a task is charging them.
+#[derive(Default)]
+struct Ledger {
+    pending: HashMap<String, (Gcra, i64)>,
+    charging: bool,
 }
 
 impl RedisLayers {
@@ -56,7 +112,74 @@ impl RedisLayers {
                 .collect(),
             default: layer(LayerKind::Key, default, ""),
             backend,
+            ledger: Arc::default(),
         }
+    }
+
+    /// Records `tokens` taken locally from the shared bucket `key` and makes sure a task
+    /// charges them once Redis answers.
+    fn record(&self, charges: impl IntoIterator<Item = (String, Gcra)>) {
+        let mut ledger = self.ledger.lock().expect("ledger lock never poisoned");
+        for (key, gcra) in charges {
+            let len = ledger.pending.len();
+            match ledger.pending.get_mut(&key) {
+                Some((_, tokens)) => *tokens += 1,
+                None if len < MAX_CHARGED_BUCKETS => {
+                    ledger.pending.insert(key, (gcra, 1));
+                }
+                None => metrics::counter!("sluicegate_limit_backend_uncharged_total").increment(1),
+            }
+        }
+        if ledger.charging || ledger.pending.is_empty() {
+            return;
+        }
+        // Outside a runtime (a synchronous caller) nothing could run the task: the tokens
+        // stay recorded for the next fallback decision made inside one.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            ledger.charging = true;
+            runtime.spawn(charge_when_up(
+                self.backend.clone(),
+                Arc::clone(&self.ledger),
+            ));
+        }
+    }
+}
+
+/// Charges the ledger's tokens to the shared buckets once Redis answers, retrying what
+/// fails every [`PROBE_EVERY`]; ends when the ledger is empty.
+async fn charge_when_up(backend: RedisBackend, ledger: Arc<Mutex<Ledger>>) {
+    loop {
+        backend.until_up().await;
+        let pending =
+            std::mem::take(&mut ledger.lock().expect("ledger lock never poisoned").pending);
+        // All charges at once: the connection pipelines them.
+        let mut calls = tokio::task::JoinSet::new();
+        for (key, (gcra, tokens)) in pending {
+            let backend = backend.clone();
+            calls.spawn(async move {
+                match backend.charge(&key, gcra, tokens).await {
+                    Ok(()) => None,
+                    Err(crate::backend::Unavailable) => Some((key, gcra, tokens)),
+                }
+            });
+        }
+        let mut failed = Vec::new();
+        while let Some(done) = calls.join_next().await {
+            if let Ok(Some(charge)) = done {
+                failed.push(charge);
+            }
+        }
+        {
+            let mut ledger = ledger.lock().expect("ledger lock never poisoned");
+            for (key, gcra, tokens) in failed {
+                ledger.pending.entry(key).or_insert((gcra, 0)).1 += tokens;
+            }
+            if ledger.pending.is_empty() {
+                ledger.charging = false;
+                return;
+            }
+        }
+        tokio::time::sleep(crate::backend::PROBE_EVERY).await;
     }
 }
 
@@ -153,7 +276,7 @@ where
             Some(index) => (&shared.plans[index], self.plans[index].1.quota()),
             None => (&shared.default, self.default.quota()),
         };
-        let key_bucket = RedisBackend::client_key(&layer.key, &key);
+        let key_bucket = layer.key_bucket(&key);
         // The key's usage counter, in the same call: its period from this replica's clock.
         let usage = self.usage_quota(plan).map(|usage| {
             let wall = self.wall.now();
@@ -205,7 +328,12 @@ where
                     limit: usage.limit,
                     expire_at: Duration::from_secs(window.end),
                 });
-        match shared.backend.eval_counted(&buckets, counter, now).await {
+        let verdict = if shared.backend.is_cluster() {
+            per_slot(&shared.backend, &buckets, counter, now).await
+        } else {
+            shared.backend.eval_counted(&buckets, counter, now).await
+        };
+        match verdict {
             Ok(verdict) => {
                 // Keep the local counters in step with the shared count, for the fallback.
                 let counted = usage
@@ -226,6 +354,13 @@ where
                     });
                 }
                 let (scope, quota) = scopes[verdict.bucket];
+                // The layers that gave a shared token: all when admitted, those above the
+                // refusing one otherwise.
+                let took = match verdict.decision {
+                    Decision::Allowed { .. } => verdict.bucket + 1,
+                    Decision::Limited { .. } => verdict.bucket,
+                };
+                self.mirror(&scopes[..took], route, &key, shared.backend.fleet_share());
                 match verdict.decision {
                     Decision::Allowed { remaining, reset } => {
                         if counted.is_some_and(|s| s.used == s.quota.limit) {
@@ -249,6 +384,61 @@ where
             Err(_unavailable) => self.fallback(shared, route, &key),
         }
     }
+}
+
+/// One script call per layer (a Redis Cluster: each layer's key in its own slot), with the
+/// ordering the module docs describe. The answer is `eval`'s for the same buckets.
+async fn per_slot(
+    backend: &RedisBackend,
+    buckets: &[BucketRef<'_>],
+    counter: Option<CounterRef<'_>>,
+    now: Option<Duration>,
+) -> Result<crate::backend::Verdict, crate::backend::Unavailable> {
+    use crate::backend::Verdict;
+    let (upper, key) = buckets.split_at(buckets.len() - 1);
+    match upper {
+        [] => {}
+        [only] => {
+            let verdict = backend.eval(std::slice::from_ref(only), now).await?;
+            if !verdict.decision.is_allowed() {
+                return Ok(Verdict {
+                    bucket: 0,
+                    ..verdict
+                });
+            }
+        }
+        [global, route] => {
+            let (g, r) = tokio::join!(
+                backend.eval(std::slice::from_ref(global), now),
+                backend.eval(std::slice::from_ref(route), now),
+            );
+            let (g, r) = (g?, r);
+            if !g.decision.is_allowed() {
+                if let Ok(r) = r {
+                    if r.decision.is_allowed() {
+                        // The route gave a token for a request the global layer refused.
+                        // Given back before answering (one more round trip, on the refused
+                        // path only), so a flood of refusals spawns nothing; if it fails the
+                        // token stays spent: conservative.
+                        let _ = backend.charge(route.key, route.gcra, -1).await;
+                    }
+                }
+                return Ok(Verdict { bucket: 0, ..g });
+            }
+            let r = r?;
+            if !r.decision.is_allowed() {
+                return Ok(Verdict { bucket: 1, ..r });
+            }
+        }
+        _ => unreachable!("at most three layers: global, route, key"),
+    }
+    // The key's usage counter shares its bucket's hash tag, so it is counted in the same
+    // call, after every layer admitted.
+    let verdict = backend.eval_counted(key, counter, now).await?;
+    Ok(Verdict {
+        bucket: upper.len(),
+        ..verdict
+    })
 }
 
 impl<C: Clock> Admission<C> {
@@ -308,7 +498,7 @@ impl<C: Clock> Admission<C> {
         metrics::counter!("sluicegate_limit_backend_fallbacks_total", "policy" => policy.as_str())
             .increment(1);
         match policy {
-            Fallback::Local => self.check(route, key),
+            Fallback::Local => self.local_share(shared, route, key),
             Fallback::Allow => {
                 // No bucket was consulted: report the key layer as full.
                 let quota = self.key_quota(key);
@@ -331,6 +521,88 @@ impl<C: Clock> Admission<C> {
         }
     }
 
+    /// The local fallback: the layered check at this replica's share (N tokens a request),
+    /// recording one token per layer that admitted, for the shared buckets.
+    fn local_share(
+        &self,
+        shared: &RedisLayers,
+        route: usize,
+        key: &str,
+    ) -> Result<Admitted, Rejected> {
+        let cost = shared.backend.fleet_share();
+        let mut charges = Vec::with_capacity(3);
+        let decision = (|| {
+            if let (Some(bucket), Some(layer)) = (&self.global, &shared.global) {
+                super::refuse(Scope::Global, bucket.quota(), bucket.check_n(cost))?;
+                charges.push((layer.key.clone(), layer.gcra));
+            }
+            if let Some((Some(bucket), Some(layer))) = self
+                .routes
+                .get(route)
+                .zip(shared.routes.get(route))
+                .map(|(r, s)| (r.bucket.as_ref(), s.as_ref()))
+            {
+                super::refuse(Scope::Route, bucket.quota(), bucket.check_n(cost))?;
+                charges.push((layer.key.clone(), layer.gcra));
+            }
+            let plan = self.plan_of.get(key).copied();
+            let (local, layer) = match plan {
+                Some(index) => (&self.plans[index].1, &shared.plans[index]),
+                None => (&self.default, &shared.default),
+            };
+            let checked = local.check_hash_n(self.hasher.hash_one(key), cost);
+            match checked.decision {
+                Decision::Allowed { remaining, reset } => {
+                    charges.push((layer.key_bucket(key), layer.gcra));
+                    // The local usage counters follow Redis' count while it answers, so
+                    // they take over from it here.
+                    Ok(Admitted {
+                        quota: local.quota(),
+                        remaining,
+                        reset,
+                        usage: self.count_usage(key, plan, local.quota())?,
+                    })
+                }
+                Decision::Limited { wait } => Err(Rejected {
+                    scope: Scope::Key,
+                    quota: local.quota(),
+                    wait,
+                    usage: None,
+                }),
+            }
+        })();
+        if !charges.is_empty() {
+            shared.record(charges);
+        }
+        decision
+    }
+
+    /// Takes `cost` tokens, where available, from the local buckets of the layers in
+    /// `scopes` (those that just gave a shared token): see "Mirror" in the module docs.
+    fn mirror(&self, scopes: &[(Scope, Quota)], route: usize, key: &str, cost: u32) {
+        for (scope, _) in scopes {
+            match scope {
+                Scope::Global => {
+                    if let Some(bucket) = &self.global {
+                        bucket.check_n(cost);
+                    }
+                }
+                Scope::Route => {
+                    if let Some(bucket) = self.routes.get(route).and_then(|r| r.bucket.as_ref()) {
+                        bucket.check_n(cost);
+                    }
+                }
+                _ => {
+                    let local = match self.plan_of.get(key) {
+                        Some(&index) => &self.plans[index].1,
+                        None => &self.default,
+                    };
+                    local.check_hash_n(self.hasher.hash_one(key), cost);
+                }
+            }
+        }
+    }
+
     fn key_quota(&self, key: &str) -> Quota {
         match self.plan_of.get(key) {
             Some(&index) => self.plans[index].1.quota(),
@@ -350,6 +622,15 @@ impl<C: Clock> Admission<C> {
             .iter()
             .map(|(name, layer)| (name.clone(), layer.quota()))
             .collect()
+    }
+
+    /// Whether fallback tokens are still waiting to be charged to the shared buckets.
+    #[cfg(test)]
+    pub(crate) fn charges_pending(&self) -> bool {
+        self.shared.as_ref().is_some_and(|s| {
+            let ledger = s.ledger.lock().expect("ledger lock never poisoned");
+            ledger.charging || !ledger.pending.is_empty()
+        })
     }
 
     /// The Redis backend, with `backend = "redis"`.

@@ -571,3 +571,37 @@ async fn the_same_storm_without_keys_processes_records_twice() {
         "{stats}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_outlives_a_short_ttl_while_its_record_is_still_running() {
+    // `ttl` (1 s) is shorter than the function's run (2.5 s): the in-flight claim must still
+    // hold when another replica sees the key after the ttl, or that replica would invoke the
+    // record a second time.
+    let redis = RedisServer::start();
+    let functions = "[[emulator.functions]]\nname = \"slow\"\nlatency = \"2500ms\"\n";
+    let mut first = replica(&redis, functions, None);
+    first.idempotency.ttl = Duration::from_secs(1);
+    let a = Harness::start_config(first).await;
+    let mut second = replica(&redis, "", Some(a.emulator()));
+    second.idempotency.ttl = Duration::from_secs(1);
+    let b = Harness::start_config(second).await;
+    let on_a = tokio::spawn({
+        let request = a
+            .http
+            .post(a.url("/records"))
+            .header("idempotency-key", "long-1")
+            .body(r#"{"n":1}"#);
+        async move { request.send().await.expect("answered").status().as_u16() }
+    });
+    stats_when(&a, "slow", |s| s["in_flight"] == 1).await;
+    // Past the ttl, while the record is still running.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let on_b = send(&b, Some("long-1"), r#"{"n":1}"#, None).await;
+    assert_eq!(on_b.status, 409, "{on_b:?}");
+    assert_eq!(on_a.await.expect("answered"), 200);
+    let stats = a.stats("slow").await;
+    assert_eq!(
+        (stats["invocations"].as_u64(), stats["records"].as_u64()),
+        (Some(1), Some(1))
+    );
+}

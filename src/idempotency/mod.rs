@@ -387,6 +387,10 @@ impl Waiter {
 pub struct Idempotency {
     enabled: bool,
     ttl: Duration,
+    /// How long a Redis in-flight claim lives: `ttl`, but never less than a record can stay
+    /// in flight (`new`'s `in_flight`), so a claim cannot expire while its record may still
+    /// run and let another replica invoke it again.
+    claim_ttl: Duration,
     local: Arc<Mutex<LocalStore>>,
     redis: Option<RedisStore>,
 }
@@ -395,10 +399,12 @@ impl Idempotency {
     /// The store for `config` and `[limits]` (Redis with `backend = "redis"`). With
     /// `previous` (a reload) its entries are kept under the new bounds, and its Redis
     /// connection when `limits` reach the same Redis. Fails only for an unusable
-    /// `redis_url`; connecting is lazy.
+    /// `redis_url`; connecting is lazy. `in_flight` bounds how long a submitted record can
+    /// wait for its outcome (the longest caller deadline, plus one invoke after it).
     pub fn new(
         config: &IdempotencyConfig,
         limits: &LimitsConfig,
+        in_flight: Duration,
         previous: Option<&Idempotency>,
     ) -> Result<Idempotency, RedisStoreError> {
         let bounds = Limits {
@@ -428,6 +434,7 @@ impl Idempotency {
         Ok(Idempotency {
             enabled: config.enabled,
             ttl: config.ttl,
+            claim_ttl: config.ttl.max(in_flight),
             local,
             redis,
         })
@@ -468,7 +475,7 @@ impl Idempotency {
         // the claim the call may have written (`Pending`'s drop); cleared below when the
         // key is someone else's.
         pending.redis = Some(redis.clone());
-        let claim = redis.claim(&scope, &hash, self.ttl).await;
+        let claim = redis.claim(&scope, &hash, self.claim_ttl).await;
         if !matches!(claim, Ok(Claim::Won)) {
             pending.redis = None;
         }
@@ -587,7 +594,13 @@ mod tests {
             max_entries,
             ..IdempotencyConfig::default()
         };
-        Idempotency::new(&config, &LimitsConfig::default(), None).expect("local store")
+        Idempotency::new(
+            &config,
+            &LimitsConfig::default(),
+            Duration::from_secs(30),
+            None,
+        )
+        .expect("local store")
     }
 
     fn answer(status: StatusCode) -> Snapshot {

@@ -6,6 +6,7 @@
 //! layer's route index is the entry's position, handed to the endpoint when it is built.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::identity::Identify;
 use super::lambda_api::Targets;
@@ -135,6 +136,7 @@ impl App {
             Idempotency::new(
                 &config.idempotency,
                 &config.limits,
+                record_life(&config),
                 previous.map(|p| &*p.idempotency),
             )
             .map_err(std::io::Error::other)?,
@@ -180,4 +182,17 @@ impl App {
             idempotency,
         }))
     }
+}
+
+/// The longest a submitted record can wait for its outcome: the longest caller deadline of
+/// any route, plus one invoke begun just before it (connect and read timeouts) and a margin
+/// for the dead-letter sink's confirmation. An idempotency claim lives at least this long.
+fn record_life(config: &Config) -> Duration {
+    let deadline = config
+        .routes
+        .iter()
+        .map(|route| route.request_timeout(&config.server))
+        .max()
+        .unwrap_or(config.server.request_timeout);
+    deadline + config.lambda.connect_timeout + config.lambda.read_timeout + Duration::from_secs(10)
 }

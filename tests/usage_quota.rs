@@ -295,3 +295,50 @@ async fn the_admin_api_shows_and_sets_a_keys_usage() {
     );
     h.running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_are_saved_while_requests_drain_at_shutdown() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("quota-state.json");
+    let slow = "[[emulator.functions]]\nname = \"echo\"\nlatency = \"2500ms\"\n";
+    let quota = weekly(5);
+    let mut config = config(quota, &state);
+    let routes = common::route("records", "echo", "");
+    let mut functions = Config::from_toml(&config_toml(slow, &routes)).expect("valid");
+    config.emulator.functions = std::mem::take(&mut functions.emulator.functions);
+    config.server.shutdown_grace = Duration::from_secs(10);
+    let h = Harness::start_config(config).await;
+    let request = h
+        .http
+        .post(h.url("/records"))
+        .header("x-api-key", "gold-1")
+        .body("1");
+    let in_flight = tokio::spawn(async move { request.send().await.expect("answered").status() });
+    let started = tokio::time::Instant::now();
+    while h.stats("echo").await["in_flight"] != 1 {
+        assert!(started.elapsed() < Duration::from_secs(5), "never invoked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Shutdown begins while the counted request is still running (for ~2.5 s).
+    let shutdown = tokio::spawn(h.running.shutdown());
+    let saved_at = loop {
+        let used = std::fs::read(&state)
+            .ok()
+            .and_then(|text| serde_json::from_slice::<Value>(&text).ok())
+            .and_then(|saved| saved["counters"][0]["used"].as_u64());
+        if used == Some(1) {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "no save while the request drained"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        !in_flight.is_finished(),
+        "saved at {saved_at:?}, during the drain"
+    );
+    assert_eq!(in_flight.await.expect("answered"), 200);
+    shutdown.await.expect("stopped");
+}

@@ -55,6 +55,10 @@ struct Count {
     used: u64,
     /// The limit of the last check (for the gauge of keys at their quota).
     limit: u64,
+    /// Whether the entry holds one of the `max_keys` slots (a key without a plan, or one
+    /// restored from the state file), so that only those give a slot back when reclaimed.
+    #[serde(skip)]
+    slotted: bool,
 }
 
 impl Count {
@@ -64,13 +68,17 @@ impl Count {
             end: window.end,
             used: 0,
             limit,
+            slotted: false,
         }
     }
 
     /// Moves to `window`, starting from zero when it is another period than the one held.
     fn roll(&mut self, window: Window) {
         if (self.start, self.end) != (window.start, window.end) {
-            *self = Count::empty(window, self.limit);
+            *self = Count {
+                slotted: self.slotted,
+                ..Count::empty(window, self.limit)
+            };
         }
     }
 
@@ -198,7 +206,10 @@ impl UsageCounters {
                 f(entry.get_mut())
             }
             dashmap::mapref::entry::Entry::Vacant(entry) => {
-                let mut count = Count::empty(window, limit);
+                let mut count = Count {
+                    slotted: !planned,
+                    ..Count::empty(window, limit)
+                };
                 let out = f(&mut count);
                 entry.insert(count);
                 out
@@ -256,10 +267,10 @@ impl UsageCounters {
         let mut removed = 0;
         self.map.retain(|_, count| {
             let keep = count.end > now;
-            removed += usize::from(!keep);
+            removed += usize::from(!keep && count.slotted);
             keep
         });
-        // Plan keys never took a slot, so this may free more than was taken: saturate.
+        // Only entries that took a slot give one back; saturating all the same.
         let _ = self
             .bounded
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
@@ -351,7 +362,13 @@ impl UsageCounters {
                 continue;
             }
             self.bounded.fetch_add(1, Ordering::Relaxed);
-            self.map.insert(key.into_boxed_str(), count);
+            self.map.insert(
+                key.into_boxed_str(),
+                Count {
+                    slotted: true,
+                    ..count
+                },
+            );
             restored += 1;
         }
         tracing::info!(
@@ -490,6 +507,28 @@ mod tests {
             "its slot is free again"
         );
         assert_eq!(counters.len(), 1);
+    }
+
+    #[test]
+    fn only_entries_that_took_a_slot_give_one_back_when_reclaimed() {
+        let counters = UsageCounters::new(1);
+        // `a` takes the one slot in a period that outlives the reclaim below.
+        assert_eq!(counters.take("a", window(10), 5, false), Ok(1));
+        // A plan key and a key set by the admin API take no slot; their periods end first.
+        counters
+            .take("gold", window(1), 5, true)
+            .expect("under the limit");
+        counters.set("admin-set", window(1), 5, 1);
+        counters.reclaim(Duration::from_secs(2 * DAY));
+        assert_eq!(counters.len(), 1, "only a is left");
+        // Reclaiming them gave no slot back: `a` still holds the only one.
+        assert_eq!(counters.take("b", window(10), 5, false), Ok(1), "overflow");
+        assert_eq!(
+            counters.take("c", window(10), 5, false),
+            Ok(2),
+            "overflow, shared"
+        );
+        assert_eq!(counters.len(), 1, "no entry past max_keys");
     }
 
     #[test]

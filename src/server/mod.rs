@@ -157,6 +157,9 @@ pub struct Running {
     stop: watch::Sender<bool>,
     data: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
+    /// Tells the usage-quota saver that the data plane has drained.
+    drained: watch::Sender<bool>,
+    usage: JoinHandle<()>,
     emulator: Option<RunningEmulator>,
 }
 
@@ -194,9 +197,11 @@ impl Running {
                 self.data.abort();
             }
         }
+        let _ = self.drained.send(true);
         for task in self.tasks {
             let _ = task.await;
         }
+        let _ = self.usage.await;
         // Every request is answered (or abandoned) by now: nothing counts after this save.
         save_usage(&self.server).await;
         if let Some(emulator) = self.emulator {
@@ -302,8 +307,10 @@ pub async fn start_with_source(
             app.config.limits.reclaim_interval,
             stopped.clone(),
         )),
-        tokio::spawn(persist_usage(Arc::clone(&server), stopped)),
     ];
+    // Saves go on while requests drain: stopped only once the data plane has finished.
+    let (drained, drained_rx) = watch::channel(false);
+    let usage = tokio::spawn(persist_usage(Arc::clone(&server), drained_rx));
     tracing::info!(addr = %local, admin = %admin_local, "sluicegate listening");
     Ok(Running {
         addr: local,
@@ -313,6 +320,8 @@ pub async fn start_with_source(
         stop,
         data,
         tasks,
+        drained,
+        usage,
         emulator,
     })
 }
@@ -357,7 +366,8 @@ async fn reclaim_keys(server: Arc<Server>, every: Duration, mut stopped: watch::
 const USAGE_SAVE_EVERY: Duration = Duration::from_secs(1);
 
 /// Writes changed usage-quota counters at most once a second, so a crash loses at most
-/// about a second of counts; the final save is [`Running::shutdown`]'s.
+/// about a second of counts — also while requests drain at shutdown (`stopped` turns once the
+/// data plane has finished); the final save is [`Running::shutdown`]'s.
 async fn persist_usage(server: Arc<Server>, mut stopped: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(USAGE_SAVE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -96,6 +96,7 @@ fn spec(envelope: Envelope, max_records: usize) -> BatchSpec {
         max_bytes: 6 * 1024 * 1024,
         max_wait: Duration::from_secs(1),
         flush: Flush::Window,
+        linger: Duration::ZERO,
         max_pending: 10_000,
         max_queued_bytes: usize::MAX,
         fairness: Fairness::PerKey,

@@ -215,6 +215,7 @@ pub(super) fn spec(max_records: usize) -> BatchSpec {
         max_bytes: 6 * 1024 * 1024,
         max_wait: Duration::from_millis(50),
         flush: Flush::Adaptive,
+        linger: Duration::ZERO,
         max_pending: 1000,
         max_queued_bytes: usize::MAX,
         fairness: Fairness::PerKey,

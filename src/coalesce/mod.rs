@@ -79,6 +79,8 @@ pub struct BatchSpec {
     pub max_wait: Duration,
     /// When a batch is sent.
     pub flush: Flush,
+    /// With the adaptive flush, the least a partial batch waits before it may leave early.
+    pub linger: Duration,
     /// Bound on records waiting in the queue.
     pub max_pending: usize,
     /// Bound on the bytes of queued records' entries.
@@ -105,6 +107,7 @@ impl BatchSpec {
             max_records: route.max_records(),
             max_bytes: usize::try_from(route.max_bytes()).unwrap_or(usize::MAX),
             max_wait: route.batch.max_wait,
+            linger: route.batch.linger,
             flush: route.batch.flush,
             max_pending: route.queue.max_pending,
             max_queued_bytes: route.queue.max_bytes.as_usize(),

@@ -15,7 +15,10 @@
 //! batch; this rule makes them 20 (a full batch every 2 ms), with every record answered
 //! within 1 ms of wait plus the invoke. At low load the two are the same. A batch that is
 //! only waiting for in-flight invokes holds no gate slot meanwhile, so other routes of
-//! the function are not kept from it.
+//! the function are not kept from it. `linger` (0 by default) adds a floor, as Kafka's
+//! `linger.ms`: a partial batch leaves early only once it is that old, which at moderate load
+//! trades up to `linger` of latency for fuller invokes (2,000 records/s against 2 ms
+//! invokes: about 4 records per invoke without, 10 with 5 ms).
 //!
 //! Closing (shutdown after the grace period): the worker stops forming batches, answers
 //! every record it holds or that is still queued with [`RecordError::Closed`] (`503`), and
@@ -275,6 +278,10 @@ async fn run<I: Invoke>(
             },
         };
         let flush_at = first.enqueued + spec.max_wait;
+        // `linger`: a partial batch does not leave early before this, however idle the
+        // route (`window` mode never sends it early anyway).
+        let linger_at = first.enqueued + spec.linger;
+        let mut lingered = Instant::now() >= linger_at;
         let Held { batch, carry } = &mut *held;
         batch.push(first);
         #[cfg(test)]
@@ -310,11 +317,12 @@ async fn run<I: Invoke>(
             tokio::select! {
                 biased;
                 _ = closing.changed() => break,
-                s = &mut acquire, if idle => {
+                s = &mut acquire, if idle && lingered => {
                     slot = Some(s);
                     break;
                 }
                 () = &mut wait_idle, if adaptive && !idle => idle = true,
+                () = sleep_until(linger_at), if adaptive && !lingered => lingered = true,
                 _ = sleep_until(flush_at) => break,
                 m = rx.recv() => match m {
                     Some(m) if batch.fits(&m, &spec) => batch.push(m),
@@ -713,6 +721,28 @@ mod tests {
         assert!(
             load.longest <= 2 * 5 * MS,
             "a record waits at most one invoke out and its own: {load:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn linger_makes_fuller_batches_at_moderate_load_for_at_most_its_own_latency() {
+        // 2,000 records/s in front of a 2 ms function: Nagle's rule alone sends what arrives
+        // during one invoke (about 4); a 5 ms linger holds each partial batch 5 ms first.
+        let plain = steady_load(fake::spec(20), ScriptedLambda::echo(64, 2 * MS), 2, MS, 500).await;
+        let mut spec = fake::spec(20);
+        spec.linger = 5 * MS;
+        let lingered = steady_load(spec, ScriptedLambda::echo(64, 2 * MS), 2, MS, 500).await;
+        assert!(
+            plain.records_per_invoke <= 6.0,
+            "without linger: what arrives during one invoke: {plain:?}"
+        );
+        assert!(
+            lingered.records_per_invoke >= 9.0,
+            "linger gathers rate × linger per batch: {lingered:?}"
+        );
+        assert!(
+            lingered.longest <= 5 * MS + 2 * MS + MS,
+            "a record waits at most the linger, the invoke and one tick: {lingered:?}"
         );
     }
 

@@ -50,6 +50,11 @@ pub struct BatchConfig {
     pub max_wait: Duration,
     /// When a batch is sent (default `adaptive`).
     pub flush: Flush,
+    /// With `flush = "adaptive"`: the least a partial batch waits after its first record
+    /// before it may leave early (default `0ms`, at most `max_wait`), as Kafka's `linger.ms`:
+    /// fewer, fuller invokes at moderate load for up to this much latency.
+    #[serde(with = "units::duration")]
+    pub linger: Duration,
 }
 
 impl Default for BatchConfig {
@@ -59,6 +64,7 @@ impl Default for BatchConfig {
             max_bytes: None,
             max_wait: Duration::from_millis(50),
             flush: Flush::Adaptive,
+            linger: Duration::ZERO,
         }
     }
 }

@@ -644,3 +644,20 @@ fn idempotency_is_on_by_default_with_documented_bounds_and_bad_bounds_are_named(
         assert!(error.contains(key), "{section}: {error}");
     }
 }
+
+#[test]
+fn linger_defaults_to_zero_and_may_not_pass_max_wait() {
+    let config = load(MINIMAL).unwrap();
+    assert_eq!(config.routes[0].batch.linger, Duration::ZERO);
+    let set = load(&format!(
+        "{MINIMAL}batch = {{ max_wait = \"20ms\", linger = \"5ms\" }}\n"
+    ))
+    .unwrap();
+    assert_eq!(set.routes[0].batch.linger, Duration::from_millis(5));
+    let err = load(&format!(
+        "{MINIMAL}batch = {{ max_wait = \"20ms\", linger = \"30ms\" }}\n"
+    ))
+    .unwrap_err();
+    assert_eq!(err.key(), Some("routes[0].batch.linger"), "{err}");
+    assert!(err.to_string().contains("max_wait"), "{err}");
+}

@@ -349,6 +349,15 @@ fn validate_sizes(
         ));
     }
     check_timeout(&key("batch.max_wait"), r.batch.max_wait)?;
+    if r.batch.linger > r.batch.max_wait {
+        return Err(ConfigError::invalid(
+            key("batch.linger"),
+            format!(
+                "must be at most batch.max_wait ({} ms): a batch leaves at max_wait whatever",
+                r.batch.max_wait.as_millis()
+            ),
+        ));
+    }
     check_range(
         &key("queue.max_pending"),
         r.queue.max_pending,

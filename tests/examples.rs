@@ -566,6 +566,18 @@ const METRICS: &[&str] = &[
     "sluicegate_invokes_in_flight",
     "sluicegate_tracked_keys",
     "sluicegate_limit_backend_errors_total",
+    "sluicegate_queue_displaced_total",
+    "sluicegate_quota_keys_at_limit",
+    "sluicegate_quota_exhausted_total",
+    "sluicegate_idempotency_replays_total",
+    "sluicegate_idempotency_joins_total",
+    "sluicegate_idempotency_conflicts_total",
+    "sluicegate_idempotency_evictions_total",
+    "sluicegate_idempotency_refusals_total",
+    "sluicegate_bulk_requests_total",
+    "sluicegate_bulk_records_total",
+    "sluicegate_limit_backend_replicas",
+    "sluicegate_limit_backend_uncharged_total",
 ];
 const HISTOGRAMS: &[&str] = &[
     "sluicegate_batch_records",

@@ -7,15 +7,15 @@
 //! path up among the record routes, identifies the caller, and calls the route's stack —
 //! [`AdmissionService`] in front of [`RecordService`] — then counts the answer. A bulk
 //! request (`Content-Type: application/x-ndjson`) goes to the `bulk` door after identity
-//! instead: it admits each of its records itself, and counts them. One
-//! allocation for the request's future; a refusal is built without waiting on anything.
+//! instead: it admits each of its records itself, and counts them. One allocation for the
+//! request's future; a refusal is built without waiting on anything.
 //!
 //! Reading, checking, submitting and awaiting a record are `intake`'s steps, shared with the
 //! other front doors. A request with an `Idempotency-Key` goes through `idempotent::once`
 //! after admission (a replay spends the caller's tokens like any request): its key is
-//! checked before the body is read, and its record submitted at most once per key. Plain `http` / `hyper` types, no axum: the request path returns what
-//! went wrong as a [`RequestError`] and [`respond`] turns it into the response, so no status
-//! is chosen here.
+//! checked before the body is read, and its record submitted at most once per key. Plain
+//! `http` / `hyper` types, no axum: the request path returns what went wrong as a
+//! [`RequestError`] and [`respond`] turns it into the response, so no status is chosen here.
 
 use std::convert::Infallible;
 use std::future::Future;

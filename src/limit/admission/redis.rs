@@ -331,7 +331,7 @@ where
         let verdict = if shared.backend.is_cluster() {
             per_slot(&shared.backend, &buckets, counter, now).await
         } else {
-            shared.backend.eval_counted(&buckets, counter, now).await
+            shared.backend.eval_batched(&buckets, counter, now).await
         };
         match verdict {
             Ok(verdict) => {

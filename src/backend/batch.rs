@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::redis::{RedisError, Script};
+use ::redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
 use tokio::sync::{mpsc, oneshot};
 
 use super::conn::Conn;
@@ -167,6 +167,41 @@ impl Batcher {
 /// The batch script (see its header).
 const GCRA_BATCH_LUA: &str = include_str!("gcra_batch.lua");
 
+/// The call of `gcra_batch.lua` over `batch`, by `command` (`EVALSHA` with the script's
+/// hash, or `EVAL` with its text). Built straight into one [`Cmd`] buffer: a script
+/// invocation would allocate every key and argument apart, a dozen per request.
+fn batch_call(command: &str, script: &str, batch: &[Request]) -> Cmd {
+    let keys: usize = batch
+        .iter()
+        .map(|r| r.buckets.len() + usize::from(r.counter.is_some()))
+        .sum();
+    let mut call = ::redis::cmd(command);
+    call.arg(script).arg(keys);
+    for request in batch {
+        for (key, _) in &request.buckets {
+            call.arg(key);
+        }
+        if let Some((key, _, _)) = &request.counter {
+            call.arg(key);
+        }
+    }
+    for request in batch {
+        match request.now {
+            Some(now) => call.arg(now.as_nanos().to_string()).arg(LOGICAL_MIN_TTL_MS),
+            None => call.arg("").arg(0u64),
+        };
+        call.arg(request.buckets.len())
+            .arg(u8::from(request.counter.is_some()));
+        for (_, gcra) in &request.buckets {
+            call.arg(gcra.period).arg(gcra.tau);
+        }
+        if let Some((_, limit, expire_at)) = &request.counter {
+            call.arg(*limit).arg(expire_at.as_millis() as u64).arg(1u64);
+        }
+    }
+    call
+}
+
 /// The batching task: forms batches from the queue until every sender is gone.
 async fn run(mut requests: mpsc::UnboundedReceiver<Request>, calls: Arc<Calls>) {
     while let Some(first) = requests.recv().await {
@@ -211,29 +246,19 @@ impl Calls {
             }
             return;
         }
-        let mut call = self.batch.prepare_invoke();
-        for request in &batch {
-            for (key, _) in &request.buckets {
-                call.key(key);
+        let call = batch_call("EVALSHA", self.batch.get_hash(), &batch);
+        let reply = tokio::time::timeout(self.timeout, async {
+            match call.query_async::<Vec<Vec<i64>>>(&mut conn).await {
+                // Not loaded yet (first use, or a restarted Redis): EVAL loads it.
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    batch_call("EVAL", GCRA_BATCH_LUA, &batch)
+                        .query_async(&mut conn)
+                        .await
+                }
+                reply => reply,
             }
-            if let Some((key, _, _)) = &request.counter {
-                call.key(key);
-            }
-            match request.now {
-                Some(now) => call.arg(now.as_nanos().to_string()).arg(LOGICAL_MIN_TTL_MS),
-                None => call.arg("").arg(0u64),
-            };
-            call.arg(request.buckets.len())
-                .arg(u8::from(request.counter.is_some()));
-            for (_, gcra) in &request.buckets {
-                call.arg(gcra.period).arg(gcra.tau);
-            }
-            if let Some((_, limit, expire_at)) = &request.counter {
-                call.arg(*limit).arg(expire_at.as_millis() as u64).arg(1u64);
-            }
-        }
-        let reply =
-            tokio::time::timeout(self.timeout, call.invoke_async::<Vec<Vec<i64>>>(&mut conn)).await;
+        })
+        .await;
         match reply {
             Ok(Ok(replies)) if replies.len() == batch.len() => {
                 for (request, reply) in batch.into_iter().zip(replies) {

@@ -24,9 +24,8 @@
 -- {0, i, wait_ns, 0} ({0, #its keys, used, 0, used} when its usage counter refused).
 --
 -- The arithmetic is gcra.lua's, line for line; only where state lives differs: a bucket's
--- TAT stays the decimal string gcra.lua stores, kept in a table between requests, and the
--- final string of each written bucket is stored with the TTL its last write computed —
--- what n separate PSETEXs would have left. A counter's increments are summed into one
+-- TAT is kept in a table between requests, and the final string of each written bucket is
+-- stored with the TTL its last write computed — what n separate PSETEXs would have left. A counter's increments are summed into one
 -- INCRBY, followed by PEXPIREAT, as gcra.lua does per request.
 
 local BILLION = 1000000000
@@ -58,17 +57,22 @@ local function clock(arg)
 end
 
 -- Every key's stored value, read with one MGET (false: no key).
-local state = {}
+local raw = {}
 if #KEYS > 0 then
   local stored = call('MGET', unpack(KEYS))
   for i = 1, #KEYS do
-    if state[KEYS[i]] == nil then
-      state[KEYS[i]] = stored[i]
-    end
+    raw[KEYS[i]] = stored[i]
   end
 end
 
--- Writes, applied after the last request: each bucket's final value and TTL, each
+-- A bucket's TAT, once read: secs[key] * 1e9 + vals[key] ns since the epoch (secs false: no
+-- state). A write keeps it relative to the writing request's second, so a later request
+-- converts it exactly as gcra.lua would parse the string the write stored (whole numbers
+-- well below 2^53: no rounding), and the string is formatted once, at the end.
+local secs, vals = {}, {}
+-- A counter's count, once read.
+local counts = {}
+-- Writes, applied after the last request: each bucket's TTL from its last write, each
 -- counter's summed increment and expiry; `written` keeps the order of first writes.
 local ttls, increments, expiries, written = {}, {}, {}, {}
 
@@ -96,10 +100,20 @@ while a < #ARGV do
       refused = true
       break
     end
+    local s = secs[key]
+    if s == nil then
+      local value = raw[key]
+      if value then
+        s = tonumber(sub(value, 1, -10)) or 0
+        vals[key] = tonumber(sub(value, -9))
+      else
+        s = false
+      end
+      secs[key] = s
+    end
     local tat = ns
-    local value = state[key]
-    if value then
-      tat = ((tonumber(sub(value, 1, -10)) or 0) - sec) * BILLION + tonumber(sub(value, -9))
+    if s then
+      tat = (s - sec) * BILLION + vals[key]
       if tat > ns + tau + t then
         tat = ns + tau + t
       end
@@ -115,11 +129,11 @@ while a < #ARGV do
     if ttl < min_ttl then
       ttl = min_ttl
     end
-    local whole = idiv(nxt, BILLION)
     if not ttls[key] then
       written[#written + 1] = key
     end
-    state[key] = format('%d%09d', sec + whole, nxt - whole * BILLION)
+    secs[key] = sec
+    vals[key] = nxt
     ttls[key] = ttl
     result = {1, i, remaining, nxt - ns}
   end
@@ -128,7 +142,10 @@ while a < #ARGV do
     local base = params + 2 * buckets
     local limit = tonumber(ARGV[base + 1])
     local cost = tonumber(ARGV[base + 3])
-    local used = tonumber(state[counter] or '0') or 0
+    local used = counts[counter]
+    if used == nil then
+      used = tonumber(raw[counter] or '0') or 0
+    end
     if used + cost > limit then
       result = {0, nkeys, used, 0, used}
     else
@@ -139,9 +156,9 @@ while a < #ARGV do
       end
       increments[counter] = increments[counter] + cost
       expiries[counter] = ARGV[base + 2]
-      state[counter] = used
       result[5] = used
     end
+    counts[counter] = used
   end
   replies[#replies + 1] = result
 end
@@ -151,7 +168,9 @@ for _, key in ipairs(written) do
     call('INCRBY', key, increments[key])
     call('PEXPIREAT', key, expiries[key])
   else
-    call('PSETEX', key, ttls[key], state[key])
+    local v = vals[key]
+    local whole = idiv(v, BILLION)
+    call('PSETEX', key, ttls[key], format('%d%09d', secs[key] + whole, v - whole * BILLION))
   end
 end
 return replies

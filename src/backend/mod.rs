@@ -53,6 +53,13 @@
 //! script atomically, so two replicas can never both take a bucket's last token. Both
 //! reconnect by themselves after a connection drops.
 //!
+//! On one node, admission's calls go through a batcher (`batch.rs`): the calls made within
+//! one tick of the runtime (at most 256) are sent as one call of `gcra_batch.lua`, which
+//! decides each request as `gcra.lua` alone would, in queue order; a batch of one is the
+//! `gcra.lua` call itself. Each request still has its own verdict, its own deadline and its
+//! own place in the health state. Redis then spends about a third of the CPU per decision
+//! (one script call, and one read and one write of each distinct key, per batch).
+//!
 //! # Redis Cluster
 //!
 //! A script call may only touch keys of one slot, so on a cluster admission makes one call

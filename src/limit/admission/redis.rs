@@ -1,5 +1,6 @@
 //! Admission through Redis (`[limits] backend = "redis"`): the same layers as Redis buckets,
-//! decided in one script call per request (one call per layer on a Redis Cluster), and the
+//! decided in one script call per request (one call per layer on a Redis Cluster; on one
+//! node the calls made together are batched into one, see `backend`), and the
 //! [`Fallback`] policy while Redis cannot be reached.
 //!
 //! # The local fallback's share, and why the fleet stays within the bound

@@ -53,6 +53,13 @@
 //! script atomically, so two replicas can never both take a bucket's last token. Both
 //! reconnect by themselves after a connection drops.
 //!
+//! On one node, admission's calls go through a batcher (`batch.rs`): the calls made within
+//! one tick of the runtime (at most 256) are sent as one call of `gcra_batch.lua`, which
+//! decides each request as `gcra.lua` alone would, in queue order; a batch of one is the
+//! `gcra.lua` call itself. Each request still has its own verdict, its own deadline and its
+//! own place in the health state. Redis then spends about a third of the CPU per decision
+//! (one script call, and one read and one write of each distinct key, per batch).
+//!
 //! # Redis Cluster
 //!
 //! A script call may only touch keys of one slot, so on a cluster admission makes one call
@@ -87,6 +94,7 @@
 //!
 //! [`Admission::reconfigured`]: crate::limit::Admission::reconfigured
 
+mod batch;
 mod conn;
 mod health;
 
@@ -95,9 +103,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use ::redis::Script;
+use ::redis::{Script, ScriptInvocation};
 use tokio::sync::watch;
 
+use self::batch::{Batcher, Failure};
 use self::conn::Conn;
 use self::health::{Health, Transition};
 use crate::quota::{Decision, Quota, CLOSED_WAIT};
@@ -304,6 +313,8 @@ pub struct RedisBackend {
 struct Inner {
     conn: Conn,
     script: Script,
+    /// Admission calls made together share one script call (single node only; `batch.rs`).
+    batcher: Option<Batcher>,
     charge: Script,
     replicas_script: Script,
     options: RedisOptions,
@@ -355,10 +366,13 @@ impl RedisBackend {
                 .collect();
             format!("cluster {}", nodes.join(","))
         };
+        let batcher = matches!(conn, Conn::Single(_))
+            .then(|| Batcher::spawn(conn.clone(), Script::new(GCRA_LUA), options.timeout));
         let backend = RedisBackend {
             inner: Arc::new(Inner {
                 conn,
                 script: Script::new(GCRA_LUA),
+                batcher,
                 charge: Script::new(CHARGE_LUA),
                 replicas_script: Script::new(REPLICAS_LUA),
                 addr,
@@ -586,25 +600,7 @@ impl RedisBackend {
         if !self.is_up() {
             return Err(Unavailable);
         }
-        let mut call = self.inner.script.prepare_invoke();
-        for bucket in buckets {
-            call.key(bucket.key);
-        }
-        if let Some(counter) = &counter {
-            call.key(counter.key);
-        }
-        match now {
-            Some(now) => call.arg(now.as_nanos().to_string()).arg(LOGICAL_MIN_TTL_MS),
-            None => call.arg("").arg(0u64),
-        };
-        for bucket in buckets {
-            call.arg(bucket.gcra.period).arg(bucket.gcra.tau);
-        }
-        if let Some(counter) = &counter {
-            call.arg(counter.limit)
-                .arg(counter.expire_at.as_millis() as u64)
-                .arg(1u64);
-        }
+        let call = invocation(&self.inner.script, buckets, counter, now);
         let mut conn = self.inner.conn.clone();
         let reply = tokio::time::timeout(
             self.inner.options.timeout,
@@ -631,6 +627,55 @@ impl RedisBackend {
                 Err(Unavailable)
             }
         }
+    }
+
+    /// [`eval_counted`](Self::eval_counted) for admission: on a single node the call is
+    /// batched with the others made in the same tick (`batch.rs`) — the same verdict, the
+    /// same deadline from now, the same accounting in the health state; on a cluster it is
+    /// `eval_counted` itself.
+    pub(crate) async fn eval_batched(
+        &self,
+        buckets: &[BucketRef<'_>],
+        counter: Option<CounterRef<'_>>,
+        now: Option<Duration>,
+    ) -> Result<Verdict, Unavailable> {
+        let Some(batcher) = &self.inner.batcher else {
+            return self.eval_counted(buckets, counter, now).await;
+        };
+        if !self.is_up() {
+            return Err(Unavailable);
+        }
+        let reply = batcher.submit(buckets, counter, now);
+        match tokio::time::timeout(self.inner.options.timeout, reply).await {
+            Ok(Ok(Ok(reply))) => {
+                self.succeeded();
+                match verdict(&reply, buckets.len(), counter.is_some()) {
+                    Some(verdict) => Ok(verdict),
+                    None => {
+                        self.failed(format_args!("unexpected script reply {reply:?}"));
+                        Err(Unavailable)
+                    }
+                }
+            }
+            Ok(Ok(Err(failure))) => {
+                self.failed_as(&failure);
+                Err(Unavailable)
+            }
+            // The batch's own deadline passed (its callers' too), or its task is gone.
+            Ok(Err(_)) | Err(_) => {
+                self.failed(self.missed_deadline());
+                Err(Unavailable)
+            }
+        }
+    }
+
+    /// Script calls the batcher made and the largest batch (`None` on a cluster).
+    #[cfg(test)]
+    pub(crate) fn batch_stats(&self) -> Option<(u64, usize)> {
+        self.inner
+            .batcher
+            .as_ref()
+            .map(|b| (b.calls(), b.largest()))
     }
 
     fn missed_deadline(&self) -> String {
@@ -725,11 +770,16 @@ impl RedisBackend {
     /// A call failed with `error`: a lost connection takes the backend down at once, any
     /// other error counts as [`failed`](Self::failed).
     fn failed_with(&self, error: &::redis::RedisError) {
-        if error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal() {
+        self.failed_as(&Failure::from(error));
+    }
+
+    /// [`failed_with`](Self::failed_with) for an error already classified.
+    fn failed_as(&self, failure: &Failure) {
+        if failure.lost {
             metrics::counter!("sluicegate_limit_backend_errors_total").increment(1);
-            self.transition(Health::lost, &error.to_string());
+            self.transition(Health::lost, &failure.message);
         } else {
-            self.failed(error);
+            self.failed(&failure.message);
         }
     }
 
@@ -740,6 +790,36 @@ impl RedisBackend {
         let error = error.to_string();
         self.transition(|h| h.call(false, tokio::time::Instant::now()), &error);
     }
+}
+
+/// The call of `script` (`gcra.lua`) over `buckets` in order, then the usage `counter`;
+/// `now` replaces the server's clock (see [`RedisBackend::eval`]).
+fn invocation<'s>(
+    script: &'s Script,
+    buckets: &[BucketRef<'_>],
+    counter: Option<CounterRef<'_>>,
+    now: Option<Duration>,
+) -> ScriptInvocation<'s> {
+    let mut call = script.prepare_invoke();
+    for bucket in buckets {
+        call.key(bucket.key);
+    }
+    if let Some(counter) = &counter {
+        call.key(counter.key);
+    }
+    match now {
+        Some(now) => call.arg(now.as_nanos().to_string()).arg(LOGICAL_MIN_TTL_MS),
+        None => call.arg("").arg(0u64),
+    };
+    for bucket in buckets {
+        call.arg(bucket.gcra.period).arg(bucket.gcra.tau);
+    }
+    if let Some(counter) = &counter {
+        call.arg(counter.limit)
+            .arg(counter.expire_at.as_millis() as u64)
+            .arg(1u64);
+    }
+    call
 }
 
 /// While the backend is down, probes every [`PROBE_EVERY`] (a probe is good when answered
@@ -938,3 +1018,7 @@ mod tests;
 /// Against a real `redis-server`: heartbeats, the fallback's share, charges.
 #[cfg(test)]
 mod fleet_tests;
+
+/// Against a real `redis-server`: batched calls decide as lone ones.
+#[cfg(test)]
+mod batch_tests;

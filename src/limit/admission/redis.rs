@@ -1,5 +1,6 @@
 //! Admission through Redis (`[limits] backend = "redis"`): the same layers as Redis buckets,
-//! decided in one script call per request (one call per layer on a Redis Cluster), and the
+//! decided in one script call per request (one call per layer on a Redis Cluster; on one
+//! node the calls made together are batched into one, see `backend`), and the
 //! [`Fallback`] policy while Redis cannot be reached.
 //!
 //! # The local fallback's share, and why the fleet stays within the bound
@@ -331,7 +332,7 @@ where
         let verdict = if shared.backend.is_cluster() {
             per_slot(&shared.backend, &buckets, counter, now).await
         } else {
-            shared.backend.eval_counted(&buckets, counter, now).await
+            shared.backend.eval_batched(&buckets, counter, now).await
         };
         match verdict {
             Ok(verdict) => {

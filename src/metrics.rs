@@ -164,7 +164,7 @@ fn describe() {
     );
     describe_counter!(
         "sluicegate_limit_backend_uncharged_total",
-        "Fallback tokens not charged to Redis because too many buckets were waiting for charges."
+        "Fallback tokens not charged to Redis: too many buckets were waiting for charges, or the charge failed or missed its deadline once sent (never retried: it may have been applied)."
     );
     describe_counter!(
         "sluicegate_limit_backend_fallbacks_total",

@@ -285,3 +285,47 @@ fn cluster_and_fleet_settings_have_defaults_and_bad_values_name_their_key() {
         assert!(err.contains(key) && err.contains(says), "{limits}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_up_usage_quota_is_a_quota_refusal_on_a_cluster() {
+    let _serial = SERIAL.lock().await;
+    let cluster = RedisCluster::start();
+    let backend = backend(&cluster, "quota", Duration::from_secs(2)).await;
+    let day = sluicegate::usage::UsageQuota {
+        limit: 3,
+        period: sluicegate::usage::Period::Day,
+        offset: 0,
+    };
+    let plans = Plans::new(slow(1000), vec![]).with_usage_quotas(Some(day), []);
+    let admission = Arc::new(
+        Admission::new(
+            Some(slow(1000)),
+            vec![("records".into(), Some(slow(1000)))],
+            plans,
+            1000,
+            TokioClock,
+        )
+        .with_backend(Some(backend.clone())),
+    );
+    for used in 1..=3 {
+        let admitted = admission
+            .admit(0, "client")
+            .await
+            .expect("within the quota");
+        assert_eq!(admitted.usage.map(|u| u.used), Some(used));
+    }
+    let refused = admission
+        .admit(0, "client")
+        .await
+        .expect_err("quota used up");
+    assert_eq!(
+        refused.scope,
+        sluicegate::limit::Scope::Quota,
+        "{refused:?}"
+    );
+    assert!(
+        refused.wait > Duration::from_secs(1),
+        "waits for the next period, not a bucket: {refused:?}"
+    );
+    assert_eq!(refused.usage.map(|u| u.used), Some(3));
+}

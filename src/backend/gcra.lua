@@ -32,8 +32,10 @@
 -- Needs Redis >= 5, where scripts replicate their effects (so a write after TIME is fine).
 --
 -- Times are kept relative to the current whole second, so Lua's doubles hold them exactly
--- (integers up to 2^53 ns, about 104 days of refill time). A TAT is stored as the decimal
--- digits of its ns since the epoch and split, not converted, for the same reason.
+-- for refill times up to 2^53 ns (about 104 days); a longer one (config allows ten years)
+-- rounds to a multiple of a few dozen ns, which no decision can tell apart. A TAT is stored
+-- as the decimal digits of its ns since the epoch and split, not converted, for the same
+-- reason.
 
 local BILLION = 1000000000
 local call, tonumber, sub, floor = redis.call, tonumber, string.sub, math.floor

@@ -68,7 +68,8 @@ end
 -- A bucket's TAT, once read: secs[key] * 1e9 + vals[key] ns since the epoch (secs false: no
 -- state). A write keeps it relative to the writing request's second, so a later request
 -- converts it exactly as gcra.lua would parse the string the write stored (whole numbers
--- well below 2^53: no rounding), and the string is formatted once, at the end.
+-- below 2^53 for refill times up to ~104 days, as in gcra.lua), and the string is formatted
+-- once, at the end.
 local secs, vals = {}, {}
 -- A counter's count, once read.
 local counts = {}

@@ -526,6 +526,12 @@ impl RedisBackend {
     /// Charges the bucket `key` for `tokens` taken elsewhere (the local fallback), or gives
     /// `-tokens` back: one round trip. A charge empties the bucket at most (what is beyond
     /// is forgiven: a bucket holds no debt), a give-back fills it at most.
+    ///
+    /// `Err` only when nothing was sent (Redis is down). A charge that was sent and then
+    /// failed or missed its deadline may have been applied: it is not retried (that could
+    /// charge twice) but counted in `sluicegate_limit_backend_uncharged_total`, and it does
+    /// not feed the up/down state — a burst of charges after an outage must not take Redis
+    /// down again.
     pub(crate) async fn charge(
         &self,
         key: &str,
@@ -546,20 +552,11 @@ impl RedisBackend {
             call.invoke_async::<i64>(&mut conn),
         )
         .await;
-        match reply {
-            Ok(Ok(_remaining)) => {
-                self.succeeded();
-                Ok(())
-            }
-            Ok(Err(e)) => {
-                self.failed_with(&e);
-                Err(Unavailable)
-            }
-            Err(_elapsed) => {
-                self.failed(self.missed_deadline());
-                Err(Unavailable)
-            }
+        if !matches!(reply, Ok(Ok(_))) {
+            metrics::counter!("sluicegate_limit_backend_uncharged_total")
+                .increment(tokens.unsigned_abs());
         }
+        Ok(())
     }
 
     /// Takes a token from the single bucket `key` with `quota`: one round trip.

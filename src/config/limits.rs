@@ -45,8 +45,9 @@ pub struct LimitsConfig {
     /// What admission does while Redis is down (default `local`).
     pub on_backend_error: BackendErrorPolicy,
     /// With `backend = "redis"`: deadline of one call to Redis. A call that fails or misses
-    /// it marks Redis down and `on_backend_error` decides until a probe finds it back, so no
-    /// request waits on Redis longer than this.
+    /// it is decided by `on_backend_error`; `redis_down_after` of them in a row mark Redis
+    /// down until `redis_up_after` probes find it back. No request waits on Redis longer than
+    /// this (twice this on a Redis Cluster, whose key-layer call follows the others).
     #[serde(with = "units::duration")]
     pub redis_timeout: Duration,
     /// With `backend = "redis"`: the masters of a Redis Cluster (`redis://host:port` each),

@@ -72,7 +72,8 @@
 //! (pipelined; on a Redis Cluster one call per layer, at most two round trips).
 //! [`Admission::admit`] is the entry point that follows the configured
 //! backend: locally it is [`Admission::check`], ready at once; with Redis it is a future,
-//! bounded by `limits.redis_timeout`. A call that fails or misses it, and every request
+//! bounded by `limits.redis_timeout` (twice that on a Cluster: two calls in sequence). A
+//! call that fails or misses it, and every request
 //! while Redis is down, is decided by `on_backend_error` ([`Fallback`]): `local` uses this
 //! replica's buckets at its share of the limits (`rate / N`, `burst / N`, N the live
 //! replicas) and charges what it admitted to the shared buckets when Redis returns, so the

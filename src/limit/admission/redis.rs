@@ -146,28 +146,37 @@ impl RedisLayers {
     }
 }
 
-/// Charges the ledger's tokens to the shared buckets once Redis answers, retrying what
-/// fails every [`PROBE_EVERY`]; ends when the ledger is empty.
+/// Charges sent at once after an outage: enough to pipeline, few enough that admission
+/// calls queued behind them on the same connection keep their deadline.
+const CHARGES_AT_ONCE: usize = 64;
+
+/// Charges the ledger's tokens to the shared buckets once Redis answers, [`CHARGES_AT_ONCE`]
+/// at a time; what could not be sent because Redis went down again is kept for the next
+/// time it is up ([`PROBE_EVERY`] later). Ends when the ledger is empty.
 async fn charge_when_up(backend: RedisBackend, ledger: Arc<Mutex<Ledger>>) {
     loop {
         backend.until_up().await;
-        let pending =
-            std::mem::take(&mut ledger.lock().expect("ledger lock never poisoned").pending);
-        // All charges at once: the connection pipelines them.
-        let mut calls = tokio::task::JoinSet::new();
-        for (key, (gcra, tokens)) in pending {
-            let backend = backend.clone();
-            calls.spawn(async move {
-                match backend.charge(&key, gcra, tokens).await {
-                    Ok(()) => None,
-                    Err(crate::backend::Unavailable) => Some((key, gcra, tokens)),
-                }
-            });
-        }
+        let pending: Vec<_> =
+            std::mem::take(&mut ledger.lock().expect("ledger lock never poisoned").pending)
+                .into_iter()
+                .collect();
         let mut failed = Vec::new();
-        while let Some(done) = calls.join_next().await {
-            if let Ok(Some(charge)) = done {
-                failed.push(charge);
+        for chunk in pending.chunks(CHARGES_AT_ONCE) {
+            let mut calls = tokio::task::JoinSet::new();
+            for (key, (gcra, tokens)) in chunk.iter().cloned() {
+                let backend = backend.clone();
+                calls.spawn(async move {
+                    match backend.charge(&key, gcra, tokens).await {
+                        Ok(()) => None,
+                        // Not sent: Redis is down again.
+                        Err(crate::backend::Unavailable) => Some((key, gcra, tokens)),
+                    }
+                });
+            }
+            while let Some(done) = calls.join_next().await {
+                if let Ok(Some(charge)) = done {
+                    failed.push(charge);
+                }
             }
         }
         {
@@ -190,7 +199,8 @@ async fn charge_when_up(backend: RedisBackend, ledger: Arc<Mutex<Ledger>>) {
 pub enum Admit {
     /// Decided locally (or without Redis): `Some` until polled.
     Ready(Option<Result<Admitted, Rejected>>),
-    /// Waiting for Redis; never longer than `limits.redis_timeout`.
+    /// Waiting for Redis; never longer than `limits.redis_timeout` on one node, and twice
+    /// that on a Redis Cluster (the key layer's call follows the global and route calls).
     Pending(Pin<Box<dyn Future<Output = Result<Admitted, Rejected>> + Send>>),
 }
 
@@ -347,6 +357,8 @@ where
                 if verdict.bucket == buckets.len() {
                     let state =
                         counted.expect("only a call with a counter refuses past its buckets");
+                    // Every bucket gave its shared token before the counter refused.
+                    self.mirror(&scopes, route, &key, shared.backend.fleet_share());
                     return Err(Rejected {
                         scope: Scope::Quota,
                         quota,
@@ -436,8 +448,10 @@ async fn per_slot(
     // The key's usage counter shares its bucket's hash tag, so it is counted in the same
     // call, after every layer admitted.
     let verdict = backend.eval_counted(key, counter, now).await?;
+    // The key call's index is within its own slice: 0 for its bucket, 1 (past it) for a
+    // usage-quota refusal.
     Ok(Verdict {
-        bucket: upper.len(),
+        bucket: upper.len() + verdict.bucket,
         ..verdict
     })
 }

@@ -7,10 +7,9 @@
 mod common;
 mod redis_support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{config_toml, route, Harness};
+use common::{config_toml, redis_replica, route, Harness};
 use redis_support::RedisServer;
 use serde_json::{json, Value};
 use sluicegate::config::{Config, KeyLimit};
@@ -332,49 +331,12 @@ async fn a_streamed_bulk_is_replayed_line_by_line_too() {
 
 // --- two replicas on Redis ------------------------------------------------------------
 
-/// A replica sharing `redis`; `lambda`: `None` embeds the emulator, `Some(addr)` invokes
-/// that (the other replica's) emulator, so one emulator counts both replicas' invokes.
-fn replica(redis: &RedisServer, functions: &str, lambda: Option<SocketAddr>) -> Config {
-    let (emulator, endpoint) = match lambda {
-        None => ("enabled = true", "http://127.0.0.1:0".to_owned()),
-        Some(addr) => ("enabled = false", format!("http://{addr}")),
-    };
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-
-[limits]
-backend = "redis"
-redis_url = "{url}"
-redis_timeout = "2s"
-global = {{ rate = 100000.0, burst = 100000 }}
-default = {{ rate = 100000.0, burst = 100000 }}
-
-[lambda]
-endpoint_url = "{endpoint}"
-
-[emulator]
-{emulator}
-listen = "127.0.0.1:0"
-{functions}
-
-[[routes]]
-name = "records"
-function = "slow"
-"#,
-        url = redis.url()
-    );
-    Config::from_toml(&toml).expect("test config is valid")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_on_one_replica_the_others_lines_are_409_then_replayed() {
     let redis = RedisServer::start();
     let functions = "[[emulator.functions]]\nname = \"slow\"\nlatency = \"800ms\"\n";
-    let a = Harness::start_config(replica(&redis, functions, None)).await;
-    let b = Harness::start_config(replica(&redis, "", Some(a.emulator()))).await;
+    let a = Harness::start_config(redis_replica(&redis.url(), functions, None)).await;
+    let b = Harness::start_config(redis_replica(&redis.url(), "", Some(a.emulator()))).await;
     let body = "{\"n\":1}\n{\"n\":2}\n";
     let on_a = tokio::spawn({
         let request = a

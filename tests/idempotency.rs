@@ -7,10 +7,9 @@
 mod common;
 mod redis_support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{config_toml, route, Harness};
+use common::{config_toml, redis_replica, route, Harness};
 use redis_support::RedisServer;
 use serde_json::Value;
 use sluicegate::config::Config;
@@ -378,47 +377,10 @@ latency = "50ms"
 
 // --- two replicas on one Redis --------------------------------------------------------
 
-/// A replica sharing `redis`; `lambda`: `None` embeds the emulator, `Some(addr)` invokes
-/// that (the other replica's) emulator, so one emulator counts both replicas' invokes.
-fn replica(redis: &RedisServer, functions: &str, lambda: Option<SocketAddr>) -> Config {
-    let (emulator, endpoint) = match lambda {
-        None => ("enabled = true", "http://127.0.0.1:0".to_owned()),
-        Some(addr) => ("enabled = false", format!("http://{addr}")),
-    };
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-
-[limits]
-backend = "redis"
-redis_url = "{url}"
-redis_timeout = "2s"
-global = {{ rate = 100000.0, burst = 100000 }}
-default = {{ rate = 100000.0, burst = 100000 }}
-
-[lambda]
-endpoint_url = "{endpoint}"
-
-[emulator]
-{emulator}
-listen = "127.0.0.1:0"
-{functions}
-
-[[routes]]
-name = "records"
-function = "slow"
-"#,
-        url = redis.url()
-    );
-    Config::from_toml(&toml).expect("test config is valid")
-}
-
 async fn two_replicas(redis: &RedisServer, latency: &str) -> (Harness, Harness) {
     let functions = format!("[[emulator.functions]]\nname = \"slow\"\nlatency = \"{latency}\"\n");
-    let a = Harness::start_config(replica(redis, &functions, None)).await;
-    let b = Harness::start_config(replica(redis, "", Some(a.emulator()))).await;
+    let a = Harness::start_config(redis_replica(&redis.url(), &functions, None)).await;
+    let b = Harness::start_config(redis_replica(&redis.url(), "", Some(a.emulator()))).await;
     (a, b)
 }
 
@@ -579,10 +541,10 @@ async fn a_claim_outlives_a_short_ttl_while_its_record_is_still_running() {
     // record a second time.
     let redis = RedisServer::start();
     let functions = "[[emulator.functions]]\nname = \"slow\"\nlatency = \"2500ms\"\n";
-    let mut first = replica(&redis, functions, None);
+    let mut first = redis_replica(&redis.url(), functions, None);
     first.idempotency.ttl = Duration::from_secs(1);
     let a = Harness::start_config(first).await;
-    let mut second = replica(&redis, "", Some(a.emulator()));
+    let mut second = redis_replica(&redis.url(), "", Some(a.emulator()));
     second.idempotency.ttl = Duration::from_secs(1);
     let b = Harness::start_config(second).await;
     let on_a = tokio::spawn({

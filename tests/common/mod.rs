@@ -34,6 +34,48 @@ listen = "127.0.0.1:0"
     )
 }
 
+/// A replica whose limits and Idempotency-Keys live in the Redis at `redis_url`, with one
+/// route `records` to the function `slow`; `lambda`: `None` embeds the emulator, `Some(addr)` invokes
+/// that (the other replica's) emulator, so one emulator counts both replicas' invokes.
+pub(crate) fn redis_replica(
+    redis_url: &str,
+    functions: &str,
+    lambda: Option<SocketAddr>,
+) -> Config {
+    let (emulator, endpoint) = match lambda {
+        None => ("enabled = true", "http://127.0.0.1:0".to_owned()),
+        Some(addr) => ("enabled = false", format!("http://{addr}")),
+    };
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[limits]
+backend = "redis"
+redis_url = "{url}"
+redis_timeout = "2s"
+global = {{ rate = 100000.0, burst = 100000 }}
+default = {{ rate = 100000.0, burst = 100000 }}
+
+[lambda]
+endpoint_url = "{endpoint}"
+
+[emulator]
+{emulator}
+listen = "127.0.0.1:0"
+{functions}
+
+[[routes]]
+name = "records"
+function = "slow"
+"#,
+        url = redis_url
+    );
+    Config::from_toml(&toml).expect("test config is valid")
+}
+
 pub(crate) struct Harness {
     pub(crate) running: Running,
     pub(crate) http: reqwest::Client,

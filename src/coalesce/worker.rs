@@ -347,6 +347,13 @@ async fn run<I: Invoke>(
         // Only this worker adds batches in flight, and it adds none while this batch forms:
         // once idle, the route stays idle until this batch leaves.
         let mut idle = adaptive && in_flight.is_idle();
+        // Pinned once per batch, as `acquire`: the loop below turns at every wake-up of a
+        // delivery too, and a timer made afresh each turn would be re-registered each turn.
+        // A timer is only registered once first polled.
+        let flush_timer = sleep_until(flush_at);
+        tokio::pin!(flush_timer);
+        let linger_timer = sleep_until(linger_at);
+        tokio::pin!(linger_timer);
 
         while !batch.is_full(&spec) {
             // Whatever is already queued joins without waiting: under load this is what
@@ -371,8 +378,8 @@ async fn run<I: Invoke>(
                     break;
                 }
                 () = in_flight.settle_one(&spec.route) => idle = adaptive && in_flight.is_idle(),
-                () = sleep_until(linger_at), if adaptive && !lingered => lingered = true,
-                _ = sleep_until(flush_at) => break,
+                () = &mut linger_timer, if adaptive && !lingered => lingered = true,
+                () = &mut flush_timer => break,
                 m = rx.recv() => match m {
                     Some(m) if batch.fits(&m, &spec) => batch.push(m),
                     Some(m) => {

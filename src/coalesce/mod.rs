@@ -4,8 +4,8 @@
 //! The shape is tower's `Buffer`: a cheap, cloneable handle ([`Batcher`]) sends a
 //! [`Message`] — the record already serialized as its envelope entry, the caller's
 //! deadline and a `oneshot` reply sender — into the route's bounded queue; one worker task
-//! per route drains the queue into batches and drives their deliveries itself (no task per
-//! batch), so an invoke's answer reaches its callers from that task. The queue is a channel with `queue.fairness = "fifo"`, and with `"per_key"` (the default) a
+//! per route drains the queue into batches and spawns one dispatch task per batch. The
+//! queue is a channel with `queue.fairness = "fifo"`, and with `"per_key"` (the default) a
 //! fair queue (`fair.rs`) that serves the keys with records waiting in weighted round
 //! robin and, when full, sheds the key holding the most rather than the newcomer.
 //!
@@ -33,9 +33,8 @@
 //! - records whose caller has gone (disconnected: its receiver dropped; or deadline
 //!   passed) are dropped before dispatch and never reach Lambda;
 //! - every submitted record's caller receives exactly one [`Outcome`]: each reply sender
-//!   is moved into exactly one `send`, and a sender dropped without a send (a delivery
-//!   that panicked, which ends its own batch only) surfaces to the caller as
-//!   [`RecordError::Lost`], never as silence.
+//!   is moved into exactly one `send`, and a sender dropped without a send (a panicking
+//!   dispatch task) surfaces to the caller as [`RecordError::Lost`], never as silence.
 
 mod deliver;
 mod envelope;
@@ -180,7 +179,7 @@ pub enum RecordError {
     /// The function's answer does not mention this record.
     #[error("the function's response has no result for this record")]
     MissingResult,
-    /// The delivery holding the record's reply ended without answering (it panicked).
+    /// The task holding the record's reply ended without answering (it panicked).
     #[error("the record's result was lost (its batch task ended without answering)")]
     Lost,
     /// The caller's deadline passed while the record waited for an attempt (in the queue,

@@ -1,12 +1,6 @@
-//! The per-route worker: queue → batches → deliveries. The queue is a channel (`fifo`) or
-//! the fair queue (`per_key`), read through one [`Inbox`], so the worker has one code path
-//! for both.
-//!
-//! The worker owns its batches in delivery ([`InFlight`]): it polls them itself, in the same
-//! `select!` as its queue, timers, gate and closing signal, instead of spawning a task per
-//! batch. An invoke's answer is fanned out to the callers by the task that Lambda's response
-//! woke, with no hop through a task of its own. The price: a route's response parsing runs
-//! on one task, so one route's deliveries no longer spread across cores (routes still do).
+//! The per-route worker: queue → batches → one delivery task per batch. The queue is a
+//! channel (`fifo`) or the fair queue (`per_key`), read through one [`Inbox`], so the
+//! worker has one code path for both.
 //!
 //! When a batch is sent ([`Flush`]): always when it is full (`max_records` or `max_bytes`)
 //! and when `max_wait` has passed since its first record. Before that, `window` holds it;
@@ -28,29 +22,22 @@
 //!
 //! Closing (shutdown after the grace period): the worker stops forming batches, answers
 //! every record it holds or that is still queued with [`RecordError::Closed`] (`503`), and
-//! exits once its batches in delivery have ended. Those are not cut short: Lambda may be
+//! exits. Batches already handed to a delivery task are not touched: Lambda may be
 //! processing them, and their callers get the real result.
 //!
 //! Supervision ([`supervise`]): a worker that panics is restarted on the same queue; the
-//! records it held (never sent) are answered `503` ([`RecordError::WorkerFailed`]). Its
-//! batches in delivery live in the supervisor and carry on: their callers get the real
-//! result. A panic inside one delivery ends that batch alone: its callers hear
-//! [`RecordError::Lost`] (`502`), since Lambda may have run it.
+//! records it held (never sent) are answered `503` ([`RecordError::WorkerFailed`]).
 
-use std::any::Any;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::{BoxFuture, CatchUnwind};
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 
 use tokio::sync::mpsc::{self, error::TryRecvError};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::{sleep_until, Instant};
-use tracing::instrument::Instrumented;
 use tracing::Instrument;
 
 use super::deliver::Delivery;
@@ -143,62 +130,44 @@ impl Inbox {
     }
 }
 
-/// One batch in delivery as the worker polls it: in its batch span, and with a panic
-/// caught so that it ends this batch alone.
-type Delivering = CatchUnwind<AssertUnwindSafe<Instrumented<BoxFuture<'static, ()>>>>;
-
-/// The route's batches in delivery (first attempt, retries and splits), polled by the
-/// worker's task itself rather than spawned one task each: the adaptive flush's "route is
-/// idle" is this set being empty.
+/// How many of the route's batches are in delivery (first attempt, retries and splits), and
+/// a wake-up for the worker when that falls to zero: the adaptive flush's "route is idle".
 #[derive(Default)]
 struct InFlight {
-    deliveries: FuturesUnordered<Delivering>,
+    batches: AtomicUsize,
+    idle: Notify,
 }
 
 impl InFlight {
     fn is_idle(&self) -> bool {
-        self.deliveries.is_empty()
+        self.batches.load(Ordering::Acquire) == 0
     }
 
-    fn start(&mut self, deliver: BoxFuture<'static, ()>, span: tracing::Span) {
-        self.deliveries
-            .push(AssertUnwindSafe(deliver.instrument(span)).catch_unwind());
+    /// Counts a batch until the guard drops, which is when its delivery task ends — even
+    /// by a panic, since the runtime drops a panicked task's future.
+    fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.batches.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(Arc::clone(self))
     }
 
-    /// Drives the deliveries until one ends. Never resolves while none is in flight, so it
-    /// can sit in every `select!` of the worker: a worker waiting on anything else (the
-    /// gate's slot may be one of these batches' to give back) still answers their callers.
-    ///
-    /// Cancel-safe: a delivery is only ever dropped once it has ended.
-    async fn settle_one(&mut self, route: &str) {
-        match self.deliveries.next().await {
-            None => std::future::pending().await,
-            Some(Ok(())) => {}
-            // Unwind safety: the panicking delivery is dropped whole, with its records'
-            // reply senders, so its callers hear `Lost`; nothing else shares its state.
-            Some(Err(panic)) => tracing::error!(
-                route,
-                panic = %panic_message(panic.as_ref()),
-                "a batch's delivery panicked: its callers hear 502 (Lambda may have run it)"
-            ),
-        }
-    }
-
-    /// Drives every delivery to its end.
-    async fn settle_all(&mut self, route: &str) {
+    /// Resolves once no batch is in flight. `notify_one` keeps a permit when the worker is
+    /// not waiting yet, so a last batch ending between the check and the wait is not missed;
+    /// a stale permit only costs one more check.
+    async fn wait_idle(&self) {
         while !self.is_idle() {
-            self.settle_one(route).await;
+            self.idle.notified().await;
         }
     }
 }
 
-/// The text of a caught panic, for the error log.
-fn panic_message(panic: &(dyn Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".to_owned())
+struct InFlightGuard(Arc<InFlight>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.batches.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_one();
+        }
+    }
 }
 
 /// Answers everything the worker still holds with `Closed`. The queue is closed first so
@@ -233,11 +202,10 @@ impl Held {
 }
 
 /// Runs the route's worker, and restarts it if it panics. The records it held then were
-/// never sent (a batch leaves [`Held`] when its delivery starts), so their callers are
-/// answered [`RecordError::WorkerFailed`] (`503`, safe to retry), with an error log; the
-/// queue and its callers carry over to the restarted worker. Batches already in delivery
-/// are kept here, outside the worker's future, and driven on through the restart: their
-/// callers get the real result. If a delivery itself panics, its callers surface as
+/// never sent (a batch leaves [`Held`] before its delivery task is spawned), so their
+/// callers are answered [`RecordError::WorkerFailed`] (`503`, safe to retry), with an error
+/// log; the queue and its callers carry over to the restarted worker. Records already in a
+/// delivery task are not the worker's: if that task panics they surface as
 /// [`RecordError::Lost`] (`502`), since Lambda may have run them.
 pub(super) async fn supervise<I: Invoke>(
     mut rx: Inbox,
@@ -248,51 +216,33 @@ pub(super) async fn supervise<I: Invoke>(
         batch: Batch::new(delivery.spec.max_records),
         carry: None,
     };
-    // Outside the worker's future: batches in delivery when it panics outlive it.
-    let mut in_flight = InFlight::default();
-    let route = &delivery.spec.route;
+    // Outside the worker's future: batches spawned before a panic still count after it.
+    let in_flight = Arc::new(InFlight::default());
     loop {
-        let worker = run(
-            &mut rx,
-            &delivery,
-            &mut in_flight,
-            closing.clone(),
-            &mut held,
-        );
-        // Unwind safety: after a panic only `held` (whole `Message` values), `rx` and
-        // `in_flight` are used again. The first two cannot be left half-updated by a panic;
-        // the worker's own code never panics inside `in_flight`, whose deliveries catch
-        // their own panics, so the set is whole.
+        let worker = run(&mut rx, &delivery, &in_flight, closing.clone(), &mut held);
+        // Unwind safety: after a panic only `held` (whole `Message` values) and `rx` are
+        // used again, and neither can be left half-updated by a panic.
         match AssertUnwindSafe(worker).catch_unwind().await {
-            Ok(()) => {
-                // Closed, or every handle gone: nothing more is sent, but batches Lambda may
-                // be processing still answer their callers.
-                in_flight.settle_all(route).await;
-                return;
-            }
+            Ok(()) => return,
             Err(panic) => {
+                let reason = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".to_owned());
                 let records = held.take_all();
                 tracing::error!(
-                    route = %route,
+                    route = %delivery.spec.route,
                     records = records.len(),
-                    in_flight = in_flight.deliveries.len(),
-                    panic = %panic_message(panic.as_ref()),
+                    panic = %reason,
                     "the route's batch worker panicked: answering the records it held 503 \
-                     (never sent) and restarting it; batches in delivery carry on"
+                     (never sent) and restarting it"
                 );
                 for m in records {
                     m.answer(Err(RecordError::WorkerFailed));
                 }
-                // A worker that fails again at once must not spin a core; the batches in
-                // delivery are driven meanwhile.
-                let restart = tokio::time::sleep(RESTART_DELAY);
-                tokio::pin!(restart);
-                loop {
-                    tokio::select! {
-                        () = &mut restart => break,
-                        () = in_flight.settle_one(route) => {}
-                    }
-                }
+                // A worker that fails again at once must not spin a core.
+                tokio::time::sleep(RESTART_DELAY).await;
             }
         }
     }
@@ -304,7 +254,7 @@ const RESTART_DELAY: Duration = Duration::from_millis(100);
 async fn run<I: Invoke>(
     rx: &mut Inbox,
     delivery: &Arc<Delivery<I>>,
-    in_flight: &mut InFlight,
+    in_flight: &Arc<InFlight>,
     mut closing: watch::Receiver<bool>,
     held: &mut Held,
 ) {
@@ -325,7 +275,6 @@ async fn run<I: Invoke>(
                     None => return,
                 },
                 _ = closing.changed() => continue,
-                () = in_flight.settle_one(&spec.route) => continue,
             },
         };
         let flush_at = first.enqueued + spec.max_wait;
@@ -347,13 +296,8 @@ async fn run<I: Invoke>(
         // Only this worker adds batches in flight, and it adds none while this batch forms:
         // once idle, the route stays idle until this batch leaves.
         let mut idle = adaptive && in_flight.is_idle();
-        // Pinned once per batch, as `acquire`: the loop below turns at every wake-up of a
-        // delivery too, and a timer made afresh each turn would be re-registered each turn.
-        // A timer is only registered once first polled.
-        let flush_timer = sleep_until(flush_at);
-        tokio::pin!(flush_timer);
-        let linger_timer = sleep_until(linger_at);
-        tokio::pin!(linger_timer);
+        let wait_idle = in_flight.wait_idle();
+        tokio::pin!(wait_idle);
 
         while !batch.is_full(&spec) {
             // Whatever is already queued joins without waiting: under load this is what
@@ -377,9 +321,9 @@ async fn run<I: Invoke>(
                     slot = Some(s);
                     break;
                 }
-                () = in_flight.settle_one(&spec.route) => idle = adaptive && in_flight.is_idle(),
-                () = &mut linger_timer, if adaptive && !lingered => lingered = true,
-                () = &mut flush_timer => break,
+                () = &mut wait_idle, if adaptive && !idle => idle = true,
+                () = sleep_until(linger_at), if adaptive && !lingered => lingered = true,
+                _ = sleep_until(flush_at) => break,
                 m = rx.recv() => match m {
                     Some(m) if batch.fits(&m, &spec) => batch.push(m),
                     Some(m) => {
@@ -398,15 +342,11 @@ async fn run<I: Invoke>(
         }
         let slot = match slot {
             Some(slot) => slot,
-            None => loop {
-                tokio::select! {
-                    slot = &mut acquire => break slot,
-                    _ = closing.changed() => {
-                        fail_all(rx, held.take_all());
-                        return;
-                    }
-                    // The slot may be one of these batches' to give back.
-                    () = in_flight.settle_one(&spec.route) => {}
+            None => tokio::select! {
+                slot = &mut acquire => slot,
+                _ = closing.changed() => {
+                    fail_all(rx, held.take_all());
+                    return;
                 }
             },
         };
@@ -434,14 +374,22 @@ async fn run<I: Invoke>(
             span.follows_from(m.span.id());
         }
         let backlogged = carry.is_some() || !rx.is_empty();
-        // The batch leaves `held` here, for its delivery: from now on its records may reach
-        // Lambda, and they are no longer the worker's to answer.
+        // The batch leaves `held` here, for its delivery task: from now on its records
+        // may reach Lambda, and they are no longer the worker's to answer.
         let messages = std::mem::replace(&mut batch.messages, Vec::with_capacity(spec.max_records));
         batch.entry_bytes = 0;
         delivery
             .drain
             .on_dispatch(messages.len(), backlogged, Instant::now());
-        in_flight.start(Arc::clone(delivery).deliver(messages, Some(slot)), span);
+        let counted = in_flight.enter();
+        let deliver = Arc::clone(delivery).deliver(messages, Some(slot));
+        tokio::spawn(
+            async move {
+                deliver.await;
+                drop(counted);
+            }
+            .instrument(span),
+        );
     }
 }
 
@@ -545,7 +493,7 @@ mod tests {
         });
         let (batcher, lambda) = fake::start(fake::spec(1), lambda);
 
-        // Batches of one: all three are out at once, on the worker's task.
+        // Batches of one: all three are out at once, each in its own delivery task.
         let tickets = ["\"a\"", "\"b\"", "\"c\""].map(|b| fake::submit(&batcher, b, LONG));
         let [a, b, c] = tickets;
         let outcome = b.outcome().await;

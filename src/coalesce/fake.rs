@@ -41,6 +41,8 @@ pub(super) enum Reply {
     FunctionError,
     /// The response payload as given.
     Payload(&'static str),
+    /// A panic inside the invoke, after `latency`: a bug in the delivery path.
+    Panic,
 }
 
 type Answer = Box<dyn FnMut(&Call) -> Reply + Send>;
@@ -148,6 +150,9 @@ impl Invoke for ScriptedLambda {
         tokio::time::sleep(self.latency).await;
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         drop(slot);
+        if matches!(reply, Reply::Panic) {
+            panic!("scripted panic inside an invoke of {:?}", call.bodies);
+        }
         let result = match reply {
             Reply::Fail(failure) => Err(failure),
             _ if invocation == Invocation::Event => Ok(Invoked::Accepted),
@@ -166,6 +171,7 @@ impl Invoke for ScriptedLambda {
                     function_error: None,
                 })
             }
+            Reply::Panic => unreachable!("panicked above"),
             Reply::FunctionError => Ok(Invoked::Response {
                 payload: Bytes::from_static(
                     br#"{"errorType":"Poison","errorMessage":"a record is poison"}"#,

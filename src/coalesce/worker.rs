@@ -445,6 +445,81 @@ mod tests {
         assert_eq!(lambda.calls().len(), 1, "the held record was never sent");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_that_panics_leaves_its_batches_in_delivery_to_answer_their_callers() {
+        let mut spec = fake::spec(20);
+        spec.route = "panics-in-flight".into();
+        let (batcher, lambda) = fake::start(spec, ScriptedLambda::echo(4, 100 * MS));
+
+        let sent = fake::submit(&batcher, "\"a\"", LONG);
+        // `a` is out (idle route, free slot), for 100 ms.
+        sleep_until(Instant::now() + 10 * MS).await;
+        assert_eq!(
+            lambda.calls().len(),
+            0,
+            "the fake records a call when it answers"
+        );
+        PANIC_ONCE.lock().unwrap().push("panics-in-flight".into());
+        let held = fake::submit(&batcher, "\"b\"", LONG);
+
+        let outcome = held.outcome().await;
+        assert!(
+            matches!(outcome, Err(RecordError::WorkerFailed)),
+            "{outcome:?}"
+        );
+        let outcome = sent.outcome().await;
+        assert!(
+            matches!(outcome, Ok(Delivered::Success { .. })),
+            "a batch in delivery outlives the worker's panic: {outcome:?}"
+        );
+        let after = fake::submit(&batcher, "\"c\"", LONG);
+        let outcome = after.outcome().await;
+        assert!(
+            matches!(outcome, Ok(Delivered::Success { .. })),
+            "the restarted worker serves the route: {outcome:?}"
+        );
+        let sent: Vec<Vec<String>> = lambda.calls().into_iter().map(|c| c.bodies).collect();
+        assert_eq!(sent, [["\"a\""], ["\"c\""]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_inside_one_delivery_loses_that_batch_alone() {
+        let lambda = ScriptedLambda::echo(4, 10 * MS).answer(|call| {
+            if call.bodies == ["\"b\""] {
+                fake::Reply::Panic
+            } else {
+                fake::Reply::Echo
+            }
+        });
+        let (batcher, lambda) = fake::start(fake::spec(1), lambda);
+
+        // Batches of one: all three are out at once, each in its own delivery task.
+        let tickets = ["\"a\"", "\"b\"", "\"c\""].map(|b| fake::submit(&batcher, b, LONG));
+        let [a, b, c] = tickets;
+        let outcome = b.outcome().await;
+        assert!(matches!(outcome, Err(RecordError::Lost)), "{outcome:?}");
+        for ticket in [a, c] {
+            let outcome = ticket.outcome().await;
+            assert!(
+                matches!(outcome, Ok(Delivered::Success { .. })),
+                "the other batches in delivery are answered: {outcome:?}"
+            );
+        }
+        assert_eq!(
+            lambda.peak_concurrency(),
+            3,
+            "the three were in flight together"
+        );
+        let after = fake::submit(&batcher, "\"d\"", LONG);
+        let outcome = after.outcome().await;
+        assert!(
+            matches!(outcome, Ok(Delivered::Success { .. })),
+            "the worker carries on: {outcome:?}"
+        );
+        let answered: Vec<Vec<String>> = lambda.calls().into_iter().map(|c| c.bodies).collect();
+        assert_eq!(answered, [["\"a\""], ["\"c\""], ["\"d\""]]);
+    }
+
     /// Key `a` offers ten times what the queue holds, all at once, then key `b` three
     /// records; the function takes one batch of five at a time. Returns, per key, the
     /// bodies delivered, how many the queue refused at `submit`, and how many it displaced

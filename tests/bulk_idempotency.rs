@@ -7,13 +7,11 @@
 mod common;
 mod redis_support;
 
-use std::time::Duration;
 
 use common::{config_toml, redis_replica, route, Harness};
 use redis_support::RedisServer;
 use serde_json::{json, Value};
 use sluicegate::config::{Config, KeyLimit};
-use tokio::time::Instant;
 
 const NDJSON: &str = "application/x-ndjson";
 
@@ -95,22 +93,6 @@ fn without(entry: &Value, field: &str) -> Value {
 /// An entry without its `"replayed"` field: what the original answer said.
 fn unmarked(entry: &Value) -> Value {
     without(entry, "replayed")
-}
-
-/// Polls the emulator's stats for `function` until `done` holds (at most 10 s).
-async fn stats_when(h: &Harness, function: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        let stats = h.stats(function).await;
-        if done(&stats) {
-            return stats;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "stats never settled: {stats}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test]
@@ -253,7 +235,7 @@ latency = "300ms"
             "the same record, the same answer"
         );
     }
-    let stats = stats_when(&h, "slow", |s| s["in_flight"] == 0).await;
+    let stats = h.stats_when("slow", |s| s["in_flight"] == 0).await;
     assert_eq!(
         (
             stats["records"].as_u64(),
@@ -350,7 +332,7 @@ async fn in_flight_on_one_replica_the_others_lines_are_409_then_replayed() {
             response.json::<Value>().await.expect("JSON")
         }
     });
-    stats_when(&a, "slow", |s| s["in_flight"] == 1).await;
+    a.stats_when("slow", |s| s["in_flight"] == 1).await;
     let (status, on_b) = bulk(&b, "shared-bulk", body).await;
     assert_eq!(status, 200);
     let entries = results(&on_b);

@@ -13,7 +13,6 @@ use common::{config_toml, redis_replica, route, Harness};
 use redis_support::RedisServer;
 use serde_json::Value;
 use sluicegate::config::Config;
-use tokio::time::Instant;
 
 const ECHO: &str = r#"
 [[emulator.functions]]
@@ -58,22 +57,6 @@ async fn send(h: &Harness, key: Option<&str>, body: &str, timeout_ms: Option<u64
         replayed,
         retry_after,
         body,
-    }
-}
-
-/// Polls the emulator's stats for `function` until `done` holds (at most 10 s).
-async fn stats_when(h: &Harness, function: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        let stats = h.stats(function).await;
-        if done(&stats) {
-            return stats;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "stats never settled: {stats}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -239,7 +222,8 @@ latency = "600ms"
     assert_eq!(early.status, 504, "{early:?}");
     assert_eq!(early.body["error"], "timeout");
     // The function finishes the record after the caller left.
-    stats_when(&h, "slow", |s| s["records"] == 1 && s["in_flight"] == 0).await;
+    h.stats_when("slow", |s| s["records"] == 1 && s["in_flight"] == 0)
+        .await;
     let retry = send(&h, Some("late-1"), r#"{"n":5}"#, None).await;
     assert_eq!(retry.status, 200, "{retry:?}");
     assert!(retry.replayed);
@@ -280,7 +264,7 @@ latency = "600ms"
         "the truth is replayed, the record is not invoked again"
     );
     assert_eq!(retry.body, first.body);
-    let stats = stats_when(&h, "slow", |s| s["in_flight"] == 0).await;
+    let stats = h.stats_when("slow", |s| s["in_flight"] == 0).await;
     assert_eq!(stats["invocations"], 1, "{stats}");
 }
 
@@ -314,7 +298,7 @@ latency = "600ms"
     // The record in flight across the reload: joined or replayed, never invoked again.
     let retry = send(&h, Some("in-flight"), "2", None).await;
     assert_eq!((retry.status, retry.replayed), (200, true), "{retry:?}");
-    let stats = stats_when(&h, "slow", |s| s["in_flight"] == 0).await;
+    let stats = h.stats_when("slow", |s| s["in_flight"] == 0).await;
     assert_eq!(stats["records"], 2, "{stats}");
 }
 
@@ -420,7 +404,7 @@ async fn in_flight_on_one_replica_the_other_answers_409_with_retry_after_and_no_
             (status, response.json::<Value>().await.expect("JSON"))
         }
     });
-    stats_when(&a, "slow", |s| s["in_flight"] == 1).await;
+    a.stats_when("slow", |s| s["in_flight"] == 1).await;
     let on_b = send(&b, Some("shared-2"), r#"{"n":2}"#, None).await;
     assert_eq!(on_b.status, 409, "{on_b:?}");
     assert_eq!(on_b.retry_after.as_deref(), Some("1"));
@@ -514,7 +498,7 @@ async fn a_retry_storm_with_idempotency_keys_processes_no_record_twice() {
     let h = Harness::start(&storm_config()).await;
     let finals = storm(&h, 12, 4, true).await;
     assert!(finals.iter().all(|s| *s == 200), "{finals:?}");
-    let stats = stats_when(&h, "flaky", |s| s["in_flight"] == 0).await;
+    let stats = h.stats_when("flaky", |s| s["in_flight"] == 0).await;
     assert_eq!(stats["duplicate_records"], 0, "{stats}");
     assert_eq!(
         stats["records"], 48,
@@ -527,7 +511,7 @@ async fn the_same_storm_without_keys_processes_records_twice() {
     // The control: the check above has teeth.
     let h = Harness::start(&storm_config()).await;
     storm(&h, 12, 4, false).await;
-    let stats = stats_when(&h, "flaky", |s| s["in_flight"] == 0).await;
+    let stats = h.stats_when("flaky", |s| s["in_flight"] == 0).await;
     assert!(
         stats["duplicate_records"].as_u64().unwrap_or(0) > 0,
         "{stats}"
@@ -555,7 +539,7 @@ async fn a_claim_outlives_a_short_ttl_while_its_record_is_still_running() {
             .body(r#"{"n":1}"#);
         async move { request.send().await.expect("answered").status().as_u16() }
     });
-    stats_when(&a, "slow", |s| s["in_flight"] == 1).await;
+    a.stats_when("slow", |s| s["in_flight"] == 1).await;
     // Past the ttl, while the record is still running.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let on_b = send(&b, Some("long-1"), r#"{"n":1}"#, None).await;

@@ -314,11 +314,8 @@ async fn counts_are_saved_while_requests_drain_at_shutdown() {
         .header("x-api-key", "gold-1")
         .body("1");
     let in_flight = tokio::spawn(async move { request.send().await.expect("answered").status() });
+    h.stats_when("echo", |s| s["in_flight"] == 1).await;
     let started = tokio::time::Instant::now();
-    while h.stats("echo").await["in_flight"] != 1 {
-        assert!(started.elapsed() < Duration::from_secs(5), "never invoked");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     // Shutdown begins while the counted request is still running (for ~2.5 s).
     let shutdown = tokio::spawn(h.running.shutdown());
     let saved_at = loop {

@@ -130,6 +130,22 @@ impl Harness {
             .expect("stats are JSON");
         all["functions"][function].clone()
     }
+
+    /// Polls the emulator's stats for `function` until `done` holds (at most 10 s).
+    pub(crate) async fn stats_when(&self, function: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let start = tokio::time::Instant::now();
+        loop {
+            let stats = self.stats(function).await;
+            if done(&stats) {
+                return stats;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "stats never settled: {stats}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// A port that was free a moment ago (for processes that must be told a fixed port).

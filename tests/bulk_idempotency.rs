@@ -7,7 +7,6 @@
 mod common;
 mod redis_support;
 
-
 use common::{config_toml, redis_replica, route, Harness};
 use redis_support::RedisServer;
 use serde_json::{json, Value};

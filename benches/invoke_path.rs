@@ -25,7 +25,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::value::RawValue;
 use sluicegate::coalesce::{BatchSpec, Batcher};
 use sluicegate::config::{
-    CredentialsSource, Envelope, Fairness, Flush, Invocation, LambdaConfig, RetryConfig,
+    CredentialsSource, Envelope, Fairness, Flush, Invocation, LambdaConfig, LambdaTransport,
+    RetryConfig,
 };
 use sluicegate::invoke::{self, Gate, Invoke, InvokeFailure, InvokePermit, Invoked, Invoker};
 use tokio::time::Instant;
@@ -174,6 +175,8 @@ async fn instant_lambda() -> String {
     format!("http://{addr}")
 }
 
+/// One invoke after another against the instant server, through each `lambda.transport`,
+/// timed inside the runtime (no `block_on` per iteration).
 fn invoker(c: &mut Criterion) {
     let _ = sluicegate::metrics::install();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -181,36 +184,49 @@ fn invoker(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("a runtime");
-    let invoker = rt.block_on(async {
-        let url = instant_lambda().await;
-        let cfg = LambdaConfig {
-            endpoint_url: Some(url),
-            credentials: CredentialsSource::Auto,
-            ..LambdaConfig::default()
-        };
-        let client = invoke::build_client(&cfg).await;
-        Arc::new(Invoker::new(
-            client,
-            "bench".to_owned(),
-            Gate::concurrency_only(1),
-        ))
-    });
+    let url = rt.block_on(instant_lambda());
     let payload = Bytes::from_static(br#"{"records":[{"id":"r1","key":"k","body":{"n":1}}]}"#);
     let mut group = c.benchmark_group("invoker");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("invoke", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                let slot = invoker.gate().acquire().await;
-                black_box(
-                    invoker
-                        .invoke(payload.clone(), Invocation::RequestResponse, slot)
-                        .await
-                        .expect("the instant function answers"),
-                )
+    for (name, transport) in [
+        ("invoke_sdk", LambdaTransport::Sdk),
+        ("invoke_direct", LambdaTransport::Direct),
+    ] {
+        let invoker = rt.block_on(async {
+            let cfg = LambdaConfig {
+                endpoint_url: Some(url.clone()),
+                credentials: CredentialsSource::Auto,
+                transport,
+                ..LambdaConfig::default()
+            };
+            let client = invoke::build_client(&cfg)
+                .await
+                .expect("a client for a loopback endpoint");
+            Arc::new(
+                Invoker::new(&client, "bench".to_owned(), Gate::concurrency_only(1))
+                    .expect("an invoker"),
+            )
+        });
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let invoker = Arc::clone(&invoker);
+                let payload = payload.clone();
+                rt.block_on(async move {
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        let slot = invoker.gate().acquire().await;
+                        black_box(
+                            invoker
+                                .invoke(payload.clone(), Invocation::RequestResponse, slot)
+                                .await
+                                .expect("the instant function answers"),
+                        );
+                    }
+                    started.elapsed()
+                })
             })
-        })
-    });
+        });
+    }
     group.finish();
 }
 

@@ -18,7 +18,7 @@ use crate::backend::{Fallback, RedisBackend, RedisOptions};
 use crate::coalesce::{BatchSpec, Batcher};
 use crate::config::{BackendErrorPolicy, Config, LimitBackend, LimitsConfig};
 use crate::dlq::DeadLetterSink;
-use crate::invoke::{Gate, GateConfig, Invoker};
+use crate::invoke::{Gate, GateConfig, Invoker, LambdaClient};
 
 /// One route, ready to take records.
 pub struct RouteHandle {
@@ -112,7 +112,7 @@ impl Pipeline {
     /// them back).
     pub async fn build(
         config: &Config,
-        client: &aws_sdk_lambda::Client,
+        client: &LambdaClient,
         dead_letters: bool,
     ) -> std::io::Result<Pipeline> {
         let backend = limit_backend(&config.limits, None).await?;
@@ -124,7 +124,7 @@ impl Pipeline {
     /// it, its gate reconfigured to `config`'s limits and backend.
     pub async fn build_with(
         config: &Config,
-        client: &aws_sdk_lambda::Client,
+        client: &LambdaClient,
         dead_letters: bool,
         limit_backend: Option<RedisBackend>,
         previous: &[Arc<Invoker>],
@@ -135,23 +135,29 @@ impl Pipeline {
         let mut reconfigure: Vec<(Arc<Invoker>, GateConfig)> = Vec::new();
         let mut routes = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
-            let invoker = invokers
-                .entry(route.function.as_str())
-                .or_insert_with(|| {
+            let invoker = match invokers.get(route.function.as_str()) {
+                Some(invoker) => Arc::clone(invoker),
+                None => {
                     let gate_config = gate_config(config, &route.function);
-                    if let Some(kept) = previous.iter().find(|i| i.function() == route.function) {
-                        reconfigure.push((Arc::clone(kept), gate_config));
-                        return Arc::clone(kept);
-                    }
-                    let gate = match &limit_backend {
-                        Some(backend) => {
-                            Gate::shared(gate_config, backend.clone(), &route.function)
+                    let invoker = match previous.iter().find(|i| i.function() == route.function) {
+                        Some(kept) => {
+                            reconfigure.push((Arc::clone(kept), gate_config));
+                            Arc::clone(kept)
                         }
-                        None => Gate::new(gate_config),
+                        None => {
+                            let gate = match &limit_backend {
+                                Some(backend) => {
+                                    Gate::shared(gate_config, backend.clone(), &route.function)
+                                }
+                                None => Gate::new(gate_config),
+                            };
+                            Arc::new(Invoker::new(client, route.function.clone(), gate)?)
+                        }
                     };
-                    Arc::new(Invoker::new(client.clone(), route.function.clone(), gate))
-                })
-                .clone();
+                    invokers.insert(route.function.as_str(), Arc::clone(&invoker));
+                    invoker
+                }
+            };
             let dlq = match (&route.dlq, dead_letters) {
                 (Some(dlq), true) => Some(
                     DeadLetterSink::open(dlq, &config.lambda)

@@ -100,7 +100,7 @@ fn lower(
 
 /// Replays `letters`. A letter naming a route the config does not have stays remaining.
 pub async fn redrive(config: &Config, letters: Vec<DeadLetter>) -> std::io::Result<RedriveReport> {
-    let client = crate::invoke::build_client(&config.lambda).await;
+    let client = crate::invoke::build_client(&config.lambda).await?;
     let pipeline = Pipeline::build(config, &client, false).await?;
     let routes: HashMap<&str, usize> = pipeline
         .routes

@@ -564,12 +564,13 @@ reserved_concurrency = 1
         endpoint_url: Some(format!("http://{}", h.emulator())),
         ..Default::default()
     };
-    let client = sluicegate::invoke::build_client(&lambda).await;
-    let invoker = std::sync::Arc::new(Invoker::new(
-        client,
-        "one-at-a-time".into(),
-        Gate::concurrency_only(2),
-    ));
+    let client = sluicegate::invoke::build_client(&lambda)
+        .await
+        .expect("a client for the emulator");
+    let invoker = std::sync::Arc::new(
+        Invoker::new(&client, "one-at-a-time".into(), Gate::concurrency_only(2))
+            .expect("an invoker"),
+    );
     let (a, b) = tokio::join!(
         async {
             let slot = invoker.gate().acquire().await;

@@ -38,7 +38,13 @@ async fn discover_findings(mut config: Config) -> bool {
         }
     }
     let client = crate::invoke::build_client(&config.lambda).await;
-    let findings = crate::invoke::discover::discover(&client, &config).await;
+    let findings = match &client {
+        Ok(client) => crate::invoke::discover::discover(client.sdk(), &config).await,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return false;
+        }
+    };
     drop(emulator);
     if findings.is_empty() {
         eprintln!("discovery: every route fits its function");

@@ -21,6 +21,19 @@ pub enum CredentialsSource {
     Chain,
 }
 
+/// `lambda.transport`: how the data plane sends invokes. Default `sdk`.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LambdaTransport {
+    /// Through `aws-sdk-lambda`'s `Invoke` operation.
+    #[default]
+    Sdk,
+    /// Signed with the SDK's SigV4 signer and credentials, sent over a pooled hyper client
+    /// without the SDK's orchestrator (see `src/invoke/direct.rs`). Discovery and readiness
+    /// still use the SDK.
+    Direct,
+}
+
 /// The `[lambda]` section: how the Lambda client reaches and waits on the service.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -33,6 +46,8 @@ pub struct LambdaConfig {
     pub endpoint_url: Option<String>,
     /// Where credentials come from (default `auto`).
     pub credentials: CredentialsSource,
+    /// How invokes are sent (default `sdk`).
+    pub transport: LambdaTransport,
     /// TCP/TLS connect timeout of the Lambda client (default `3s`).
     #[serde(with = "units::duration")]
     pub connect_timeout: Duration,
@@ -51,6 +66,7 @@ impl Default for LambdaConfig {
             region: "us-east-1".to_owned(),
             endpoint_url: None,
             credentials: CredentialsSource::Auto,
+            transport: LambdaTransport::Sdk,
             connect_timeout: Duration::from_secs(3),
             read_timeout: Duration::from_secs(65),
             strict: false,

@@ -40,7 +40,8 @@ use self::env::parse_with_env;
 pub use self::error::ConfigError;
 pub use self::idempotency::IdempotencyConfig;
 pub use self::lambda::{
-    CredentialsSource, Invocation, LambdaConfig, ASYNC_PAYLOAD_LIMIT, SYNC_PAYLOAD_LIMIT,
+    CredentialsSource, Invocation, LambdaConfig, LambdaTransport, ASYNC_PAYLOAD_LIMIT,
+    SYNC_PAYLOAD_LIMIT,
 };
 pub use self::limits::{BackendErrorPolicy, KeyLimit, LimitBackend, LimitsConfig, PlanConfig};
 pub use self::route::{

@@ -29,12 +29,13 @@
 //! [`MAX_RETRY_AFTER`] here and at the route's `retry.cap` by the retry loop.
 
 mod client;
+mod direct;
 pub mod discover;
 mod gate;
 pub mod retry;
 
 use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use aws_sdk_lambda::error::SdkError;
@@ -43,7 +44,8 @@ use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::InvocationType;
 use bytes::Bytes;
 
-pub use self::client::{build_client, sdk_config};
+pub use self::client::{build_client, sdk_config, LambdaClient};
+use self::direct::DirectClient;
 pub use self::gate::{Gate, GateConfig, InvokePermit, Limits};
 use crate::config::Invocation;
 
@@ -228,7 +230,7 @@ impl Invoke for Invoker {
 
 /// Invokes one function within its gate.
 pub struct Invoker {
-    client: aws_sdk_lambda::Client,
+    transport: Transport,
     function: String,
     gate: Gate,
     metrics: OnceLock<InvokeMetrics>,
@@ -258,16 +260,27 @@ impl InvokeMetrics {
     }
 }
 
+/// How an [`Invoker`] reaches Lambda (`lambda.transport`).
+enum Transport {
+    Sdk(aws_sdk_lambda::Client),
+    Direct(Arc<DirectClient>, direct::Target),
+}
+
 impl Invoker {
     /// An invoker of `function` (a Lambda function name or ARN) through `client`, each
-    /// attempt passing `gate` first.
-    pub fn new(client: aws_sdk_lambda::Client, function: String, gate: Gate) -> Self {
-        Invoker {
-            client,
+    /// attempt passing `gate` first. Fails only when the direct client cannot form the
+    /// function's Invoke URI.
+    pub fn new(client: &LambdaClient, function: String, gate: Gate) -> std::io::Result<Self> {
+        let transport = match client.direct() {
+            None => Transport::Sdk(client.sdk().clone()),
+            Some(direct) => Transport::Direct(Arc::clone(direct), direct.target(&function)?),
+        };
+        Ok(Invoker {
+            transport,
             function,
             gate,
             metrics: OnceLock::new(),
-        }
+        })
     }
 
     /// The function this invoker targets, as the routes' `routes[].function` key names it.
@@ -290,43 +303,24 @@ impl Invoker {
         mut slot: InvokePermit,
     ) -> Result<Invoked, InvokeFailure> {
         slot.mark_used();
-        let invocation_type = match invocation {
-            Invocation::RequestResponse => InvocationType::RequestResponse,
-            Invocation::Event => InvocationType::Event,
-        };
         let started = tokio::time::Instant::now();
-        let result = self
-            .client
-            .invoke()
-            .function_name(&self.function)
-            .invocation_type(invocation_type)
-            .payload(Blob::new(payload))
-            .send()
-            .await;
+        let result = match &self.transport {
+            Transport::Sdk(client) => sdk_invoke(client, &self.function, payload, invocation).await,
+            Transport::Direct(client, target) => client.invoke(target, payload, invocation).await,
+        };
         drop(slot);
         let metrics = self
             .metrics
             .get_or_init(|| InvokeMetrics::register(&self.function));
         let duration = match &result {
-            Ok(out) if out.function_error().is_some() => &metrics.function_error,
+            Ok(Invoked::Response {
+                function_error: Some(_),
+                ..
+            }) => &metrics.function_error,
             Ok(_) => &metrics.ok,
             Err(_) => &metrics.error,
         };
         duration.record(started.elapsed().as_secs_f64());
-        let result = match result {
-            Ok(out) if invocation == Invocation::Event => {
-                tracing::trace!(status = out.status_code(), "event invoke accepted");
-                Ok(Invoked::Accepted)
-            }
-            Ok(out) => Ok(Invoked::Response {
-                function_error: out.function_error,
-                payload: out
-                    .payload
-                    .map(|blob| Bytes::from(blob.into_inner()))
-                    .unwrap_or_default(),
-            }),
-            Err(err) => Err(classify(err)),
-        };
         match &result {
             Ok(_) => self.gate.on_accepted(),
             Err(InvokeFailure::Throttled { reason, .. }) => {
@@ -337,6 +331,40 @@ impl Invoker {
             Err(_) => {}
         }
         result
+    }
+}
+
+/// One invoke attempt through the SDK.
+async fn sdk_invoke(
+    client: &aws_sdk_lambda::Client,
+    function: &str,
+    payload: Bytes,
+    invocation: Invocation,
+) -> Result<Invoked, InvokeFailure> {
+    let invocation_type = match invocation {
+        Invocation::RequestResponse => InvocationType::RequestResponse,
+        Invocation::Event => InvocationType::Event,
+    };
+    match client
+        .invoke()
+        .function_name(function)
+        .invocation_type(invocation_type)
+        .payload(Blob::new(payload))
+        .send()
+        .await
+    {
+        Ok(out) if invocation == Invocation::Event => {
+            tracing::trace!(status = out.status_code(), "event invoke accepted");
+            Ok(Invoked::Accepted)
+        }
+        Ok(out) => Ok(Invoked::Response {
+            function_error: out.function_error,
+            payload: out
+                .payload
+                .map(|blob| Bytes::from(blob.into_inner()))
+                .unwrap_or_default(),
+        }),
+        Err(err) => Err(classify(err)),
     }
 }
 
@@ -444,32 +472,69 @@ pub fn parse_retry_after(text: &str) -> Option<Duration> {
 
 fn classify_service(err: InvokeError, status: u16) -> InvokeFailure {
     use aws_sdk_lambda::error::ProvideErrorMetadata;
-    let kind = err.code().unwrap_or("Unknown").to_owned();
-    let message = err.message().unwrap_or_default().to_owned();
-    match err {
-        InvokeError::TooManyRequestsException(e) => InvokeFailure::Throttled {
-            reason: e
-                .reason()
-                .map(|r| r.as_str().to_owned())
-                .unwrap_or_else(|| "Unknown".to_owned()),
-            retry_after: e.retry_after_seconds().and_then(parse_retry_after),
+    let (reason, retry_after) = match &err {
+        InvokeError::TooManyRequestsException(e) => (
+            e.reason().map(|r| r.as_str().to_owned()),
+            e.retry_after_seconds().map(str::to_owned),
+        ),
+        _ => (None, None),
+    };
+    ServiceFailure {
+        status,
+        code: err.code().unwrap_or("Unknown").to_owned(),
+        message: err.message().unwrap_or_default().to_owned(),
+        reason,
+        retry_after,
+    }
+    .classify()
+}
+
+/// An error answer from Lambda, as either transport read it: the HTTP status, the error code
+/// (`TooManyRequestsException`, …), its message, a throttle's `Reason` and `Retry-After`.
+#[derive(Debug)]
+struct ServiceFailure {
+    status: u16,
+    code: String,
+    message: String,
+    reason: Option<String>,
+    retry_after: Option<String>,
+}
+
+impl ServiceFailure {
+    /// The one table (module docs) both transports classify Lambda's errors by.
+    fn classify(self) -> InvokeFailure {
+        let ServiceFailure {
+            status,
+            code,
             message,
-        },
-        InvokeError::RequestTooLargeException(_) => InvokeFailure::TooLarge { message },
-        InvokeError::ServiceException(_)
-        | InvokeError::Ec2ThrottledException(_)
-        | InvokeError::ResourceNotReadyException(_)
-        | InvokeError::ResourceConflictException(_)
-        | InvokeError::SnapStartNotReadyException(_)
-        | InvokeError::SnapStartTimeoutException(_)
-        | InvokeError::EniLimitReachedException(_)
-        | InvokeError::SubnetIpAddressLimitReachedException(_) => InvokeFailure::Unavailable {
-            message: format!("{kind}: {message}"),
-        },
-        _ if status >= 500 => InvokeFailure::Unavailable {
-            message: format!("{kind}: {message}"),
-        },
-        _ => InvokeFailure::Rejected { kind, message },
+            reason,
+            retry_after,
+        } = self;
+        match code.as_str() {
+            "TooManyRequestsException" => InvokeFailure::Throttled {
+                reason: reason.unwrap_or_else(|| "Unknown".to_owned()),
+                retry_after: retry_after.as_deref().and_then(parse_retry_after),
+                message,
+            },
+            "RequestTooLargeException" => InvokeFailure::TooLarge { message },
+            "ServiceException"
+            | "EC2ThrottledException"
+            | "ResourceNotReadyException"
+            | "ResourceConflictException"
+            | "SnapStartNotReadyException"
+            | "SnapStartTimeoutException"
+            | "ENILimitReachedException"
+            | "SubnetIPAddressLimitReachedException" => InvokeFailure::Unavailable {
+                message: format!("{code}: {message}"),
+            },
+            _ if status >= 500 => InvokeFailure::Unavailable {
+                message: format!("{code}: {message}"),
+            },
+            _ => InvokeFailure::Rejected {
+                kind: code,
+                message,
+            },
+        }
     }
 }
 

@@ -109,7 +109,7 @@ impl App {
     /// admission carries its bucket state over (see the module docs of `server`).
     pub(super) async fn build(
         config: Config,
-        client: &aws_sdk_lambda::Client,
+        client: &crate::invoke::LambdaClient,
         endpoint: Arc<str>,
         previous: Option<&App>,
     ) -> std::io::Result<Arc<App>> {
@@ -176,7 +176,7 @@ impl App {
             identify: Identify::new(&config.identity),
             invoke_targets: Targets::new(&config),
             admission,
-            readiness: Readiness::new(client.clone(), functions, Arc::clone(&endpoint)),
+            readiness: Readiness::new(client.sdk().clone(), functions, Arc::clone(&endpoint)),
             config,
             endpoint,
             idempotency,

@@ -252,8 +252,10 @@ pub async fn start_with_source(
     let endpoint = endpoint_label(&config, targets_emulator);
     log_endpoints(&config, &endpoint, targets_emulator);
 
-    let client = invoke::build_client(&config.lambda).await;
-    check_fit(&config, &client).await?;
+    let client = invoke::build_client(&config.lambda)
+        .await
+        .map_err(StartError::Pipeline)?;
+    check_fit(&config, client.sdk()).await?;
     let app = App::build(config, &client, endpoint, None)
         .await
         .map_err(StartError::Pipeline)?;

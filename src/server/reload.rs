@@ -17,7 +17,7 @@ pub(super) struct Server {
     /// Read on every request: an `ArcSwap` loads without writing to a lock word that both
     /// cores would fight over.
     pub(super) app: ArcSwap<App>,
-    pub(super) client: aws_sdk_lambda::Client,
+    pub(super) client: crate::invoke::LambdaClient,
     /// Where reloads read from; `None` when started from an in-memory config.
     pub(super) source: Option<PathBuf>,
     /// Every batcher ever built, so shutdown can close the ones still draining after a reload.

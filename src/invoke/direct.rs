@@ -1,0 +1,397 @@
+//! `lambda.transport = "direct"`: the Invoke call without the SDK's orchestrator. The request
+//! is signed with the SDK's own SigV4 signer (`aws-sigv4`) and credentials provider (the one
+//! `[lambda]` resolves, cached here until shortly before it expires), and sent over one
+//! pooled hyper client whose connections stay open between invokes.
+//!
+//! Everything per function is computed once ([`Target`]: the URI, its text for signing), so an
+//! invoke does no string formatting: it signs, sends and reads. What Lambda answers is read
+//! the way the SDK reads it — `X-Amzn-ErrorType` (or the body's `__type`/`code`), the body's
+//! `message` and `Reason`, the `Retry-After` header — and classified by the one table both
+//! transports share ([`super::ServiceFailure`]). A transport failure is sorted the same way
+//! too: only an error that proves the request never left is [`InvokeFailure::Unavailable`].
+//!
+//! The SDK stays for the control plane (discovery, readiness) and for `transport = "sdk"`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
+use aws_sigv4::sign::v4;
+use aws_smithy_runtime_api::client::identity::Identity;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST};
+use http::{Request, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use super::{never_sent, InvokeFailure, Invoked, ServiceFailure, UnknownCause};
+use crate::config::{Invocation, LambdaConfig, SYNC_PAYLOAD_LIMIT};
+
+const X_AMZ_INVOCATION_TYPE: HeaderName = HeaderName::from_static("x-amz-invocation-type");
+const X_AMZ_FUNCTION_ERROR: HeaderName = HeaderName::from_static("x-amz-function-error");
+const X_AMZN_ERROR_TYPE: HeaderName = HeaderName::from_static("x-amzn-errortype");
+const OCTET_STREAM: HeaderValue = HeaderValue::from_static("application/octet-stream");
+const REQUEST_RESPONSE: HeaderValue = HeaderValue::from_static("RequestResponse");
+const EVENT: HeaderValue = HeaderValue::from_static("Event");
+
+/// The largest answer read from Lambda: its 6 MB response limit and room for the headers of
+/// an error body. Anything larger is not a Lambda answer, and is read as an unreadable one.
+const MAX_RESPONSE: usize = SYNC_PAYLOAD_LIMIT as usize + 64 * 1024;
+
+/// Credentials are fetched again this long before they expire.
+const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(300);
+
+/// The shortest time between two fetches of credentials that are already close to expiry,
+/// so a provider that keeps handing out short-lived ones is not asked on every invoke.
+const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// One process's direct Lambda client: the pooled connections, the endpoint, the region and
+/// the cached credentials. Shared by every function's [`super::Invoker`].
+pub(super) struct DirectClient {
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// `scheme://authority` of the Lambda endpoint, no trailing `/`.
+    base: String,
+    host: HeaderValue,
+    region: String,
+    settings: SigningSettings,
+    credentials: CredentialsCache,
+    read_timeout: Duration,
+}
+
+/// One function's Invoke URI, built once.
+pub(super) struct Target {
+    uri: Uri,
+    text: String,
+}
+
+impl DirectClient {
+    /// A client for `cfg`'s endpoint (Lambda's regional endpoint when none is set) that signs
+    /// with `credentials`. An `https` endpoint needs the system's root certificates.
+    pub(super) fn new(
+        cfg: &LambdaConfig,
+        credentials: Option<SharedCredentialsProvider>,
+    ) -> std::io::Result<DirectClient> {
+        let base = match &cfg.endpoint_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!("https://lambda.{}.amazonaws.com", cfg.region),
+        };
+        let uri: Uri = base
+            .parse()
+            .map_err(|e| invalid(format!("lambda.endpoint_url {base:?} is not a URI: {e}")))?;
+        let authority = uri
+            .authority()
+            .ok_or_else(|| invalid(format!("lambda.endpoint_url {base:?} names no host")))?;
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|e| invalid(format!("lambda.endpoint_url {base:?}: {e}")))?;
+        let https = uri.scheme_str() == Some("https");
+        let credentials = credentials.ok_or_else(|| {
+            invalid("lambda.transport = \"direct\" found no AWS credentials provider".to_owned())
+        })?;
+
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = hyper_rustls::HttpsConnectorBuilder::new();
+        let tls = if https {
+            tls.with_provider_and_native_roots(provider)
+                .map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("lambda.endpoint_url {base:?} is https, but no usable root certificates were found: {e}"),
+                    )
+                })?
+        } else {
+            // A plain-http endpoint (an emulator) never uses TLS; the connector still wants a
+            // config, which trusts nothing.
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| invalid(format!("TLS set-up: {e}")))?
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+            tls.with_tls_config(config)
+        };
+        let connector = tls.https_or_http().enable_http1().wrap_connector(http);
+        // Idle connections are kept for the next invoke; their number never exceeds the peak
+        // of invokes in flight, which the functions' gates bound.
+        let http = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Ok(DirectClient {
+            http,
+            base,
+            host,
+            region: cfg.region.clone(),
+            settings: SigningSettings::default(),
+            credentials: CredentialsCache::new(credentials),
+            read_timeout: cfg.read_timeout,
+        })
+    }
+
+    /// The Invoke URI of `function` (a name, partial ARN or ARN, with or without a
+    /// qualifier), percent-encoded as the SDK encodes it.
+    pub(super) fn target(&self, function: &str) -> std::io::Result<Target> {
+        let mut text = String::with_capacity(self.base.len() + function.len() + 40);
+        text.push_str(&self.base);
+        text.push_str("/2015-03-31/functions/");
+        for byte in function.bytes() {
+            if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+                text.push(char::from(byte));
+            } else {
+                text.push('%');
+                text.push(char::from(HEX[usize::from(byte >> 4)]));
+                text.push(char::from(HEX[usize::from(byte & 0xf)]));
+            }
+        }
+        text.push_str("/invocations");
+        let uri = text
+            .parse()
+            .map_err(|e| invalid(format!("function {function:?}: {e}")))?;
+        Ok(Target { uri, text })
+    }
+
+    /// One signed Invoke of `target`, read to the end within `lambda.read_timeout`.
+    pub(super) async fn invoke(
+        &self,
+        target: &Target,
+        payload: Bytes,
+        invocation: Invocation,
+    ) -> Result<Invoked, InvokeFailure> {
+        let request = self.signed(target, payload, invocation).await?;
+        let answer = tokio::time::timeout(self.read_timeout, async {
+            let response = self.http.request(request).await.map_err(|e| {
+                if never_sent(&e) {
+                    InvokeFailure::Unavailable {
+                        message: describe(&e),
+                    }
+                } else {
+                    InvokeFailure::OutcomeUnknown {
+                        cause: UnknownCause::ConnectionLost,
+                        message: describe(&e),
+                    }
+                }
+            })?;
+            let (parts, body) = response.into_parts();
+            let body = Limited::new(body, MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| InvokeFailure::OutcomeUnknown {
+                    cause: UnknownCause::ConnectionLost,
+                    message: format!("unreadable response ({}): {e}", parts.status),
+                })?
+                .to_bytes();
+            Ok((parts, body))
+        })
+        .await;
+        let (parts, body) = match answer {
+            Ok(answer) => answer?,
+            Err(_) => {
+                return Err(InvokeFailure::OutcomeUnknown {
+                    cause: UnknownCause::ReadTimeout,
+                    message: format!("no answer within {:?}", self.read_timeout),
+                })
+            }
+        };
+        if parts.status.is_success() {
+            return Ok(match invocation {
+                Invocation::Event => Invoked::Accepted,
+                Invocation::RequestResponse => Invoked::Response {
+                    function_error: parts
+                        .headers
+                        .get(X_AMZ_FUNCTION_ERROR)
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+                    payload: body,
+                },
+            });
+        }
+        Err(read_error(parts.status.as_u16(), &parts.headers, &body).classify())
+    }
+
+    async fn signed(
+        &self,
+        target: &Target,
+        payload: Bytes,
+        invocation: Invocation,
+    ) -> Result<Request<Full<Bytes>>, InvokeFailure> {
+        let identity = self.credentials.identity().await?;
+        let (invocation_type, invocation_text) = match invocation {
+            Invocation::RequestResponse => (REQUEST_RESPONSE, "RequestResponse"),
+            Invocation::Event => (EVENT, "Event"),
+        };
+        let params = v4::SigningParams::builder()
+            .identity(&identity.identity)
+            .region(&self.region)
+            .name("lambda")
+            .time(SystemTime::now())
+            .settings(self.settings.clone())
+            .build()
+            .map_err(|e| signing_failed(&e))?
+            .into();
+        let headers = [
+            ("host", header_str(&self.host)),
+            ("content-type", "application/octet-stream"),
+            ("x-amz-invocation-type", invocation_text),
+        ];
+        let signable = SignableRequest::new(
+            "POST",
+            &target.text,
+            headers.into_iter(),
+            SignableBody::Bytes(&payload),
+        )
+        .map_err(|e| signing_failed(&e))?;
+        let (instructions, _) = sign(signable, &params)
+            .map_err(|e| signing_failed(&e))?
+            .into_parts();
+        let mut request = Request::new(Full::new(payload));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = target.uri.clone();
+        let request_headers = request.headers_mut();
+        request_headers.insert(HOST, self.host.clone());
+        request_headers.insert(CONTENT_TYPE, OCTET_STREAM);
+        request_headers.insert(X_AMZ_INVOCATION_TYPE, invocation_type);
+        instructions.apply_to_request_http1x(&mut request);
+        Ok(request)
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+fn invalid(message: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, message)
+}
+
+/// The headers signed here are the constants above and the endpoint's authority, all ASCII.
+fn header_str(value: &HeaderValue) -> &str {
+    value.to_str().unwrap_or_default()
+}
+
+fn signing_failed(e: &dyn std::fmt::Display) -> InvokeFailure {
+    InvokeFailure::Rejected {
+        kind: "RequestConstruction".to_owned(),
+        message: format!("could not sign the invoke: {e}"),
+    }
+}
+
+fn describe(e: &hyper_util::client::legacy::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text.chars().take(300).collect()
+}
+
+/// The parts of a Lambda error body the classification reads; anything else (or a body that
+/// is not JSON at all) is ignored.
+#[derive(serde::Deserialize, Default)]
+struct ErrorBody {
+    #[serde(alias = "Message", alias = "errorMessage")]
+    message: Option<String>,
+    #[serde(rename = "Reason")]
+    reason: Option<String>,
+    #[serde(rename = "__type", alias = "code")]
+    kind: Option<String>,
+}
+
+/// Reads a non-2xx answer as the SDK's REST-JSON protocol does: the error code from
+/// `X-Amzn-ErrorType` (or the body's `__type`/`code`) without its namespace or URL suffix,
+/// the message and `Reason` from the body, the wait from `Retry-After`.
+fn read_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> ServiceFailure {
+    let parsed: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
+    let kind = headers
+        .get(X_AMZN_ERROR_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(parsed.kind)
+        .map(|code| sanitize_code(&code).to_owned())
+        .unwrap_or_else(|| "Unknown".to_owned());
+    ServiceFailure {
+        status,
+        code: kind,
+        message: parsed.message.unwrap_or_default(),
+        reason: parsed.reason,
+        retry_after: headers
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    }
+}
+
+/// `aws.protocoltests.restjson#FooError:http://internal.amazon.com/...` → `FooError`.
+fn sanitize_code(code: &str) -> &str {
+    let code = code.split(':').next().unwrap_or(code);
+    code.rsplit('#').next().unwrap_or(code).trim()
+}
+
+/// The credentials an invoke signs with, fetched from the provider when missing or close to
+/// expiry; concurrent invokes wait for one fetch instead of each starting their own.
+struct CredentialsCache {
+    provider: SharedCredentialsProvider,
+    current: ArcSwapOption<Cached>,
+    refresh: tokio::sync::Mutex<()>,
+}
+
+struct Cached {
+    identity: Identity,
+    refresh_after: SystemTime,
+}
+
+impl CredentialsCache {
+    fn new(provider: SharedCredentialsProvider) -> Self {
+        CredentialsCache {
+            provider,
+            current: ArcSwapOption::empty(),
+            refresh: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    async fn identity(&self) -> Result<Arc<Cached>, InvokeFailure> {
+        if let Some(cached) = self.fresh() {
+            return Ok(cached);
+        }
+        let _one_fetch = self.refresh.lock().await;
+        if let Some(cached) = self.fresh() {
+            return Ok(cached);
+        }
+        let credentials = self.provider.provide_credentials().await.map_err(|e| {
+            // Nothing was sent: another attempt may find credentials.
+            InvokeFailure::Unavailable {
+                message: format!("no AWS credentials to sign the invoke: {e}"),
+            }
+        })?;
+        let now = SystemTime::now();
+        let expiry = credentials.expiry();
+        let refresh_after = match expiry {
+            None => SystemTime::UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX) * 8),
+            Some(expiry) => expiry
+                .checked_sub(REFRESH_BEFORE_EXPIRY)
+                .unwrap_or(expiry)
+                .max(now + MIN_REFRESH_INTERVAL)
+                .min(expiry),
+        };
+        let cached = Arc::new(Cached {
+            identity: Identity::new(credentials, expiry),
+            refresh_after,
+        });
+        self.current.store(Some(Arc::clone(&cached)));
+        Ok(cached)
+    }
+
+    fn fresh(&self) -> Option<Arc<Cached>> {
+        self.current
+            .load_full()
+            .filter(|cached| SystemTime::now() < cached.refresh_after)
+    }
+}
+
+#[cfg(test)]
+#[path = "direct_tests.rs"]
+mod tests;

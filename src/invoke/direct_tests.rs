@@ -1,0 +1,277 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use aws_credential_types::provider::error::CredentialsError;
+use aws_credential_types::provider::future::ProvideCredentials as CredentialsFuture;
+use aws_credential_types::Credentials;
+use http::HeaderMap;
+
+use super::*;
+use crate::invoke::MAX_RETRY_AFTER;
+
+fn client(endpoint: Option<&str>) -> DirectClient {
+    let cfg = LambdaConfig {
+        endpoint_url: endpoint.map(str::to_owned),
+        region: "eu-west-1".to_owned(),
+        ..LambdaConfig::default()
+    };
+    DirectClient::new(
+        &cfg,
+        Some(SharedCredentialsProvider::new(Credentials::new(
+            "AKID", "secret", None, None, "test",
+        ))),
+    )
+    .expect("a client")
+}
+
+#[tokio::test]
+async fn the_invoke_uri_is_built_once_and_percent_encodes_what_the_sdk_encodes() {
+    let direct = client(Some("http://127.0.0.1:9001/"));
+    assert_eq!(
+        direct.target("orders").unwrap().text,
+        "http://127.0.0.1:9001/2015-03-31/functions/orders/invocations"
+    );
+    let arn = direct
+        .target("arn:aws:lambda:eu-west-1:123456789012:function:orders:live")
+        .unwrap();
+    assert_eq!(
+        arn.text,
+        "http://127.0.0.1:9001/2015-03-31/functions/arn%3Aaws%3Alambda%3Aeu-west-1%3A123456789012%3Afunction%3Aorders%3Alive/invocations"
+    );
+    assert_eq!(
+        arn.uri.to_string(),
+        arn.text,
+        "the URI sent is the one signed"
+    );
+    assert_eq!(direct.host, "127.0.0.1:9001");
+}
+
+#[tokio::test]
+async fn without_an_endpoint_the_regional_lambda_endpoint_is_used() {
+    // Building an https client needs the machine's root certificates; without them the
+    // error must say so rather than fail on the first invoke.
+    let cfg = LambdaConfig {
+        region: "eu-west-1".to_owned(),
+        ..LambdaConfig::default()
+    };
+    match DirectClient::new(
+        &cfg,
+        Some(SharedCredentialsProvider::new(Credentials::new(
+            "AKID", "secret", None, None, "test",
+        ))),
+    ) {
+        Ok(direct) => {
+            assert_eq!(direct.base, "https://lambda.eu-west-1.amazonaws.com");
+            assert_eq!(direct.host, "lambda.eu-west-1.amazonaws.com");
+        }
+        Err(e) => assert!(e.to_string().contains("root certificates"), "{e}"),
+    }
+}
+
+#[tokio::test]
+async fn an_endpoint_that_is_not_a_uri_or_has_no_host_is_refused_by_name() {
+    for bad in ["not a url", "/just/a/path"] {
+        let cfg = LambdaConfig {
+            endpoint_url: Some(bad.to_owned()),
+            ..LambdaConfig::default()
+        };
+        let err = DirectClient::new(
+            &cfg,
+            Some(SharedCredentialsProvider::new(Credentials::new(
+                "AKID", "secret", None, None, "test",
+            ))),
+        )
+        .err()
+        .unwrap_or_else(|| panic!("{bad:?} was accepted"));
+        assert!(err.to_string().contains("lambda.endpoint_url"), "{err}");
+    }
+    let err = DirectClient::new(&LambdaConfig::default(), None)
+        .err()
+        .expect("no credentials provider is refused");
+    assert!(err.to_string().contains("credentials"), "{err}");
+}
+
+fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            (
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn error_codes_are_read_from_the_header_or_the_body_without_namespace_or_suffix() {
+    let throttle = read_error(
+        429,
+        &headers(&[
+            (
+                "x-amzn-errortype",
+                "TooManyRequestsException:http://internal.amazon.com/coral/com.amazonaws.lambda/",
+            ),
+            ("retry-after", "3"),
+        ]),
+        br#"{"Reason":"ReservedFunctionConcurrentInvocationLimitExceeded","Type":"User","message":"Rate Exceeded."}"#,
+    );
+    assert_eq!(
+        throttle.classify(),
+        InvokeFailure::Throttled {
+            reason: "ReservedFunctionConcurrentInvocationLimitExceeded".into(),
+            message: "Rate Exceeded.".into(),
+            retry_after: Some(Duration::from_secs(3)),
+        }
+    );
+    let from_body = read_error(
+        429,
+        &HeaderMap::new(),
+        br#"{"__type":"com.amazonaws.lambda#TooManyRequestsException","message":"slow down"}"#,
+    );
+    assert_eq!(
+        from_body.classify(),
+        InvokeFailure::Throttled {
+            reason: "Unknown".into(),
+            message: "slow down".into(),
+            retry_after: None,
+        }
+    );
+    let not_found = read_error(
+        404,
+        &headers(&[("x-amzn-errortype", "ResourceNotFoundException")]),
+        br#"{"Type":"User","Message":"Function not found"}"#,
+    );
+    assert_eq!(
+        not_found.classify(),
+        InvokeFailure::Rejected {
+            kind: "ResourceNotFoundException".into(),
+            message: "Function not found".into(),
+        }
+    );
+    let too_large = read_error(
+        413,
+        &headers(&[("x-amzn-errortype", "RequestTooLargeException")]),
+        b"{}",
+    );
+    assert!(matches!(
+        too_large.classify(),
+        InvokeFailure::TooLarge { .. }
+    ));
+}
+
+#[test]
+fn garbage_from_lambda_is_classified_by_status_and_never_trusted() {
+    let bad_gateway = read_error(502, &HeaderMap::new(), b"<html>bad gateway</html>");
+    assert!(matches!(
+        bad_gateway.classify(),
+        InvokeFailure::Unavailable { .. }
+    ));
+    let teapot = read_error(418, &HeaderMap::new(), b"\xff\xfe not json");
+    assert_eq!(
+        teapot.classify(),
+        InvokeFailure::Rejected {
+            kind: "Unknown".into(),
+            message: String::new(),
+        }
+    );
+    let absurd = read_error(
+        429,
+        &headers(&[
+            ("x-amzn-errortype", "TooManyRequestsException"),
+            ("retry-after", "1e300"),
+        ]),
+        b"[1,2,3]",
+    );
+    assert_eq!(absurd.classify().retry_after(), Some(MAX_RETRY_AFTER));
+}
+
+/// Counts its calls and hands out credentials that expire `expires_in` after each call.
+#[derive(Debug)]
+struct Counting {
+    calls: AtomicUsize,
+    expires_in: Option<Duration>,
+    fail: bool,
+}
+
+impl ProvideCredentials for Counting {
+    fn provide_credentials<'a>(&'a self) -> CredentialsFuture<'a>
+    where
+        Self: 'a,
+    {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.fail {
+            return CredentialsFuture::ready(Err(CredentialsError::not_loaded("no chain")));
+        }
+        let expiry = self.expires_in.map(|d| SystemTime::now() + d);
+        CredentialsFuture::ready(Ok(Credentials::new("AKID", "secret", None, expiry, "test")))
+    }
+}
+
+fn counting(expires_in: Option<Duration>, fail: bool) -> (Arc<Counting>, CredentialsCache) {
+    let provider = Arc::new(Counting {
+        calls: AtomicUsize::new(0),
+        expires_in,
+        fail,
+    });
+    let shared = SharedCredentialsProvider::new(CountingRef(Arc::clone(&provider)));
+    (provider, CredentialsCache::new(shared))
+}
+
+#[derive(Debug)]
+struct CountingRef(Arc<Counting>);
+
+impl ProvideCredentials for CountingRef {
+    fn provide_credentials<'a>(&'a self) -> CredentialsFuture<'a>
+    where
+        Self: 'a,
+    {
+        self.0.provide_credentials()
+    }
+}
+
+#[tokio::test]
+async fn credentials_are_fetched_once_and_reused_until_close_to_expiry() {
+    let (provider, cache) = counting(Some(Duration::from_secs(3600)), false);
+    let lookups = (0..50).map(|_| cache.identity());
+    for identity in futures_util::future::join_all(lookups).await {
+        identity.expect("credentials");
+    }
+    assert_eq!(provider.calls.load(Ordering::SeqCst), 1);
+
+    let (provider, cache) = counting(None, false);
+    for _ in 0..5 {
+        cache.identity().await.expect("credentials");
+    }
+    assert_eq!(
+        provider.calls.load(Ordering::SeqCst),
+        1,
+        "credentials without expiry"
+    );
+}
+
+#[tokio::test]
+async fn credentials_close_to_expiry_are_reused_for_a_short_while_and_expired_ones_never() {
+    // Expiring within the refresh margin: kept for the minimum interval, not fetched per call.
+    let (provider, cache) = counting(Some(Duration::from_secs(60)), false);
+    for _ in 0..5 {
+        cache.identity().await.expect("credentials");
+    }
+    assert_eq!(provider.calls.load(Ordering::SeqCst), 1);
+    // Already expired when handed out: asked again every time.
+    let (provider, cache) = counting(Some(Duration::ZERO), false);
+    for _ in 0..3 {
+        cache.identity().await.expect("credentials");
+    }
+    assert_eq!(provider.calls.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn no_credentials_is_an_invoke_that_was_never_sent() {
+    let (_, cache) = counting(None, true);
+    let failure = cache.identity().await.err().expect("no credentials");
+    assert!(
+        matches!(&failure, InvokeFailure::Unavailable { message } if message.contains("no AWS credentials")),
+        "{failure:?}"
+    );
+    assert!(failure.is_retryable(false) && !failure.may_have_run());
+}

@@ -12,8 +12,45 @@ use common::{config_toml, route, Harness};
 use serde_json::Value;
 use sluicegate::config::Config;
 
-#[tokio::test]
-async fn a_slow_function_with_reserved_concurrency_one_is_not_retried_into_a_cascade() {
+/// Runs each named scenario once per `lambda.transport` (`sdk` and `direct`): both transports
+/// must pass the same tests against the emulator.
+macro_rules! on_both_transports {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[tokio::test]
+                async fn sdk() {
+                    super::$scenario("sdk").await
+                }
+
+                #[tokio::test]
+                async fn direct() {
+                    super::$scenario("direct").await
+                }
+            }
+        )*
+    };
+}
+
+on_both_transports!(
+    a_slow_function_with_reserved_concurrency_one_is_not_retried_into_a_cascade,
+    a_throttled_invoke_is_retried_after_lambdas_retry_after,
+    oversized_batches_are_split_and_a_record_that_never_fits_gets_413,
+    bisecting_isolates_one_poison_record_in_a_batch_of_twenty,
+    an_event_route_answers_202_once_lambda_has_queued_each_record,
+);
+
+/// `toml` with `lambda.transport` set.
+fn on_transport(toml: &str, transport: &str) -> String {
+    toml.replace(
+        "[lambda]\n",
+        &format!("[lambda]\ntransport = \"{transport}\"\n"),
+    )
+}
+
+async fn a_slow_function_with_reserved_concurrency_one_is_not_retried_into_a_cascade(
+    transport: &str,
+) {
     // The function runs 1.5 s; sluicegate stops waiting after 300 ms. Retrying now would
     // collide with the still-running invocation on reserved concurrency 1.
     let functions = r#"
@@ -28,7 +65,7 @@ reserved_concurrency = 1
         &route("records", "slow", "invoke = { max_concurrency = 1 }"),
     );
     toml = toml.replace("[lambda]\n", "[lambda]\nread_timeout = \"300ms\"\n");
-    let h = Harness::start(&toml).await;
+    let h = Harness::start(&on_transport(&toml, transport)).await;
     let response = h.post("/records", "1").await;
     assert_eq!(
         response.status(),
@@ -51,8 +88,7 @@ reserved_concurrency = 1
     );
 }
 
-#[tokio::test]
-async fn a_throttled_invoke_is_retried_after_lambdas_retry_after() {
+async fn a_throttled_invoke_is_retried_after_lambdas_retry_after(transport: &str) {
     let functions = r#"
 [[emulator.functions]]
 name = "tiny"
@@ -65,7 +101,7 @@ invoke_burst = 1
         "tiny",
         "batch = { max_records = 1 }\nretry = { base = \"10ms\" }",
     );
-    let h = Harness::start(&config_toml(functions, &routes)).await;
+    let h = Harness::start(&on_transport(&config_toml(functions, &routes), transport)).await;
     let (a, b) = tokio::join!(h.post("/records", "1"), h.post("/records", "2"));
     assert_eq!(a.status(), 200);
     assert_eq!(
@@ -81,8 +117,7 @@ invoke_burst = 1
     );
 }
 
-#[tokio::test]
-async fn oversized_batches_are_split_and_a_record_that_never_fits_gets_413() {
+async fn oversized_batches_are_split_and_a_record_that_never_fits_gets_413(transport: &str) {
     let functions = r#"
 [[emulator.functions]]
 name = "small-payloads"
@@ -94,7 +129,7 @@ max_payload = "100KiB"
         "small-payloads",
         r#"batch = { max_records = 10, max_wait = "300ms", flush = "window" }"#,
     );
-    let h = Harness::start(&config_toml(functions, &routes)).await;
+    let h = Harness::start(&on_transport(&config_toml(functions, &routes), transport)).await;
     let record = format!("\"{}\"", "x".repeat(30 * 1024));
     let bodies = vec![record.clone(); 8];
     let answers =
@@ -116,8 +151,7 @@ max_payload = "100KiB"
     assert_eq!(body["error"], "payload_too_large");
 }
 
-#[tokio::test]
-async fn bisecting_isolates_one_poison_record_in_a_batch_of_twenty() {
+async fn bisecting_isolates_one_poison_record_in_a_batch_of_twenty(transport: &str) {
     let functions = r#"
 [[emulator.functions]]
 name = "crashy"
@@ -131,7 +165,7 @@ latency = "5ms"
         r#"batch = { max_records = 20, max_wait = "300ms", flush = "window" }
 bisect_on_function_error = true"#,
     );
-    let h = Harness::start(&config_toml(functions, &routes)).await;
+    let h = Harness::start(&on_transport(&config_toml(functions, &routes), transport)).await;
     let bodies: Vec<String> = (0..20)
         .map(|n| {
             if n == 13 {
@@ -157,6 +191,30 @@ bisect_on_function_error = true"#,
     let stats = h.stats("crashy").await;
     // 20 → 10 → 5 → 3 → 2 → 1: the poison record's path fails at every level.
     assert_eq!(stats["errors"], 6, "{stats}");
+}
+
+async fn an_event_route_answers_202_once_lambda_has_queued_each_record(transport: &str) {
+    let functions = r#"
+[[emulator.functions]]
+name = "queued"
+latency = "5ms"
+"#;
+    let routes = route(
+        "events",
+        "queued",
+        "invocation = \"event\"\nbatch = { max_records = 1 }",
+    );
+    let h = Harness::start(&on_transport(&config_toml(functions, &routes), transport)).await;
+    let bodies = ["1", "2", "3"];
+    let answers = futures_util::future::join_all(bodies.iter().map(|b| h.post("/events", b))).await;
+    for answer in answers {
+        assert_eq!(answer.status(), 202);
+    }
+    let stats = h.stats("queued").await;
+    assert_eq!(
+        stats["invocations"], 3,
+        "one event invoke per record: {stats}"
+    );
 }
 
 #[tokio::test]

@@ -72,9 +72,12 @@ reserved_concurrency = 1
         504,
         "a read timeout is not retried by default"
     );
-    let body: Value = response.json().await.unwrap();
+    let body: Value = response.json().await.expect("a JSON answer");
     assert!(
-        body["message"].as_str().unwrap().contains("read timeout"),
+        body["message"]
+            .as_str()
+            .expect("a message")
+            .contains("read timeout"),
         "{body}"
     );
     // The 504 is the attempt's own answer: were it retried, that retry would have been
@@ -140,14 +143,14 @@ max_payload = "100KiB"
     let stats = h.stats("small-payloads").await;
     assert_eq!(stats["records"], 8, "every record delivered once: {stats}");
     assert!(
-        stats["too_large"].as_u64().unwrap() >= 1,
+        stats["too_large"].as_u64().expect("a count") >= 1,
         "the first batch was refused whole: {stats}"
     );
 
     let huge = format!("\"{}\"", "y".repeat(150 * 1024));
     let response = h.post("/records", &huge).await;
     assert_eq!(response.status(), 413);
-    let body: Value = response.json().await.unwrap();
+    let body: Value = response.json().await.expect("a JSON answer");
     assert_eq!(body["error"], "payload_too_large");
 }
 
@@ -179,7 +182,7 @@ bisect_on_function_error = true"#,
         futures_util::future::join_all(bodies.iter().map(|b| h.post("/records", b))).await;
     for (n, answer) in answers.into_iter().enumerate() {
         let status = answer.status();
-        let body: Value = answer.json().await.unwrap();
+        let body: Value = answer.json().await.expect("a JSON answer");
         if n == 13 {
             assert_eq!(status, 502, "{body}");
             assert_eq!(body["error"], "function_error");

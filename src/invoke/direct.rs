@@ -70,24 +70,23 @@ pub(super) struct Target {
 }
 
 impl DirectClient {
-    /// A client for `cfg`'s endpoint (Lambda's regional endpoint when none is set) that signs
-    /// with `credentials`. An `https` endpoint needs the system's root certificates.
+    /// A client for `endpoint` (as the SDK resolved it) that signs with `credentials` for
+    /// `cfg`'s region, within `cfg`'s timeouts. An `https` endpoint needs the system's root
+    /// certificates.
     pub(super) fn new(
         cfg: &LambdaConfig,
+        endpoint: &str,
         credentials: Option<SharedCredentialsProvider>,
     ) -> std::io::Result<DirectClient> {
-        let base = match &cfg.endpoint_url {
-            Some(url) => url.trim_end_matches('/').to_owned(),
-            None => format!("https://lambda.{}.amazonaws.com", cfg.region),
-        };
+        let base = endpoint.trim_end_matches('/').to_owned();
         let uri: Uri = base
             .parse()
-            .map_err(|e| invalid(format!("lambda.endpoint_url {base:?} is not a URI: {e}")))?;
+            .map_err(|e| invalid(format!("the Lambda endpoint {base:?} is not a URI: {e}")))?;
         let authority = uri
             .authority()
-            .ok_or_else(|| invalid(format!("lambda.endpoint_url {base:?} names no host")))?;
+            .ok_or_else(|| invalid(format!("the Lambda endpoint {base:?} names no host")))?;
         let host = HeaderValue::from_str(authority.as_str())
-            .map_err(|e| invalid(format!("lambda.endpoint_url {base:?}: {e}")))?;
+            .map_err(|e| invalid(format!("the Lambda endpoint {base:?}: {e}")))?;
         let https = uri.scheme_str() == Some("https");
         let credentials = credentials.ok_or_else(|| {
             invalid("lambda.transport = \"direct\" found no AWS credentials provider".to_owned())
@@ -104,7 +103,7 @@ impl DirectClient {
                 .map_err(|e| {
                     std::io::Error::new(
                         e.kind(),
-                        format!("lambda.endpoint_url {base:?} is https, but no usable root certificates were found: {e}"),
+                        format!("the Lambda endpoint {base:?} is https, but no usable root certificates were found: {e}"),
                     )
                 })?
         } else {

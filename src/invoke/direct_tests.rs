@@ -8,14 +8,14 @@ use http::HeaderMap;
 use super::*;
 use crate::invoke::MAX_RETRY_AFTER;
 
-fn client(endpoint: Option<&str>) -> DirectClient {
+fn client(endpoint: &str) -> DirectClient {
     let cfg = LambdaConfig {
-        endpoint_url: endpoint.map(str::to_owned),
         region: "eu-west-1".to_owned(),
         ..LambdaConfig::default()
     };
     DirectClient::new(
         &cfg,
+        endpoint,
         Some(SharedCredentialsProvider::new(Credentials::new(
             "AKID", "secret", None, None, "test",
         ))),
@@ -25,7 +25,7 @@ fn client(endpoint: Option<&str>) -> DirectClient {
 
 #[tokio::test]
 async fn the_invoke_uri_is_built_once_and_percent_encodes_what_the_sdk_encodes() {
-    let direct = client(Some("http://127.0.0.1:9001/"));
+    let direct = client("http://127.0.0.1:9001/");
     assert_eq!(
         direct.target("orders").unwrap().text,
         "http://127.0.0.1:9001/2015-03-31/functions/orders/invocations"
@@ -46,23 +46,17 @@ async fn the_invoke_uri_is_built_once_and_percent_encodes_what_the_sdk_encodes()
 }
 
 #[tokio::test]
-async fn without_an_endpoint_the_regional_lambda_endpoint_is_used() {
-    // Building an https client needs the machine's root certificates; without them the
-    // error must say so rather than fail on the first invoke.
-    let cfg = LambdaConfig {
-        region: "eu-west-1".to_owned(),
-        ..LambdaConfig::default()
-    };
+async fn an_https_endpoint_needs_root_certificates_and_says_so_when_there_are_none() {
+    // Building an https client loads the machine's root certificates; without them the error
+    // must say so at start-up rather than fail on the first invoke.
     match DirectClient::new(
-        &cfg,
+        &LambdaConfig::default(),
+        "https://lambda.eu-west-1.amazonaws.com",
         Some(SharedCredentialsProvider::new(Credentials::new(
             "AKID", "secret", None, None, "test",
         ))),
     ) {
-        Ok(direct) => {
-            assert_eq!(direct.base, "https://lambda.eu-west-1.amazonaws.com");
-            assert_eq!(direct.host, "lambda.eu-west-1.amazonaws.com");
-        }
+        Ok(direct) => assert_eq!(direct.host, "lambda.eu-west-1.amazonaws.com"),
         Err(e) => assert!(e.to_string().contains("root certificates"), "{e}"),
     }
 }
@@ -70,21 +64,18 @@ async fn without_an_endpoint_the_regional_lambda_endpoint_is_used() {
 #[tokio::test]
 async fn an_endpoint_that_is_not_a_uri_or_has_no_host_is_refused_by_name() {
     for bad in ["not a url", "/just/a/path"] {
-        let cfg = LambdaConfig {
-            endpoint_url: Some(bad.to_owned()),
-            ..LambdaConfig::default()
-        };
         let err = DirectClient::new(
-            &cfg,
+            &LambdaConfig::default(),
+            bad,
             Some(SharedCredentialsProvider::new(Credentials::new(
                 "AKID", "secret", None, None, "test",
             ))),
         )
         .err()
         .unwrap_or_else(|| panic!("{bad:?} was accepted"));
-        assert!(err.to_string().contains("lambda.endpoint_url"), "{err}");
+        assert!(err.to_string().contains("the Lambda endpoint"), "{err}");
     }
-    let err = DirectClient::new(&LambdaConfig::default(), None)
+    let err = DirectClient::new(&LambdaConfig::default(), "http://127.0.0.1:9001", None)
         .err()
         .expect("no credentials provider is refused");
     assert!(err.to_string().contains("credentials"), "{err}");

@@ -17,6 +17,7 @@ mod invoke_faults;
 mod queue;
 mod reload;
 mod responses;
+mod transport;
 
 use fake_lambda::FakeLambda;
 

@@ -121,8 +121,10 @@ start_emulator() {
 # start_sluicegate CONFIG NAME LISTEN : `sluicegate serve`. Sets SG_PID.
 start_sluicegate() {
     local config=$1 name=$2 listen=$3
+    shift 3
+    # Any further arguments are VAR=VALUE settings for this process alone.
     NO_COLOR=1 SLUICEGATE_LOG=${SLUICEGATE_LOG_LEVEL:-warn} start_bg "$WORK/$name.sluicegate.log" \
-        "$SLUICEGATE" serve --config "$config"
+        env "$@" "$SLUICEGATE" serve --config "$config"
     SG_PID=$BG_PID
     $LT wait-http "http://$listen/healthz" 20 || die "sluicegate did not start (see $WORK/$name.sluicegate.log)"
 }

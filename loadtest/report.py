@@ -565,8 +565,10 @@ def report_admitted(runs):
     md, plots = [], []
     names = {"adaptive": "sluicegate `/records` adaptive (max_concurrency 64)",
              "window": "sluicegate `/window` window 2 ms (max_concurrency 8)",
-             "raw": "sluicegate `/raw` one record per invoke", "nginx": "nginx `proxy_pass`"}
-    aggs = {c: agg(runs, c, "oha") for c in names}
+             "raw": "sluicegate `/raw` one record per invoke",
+             "lean": "sluicegate `/records` adaptive, `linger = 5ms`, TOKIO_WORKER_THREADS=1",
+             "nginx": "nginx `proxy_pass`"}
+    aggs = {c: agg(runs, c, "oha") for c in names if c != "lean"}
     ng = aggs["nginx"]
     rows = []
     per_run = [admitted_row(r) for r in runs if r["metrics"]]

@@ -319,14 +319,24 @@ scenario_admitted() {
     render_config admitted admitted
     start_emulator "$CFG" admitted
     start_sluicegate "$CFG" admitted "$SG"
+    local main_pid=$SG_PID
+    # The same /records sized for a small sidecar: one runtime worker thread and a 5 ms
+    # linger (fixed offered loads only).
+    start_sluicegate "$CFG" admitted-lean "$XP2" SLUICEGATE_SERVER__LISTEN="$XP2" \
+        SLUICEGATE_SERVER__ADMIN_LISTEN=127.0.0.1:0 TOKIO_WORKER_THREADS=1 \
+        SLUICEGATE_ROUTES__0__BATCH__LINGER=5ms
+    local lean_pid=$SG_PID
+    SG_PID=$main_pid
     start_nginx admitted "$NG" "$EMU" peer
     mkdir -p "$OUT/raw/$s"
     declare -A url=(
         [adaptive]="http://$SG/records"
         [window]="http://$SG/window"
         [raw]="http://$SG/raw"
+        [lean]="http://$XP2/records"
         [nginx]="http://$NG/passthrough")
-    declare -A pid=([adaptive]=$SG_PID [window]=$SG_PID [raw]=$SG_PID [nginx]=$NGINX_PID)
+    declare -A pid=([adaptive]=$SG_PID [window]=$SG_PID [raw]=$SG_PID [lean]=$lean_pid
+        [nginx]=$NGINX_PID)
     local c r rate label cpu0 cpu1
     for c in adaptive window raw nginx; do sample_response $s "$c" "${url[$c]}" -H 'x-api-key: pass'; done
     # admitted_run LABEL CONTENDER OHA_ARGS... : one oha run with the emulator's counters
@@ -352,9 +362,10 @@ scenario_admitted() {
                 stats_after="raw/$s/$label.stats-after.json"
         done
     done
-    # CPU per record at fixed offered loads: batched adaptive /records vs nginx.
+    # CPU per record at fixed offered loads: batched adaptive /records (default and lean) vs
+    # nginx.
     for rate in $CPU_RATES; do
-        for c in adaptive nginx; do
+        for c in adaptive lean nginx; do
             label="$c-q$rate"
             admitted_run "$label" "$c" -q "$rate" -c 128 --latency-correction
             record $s contender="$c" tool=oha-fixed rate="$rate" connections=128 cpu_s_before="$cpu0" \

@@ -27,7 +27,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::{never_sent, InvokeFailure, Invoked, ServiceFailure, UnknownCause};
 use crate::config::{Invocation, LambdaConfig, SYNC_PAYLOAD_LIMIT};
@@ -117,9 +117,11 @@ impl DirectClient {
             tls.with_tls_config(config)
         };
         let connector = tls.https_or_http().enable_http1().wrap_connector(http);
-        // Idle connections are kept for the next invoke; their number never exceeds the peak
-        // of invokes in flight, which the functions' gates bound.
+        // Idle connections are kept for the next invoke, as the SDK keeps them (90 s, closed
+        // in the background by the pool's timer); their number never exceeds the peak of
+        // invokes in flight, which the functions' gates bound.
         let http = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
         Ok(DirectClient {

@@ -566,6 +566,7 @@ def report_admitted(runs):
     names = {"adaptive": "sluicegate `/records` adaptive (max_concurrency 64)",
              "window": "sluicegate `/window` window 2 ms (max_concurrency 8)",
              "raw": "sluicegate `/raw` one record per invoke",
+             "lean-raw": "sluicegate `/raw`, TOKIO_WORKER_THREADS=1",
              "lean": "sluicegate `/records` adaptive, `linger = 5ms`, TOKIO_WORKER_THREADS=1",
              "nginx": "nginx `proxy_pass`"}
     aggs = {c: agg(runs, c, "oha") for c in names if c != "lean"}

@@ -320,8 +320,8 @@ scenario_admitted() {
     start_emulator "$CFG" admitted
     start_sluicegate "$CFG" admitted "$SG"
     local main_pid=$SG_PID
-    # The same /records sized for a small sidecar: one runtime worker thread and a 5 ms
-    # linger (fixed offered loads only).
+    # The same routes sized for a small sidecar: one runtime worker thread, and a 5 ms linger
+    # on /records (its /raw at saturation, its /records at the fixed offered loads).
     start_sluicegate "$CFG" admitted-lean "$XP2" SLUICEGATE_SERVER__LISTEN="$XP2" \
         SLUICEGATE_SERVER__ADMIN_LISTEN=127.0.0.1:0 TOKIO_WORKER_THREADS=1 \
         SLUICEGATE_ROUTES__0__BATCH__LINGER=5ms
@@ -334,9 +334,10 @@ scenario_admitted() {
         [window]="http://$SG/window"
         [raw]="http://$SG/raw"
         [lean]="http://$XP2/records"
+        [lean-raw]="http://$XP2/raw"
         [nginx]="http://$NG/passthrough")
     declare -A pid=([adaptive]=$SG_PID [window]=$SG_PID [raw]=$SG_PID [lean]=$lean_pid
-        [nginx]=$NGINX_PID)
+        [lean-raw]=$lean_pid [nginx]=$NGINX_PID)
     local c r rate label cpu0 cpu1
     for c in adaptive window raw nginx; do sample_response $s "$c" "${url[$c]}" -H 'x-api-key: pass'; done
     # admitted_run LABEL CONTENDER OHA_ARGS... : one oha run with the emulator's counters
@@ -354,7 +355,7 @@ scenario_admitted() {
     }
     # Saturation: as fast as 128 connections go.
     for r in $(seq 1 "$ROUNDS"); do
-        for c in $(rotated $((r - 1)) adaptive window raw nginx); do
+        for c in $(rotated $((r - 1)) adaptive window raw lean-raw nginx); do
             label="$c-r$r"
             admitted_run "$label" "$c" -c 128
             record $s contender="$c" tool=oha round="$r" connections=128 cpu_s_before="$cpu0" \

@@ -42,6 +42,10 @@ on_both_transports!(
 
 /// `toml` with `lambda.transport` set.
 fn on_transport(toml: &str, transport: &str) -> String {
+    assert!(
+        toml.contains("[lambda]\n"),
+        "the scenario's config has no [lambda] section to set the transport in"
+    );
     toml.replace(
         "[lambda]\n",
         &format!("[lambda]\ntransport = \"{transport}\"\n"),

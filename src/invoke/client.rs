@@ -31,28 +31,39 @@ impl LambdaClient {
     }
 }
 
-impl From<aws_sdk_lambda::Client> for LambdaClient {
-    /// A client that invokes through the SDK.
-    fn from(sdk: aws_sdk_lambda::Client) -> Self {
-        LambdaClient { sdk, direct: None }
-    }
-}
-
 /// One client per process: region, optional endpoint, connect/read timeouts, SDK retries
 /// off (sluicegate retries itself), and credentials from the default chain — or, with
 /// `credentials = "auto"` and a loopback `endpoint_url`, placeholder keys, because an
 /// emulator does not check signatures and a fresh machine has no AWS credentials at all.
-/// Fails only for `transport = "direct"` with an endpoint it cannot reach (an `https`
-/// endpoint on a machine without root certificates).
+///
+/// With `transport = "direct"`, an endpoint reached through an HTTP(S) proxy (the SDK follows
+/// `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY`; the direct client does not) is
+/// invoked through the SDK instead, with a warning. Fails only for `direct` when the endpoint
+/// cannot be resolved or used (an invalid region or URL, an `https` endpoint on a machine
+/// without root certificates) or there is no credentials provider.
 pub async fn build_client(cfg: &LambdaConfig) -> std::io::Result<LambdaClient> {
     let sdk_config = sdk_config(cfg).await;
     let direct = match cfg.transport {
         LambdaTransport::Sdk => None,
-        LambdaTransport::Direct => Some(Arc::new(DirectClient::new(
-            cfg,
-            &invoke_endpoint(&sdk_config).await?,
-            sdk_config.credentials_provider(),
-        )?)),
+        LambdaTransport::Direct => {
+            let endpoint = invoke_endpoint(&sdk_config).await?;
+            match proxied(&endpoint, |name| std::env::var(name).ok()) {
+                Some(variable) => {
+                    tracing::warn!(
+                        %endpoint,
+                        variable,
+                        "the Lambda endpoint is reached through a proxy, which only the SDK \
+                         follows: invoking through the SDK (lambda.transport = \"sdk\")"
+                    );
+                    None
+                }
+                None => Some(Arc::new(DirectClient::new(
+                    cfg,
+                    &endpoint,
+                    sdk_config.credentials_provider(),
+                )?)),
+            }
+        }
     };
     Ok(LambdaClient {
         sdk: aws_sdk_lambda::Client::new(&sdk_config),
@@ -95,6 +106,46 @@ async fn invoke_endpoint(sdk_config: &aws_config::SdkConfig) -> std::io::Result<
         .await
         .map_err(|e| invalid(format!("the Lambda endpoint cannot be resolved: {e}")))?;
     Ok(endpoint.url().to_owned())
+}
+
+/// The proxy variable that would carry the SDK's connections to `endpoint`, if any: the first
+/// of the variables the SDK reads that is set, unless `NO_PROXY` names the endpoint's host
+/// (`*`, the host itself, or a domain suffix).
+fn proxied(endpoint: &str, var: impl Fn(&str) -> Option<String>) -> Option<&'static str> {
+    const PROXIES: [&str; 6] = [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ];
+    let variable = PROXIES
+        .into_iter()
+        .find(|name| var(name).is_some_and(|value| !value.trim().is_empty()))?;
+    let host = endpoint
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|uri| {
+            uri.host()
+                .map(|h| h.trim_matches(['[', ']']).to_ascii_lowercase())
+        })
+        .unwrap_or_default();
+    let bypass = ["NO_PROXY", "no_proxy"]
+        .into_iter()
+        .filter_map(&var)
+        .flat_map(|rules| {
+            rules
+                .split(',')
+                .map(|rule| rule.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .any(|rule| {
+            let domain = rule.trim_start_matches('.');
+            rule == "*"
+                || (!domain.is_empty() && (host == domain || host.ends_with(&format!(".{domain}"))))
+        });
+    (!bypass).then_some(variable)
 }
 
 fn invalid(message: String) -> std::io::Error {
@@ -141,6 +192,61 @@ mod tests {
                 expected
             );
         }
+    }
+
+    #[test]
+    fn an_endpoint_behind_a_proxy_goes_through_the_sdk_unless_no_proxy_names_it() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let aws = "https://lambda.eu-west-1.amazonaws.com";
+        assert_eq!(proxied(aws, env(&[])), None);
+        assert_eq!(proxied(aws, env(&[("HTTPS_PROXY", " ")])), None);
+        assert_eq!(
+            proxied(aws, env(&[("https_proxy", "http://proxy:3128")])),
+            Some("https_proxy")
+        );
+        assert_eq!(
+            proxied(aws, env(&[("ALL_PROXY", "http://proxy:3128")])),
+            Some("ALL_PROXY")
+        );
+        for no_proxy in [
+            ".amazonaws.com",
+            "amazonaws.com",
+            "*",
+            "x.org, lambda.eu-west-1.amazonaws.com",
+        ] {
+            let pairs: &'static [(&str, &str)] = Box::leak(Box::new([
+                ("HTTP_PROXY", "http://proxy:3128"),
+                ("NO_PROXY", no_proxy),
+            ]));
+            assert_eq!(proxied(aws, env(pairs)), None, "NO_PROXY={no_proxy}");
+        }
+        assert_eq!(
+            proxied(
+                "http://127.0.0.1:9001",
+                env(&[
+                    ("HTTP_PROXY", "http://proxy:3128"),
+                    ("no_proxy", "localhost,127.0.0.1")
+                ])
+            ),
+            None
+        );
+        assert_eq!(
+            proxied(
+                aws,
+                env(&[
+                    ("HTTP_PROXY", "http://proxy:3128"),
+                    ("NO_PROXY", "example.com,lambda.eu")
+                ])
+            ),
+            Some("HTTP_PROXY")
+        );
     }
 
     #[tokio::test]

@@ -29,7 +29,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::{never_sent, InvokeFailure, Invoked, ServiceFailure, UnknownCause};
+use super::{describe_chain, never_sent, InvokeFailure, Invoked, ServiceFailure, UnknownCause};
 use crate::config::{Invocation, LambdaConfig, SYNC_PAYLOAD_LIMIT};
 
 const X_AMZ_INVOCATION_TYPE: HeaderName = HeaderName::from_static("x-amz-invocation-type");
@@ -47,16 +47,30 @@ const MAX_RESPONSE: usize = SYNC_PAYLOAD_LIMIT as usize + 64 * 1024;
 const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(300);
 
 /// The shortest time between two fetches of credentials that are already close to expiry,
-/// so a provider that keeps handing out short-lived ones is not asked on every invoke.
+/// so a provider that keeps handing out short-lived ones is not asked on every invoke (never
+/// past their expiry, though: expired credentials are not signed with).
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Credentials without an expiry are fetched again this often, as the SDK's identity cache
+/// does, so rotated keys are picked up.
+const REFRESH_WITHOUT_EXPIRY: Duration = Duration::from_secs(15 * 60);
+
+/// The longest one fetch of credentials may take (a `credential_process` that hangs); the SDK's
+/// identity cache bounds its loads the same way.
+const CREDENTIALS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// After a failed fetch, invokes fail at once for this long instead of each asking the
+/// provider again.
+const FAILED_FETCH_HOLD: Duration = Duration::from_secs(1);
 
 /// One process's direct Lambda client: the pooled connections, the endpoint, the region and
 /// the cached credentials. Shared by every function's [`super::Invoker`].
 pub(super) struct DirectClient {
-    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http: Client<TimedConnect<HttpsConnector<HttpConnector>>, Full<Bytes>>,
     /// `scheme://authority` of the Lambda endpoint, no trailing `/`.
     base: String,
-    host: HeaderValue,
+    /// The endpoint's authority, sent and signed as `host`.
+    host: String,
     region: String,
     settings: SigningSettings,
     credentials: CredentialsCache,
@@ -85,7 +99,8 @@ impl DirectClient {
         let authority = uri
             .authority()
             .ok_or_else(|| invalid(format!("the Lambda endpoint {base:?} names no host")))?;
-        let host = HeaderValue::from_str(authority.as_str())
+        let host = authority.as_str().to_owned();
+        HeaderValue::from_str(&host)
             .map_err(|e| invalid(format!("the Lambda endpoint {base:?}: {e}")))?;
         let https = uri.scheme_str() == Some("https");
         let credentials = credentials.ok_or_else(|| {
@@ -116,7 +131,10 @@ impl DirectClient {
                 .with_no_client_auth();
             tls.with_tls_config(config)
         };
-        let connector = tls.https_or_http().enable_http1().wrap_connector(http);
+        let connector = TimedConnect {
+            inner: tls.https_or_http().enable_http1().wrap_connector(http),
+            timeout: cfg.connect_timeout,
+        };
         // Idle connections are kept for the next invoke, as the SDK keeps them (90 s, closed
         // in the background by the pool's timer); their number never exceeds the peak of
         // invokes in flight, which the functions' gates bound.
@@ -169,12 +187,12 @@ impl DirectClient {
             let response = self.http.request(request).await.map_err(|e| {
                 if never_sent(&e) {
                     InvokeFailure::Unavailable {
-                        message: describe(&e),
+                        message: describe_chain(&e),
                     }
                 } else {
                     InvokeFailure::OutcomeUnknown {
                         cause: UnknownCause::ConnectionLost,
-                        message: describe(&e),
+                        message: describe_chain(&e),
                     }
                 }
             })?;
@@ -235,7 +253,7 @@ impl DirectClient {
             .map_err(|e| signing_failed(&e))?
             .into();
         let headers = [
-            ("host", header_str(&self.host)),
+            ("host", self.host.as_str()),
             ("content-type", "application/octet-stream"),
             ("x-amz-invocation-type", invocation_text),
         ];
@@ -253,7 +271,10 @@ impl DirectClient {
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = target.uri.clone();
         let request_headers = request.headers_mut();
-        request_headers.insert(HOST, self.host.clone());
+        request_headers.insert(
+            HOST,
+            HeaderValue::from_str(&self.host).map_err(|e| signing_failed(&e))?,
+        );
         request_headers.insert(CONTENT_TYPE, OCTET_STREAM);
         request_headers.insert(X_AMZ_INVOCATION_TYPE, invocation_type);
         instructions.apply_to_request_http1x(&mut request);
@@ -263,13 +284,52 @@ impl DirectClient {
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
-fn invalid(message: String) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidInput, message)
+/// A connector whose whole connect — DNS, TCP and the TLS handshake — fails after
+/// `lambda.connect_timeout`, as the SDK's does. (`HttpConnector`'s own timeout bounds the TCP
+/// connect alone.) Its failure is a connect error, so the invoke is provably unsent.
+#[derive(Clone)]
+struct TimedConnect<C> {
+    inner: C,
+    timeout: Duration,
 }
 
-/// The headers signed here are the constants above and the endpoint's authority, all ASCII.
-fn header_str(value: &HeaderValue) -> &str {
-    value.to_str().unwrap_or_default()
+impl<C> tower::Service<Uri> for TimedConnect<C>
+where
+    C: tower::Service<Uri> + Send,
+    C::Future: Send + 'static,
+    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = C::Response;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<C::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(connected) => connected.map_err(Into::into),
+                Err(_) => Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection to Lambda within {timeout:?}"),
+                ))
+                    as Box<dyn std::error::Error + Send + Sync>),
+            }
+        })
+    }
+}
+
+fn invalid(message: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, message)
 }
 
 fn signing_failed(e: &dyn std::fmt::Display) -> InvokeFailure {
@@ -279,46 +339,30 @@ fn signing_failed(e: &dyn std::fmt::Display) -> InvokeFailure {
     }
 }
 
-fn describe(e: &hyper_util::client::legacy::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text.chars().take(300).collect()
-}
-
-/// The parts of a Lambda error body the classification reads; anything else (or a body that
-/// is not JSON at all) is ignored.
-#[derive(serde::Deserialize, Default)]
-struct ErrorBody {
-    #[serde(alias = "Message", alias = "errorMessage")]
-    message: Option<String>,
-    #[serde(rename = "Reason")]
-    reason: Option<String>,
-    #[serde(rename = "__type", alias = "code")]
-    kind: Option<String>,
-}
-
 /// Reads a non-2xx answer as the SDK's REST-JSON protocol does: the error code from
 /// `X-Amzn-ErrorType` (or the body's `__type`/`code`) without its namespace or URL suffix,
 /// the message and `Reason` from the body, the wait from `Retry-After`.
 fn read_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> ServiceFailure {
-    let parsed: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
+    // Any body at all: what is not a JSON object, or lacks a field, reads as absent.
+    let parsed: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let field = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|name| parsed.get(*name).and_then(serde_json::Value::as_str))
+            .map(str::to_owned)
+    };
     let kind = headers
         .get(X_AMZN_ERROR_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
-        .or(parsed.kind)
+        .or_else(|| field(&["code", "__type"]))
         .map(|code| sanitize_code(&code).to_owned())
         .unwrap_or_else(|| "Unknown".to_owned());
     ServiceFailure {
         status,
         code: kind,
-        message: parsed.message.unwrap_or_default(),
-        reason: parsed.reason,
+        message: field(&["message", "Message", "errorMessage"]).unwrap_or_default(),
+        reason: field(&["Reason"]),
         retry_after: headers
             .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
@@ -333,16 +377,26 @@ fn sanitize_code(code: &str) -> &str {
 }
 
 /// The credentials an invoke signs with, fetched from the provider when missing or close to
-/// expiry; concurrent invokes wait for one fetch instead of each starting their own.
+/// expiry; concurrent invokes wait for one fetch instead of each starting their own. A fetch
+/// that fails or takes longer than [`CREDENTIALS_TIMEOUT`] keeps the cached credentials in use
+/// until they really expire; without usable ones the invoke fails as never sent.
 struct CredentialsCache {
     provider: SharedCredentialsProvider,
     current: ArcSwapOption<Cached>,
-    refresh: tokio::sync::Mutex<()>,
+    /// Held by the one fetch in progress; the last failure, with when it happened.
+    refresh: tokio::sync::Mutex<Option<(tokio::time::Instant, String)>>,
 }
 
 struct Cached {
     identity: Identity,
+    expiry: Option<SystemTime>,
     refresh_after: SystemTime,
+}
+
+impl Cached {
+    fn usable(&self, now: SystemTime) -> bool {
+        self.expiry.is_none_or(|expiry| now < expiry)
+    }
 }
 
 impl CredentialsCache {
@@ -350,7 +404,7 @@ impl CredentialsCache {
         CredentialsCache {
             provider,
             current: ArcSwapOption::empty(),
-            refresh: tokio::sync::Mutex::new(()),
+            refresh: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -358,20 +412,43 @@ impl CredentialsCache {
         if let Some(cached) = self.fresh() {
             return Ok(cached);
         }
-        let _one_fetch = self.refresh.lock().await;
+        let mut last_failure = self.refresh.lock().await;
         if let Some(cached) = self.fresh() {
             return Ok(cached);
         }
-        let credentials = self.provider.provide_credentials().await.map_err(|e| {
-            // Nothing was sent: another attempt may find credentials.
-            InvokeFailure::Unavailable {
-                message: format!("no AWS credentials to sign the invoke: {e}"),
+        let still_usable = self
+            .current
+            .load_full()
+            .filter(|cached| cached.usable(SystemTime::now()));
+        if let Some((at, message)) = last_failure.as_ref() {
+            if at.elapsed() < FAILED_FETCH_HOLD {
+                return still_usable.ok_or_else(|| no_credentials(message));
             }
-        })?;
+        }
+        let fetched =
+            tokio::time::timeout(CREDENTIALS_TIMEOUT, self.provider.provide_credentials()).await;
+        let credentials = match fetched {
+            Ok(Ok(credentials)) => credentials,
+            Ok(Err(e)) => {
+                let message = e.to_string();
+                let failure = no_credentials(&message);
+                *last_failure = Some((tokio::time::Instant::now(), message));
+                return still_usable.ok_or(failure);
+            }
+            Err(_) => {
+                let message = format!(
+                    "the credentials provider did not answer within {CREDENTIALS_TIMEOUT:?}"
+                );
+                let failure = no_credentials(&message);
+                *last_failure = Some((tokio::time::Instant::now(), message));
+                return still_usable.ok_or(failure);
+            }
+        };
+        *last_failure = None;
         let now = SystemTime::now();
         let expiry = credentials.expiry();
         let refresh_after = match expiry {
-            None => SystemTime::UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX) * 8),
+            None => now + REFRESH_WITHOUT_EXPIRY,
             Some(expiry) => expiry
                 .checked_sub(REFRESH_BEFORE_EXPIRY)
                 .unwrap_or(expiry)
@@ -380,6 +457,7 @@ impl CredentialsCache {
         };
         let cached = Arc::new(Cached {
             identity: Identity::new(credentials, expiry),
+            expiry,
             refresh_after,
         });
         self.current.store(Some(Arc::clone(&cached)));
@@ -390,6 +468,13 @@ impl CredentialsCache {
         self.current
             .load_full()
             .filter(|cached| SystemTime::now() < cached.refresh_after)
+    }
+}
+
+/// Nothing was sent: another attempt may find credentials.
+fn no_credentials(why: &str) -> InvokeFailure {
+    InvokeFailure::Unavailable {
+        message: format!("no AWS credentials to sign the invoke: {why}"),
     }
 }
 

@@ -152,11 +152,39 @@ fn error_codes_are_read_from_the_header_or_the_body_without_namespace_or_suffix(
 
 #[test]
 fn garbage_from_lambda_is_classified_by_status_and_never_trusted() {
+    // A 5xx without a Lambda error code came from something in between, which may have
+    // forwarded the request: unknown, not "nothing ran".
     let bad_gateway = read_error(502, &HeaderMap::new(), b"<html>bad gateway</html>");
     assert!(matches!(
         bad_gateway.classify(),
+        InvokeFailure::OutcomeUnknown {
+            cause: UnknownCause::UnexplainedServerError,
+            ..
+        }
+    ));
+    let service = read_error(
+        500,
+        &headers(&[("x-amzn-errortype", "ServiceException")]),
+        b"{}",
+    );
+    assert!(matches!(
+        service.classify(),
         InvokeFailure::Unavailable { .. }
     ));
+    // Both spellings of a field in one body: neither is lost.
+    let both = read_error(
+        429,
+        &headers(&[("x-amzn-errortype", "TooManyRequestsException")]),
+        br#"{"message":"a","Message":"b","Reason":"ReservedFunctionConcurrentInvocationLimitExceeded","__type":"x","code":"y"}"#,
+    );
+    assert_eq!(
+        both.classify(),
+        InvokeFailure::Throttled {
+            reason: "ReservedFunctionConcurrentInvocationLimitExceeded".into(),
+            message: "a".into(),
+            retry_after: None,
+        }
+    );
     let teapot = read_error(418, &HeaderMap::new(), b"\xff\xfe not json");
     assert_eq!(
         teapot.classify(),
@@ -176,12 +204,14 @@ fn garbage_from_lambda_is_classified_by_status_and_never_trusted() {
     assert_eq!(absurd.classify().retry_after(), Some(MAX_RETRY_AFTER));
 }
 
-/// Counts its calls and hands out credentials that expire `expires_in` after each call.
+/// Counts its calls and hands out credentials that expire `expires_in` after each call; from
+/// its `fail_from`-th call on it fails (or, with `hang`, never answers).
 #[derive(Debug)]
 struct Counting {
     calls: AtomicUsize,
     expires_in: Option<Duration>,
-    fail: bool,
+    fail_from: usize,
+    hang: bool,
 }
 
 impl ProvideCredentials for Counting {
@@ -189,8 +219,11 @@ impl ProvideCredentials for Counting {
     where
         Self: 'a,
     {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        if self.fail {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        if call >= self.fail_from {
+            if self.hang {
+                return CredentialsFuture::new(std::future::pending());
+            }
             return CredentialsFuture::ready(Err(CredentialsError::not_loaded("no chain")));
         }
         let expiry = self.expires_in.map(|d| SystemTime::now() + d);
@@ -199,10 +232,19 @@ impl ProvideCredentials for Counting {
 }
 
 fn counting(expires_in: Option<Duration>, fail: bool) -> (Arc<Counting>, CredentialsCache) {
+    counting_from(expires_in, if fail { 0 } else { usize::MAX }, false)
+}
+
+fn counting_from(
+    expires_in: Option<Duration>,
+    fail_from: usize,
+    hang: bool,
+) -> (Arc<Counting>, CredentialsCache) {
     let provider = Arc::new(Counting {
         calls: AtomicUsize::new(0),
         expires_in,
-        fail,
+        fail_from,
+        hang,
     });
     let shared = SharedCredentialsProvider::new(CountingRef(Arc::clone(&provider)));
     (provider, CredentialsCache::new(shared))
@@ -265,4 +307,109 @@ async fn no_credentials_is_an_invoke_that_was_never_sent() {
         "{failure:?}"
     );
     assert!(failure.is_retryable(false) && !failure.may_have_run());
+}
+
+#[tokio::test]
+async fn a_failed_refresh_keeps_unexpired_credentials_and_is_not_retried_per_invoke() {
+    // Expiring within the refresh margin, so every lookup after the first wants a refresh;
+    // the provider fails from its second call on.
+    let (provider, cache) = counting_from(Some(Duration::from_secs(120)), 1, false);
+    cache.identity().await.expect("the first fetch");
+    // Past the minimum interval the cache asks again; the failure leaves the old credentials.
+    let cached = cache.current.load_full().expect("cached");
+    cache.current.store(Some(Arc::new(Cached {
+        identity: cached.identity.clone(),
+        expiry: cached.expiry,
+        refresh_after: SystemTime::now() - Duration::from_secs(1),
+    })));
+    for _ in 0..5 {
+        cache
+            .identity()
+            .await
+            .expect("still-valid credentials are kept");
+    }
+    assert_eq!(
+        provider.calls.load(Ordering::SeqCst),
+        2,
+        "one failed refresh, then held off"
+    );
+}
+
+#[tokio::test]
+async fn without_usable_credentials_a_failure_is_held_briefly_instead_of_asked_again() {
+    let (provider, cache) = counting(None, true);
+    for _ in 0..5 {
+        cache.identity().await.err().expect("no credentials");
+    }
+    assert_eq!(provider.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_provider_that_hangs_is_given_up_on_and_the_invoke_was_never_sent() {
+    let (_, cache) = counting_from(None, 0, true);
+    let started = tokio::time::Instant::now();
+    let failure = cache.identity().await.err().expect("no credentials");
+    assert_eq!(started.elapsed(), CREDENTIALS_TIMEOUT);
+    assert!(
+        matches!(&failure, InvokeFailure::Unavailable { message } if message.contains("did not answer")),
+        "{failure:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connect_that_does_not_finish_fails_at_the_connect_timeout_as_a_connect_error() {
+    use tower::Service;
+    let never = tower::service_fn(|_: Uri| std::future::pending::<Result<(), std::io::Error>>());
+    let mut connect = TimedConnect {
+        inner: never,
+        timeout: Duration::from_secs(3),
+    };
+    let started = tokio::time::Instant::now();
+    let err = connect
+        .call(Uri::from_static("https://lambda.eu-west-1.amazonaws.com"))
+        .await
+        .expect_err("no connection");
+    assert_eq!(started.elapsed(), Duration::from_secs(3));
+    let io = err
+        .downcast_ref::<std::io::Error>()
+        .expect("an io::Error, which hyper-util reports as a connect error");
+    assert_eq!(io.kind(), std::io::ErrorKind::TimedOut);
+}
+
+#[tokio::test]
+async fn a_session_token_is_sent_and_signed() {
+    let cfg = LambdaConfig {
+        region: "eu-west-1".to_owned(),
+        ..LambdaConfig::default()
+    };
+    let direct = DirectClient::new(
+        &cfg,
+        "http://127.0.0.1:9001",
+        Some(SharedCredentialsProvider::new(Credentials::new(
+            "ASIAEXAMPLE",
+            "secret",
+            Some("the-session-token".to_owned()),
+            None,
+            "test",
+        ))),
+    )
+    .expect("a client");
+    let target = direct.target("orders").expect("a target");
+    let request = direct
+        .signed(&target, Bytes::from_static(b"{}"), Invocation::Event)
+        .await
+        .expect("a signed request");
+    let headers = request.headers();
+    assert_eq!(headers["x-amz-security-token"], "the-session-token");
+    assert_eq!(headers["x-amz-invocation-type"], "Event");
+    assert_eq!(headers["host"], "127.0.0.1:9001");
+    let authorization = headers["authorization"].to_str().expect("ASCII");
+    assert!(
+        authorization.starts_with("AWS4-HMAC-SHA256 Credential=ASIAEXAMPLE/")
+            && authorization.contains("/eu-west-1/lambda/aws4_request")
+            && authorization.contains(
+                "SignedHeaders=content-type;host;x-amz-date;x-amz-invocation-type;x-amz-security-token"
+            ),
+        "{authorization}"
+    );
 }

@@ -1,5 +1,7 @@
-//! Invoking Lambda: the `aws-sdk-lambda` client, the per-function gate that keeps invokes
-//! inside the function's concurrency, and the classification of what Lambda answered.
+//! Invoking Lambda: the two transports (`lambda.transport`: the direct client in `direct.rs`,
+//! or `aws-sdk-lambda`), the per-function gate that keeps invokes inside the function's
+//! concurrency, and the one classification of what Lambda answered, which both transports
+//! share.
 //!
 //! One [`Invoker`] exists per function, shared by every route that targets it, so the
 //! concurrency cap (`invoke.max_concurrency`, meant to sit at or below the function's
@@ -12,8 +14,9 @@
 //! | Lambda says | [`InvokeFailure`] | retryable |
 //! |---|---|---|
 //! | `TooManyRequestsException` (any `Reason`) | `Throttled` | yes, after its Retry-After (at most `retry.cap`) |
-//! | `ServiceException`, other 5xx, `EC2ThrottledException`, `ResourceNotReadyException`… | `Unavailable` | yes |
-//! | the request was provably never sent: connect refused / reset / timed out, DNS, TLS handshake, a pooled connection closed before the request started | `Unavailable` | yes |
+//! | `ServiceException`, another 5xx with a Lambda error code, `EC2ThrottledException`, `ResourceNotReadyException`… | `Unavailable` | yes |
+//! | a 5xx without a Lambda error code (an intermediary's HTML 502/504) | `OutcomeUnknown` (`UnexplainedServerError`) | only with `retry.retry_timeouts` |
+//! | the request was provably never sent: connect refused / reset / timed out (DNS and TLS included), a pooled connection closed before the request started, no credentials to sign it | `Unavailable` | yes |
 //! | no answer within `read_timeout` | `OutcomeUnknown` (`ReadTimeout`) | only with `retry.retry_timeouts` (idempotent functions) |
 //! | the connection failed once the request may have been sent: closed before the response (`IncompleteMessage`), reset while reading, an unreadable response, any failure not provably before sending | `OutcomeUnknown` (`ConnectionLost`) | only with `retry.retry_timeouts` |
 //! | `RequestTooLargeException` | `TooLarge` | split the batch |
@@ -76,6 +79,9 @@ pub enum UnknownCause {
     ReadTimeout,
     /// The connection failed after the request may have been sent.
     ConnectionLost,
+    /// A 5xx that carries no Lambda error code: an intermediary (a proxy, a VPC endpoint, a
+    /// load balancer) answered, possibly after forwarding the request.
+    UnexplainedServerError,
 }
 
 impl std::fmt::Display for UnknownCause {
@@ -84,6 +90,9 @@ impl std::fmt::Display for UnknownCause {
             UnknownCause::ReadTimeout => "Lambda did not answer within the read timeout",
             UnknownCause::ConnectionLost => {
                 "the connection to Lambda failed after the request may have been sent"
+            }
+            UnknownCause::UnexplainedServerError => {
+                "Lambda's endpoint answered a server error that is not Lambda's own"
             }
         })
     }
@@ -157,6 +166,7 @@ impl InvokeFailure {
             InvokeFailure::OutcomeUnknown { cause, .. } => match cause {
                 UnknownCause::ReadTimeout => "ReadTimeout",
                 UnknownCause::ConnectionLost => "ConnectionLost",
+                UnknownCause::UnexplainedServerError => "UnexplainedServerError",
             },
         }
     }
@@ -187,7 +197,7 @@ impl InvokeFailure {
 
 /// What the coalescer needs from a function's invoker: its gate, and one invoke attempt.
 ///
-/// The seam between batching and Lambda. [`Invoker`] implements it over `aws-sdk-lambda`;
+/// The seam between batching and Lambda. [`Invoker`] implements it over either transport;
 /// the coalescer's unit tests implement it with a scripted fake, so batching, retries and
 /// splitting run under `tokio::time::pause()` without sockets. The coalescer is generic
 /// over it (static dispatch: nothing is boxed per invoke beyond what the real invoker does).
@@ -424,14 +434,16 @@ pub fn classify(err: SdkError<InvokeError>) -> InvokeFailure {
 }
 
 /// Whether the error chain proves the request never left: the connector failed (connect
-/// refused, reset or timed out, DNS, TLS handshake — hyper-util's `is_connect`), or hyper
-/// canceled the request before writing any of it (a pooled connection that closed first).
+/// refused, reset or timed out, DNS, TLS handshake — hyper-util's `is_connect`), hyper
+/// canceled the request before writing any of it (a pooled connection that closed first), or
+/// there were no credentials to sign it with.
 fn never_sent(error: &(dyn std::error::Error + 'static)) -> bool {
     error_chain(error).any(|e| {
         e.downcast_ref::<hyper_util::client::legacy::Error>()
             .is_some_and(hyper_util::client::legacy::Error::is_connect)
             || e.downcast_ref::<hyper::Error>()
                 .is_some_and(hyper::Error::is_canceled)
+            || e.is::<aws_credential_types::provider::error::CredentialsError>()
     })
 }
 
@@ -451,7 +463,20 @@ fn error_chain<'a>(
 }
 
 fn describe(failure: &impl std::fmt::Debug) -> String {
-    let text = format!("{failure:?}");
+    shorten(format!("{failure:?}"))
+}
+
+/// An error and its sources as one line, for the direct transport; read as [`describe`]
+/// reads the SDK's, so logs and dead letters say the same on both transports.
+fn describe_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let text = error_chain(error)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ");
+    shorten(text)
+}
+
+fn shorten(text: String) -> String {
     if text.contains("Connection refused") || text.contains("ConnectionRefused") {
         "connection refused".to_owned()
     } else {
@@ -527,6 +552,12 @@ impl ServiceFailure {
             | "SubnetIPAddressLimitReachedException" => InvokeFailure::Unavailable {
                 message: format!("{code}: {message}"),
             },
+            // No Lambda error code: not Lambda's refusal but whatever stood in between, which
+            // may have forwarded the request before failing.
+            "Unknown" if status >= 500 => InvokeFailure::OutcomeUnknown {
+                cause: UnknownCause::UnexplainedServerError,
+                message: format!("HTTP {status} without a Lambda error code: {message}"),
+            },
             _ if status >= 500 => InvokeFailure::Unavailable {
                 message: format!("{code}: {message}"),
             },
@@ -591,6 +622,43 @@ mod tests {
             );
             assert!(text.contains(&line), "missing {line}:\n{text}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_sdk_invoke_without_credentials_was_never_sent_as_on_the_direct_transport() {
+        use aws_credential_types::provider::error::CredentialsError;
+        use aws_credential_types::provider::{future, ProvideCredentials};
+
+        #[derive(Debug)]
+        struct NoCredentials;
+        impl ProvideCredentials for NoCredentials {
+            fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+            where
+                Self: 'a,
+            {
+                future::ProvideCredentials::ready(Err(CredentialsError::not_loaded("none here")))
+            }
+        }
+        let config = aws_sdk_lambda::Config::builder()
+            .behavior_version(aws_sdk_lambda::config::BehaviorVersion::latest())
+            .region(aws_sdk_lambda::config::Region::new("eu-west-1"))
+            .endpoint_url("http://127.0.0.1:9")
+            .credentials_provider(NoCredentials)
+            .retry_config(aws_sdk_lambda::config::retry::RetryConfig::disabled())
+            .build();
+        let client = aws_sdk_lambda::Client::from_conf(config);
+        let failure = sdk_invoke(
+            &client,
+            "orders",
+            Bytes::from_static(b"{}"),
+            Invocation::RequestResponse,
+        )
+        .await
+        .expect_err("no credentials");
+        assert!(
+            matches!(failure, InvokeFailure::Unavailable { .. }),
+            "{failure:?}"
+        );
     }
 
     proptest! {

@@ -306,25 +306,8 @@ async fn the_shipped_retry_settings_ride_out_a_two_second_blip() {
 
 #[tokio::test]
 async fn a_connect_timeout_is_retried_as_unavailable() {
-    // A listener that never accepts, its backlog already full: the kernel drops further
-    // SYNs, so connecting hangs until `connect_timeout` — before any byte was sent.
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket
-        .bind("127.0.0.1:0".parse().expect("addr"))
-        .expect("bind");
-    let listener = socket.listen(0).expect("listen");
-    let addr = listener.local_addr().expect("addr");
-    let mut fillers = Vec::new();
-    for _ in 0..4 {
-        if let Ok(Ok(stream)) = tokio::time::timeout(
-            Duration::from_millis(200),
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        {
-            fillers.push(stream);
-        }
-    }
+    let blackhole = crate::Blackhole::start().await;
+    let addr = blackhole.addr;
     let fake = FakeLambda::echo().await;
     // The metrics recorder is process-wide: a function name of its own keeps the count ours.
     let route = common::route(
@@ -342,7 +325,7 @@ async fn a_connect_timeout_is_retried_as_unavailable() {
     assert_eq!(status, 503, "a connect that timed out sent nothing: {body}");
     let (retries, metrics) = unavailable_retries(&harness, "blackhole").await;
     assert_eq!(retries, 1.0, "max_attempts = 2: one retry\n{metrics}");
-    drop(fillers);
+    drop(blackhole);
 }
 
 #[tokio::test]

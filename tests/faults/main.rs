@@ -21,6 +21,44 @@ mod transport;
 
 use fake_lambda::FakeLambda;
 
+/// A loopback address whose listener never accepts and whose backlog is full: the kernel drops
+/// further SYNs, so a connect to it hangs until the client's connect timeout — before any byte
+/// was sent. The address stays so while the value lives.
+pub struct Blackhole {
+    /// The address to connect to.
+    pub addr: std::net::SocketAddr,
+    _listener: tokio::net::TcpListener,
+    _fillers: Vec<tokio::net::TcpStream>,
+}
+
+impl Blackhole {
+    /// Binds the listener and fills its backlog.
+    pub async fn start() -> Blackhole {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let listener = socket.listen(0).expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let mut fillers = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(stream)) = tokio::time::timeout(
+                std::time::Duration::from_millis(200),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            {
+                fillers.push(stream);
+            }
+        }
+        Blackhole {
+            addr,
+            _listener: listener,
+            _fillers: fillers,
+        }
+    }
+}
+
 /// A sluicegate config (no emulator) whose Lambda is `fake`, with generous admission limits
 /// and the given `[[routes]]` (and any other sections) appended.
 pub fn fake_config(fake: &FakeLambda, rest: &str) -> String {

@@ -501,25 +501,8 @@ async fn a_refused_connection_is_unavailable_on_both_transports() {
 
 #[tokio::test]
 async fn a_connect_timeout_is_unavailable_on_both_transports() {
-    // A listener that never accepts, its backlog already full: the kernel drops further
-    // SYNs, so connecting hangs until `connect_timeout` — before any byte was sent.
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket
-        .bind("127.0.0.1:0".parse().expect("addr"))
-        .expect("bind");
-    let listener = socket.listen(0).expect("listen");
-    let addr = listener.local_addr().expect("addr");
-    let mut fillers = Vec::new();
-    for _ in 0..4 {
-        if let Ok(Ok(stream)) = tokio::time::timeout(
-            Duration::from_millis(200),
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        {
-            fillers.push(stream);
-        }
-    }
+    let blackhole = crate::Blackhole::start().await;
+    let addr = blackhole.addr;
     for transport in TRANSPORTS {
         let cfg = LambdaConfig {
             connect_timeout: Duration::from_millis(300),
@@ -535,7 +518,7 @@ async fn a_connect_timeout_is_unavailable_on_both_transports() {
             "{transport:?}: the connect gave up after {took:?}, not at connect_timeout"
         );
     }
-    drop(fillers);
+    drop(blackhole);
 }
 
 #[tokio::test]

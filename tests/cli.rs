@@ -487,3 +487,47 @@ fn dlq_redrive_refuses_limits_above_the_routes() {
     let left = sluicegate::dlq::read_letters(&letters).unwrap();
     assert_eq!(left.letters.len(), 1, "nothing was replayed");
 }
+
+/// Serves the shipped config with `HTTP_PROXY` pointing at a port where nothing listens, plus
+/// `extra` environment; answers `POST /records` once and returns its status and the log.
+async fn records_through_a_dead_proxy(extra: &[(&str, &str)]) -> (u16, String) {
+    let home = tempfile::tempdir().expect("a temporary directory");
+    let log = home.path().join("stderr.log");
+    let mut cmd = bare_command(home.path());
+    cmd.args(["serve", "--config"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/sluicegate.toml"))
+        .env("HTTP_PROXY", format!("http://127.0.0.1:{}", free_port()))
+        .env_remove("http_proxy")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .stderr(std::fs::File::create(&log).expect("a log file"));
+    for (name, value) in extra {
+        cmd.env(name, value);
+    }
+    let (listen, _) = port_overrides(&mut cmd);
+    let _child = Process(cmd.spawn().expect("binary starts"));
+    let http = reqwest::Client::new();
+    wait_until_up(&http, &format!("http://127.0.0.1:{listen}/healthz")).await;
+    let response = http
+        .post(format!("http://127.0.0.1:{listen}/records"))
+        .header("x-sluicegate-timeout-ms", "5000")
+        .body(r#"{"n":1}"#)
+        .send()
+        .await
+        .expect("answered");
+    let status = response.status().as_u16();
+    (status, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn behind_a_proxy_the_direct_transport_hands_invokes_to_the_sdk_which_follows_it() {
+    // The SDK sends the invoke to the (dead) proxy, so the record cannot reach the emulator:
+    // proof that the invoke went through the SDK, which the warning says.
+    let (status, log) = records_through_a_dead_proxy(&[]).await;
+    assert_ne!(status, 200, "the invoke bypassed the proxy:\n{log}");
+    assert!(log.contains("only the SDK"), "{log}");
+    // NO_PROXY naming the endpoint: the direct transport goes straight to the emulator.
+    let (status, log) = records_through_a_dead_proxy(&[("NO_PROXY", "127.0.0.1")]).await;
+    assert_eq!(status, 200, "{log}");
+    assert!(!log.contains("only the SDK"), "{log}");
+}

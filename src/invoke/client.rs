@@ -148,7 +148,8 @@ fn proxied(endpoint: &str, var: impl Fn(&str) -> Option<String>) -> Option<&'sta
     (!bypass).then_some(variable)
 }
 
-fn invalid(message: String) -> std::io::Error {
+/// A set-up error naming what in `[lambda]` or the environment cannot be used.
+pub(super) fn invalid(message: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, message)
 }
 

@@ -29,6 +29,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::client::invalid;
 use super::{describe_chain, never_sent, InvokeFailure, Invoked, ServiceFailure, UnknownCause};
 use crate::config::{Invocation, LambdaConfig, SYNC_PAYLOAD_LIMIT};
 
@@ -69,8 +70,10 @@ pub(super) struct DirectClient {
     http: Client<TimedConnect<HttpsConnector<HttpConnector>>, Full<Bytes>>,
     /// `scheme://authority` of the Lambda endpoint, no trailing `/`.
     base: String,
-    /// The endpoint's authority, sent and signed as `host`.
+    /// The endpoint's authority, signed as `host`…
     host: String,
+    /// …and sent as it, checked once.
+    host_value: HeaderValue,
     region: String,
     settings: SigningSettings,
     credentials: CredentialsCache,
@@ -100,7 +103,7 @@ impl DirectClient {
             .authority()
             .ok_or_else(|| invalid(format!("the Lambda endpoint {base:?} names no host")))?;
         let host = authority.as_str().to_owned();
-        HeaderValue::from_str(&host)
+        let host_value = HeaderValue::from_str(&host)
             .map_err(|e| invalid(format!("the Lambda endpoint {base:?}: {e}")))?;
         let https = uri.scheme_str() == Some("https");
         let credentials = credentials.ok_or_else(|| {
@@ -146,6 +149,7 @@ impl DirectClient {
             http,
             base,
             host,
+            host_value,
             region: cfg.region.clone(),
             settings: SigningSettings::default(),
             credentials: CredentialsCache::new(credentials),
@@ -271,10 +275,7 @@ impl DirectClient {
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = target.uri.clone();
         let request_headers = request.headers_mut();
-        request_headers.insert(
-            HOST,
-            HeaderValue::from_str(&self.host).map_err(|e| signing_failed(&e))?,
-        );
+        request_headers.insert(HOST, self.host_value.clone());
         request_headers.insert(CONTENT_TYPE, OCTET_STREAM);
         request_headers.insert(X_AMZ_INVOCATION_TYPE, invocation_type);
         instructions.apply_to_request_http1x(&mut request);
@@ -326,10 +327,6 @@ where
             }
         })
     }
-}
-
-fn invalid(message: String) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidInput, message)
 }
 
 fn signing_failed(e: &dyn std::fmt::Display) -> InvokeFailure {

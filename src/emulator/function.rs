@@ -129,7 +129,11 @@ impl Function {
             bump(&self.counters.errors);
             Execution::TimedOut
         } else {
-            tokio::time::sleep(self.cfg.latency).await;
+            // An instant function answers at once: a zero sleep would still wait for the
+            // timer's next millisecond tick.
+            if !self.cfg.latency.is_zero() {
+                tokio::time::sleep(self.cfg.latency).await;
+            }
             self.counters
                 .record_failures
                 .fetch_add(outcome.failed_records, Ordering::Relaxed);
@@ -264,6 +268,22 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_secs(3));
         let stats = f.stats();
         assert_eq!((stats.errors, stats.timeouts, stats.in_flight), (1, 1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_instant_function_answers_without_waiting_for_a_timer_tick() {
+        let f = function(FunctionConfig {
+            latency: Duration::ZERO,
+            ..FunctionConfig::new("f")
+        });
+        // Off the millisecond grid: a zero sleep would wait for the next tick.
+        tokio::time::advance(Duration::from_micros(300)).await;
+        let start = Instant::now();
+        let slot = f.try_acquire().expect("slot");
+        let payload = Payload::parse(bytes::Bytes::from_static(b"{}")).expect("JSON");
+        let execution = f.execute(slot, payload).await;
+        assert!(matches!(execution, Execution::Finished(_)));
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

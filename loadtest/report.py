@@ -568,7 +568,8 @@ def report_admitted(runs):
              "raw": "sluicegate `/raw` one record per invoke",
              "lean-raw": "sluicegate `/raw`, TOKIO_WORKER_THREADS=1",
              "lean": "sluicegate `/records` adaptive, `linger = 5ms`, TOKIO_WORKER_THREADS=1",
-             "nginx": "nginx `proxy_pass`"}
+             "nginx": "nginx `proxy_pass`",
+             "ceiling": "ceiling: bare hyper server answering itself (static429, no upstream)"}
     aggs = {c: agg(runs, c, "oha") for c in names if c != "lean"}
     ng = aggs["nginx"]
     rows = []

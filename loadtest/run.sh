@@ -328,6 +328,11 @@ scenario_admitted() {
     local lean_pid=$SG_PID
     SG_PID=$main_pid
     start_nginx admitted "$NG" "$EMU" peer
+    # The ceiling: the bare hyper server answering every request itself (no upstream), the
+    # most any proxy answering one request per record can do on this machine with oha here.
+    local CEIL
+    CEIL=127.0.0.1:$($LT freeport 1)
+    start_static429 "$CEIL"
     mkdir -p "$OUT/raw/$s"
     declare -A url=(
         [adaptive]="http://$SG/records"
@@ -335,9 +340,10 @@ scenario_admitted() {
         [raw]="http://$SG/raw"
         [lean]="http://$XP2/records"
         [lean-raw]="http://$XP2/raw"
-        [nginx]="http://$NG/passthrough")
+        [nginx]="http://$NG/passthrough"
+        [ceiling]="http://$CEIL/records")
     declare -A pid=([adaptive]=$SG_PID [window]=$SG_PID [raw]=$SG_PID [lean]=$lean_pid
-        [lean-raw]=$lean_pid [nginx]=$NGINX_PID)
+        [lean-raw]=$lean_pid [nginx]=$NGINX_PID [ceiling]=$STATIC_PID)
     local c r rate label cpu0 cpu1
     for c in adaptive window raw nginx; do sample_response $s "$c" "${url[$c]}" -H 'x-api-key: pass'; done
     # admitted_run LABEL CONTENDER OHA_ARGS... : one oha run with the emulator's counters
@@ -355,7 +361,7 @@ scenario_admitted() {
     }
     # Saturation: as fast as 128 connections go.
     for r in $(seq 1 "$ROUNDS"); do
-        for c in $(rotated $((r - 1)) adaptive window raw lean-raw nginx); do
+        for c in $(rotated $((r - 1)) adaptive window raw lean-raw nginx ceiling); do
             label="$c-r$r"
             admitted_run "$label" "$c" -c 128
             record $s contender="$c" tool=oha round="$r" connections=128 cpu_s_before="$cpu0" \

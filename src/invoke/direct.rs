@@ -1,10 +1,12 @@
 //! `lambda.transport = "direct"`: the Invoke call without the SDK's orchestrator. The request
-//! is signed with the SDK's own SigV4 signer (`aws-sigv4`) and credentials provider (the one
-//! `[lambda]` resolves, cached here until shortly before it expires), and sent over one
-//! pooled hyper client whose connections stay open between invokes.
+//! is signed with SigV4 for the SDK's credentials provider (the one `[lambda]` resolves,
+//! cached here until shortly before it expires), and sent over one pooled hyper client whose
+//! connections stay open between invokes.
 //!
-//! Everything per function is computed once ([`Target`]: the URI, its text for signing), so an
-//! invoke does no string formatting: it signs, sends and reads. What Lambda answers is read
+//! Everything per function is computed once ([`Target`]: the URI, its text, its fixed part of
+//! the canonical request), so an invoke signs only what changes (`sigv4.rs`, checked against
+//! `aws-sigv4`'s own signer for every function; a function it does not agree on is signed by
+//! `aws-sigv4`), sends and reads. What Lambda answers is read
 //! the way the SDK reads it — `X-Amzn-ErrorType` (or the body's `__type`/`code`), the body's
 //! `message` and `Reason`, the `Retry-After` header — and classified by the one table both
 //! transports share ([`super::ServiceFailure`]). A transport failure is sorted the same way
@@ -17,11 +19,14 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
-use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
+use aws_credential_types::Credentials;
+use aws_sigv4::http_request::{
+    sign, SignableBody, SignableRequest, SigningInstructions, SigningSettings,
+};
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST};
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use http::{Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
@@ -30,10 +35,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::client::invalid;
+use super::sigv4::{KeyCache, Shape};
 use super::{describe_chain, never_sent, InvokeFailure, Invoked, ServiceFailure, UnknownCause};
 use crate::config::{Invocation, LambdaConfig, SYNC_PAYLOAD_LIMIT};
 
 const X_AMZ_INVOCATION_TYPE: HeaderName = HeaderName::from_static("x-amz-invocation-type");
+const X_AMZ_DATE: HeaderName = HeaderName::from_static("x-amz-date");
+const X_AMZ_SECURITY_TOKEN: HeaderName = HeaderName::from_static("x-amz-security-token");
 const X_AMZ_FUNCTION_ERROR: HeaderName = HeaderName::from_static("x-amz-function-error");
 const X_AMZN_ERROR_TYPE: HeaderName = HeaderName::from_static("x-amzn-errortype");
 const OCTET_STREAM: HeaderValue = HeaderValue::from_static("application/octet-stream");
@@ -80,10 +88,13 @@ pub(super) struct DirectClient {
     read_timeout: Duration,
 }
 
-/// One function's Invoke URI, built once.
+/// One function's Invoke URI, built once, with its fixed part of the signature.
 pub(super) struct Target {
     uri: Uri,
     text: String,
+    /// `None` when this function's requests are signed by `aws-sigv4`'s general `sign`
+    /// (the shape did not agree with it; see [`sigv4`]).
+    shape: Option<Shape>,
 }
 
 impl DirectClient {
@@ -173,10 +184,100 @@ impl DirectClient {
             }
         }
         text.push_str("/invocations");
-        let uri = text
+        let uri: Uri = text
             .parse()
             .map_err(|e| invalid(format!("function {function:?}: {e}")))?;
-        Ok(Target { uri, text })
+        let shape = Shape::new(uri.path(), &self.host).filter(|shape| self.agrees(shape, &text));
+        if shape.is_none() {
+            tracing::debug!(function, "invokes signed by aws-sigv4's general signer");
+        }
+        Ok(Target { uri, text, shape })
+    }
+
+    /// Whether `shape` signs invokes of `text` exactly as `aws-sigv4` does: a probe payload
+    /// at a fixed time, for both invocation types, with and without a session token.
+    fn agrees(&self, shape: &Shape, text: &str) -> bool {
+        let time = SystemTime::UNIX_EPOCH + Duration::from_secs(1_709_251_199);
+        let payload = br#"{"records":[{"id":"r1","key":"k","body":{"probe":true}}]}"#;
+        [None, Some("probe/session+token==")]
+            .into_iter()
+            .all(|token| {
+                let credentials = Credentials::new(
+                    "AKIDPROBE",
+                    "probe/secret",
+                    token.map(str::to_owned),
+                    None,
+                    "probe",
+                );
+                let identity = Identity::new(credentials.clone(), None);
+                ["RequestResponse", "Event"].into_iter().all(|invocation| {
+                    let Ok(reference) =
+                        self.reference_signature(text, &identity, invocation, payload, time)
+                    else {
+                        return false;
+                    };
+                    let Some(signed) = shape.sign(
+                        &credentials,
+                        &KeyCache::default(),
+                        &self.region,
+                        invocation,
+                        payload,
+                        time,
+                    ) else {
+                        return false;
+                    };
+                    let mut ours = vec![
+                        (
+                            "authorization",
+                            signed.authorization.to_str().unwrap_or_default(),
+                        ),
+                        ("x-amz-date", signed.date.to_str().unwrap_or_default()),
+                    ];
+                    if let Some(token) = &signed.token {
+                        ours.push(("x-amz-security-token", token.to_str().unwrap_or_default()));
+                    }
+                    let mut theirs: Vec<(&str, &str)> = reference.headers().collect();
+                    ours.sort_unstable();
+                    theirs.sort_unstable();
+                    ours == theirs
+                })
+            })
+    }
+
+    /// `aws-sigv4`'s signature of an invoke of `text`.
+    fn reference_signature(
+        &self,
+        text: &str,
+        identity: &Identity,
+        invocation: &str,
+        payload: &[u8],
+        time: SystemTime,
+    ) -> Result<SigningInstructions, InvokeFailure> {
+        let params = v4::SigningParams::builder()
+            .identity(identity)
+            .region(&self.region)
+            .name("lambda")
+            .time(time)
+            .settings(self.settings.clone())
+            .build()
+            .map_err(|e| signing_failed(&e))?
+            .into();
+        let headers = [
+            ("host", self.host.as_str()),
+            ("content-type", "application/octet-stream"),
+            ("x-amz-invocation-type", invocation),
+        ];
+        let signable = SignableRequest::new(
+            "POST",
+            text,
+            headers.into_iter(),
+            SignableBody::Bytes(payload),
+        )
+        .map_err(|e| signing_failed(&e))?;
+        let (instructions, _) = sign(signable, &params)
+            .map_err(|e| signing_failed(&e))?
+            .into_parts();
+        Ok(instructions)
     }
 
     /// One signed Invoke of `target`, read to the end within `lambda.read_timeout`.
@@ -242,35 +343,32 @@ impl DirectClient {
         payload: Bytes,
         invocation: Invocation,
     ) -> Result<Request<Full<Bytes>>, InvokeFailure> {
-        let identity = self.credentials.identity().await?;
+        let cached = self.credentials.identity().await?;
         let (invocation_type, invocation_text) = match invocation {
             Invocation::RequestResponse => (REQUEST_RESPONSE, "RequestResponse"),
             Invocation::Event => (EVENT, "Event"),
         };
-        let params = v4::SigningParams::builder()
-            .identity(&identity.identity)
-            .region(&self.region)
-            .name("lambda")
-            .time(SystemTime::now())
-            .settings(self.settings.clone())
-            .build()
-            .map_err(|e| signing_failed(&e))?
-            .into();
-        let headers = [
-            ("host", self.host.as_str()),
-            ("content-type", "application/octet-stream"),
-            ("x-amz-invocation-type", invocation_text),
-        ];
-        let signable = SignableRequest::new(
-            "POST",
-            &target.text,
-            headers.into_iter(),
-            SignableBody::Bytes(&payload),
-        )
-        .map_err(|e| signing_failed(&e))?;
-        let (instructions, _) = sign(signable, &params)
-            .map_err(|e| signing_failed(&e))?
-            .into_parts();
+        let time = SystemTime::now();
+        let signed = target.shape.as_ref().and_then(|shape| {
+            shape.sign(
+                &cached.credentials,
+                &cached.keys,
+                &self.region,
+                invocation_text,
+                &payload,
+                time,
+            )
+        });
+        let reference = match signed {
+            Some(_) => None,
+            None => Some(self.reference_signature(
+                &target.text,
+                &cached.identity,
+                invocation_text,
+                &payload,
+                time,
+            )?),
+        };
         let mut request = Request::new(Full::new(payload));
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = target.uri.clone();
@@ -278,7 +376,16 @@ impl DirectClient {
         request_headers.insert(HOST, self.host_value.clone());
         request_headers.insert(CONTENT_TYPE, OCTET_STREAM);
         request_headers.insert(X_AMZ_INVOCATION_TYPE, invocation_type);
-        instructions.apply_to_request_http1x(&mut request);
+        if let Some(signed) = signed {
+            request_headers.insert(AUTHORIZATION, signed.authorization);
+            request_headers.insert(X_AMZ_DATE, signed.date);
+            if let Some(token) = signed.token {
+                request_headers.insert(X_AMZ_SECURITY_TOKEN, token);
+            }
+        }
+        if let Some(instructions) = reference {
+            instructions.apply_to_request_http1x(&mut request);
+        }
         Ok(request)
     }
 }
@@ -386,6 +493,10 @@ struct CredentialsCache {
 
 struct Cached {
     identity: Identity,
+    /// The same credentials, as the direct signer reads them…
+    credentials: Credentials,
+    /// …and their signing key for the current day.
+    keys: KeyCache,
     expiry: Option<SystemTime>,
     refresh_after: SystemTime,
 }
@@ -453,7 +564,9 @@ impl CredentialsCache {
                 .min(expiry),
         };
         let cached = Arc::new(Cached {
-            identity: Identity::new(credentials, expiry),
+            identity: Identity::new(credentials.clone(), expiry),
+            credentials,
+            keys: KeyCache::default(),
             expiry,
             refresh_after,
         });

@@ -319,6 +319,8 @@ async fn a_failed_refresh_keeps_unexpired_credentials_and_is_not_retried_per_inv
     let cached = cache.current.load_full().expect("cached");
     cache.current.store(Some(Arc::new(Cached {
         identity: cached.identity.clone(),
+        credentials: cached.credentials.clone(),
+        keys: KeyCache::default(),
         expiry: cached.expiry,
         refresh_after: SystemTime::now() - Duration::from_secs(1),
     })));
@@ -412,4 +414,158 @@ async fn a_session_token_is_sent_and_signed() {
             ),
         "{authorization}"
     );
+}
+
+/// Signature headers, sorted by name.
+type SignatureHeaders = Vec<(String, String)>;
+
+/// The direct signer's headers for an invoke of `target`, and `aws-sigv4`'s, sorted.
+fn both_signatures(
+    direct: &DirectClient,
+    target: &Target,
+    credentials: &Credentials,
+    keys: &KeyCache,
+    invocation: &str,
+    payload: &[u8],
+    time: SystemTime,
+) -> (SignatureHeaders, SignatureHeaders) {
+    let shape = target
+        .shape
+        .as_ref()
+        .expect("the direct signer signs this target");
+    let signed = shape
+        .sign(credentials, keys, &direct.region, invocation, payload, time)
+        .expect("signed");
+    let mut ours = vec![
+        (
+            "authorization".to_owned(),
+            signed.authorization.to_str().expect("ASCII").to_owned(),
+        ),
+        (
+            "x-amz-date".to_owned(),
+            signed.date.to_str().expect("ASCII").to_owned(),
+        ),
+    ];
+    if let Some(token) = signed.token {
+        ours.push((
+            "x-amz-security-token".to_owned(),
+            token.to_str().expect("ASCII").to_owned(),
+        ));
+    }
+    let identity = Identity::new(credentials.clone(), None);
+    let reference = direct
+        .reference_signature(&target.text, &identity, invocation, payload, time)
+        .expect("aws-sigv4 signs");
+    let mut theirs: SignatureHeaders = reference
+        .headers()
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect();
+    ours.sort();
+    theirs.sort();
+    (ours, theirs)
+}
+
+#[tokio::test]
+async fn names_arns_and_qualifiers_are_signed_by_the_direct_signer() {
+    let direct = client("http://127.0.0.1:9001");
+    for function in [
+        "orders",
+        "orders:live",
+        "arn:aws:lambda:eu-west-1:123456789012:function:orders",
+        "arn:aws:lambda:eu-west-1:123456789012:function:orders:$LATEST",
+        "123456789012:function:orders:7",
+    ] {
+        let target = direct.target(function).expect("a target");
+        assert!(target.shape.is_some(), "{function}: fell back to aws-sigv4");
+    }
+}
+
+#[tokio::test]
+async fn a_path_the_direct_signer_would_have_to_normalise_is_signed_by_aws_sigv4() {
+    let direct = client("http://127.0.0.1:9001");
+    let target = direct.target("..").expect("a target");
+    assert!(
+        target.shape.is_none(),
+        "a `..` segment is normalised by aws-sigv4 alone"
+    );
+    let request = direct
+        .signed(
+            &target,
+            Bytes::from_static(b"{}"),
+            Invocation::RequestResponse,
+        )
+        .await
+        .expect("a signed request");
+    let authorization = request.headers()["authorization"].to_str().expect("ASCII");
+    assert!(
+        authorization.starts_with("AWS4-HMAC-SHA256 Credential=AKID/"),
+        "{authorization}"
+    );
+    assert!(request.headers().contains_key("x-amz-date"));
+}
+
+#[tokio::test]
+async fn the_cached_signing_key_is_the_days_own_across_midnight() {
+    let direct = client("http://127.0.0.1:9001");
+    let target = direct.target("orders").expect("a target");
+    let credentials = Credentials::new("AKID", "secret", None, None, "test");
+    let keys = KeyCache::default();
+    // 2024-02-29 23:59:59 UTC, then one second later (1 March), then back.
+    let before = SystemTime::UNIX_EPOCH + Duration::from_secs(1_709_251_199);
+    for time in [before, before + Duration::from_secs(1), before] {
+        let (ours, theirs) =
+            both_signatures(&direct, &target, &credentials, &keys, "Event", b"{}", time);
+        assert_eq!(ours, theirs, "at {time:?}");
+    }
+    let (ours, _) = both_signatures(
+        &direct,
+        &target,
+        &credentials,
+        &keys,
+        "Event",
+        b"{}",
+        before,
+    );
+    assert!(ours
+        .iter()
+        .any(|(name, value)| name == "x-amz-date" && value == "20240229T235959Z"));
+}
+
+mod signatures {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The direct signer and `aws-sigv4` agree on any function, time (1970–2199),
+        /// payload, invocation type and credentials, with or without a session token.
+        #[test]
+        fn the_direct_signer_signs_as_aws_sigv4_does(
+            function in "[A-Za-z0-9_-]{1,40}(:[A-Za-z0-9_$-]{1,20})?",
+            secs in 0u64..7_258_118_400,
+            payload in proptest::collection::vec(any::<u8>(), 0..300),
+            event in any::<bool>(),
+            secret in "[A-Za-z0-9/+=]{1,40}",
+            token in proptest::option::of("[A-Za-z0-9/+=]{1,60}"),
+            region in "(us-east-1|eu-west-1|ap-southeast-2|cn-north-1|us-gov-west-1)",
+        ) {
+            let cfg = LambdaConfig { region, ..LambdaConfig::default() };
+            let direct = DirectClient::new(
+                &cfg,
+                "http://127.0.0.1:9001",
+                Some(SharedCredentialsProvider::new(Credentials::new("AKID", "x", None, None, "t"))),
+            )
+            .expect("a client");
+            let target = direct.target(&function).expect("a target");
+            let credentials = Credentials::new("AKIDEXAMPLE", secret, token, None, "test");
+            let invocation = if event { "Event" } else { "RequestResponse" };
+            let time = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            let (ours, theirs) = both_signatures(
+                &direct, &target, &credentials, &KeyCache::default(), invocation, &payload, time,
+            );
+            prop_assert_eq!(ours, theirs);
+        }
+    }
 }

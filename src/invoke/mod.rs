@@ -36,6 +36,7 @@ mod direct;
 pub mod discover;
 mod gate;
 pub mod retry;
+mod sigv4;
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};

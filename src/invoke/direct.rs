@@ -93,7 +93,7 @@ pub(super) struct Target {
     uri: Uri,
     text: String,
     /// `None` when this function's requests are signed by `aws-sigv4`'s general `sign`
-    /// (the shape did not agree with it; see [`sigv4`]).
+    /// (the shape did not agree with it; see `sigv4.rs`).
     shape: Option<Shape>,
 }
 

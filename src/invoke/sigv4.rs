@@ -4,15 +4,17 @@
 //! (four HMACs) for every request; an invoke differs from the next only in its time, its
 //! payload hash and its invocation type.
 //!
-//! So, per function ([`Shape`]): the canonical URI (the path, normalised and `%`-encoded again
-//! as `aws-sigv4` does for every service but S3). Per credentials and UTC day: the signing
-//! key ([`KeyCache`]). Per invoke: the date, the payload's SHA-256, the canonical request,
-//! the string to sign and one HMAC, written into one buffer.
+//! So, per function ([`Shape`]): the canonical URI (the path `%`-encoded again, as `aws-sigv4`
+//! does for every service but S3; a path it would have to normalise gets no shape). Per
+//! credentials and UTC day: the signing key ([`KeyCache`]). Per invoke: the date, the
+//! payload's SHA-256, the canonical request, the string to sign and one HMAC.
 //!
-//! The result must be exactly what `aws-sigv4` computes; each [`Shape`] is checked against it
-//! when it is made ([`Shape::agrees`], for both invocation types, with and without a session
-//! token), and a function whose shape does not agree is signed by `aws-sigv4` instead. The
-//! fault tests also recompute every signature on the wire.
+//! The result must be exactly what `aws-sigv4` computes: the direct client checks each
+//! function's shape against it when it builds the function's target (for both invocation
+//! types, with and without a session token), and signs a function whose shape does not agree
+//! with `aws-sigv4` instead, as it does any invoke [`Shape::sign`] declines (a session token
+//! with whitespace around it, a time before 1970). The fault tests also recompute every
+//! signature on the wire.
 
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -106,6 +108,11 @@ impl Shape {
         let stamp = amz_date(secs);
         let date = &stamp[..8];
         let token = credentials.session_token();
+        // `aws-sigv4` signs a token as it is, where a header value is trimmed: leave such a
+        // token to it rather than guess which way the server reads it.
+        if token.is_some_and(|token| token.trim() != token) {
+            return None;
+        }
         let signed_headers = if token.is_some() {
             SIGNED_WITH_TOKEN
         } else {
@@ -122,7 +129,7 @@ impl Shape {
         canonical.push('\n');
         if let Some(token) = token {
             canonical.push_str("x-amz-security-token:");
-            canonical.push_str(token.trim());
+            canonical.push_str(token);
             canonical.push('\n');
         }
         canonical.push('\n');
@@ -153,7 +160,7 @@ impl Shape {
         authorization.push_str(", Signature=");
         authorization.push_str(&signature);
 
-        // Marked sensitive, as `aws-sigv4` marks them: never shown in a debug print.
+        // Never shown in a debug print (`aws-sigv4` marks the token alone).
         let sensitive = |text: &str| {
             HeaderValue::from_str(text).ok().map(|mut value| {
                 value.set_sensitive(true);

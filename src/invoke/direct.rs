@@ -14,6 +14,7 @@
 //!
 //! The SDK stays for the control plane (discovery, readiness) and for `transport = "sdk"`.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -36,7 +37,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::client::invalid;
 use super::sigv4::{KeyCache, Shape};
-use super::{describe_chain, never_sent, InvokeFailure, Invoked, ServiceFailure, UnknownCause};
+use super::{
+    clock_skew, describe_chain, never_sent, InvokeFailure, Invoked, ServiceFailure, UnknownCause,
+};
 use crate::config::{Invocation, LambdaConfig, SYNC_PAYLOAD_LIMIT};
 
 const X_AMZ_INVOCATION_TYPE: HeaderName = HeaderName::from_static("x-amz-invocation-type");
@@ -86,6 +89,9 @@ pub(super) struct DirectClient {
     settings: SigningSettings,
     credentials: CredentialsCache,
     read_timeout: Duration,
+    /// How far Lambda's clock is ahead of ours (ms), from its last answer's `Date`: invokes
+    /// are signed with Lambda's time, as the SDK signs them.
+    skew_ms: AtomicI64,
 }
 
 /// One function's Invoke URI, built once, with its fixed part of the signature.
@@ -165,6 +171,7 @@ impl DirectClient {
             settings: SigningSettings::default(),
             credentials: CredentialsCache::new(credentials),
             read_timeout: cfg.read_timeout,
+            skew_ms: AtomicI64::new(0),
         })
     }
 
@@ -244,6 +251,19 @@ impl DirectClient {
             })
     }
 
+    /// Now by the service's clock: ours shifted by the offset its last answer showed.
+    fn service_time(&self) -> SystemTime {
+        let now = SystemTime::now();
+        let ms = self.skew_ms.load(Ordering::Relaxed);
+        let shift = Duration::from_millis(ms.unsigned_abs());
+        let shifted = if ms >= 0 {
+            now.checked_add(shift)
+        } else {
+            now.checked_sub(shift)
+        };
+        shifted.unwrap_or(now)
+    }
+
     /// `aws-sigv4`'s signature of an invoke of `text`.
     fn reference_signature(
         &self,
@@ -288,6 +308,7 @@ impl DirectClient {
         invocation: Invocation,
     ) -> Result<Invoked, InvokeFailure> {
         let request = self.signed(target, payload, invocation).await?;
+        let sent = SystemTime::now();
         let answer = tokio::time::timeout(self.read_timeout, async {
             let response = self.http.request(request).await.map_err(|e| {
                 if never_sent(&e) {
@@ -322,6 +343,20 @@ impl DirectClient {
                 })
             }
         };
+        // Every answer refreshes the service clock's offset, as the SDK's interceptor does, so
+        // a skewed clock costs one refused attempt, not every invoke.
+        let skew_ms = clock_skew(
+            parts
+                .headers
+                .get(http::header::DATE)
+                .and_then(|v| v.to_str().ok()),
+            parts.headers.contains_key(http::header::AGE),
+            sent,
+            SystemTime::now(),
+        );
+        if let Some(ms) = skew_ms {
+            self.skew_ms.store(ms, Ordering::Relaxed);
+        }
         if parts.status.is_success() {
             return Ok(match invocation {
                 Invocation::Event => Invoked::Accepted,
@@ -334,7 +369,9 @@ impl DirectClient {
                 },
             });
         }
-        Err(read_error(parts.status.as_u16(), &parts.headers, &body).classify())
+        let mut failure = read_error(parts.status.as_u16(), &parts.headers, &body);
+        failure.skew_ms = skew_ms;
+        Err(failure.classify())
     }
 
     async fn signed(
@@ -348,7 +385,7 @@ impl DirectClient {
             Invocation::RequestResponse => (REQUEST_RESPONSE, "RequestResponse"),
             Invocation::Event => (EVENT, "Event"),
         };
-        let time = SystemTime::now();
+        let time = self.service_time();
         let signed = target.shape.as_ref().and_then(|shape| {
             shape.sign(
                 &cached.credentials,
@@ -471,6 +508,8 @@ fn read_error(status: u16, headers: &http::HeaderMap, body: &[u8]) -> ServiceFai
             .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
+        // Measured by the caller, which knows when the request was sent.
+        skew_ms: None,
     }
 }
 

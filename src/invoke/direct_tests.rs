@@ -648,3 +648,72 @@ mod signatures {
         }
     }
 }
+
+#[test]
+fn the_service_clock_offset_is_read_from_date_against_the_round_trips_midpoint() {
+    let sent = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_547_200); // 2025-12-01 00:00:00
+    let received = sent + Duration::from_secs(2);
+    let date = |secs: u64| httpdate::fmt_http_date(sent + Duration::from_secs(secs));
+    // The midpoint is sent + 1 s: a Date of sent + 3601 s is an hour ahead.
+    assert_eq!(
+        clock_skew(Some(&date(3601)), false, sent, received),
+        Some(3_600_000)
+    );
+    let behind = httpdate::fmt_http_date(sent - Duration::from_secs(3599));
+    assert_eq!(
+        clock_skew(Some(&behind), false, sent, received),
+        Some(-3_600_000)
+    );
+    assert_eq!(
+        clock_skew(Some(&date(3601)), true, sent, received),
+        None,
+        "from a cache"
+    );
+    assert_eq!(clock_skew(Some("yesterday"), false, sent, received), None);
+    assert_eq!(clock_skew(None, false, sent, received), None);
+    let slow = sent + Duration::from_secs(16 * 60);
+    assert_eq!(
+        clock_skew(Some(&date(3601)), false, sent, slow),
+        None,
+        "a 16 min round trip"
+    );
+}
+
+#[test]
+fn a_signature_refused_for_a_skewed_clock_is_retried_and_a_wrong_one_is_not() {
+    let failure = |code: &str, skew_ms: Option<i64>| ServiceFailure {
+        status: 403,
+        code: code.to_owned(),
+        message: "Signature expired: 20261201T100000Z is now earlier than 20261201T105500Z"
+            .to_owned(),
+        reason: None,
+        retry_after: None,
+        skew_ms,
+    };
+    for code in [
+        "InvalidSignatureException",
+        "RequestTimeTooSkewed",
+        "AccessDeniedException",
+    ] {
+        for skew in [3_600_000, -3_600_000] {
+            let classified = failure(code, Some(skew)).classify();
+            assert!(
+                matches!(&classified, InvokeFailure::Unavailable { message } if message.contains("3600 s off")),
+                "{code} {skew}: {classified:?}"
+            );
+        }
+        // Within the SDK's 4 minutes, or without a Date: the credentials' fault, not the clock's.
+        for skew in [Some(60_000), Some(-239_000), None] {
+            let classified = failure(code, skew).classify();
+            assert!(
+                matches!(&classified, InvokeFailure::Rejected { kind, .. } if kind == code),
+                "{code} {skew:?}: {classified:?}"
+            );
+        }
+    }
+    let classified = failure("ResourceNotFoundException", Some(3_600_000)).classify();
+    assert!(
+        matches!(classified, InvokeFailure::Rejected { .. }),
+        "{classified:?}"
+    );
+}

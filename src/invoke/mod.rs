@@ -20,6 +20,7 @@
 //! | no answer within `read_timeout` | `OutcomeUnknown` (`ReadTimeout`) | only with `retry.retry_timeouts` (idempotent functions) |
 //! | the connection failed once the request may have been sent: closed before the response (`IncompleteMessage`), reset while reading, an unreadable response, any failure not provably before sending | `OutcomeUnknown` (`ConnectionLost`) | only with `retry.retry_timeouts` |
 //! | `RequestTooLargeException` | `TooLarge` | split the batch |
+//! | a signature refused (`InvalidSignatureException`, `RequestTimeTooSkewed`, … the SDK's clock-skew codes) while the answer's `Date` is more than 4 min off our clock | `Unavailable` | yes: the next attempt is signed with Lambda's time (both transports learn it from every answer's `Date`, as the SDK does) |
 //! | `ResourceNotFoundException`, `InvalidRequestContentException`, credentials/permission | `Rejected` | no |
 //!
 //! The line between `Unavailable` and `OutcomeUnknown` is what the proxy *knows*: Lambda
@@ -40,7 +41,7 @@ mod sigv4;
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_lambda::error::SdkError;
 use aws_sdk_lambda::operation::invoke::InvokeError;
@@ -384,8 +385,13 @@ pub fn classify(err: SdkError<InvokeError>) -> InvokeFailure {
     match err {
         SdkError::ServiceError(service) => {
             let status = service.raw().status().as_u16();
+            // The SDK signs with the skew it measured itself; this only sorts the refusal. The
+            // answer has just arrived: its round trip's midpoint is close enough to now.
+            let now = SystemTime::now();
+            let headers = service.raw().headers();
+            let skew_ms = clock_skew(headers.get("date"), headers.contains_key("age"), now, now);
             let err = service.into_err();
-            classify_service(err, status)
+            classify_service(err, status, skew_ms)
         }
         // The SDK's operation/attempt timeouts cut the call wherever it was.
         SdkError::TimeoutError(_) => InvokeFailure::OutcomeUnknown {
@@ -496,7 +502,50 @@ pub fn parse_retry_after(text: &str) -> Option<Duration> {
     Some(Duration::try_from_secs_f64(secs).map_or(MAX_RETRY_AFTER, |d| d.min(MAX_RETRY_AFTER)))
 }
 
-fn classify_service(err: InvokeError, status: u16) -> InvokeFailure {
+/// Error codes a request signed with a clock far off the service's can be refused with (the
+/// SDK's list, `aws-runtime`'s `service_clock_skew`).
+const CLOCK_SKEW_ERROR_CODES: [&str; 5] = [
+    "InvalidSignatureException",
+    "SignatureDoesNotMatch",
+    "AuthFailure",
+    "RequestTimeTooSkewed",
+    "AccessDeniedException",
+];
+
+/// Past this much skew such a refusal is the clock's fault, not the credentials' (the SDK's
+/// threshold).
+const SKEW_DETECTION_THRESHOLD_MS: u64 = 4 * 60 * 1000;
+
+/// A round trip longer than this says too little about the service's clock (the SDK's bound).
+const MAX_TRUSTED_ROUND_TRIP: Duration = Duration::from_secs(15 * 60);
+
+/// How far the service's clock is ahead of ours (milliseconds, negative when behind), from an
+/// answer's `Date` header, measured as the SDK measures it: against the midpoint of the
+/// request's round trip (`sent` → `received`). `None` without a readable `Date`, for an answer
+/// from a cache (an `Age` header), or after a round trip too long to tell.
+fn clock_skew(
+    date: Option<&str>,
+    age: bool,
+    sent: SystemTime,
+    received: SystemTime,
+) -> Option<i64> {
+    if age {
+        return None;
+    }
+    let server = httpdate::parse_http_date(date?.trim()).ok()?;
+    let elapsed = received.duration_since(sent).unwrap_or_default();
+    if elapsed > MAX_TRUSTED_ROUND_TRIP {
+        return None;
+    }
+    let midpoint = sent + elapsed / 2;
+    let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    Some(match server.duration_since(midpoint) {
+        Ok(ahead) => millis(ahead),
+        Err(behind) => -millis(behind.duration()),
+    })
+}
+
+fn classify_service(err: InvokeError, status: u16, skew_ms: Option<i64>) -> InvokeFailure {
     use aws_sdk_lambda::error::ProvideErrorMetadata;
     let (reason, retry_after) = match &err {
         InvokeError::TooManyRequestsException(e) => (
@@ -511,6 +560,7 @@ fn classify_service(err: InvokeError, status: u16) -> InvokeFailure {
         message: err.message().unwrap_or_default().to_owned(),
         reason,
         retry_after,
+        skew_ms,
     }
     .classify()
 }
@@ -524,6 +574,8 @@ struct ServiceFailure {
     message: String,
     reason: Option<String>,
     retry_after: Option<String>,
+    /// The service clock's offset from ours, from the answer's `Date` ([`clock_skew`]).
+    skew_ms: Option<i64>,
 }
 
 impl ServiceFailure {
@@ -535,8 +587,22 @@ impl ServiceFailure {
             message,
             reason,
             retry_after,
+            skew_ms,
         } = self;
         match code.as_str() {
+            // Refused for the signature's time, before anything ran; the next attempt is signed
+            // with the service's time (the SDK corrects its own, the direct transport likewise).
+            code if CLOCK_SKEW_ERROR_CODES.contains(&code)
+                && skew_ms.is_some_and(|ms| ms.unsigned_abs() > SKEW_DETECTION_THRESHOLD_MS) =>
+            {
+                InvokeFailure::Unavailable {
+                    message: format!(
+                        "{code}: {message} (this machine's clock is {} s off Lambda's; the next \
+                         attempt is signed with Lambda's time)",
+                        skew_ms.unwrap_or_default() / 1000
+                    ),
+                }
+            }
             "TooManyRequestsException" => InvokeFailure::Throttled {
                 reason: reason.unwrap_or_else(|| "Unknown".to_owned()),
                 retry_after: retry_after.as_deref().and_then(parse_retry_after),

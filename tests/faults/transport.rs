@@ -792,21 +792,7 @@ fn recompute(
             return Err(format!("signed header {name} did not arrive"));
         }
     }
-    // `20261201T070103Z` → `2026-12-01T07:01:03Z`.
-    let date = text("x-amz-date")?;
-    let rfc3339 = match date.as_bytes() {
-        [y @ .., b'Z'] if y.len() == 15 => format!(
-            "{}-{}-{}T{}:{}:{}Z",
-            &date[0..4],
-            &date[4..6],
-            &date[6..8],
-            &date[9..11],
-            &date[11..13],
-            &date[13..15]
-        ),
-        _ => return Err(format!("x-amz-date {date:?} is not YYYYMMDDTHHMMSSZ")),
-    };
-    let time: SystemTime = humantime::parse_rfc3339(&rfc3339).map_err(|e| e.to_string())?;
+    let time = amz_date_time(text("x-amz-date")?)?;
     let identity = Identity::new(
         Credentials::new(PLACEHOLDER_KEY, PLACEHOLDER_KEY, None, None, "verifier"),
         None,
@@ -934,4 +920,132 @@ async fn both_transports_sign_every_invoke_as_sigv4_recomputes_it_on_the_wire() 
         [expected.clone(), expected],
         "the same paths on both transports"
     );
+}
+
+/// A Lambda endpoint whose clock is `offset` ahead of ours (behind when `ahead` is false). It
+/// refuses a request whose `x-amz-date` is more than 5 minutes off its own time, as Lambda
+/// does (`403 InvalidSignatureException`, "Signature expired"), runs the others (`200 {}`), and
+/// puts its time in every answer's `Date`. Keeps each request's `x-amz-date`.
+async fn skewed_lambda(offset: Duration, ahead: bool) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let record = Arc::clone(&record);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
+                    let record = Arc::clone(&record);
+                    async move {
+                        let (parts, body) = request.into_parts();
+                        let _ = BodyExt::collect(body).await?;
+                        let now = if ahead {
+                            SystemTime::now() + offset
+                        } else {
+                            SystemTime::now() - offset
+                        };
+                        let signed_at = parts
+                            .headers
+                            .get("x-amz-date")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
+                        let in_time = amz_date_time(&signed_at).is_ok_and(|at| {
+                            let off = at.duration_since(now).unwrap_or_else(|e| e.duration());
+                            off <= Duration::from_secs(300)
+                        });
+                        record
+                            .lock()
+                            .expect("no holder panics")
+                            .push(signed_at.clone());
+                        let response = hyper::Response::builder()
+                            .header("date", httpdate::fmt_http_date(now))
+                            .header("x-amzn-requestid", "0");
+                        let response = if in_time {
+                            response
+                                .status(200)
+                                .body(Full::new(Bytes::from_static(b"{}")))
+                        } else {
+                            response
+                                .status(403)
+                                .header("x-amzn-errortype", "InvalidSignatureException")
+                                .body(Full::new(Bytes::from(format!(
+                                    r#"{{"message":"Signature expired: {signed_at} is now earlier than {} ({} - 5 min.)"}}"#,
+                                    httpdate::fmt_http_date(now),
+                                    httpdate::fmt_http_date(now),
+                                ))))
+                        };
+                        Ok::<_, hyper::Error>(response.expect("a valid response"))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// `20261201T070103Z` as a time (read as `2026-12-01T07:01:03Z`).
+fn amz_date_time(date: &str) -> Result<SystemTime, String> {
+    let rfc3339 = match date.as_bytes() {
+        [y @ .., b'Z'] if y.len() == 15 => format!(
+            "{}-{}-{}T{}:{}:{}Z",
+            &date[0..4],
+            &date[4..6],
+            &date[6..8],
+            &date[9..11],
+            &date[11..13],
+            &date[13..15]
+        ),
+        _ => return Err(format!("x-amz-date {date:?} is not YYYYMMDDTHHMMSSZ")),
+    };
+    humantime::parse_rfc3339(&rfc3339).map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn a_clock_an_hour_off_lambdas_costs_both_transports_one_refused_attempt() {
+    const HOUR: Duration = Duration::from_secs(3600);
+    for ahead in [true, false] {
+        for transport in TRANSPORTS {
+            let (addr, seen) = skewed_lambda(HOUR, ahead).await;
+            let cfg = lambda_config(&format!("http://{addr}"), transport);
+            let invoker = invoker(&cfg, "orders").await;
+            let first = invoke_once(&invoker, BATCH, Invocation::RequestResponse).await;
+            assert_eq!(
+                first,
+                Outcome::Unavailable,
+                "{transport:?} ahead={ahead}: refused before anything ran, so safe to retry"
+            );
+            // The refusal's `Date` taught the transport Lambda's time.
+            let second = invoke_once(&invoker, BATCH, Invocation::RequestResponse).await;
+            assert_eq!(
+                second,
+                Outcome::Response {
+                    payload: Bytes::from_static(b"{}"),
+                    function_error: None,
+                },
+                "{transport:?} ahead={ahead}"
+            );
+            let seen = seen.lock().expect("no holder panics").clone();
+            assert_eq!(seen.len(), 2, "{transport:?}: {seen:?}");
+            let local = SystemTime::now();
+            let signed: Vec<Duration> = seen
+                .iter()
+                .map(|d| {
+                    let at = amz_date_time(d).expect("an x-amz-date");
+                    at.duration_since(local).unwrap_or_else(|e| e.duration())
+                })
+                .collect();
+            assert!(
+                signed[0] < Duration::from_secs(60) && signed[1] > Duration::from_secs(3500),
+                "{transport:?} ahead={ahead}: first signed with our time, then Lambda's: {seen:?}"
+            );
+        }
+    }
 }

@@ -55,6 +55,11 @@ const EVENT: HeaderValue = HeaderValue::from_static("Event");
 /// an error body. Anything larger is not a Lambda answer, and is read as an unreadable one.
 const MAX_RESPONSE: usize = SYNC_PAYLOAD_LIMIT as usize + 64 * 1024;
 
+/// The first instant SigV4's date formatting cannot write (10000-01-01T00:00:00Z).
+fn latest_signable() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_800)
+}
+
 /// Credentials are fetched again this long before they expire.
 const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(300);
 
@@ -251,17 +256,20 @@ impl DirectClient {
             })
     }
 
-    /// Now by the service's clock: ours shifted by the offset its last answer showed.
-    fn service_time(&self) -> SystemTime {
+    /// Now by the service's clock: ours shifted by `skew_ms` (the offset its last answer
+    /// showed). A shift that would leave the years SigV4's date formatting can write (a
+    /// garbage `Date` near 9999) is not applied: the refusal it would earn corrects it.
+    fn service_time(skew_ms: i64) -> SystemTime {
         let now = SystemTime::now();
-        let ms = self.skew_ms.load(Ordering::Relaxed);
-        let shift = Duration::from_millis(ms.unsigned_abs());
-        let shifted = if ms >= 0 {
+        let shift = Duration::from_millis(skew_ms.unsigned_abs());
+        let shifted = if skew_ms >= 0 {
             now.checked_add(shift)
         } else {
             now.checked_sub(shift)
         };
-        shifted.unwrap_or(now)
+        shifted
+            .filter(|t| *t < latest_signable() && *t >= SystemTime::UNIX_EPOCH)
+            .unwrap_or(now)
     }
 
     /// `aws-sigv4`'s signature of an invoke of `text`.
@@ -307,7 +315,9 @@ impl DirectClient {
         payload: Bytes,
         invocation: Invocation,
     ) -> Result<Invoked, InvokeFailure> {
-        let request = self.signed(target, payload, invocation).await?;
+        // The offset this request is signed with, to tell afterwards how far off it was.
+        let applied_ms = self.skew_ms.load(Ordering::Relaxed);
+        let request = self.signed(target, payload, invocation, applied_ms).await?;
         let sent = SystemTime::now();
         let answer = tokio::time::timeout(self.read_timeout, async {
             let response = self.http.request(request).await.map_err(|e| {
@@ -370,22 +380,27 @@ impl DirectClient {
             });
         }
         let mut failure = read_error(parts.status.as_u16(), &parts.headers, &body);
-        failure.skew_ms = skew_ms;
+        // How far the time this request was signed with was off Lambda's: a refusal is the
+        // clock's only when that is large, not when our clock alone is (the offset was applied).
+        failure.skew_ms = skew_ms.map(|ms| ms.saturating_sub(applied_ms));
         Err(failure.classify())
     }
 
+    /// The request for an invoke of `target`, signed at our time shifted by `skew_ms` (see
+    /// [`DirectClient::service_time`]).
     async fn signed(
         &self,
         target: &Target,
         payload: Bytes,
         invocation: Invocation,
+        skew_ms: i64,
     ) -> Result<Request<Full<Bytes>>, InvokeFailure> {
         let cached = self.credentials.identity().await?;
         let (invocation_type, invocation_text) = match invocation {
             Invocation::RequestResponse => (REQUEST_RESPONSE, "RequestResponse"),
             Invocation::Event => (EVENT, "Event"),
         };
-        let time = self.service_time();
+        let time = Self::service_time(skew_ms);
         let signed = target.shape.as_ref().and_then(|shape| {
             shape.sign(
                 &cached.credentials,

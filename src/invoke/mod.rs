@@ -20,7 +20,7 @@
 //! | no answer within `read_timeout` | `OutcomeUnknown` (`ReadTimeout`) | only with `retry.retry_timeouts` (idempotent functions) |
 //! | the connection failed once the request may have been sent: closed before the response (`IncompleteMessage`), reset while reading, an unreadable response, any failure not provably before sending | `OutcomeUnknown` (`ConnectionLost`) | only with `retry.retry_timeouts` |
 //! | `RequestTooLargeException` | `TooLarge` | split the batch |
-//! | a signature refused (`InvalidSignatureException`, `RequestTimeTooSkewed`, … the SDK's clock-skew codes) while the answer's `Date` is more than 4 min off our clock | `Unavailable` | yes: the next attempt is signed with Lambda's time (both transports learn it from every answer's `Date`, as the SDK does) |
+//! | a signature refused (`InvalidSignatureException`, `RequestTimeTooSkewed`, `SignatureDoesNotMatch`, `AuthFailure`) while the answer's `Date` shows it was signed more than 4 min off Lambda's clock | `Unavailable` | yes: the next attempt is signed with Lambda's time (both transports learn it from the `Date` of answers that came back within 10 s; the SDK from any) |
 //! | `ResourceNotFoundException`, `InvalidRequestContentException`, credentials/permission | `Rejected` | no |
 //!
 //! The line between `Unavailable` and `OutcomeUnknown` is what the proxy *knows*: Lambda
@@ -502,22 +502,25 @@ pub fn parse_retry_after(text: &str) -> Option<Duration> {
     Some(Duration::try_from_secs_f64(secs).map_or(MAX_RETRY_AFTER, |d| d.min(MAX_RETRY_AFTER)))
 }
 
-/// Error codes a request signed with a clock far off the service's can be refused with (the
-/// SDK's list, `aws-runtime`'s `service_clock_skew`).
-const CLOCK_SKEW_ERROR_CODES: [&str; 5] = [
+/// Error codes a request signed with a clock far off the service's can be refused with: the
+/// SDK's list (`aws-runtime`'s `service_clock_skew`) less `AccessDeniedException`, which Lambda
+/// answers for a missing permission (a stale signature is `InvalidSignatureException`,
+/// "Signature expired"), so a permission error is never retried as a clock's.
+const CLOCK_SKEW_ERROR_CODES: [&str; 4] = [
     "InvalidSignatureException",
     "SignatureDoesNotMatch",
     "AuthFailure",
     "RequestTimeTooSkewed",
-    "AccessDeniedException",
 ];
 
 /// Past this much skew such a refusal is the clock's fault, not the credentials' (the SDK's
 /// threshold).
 const SKEW_DETECTION_THRESHOLD_MS: u64 = 4 * 60 * 1000;
 
-/// A round trip longer than this says too little about the service's clock (the SDK's bound).
-const MAX_TRUSTED_ROUND_TRIP: Duration = Duration::from_secs(15 * 60);
+/// A round trip longer than this says too little about the service's clock. (The SDK trusts
+/// up to 15 minutes; but Lambda dates an answer when it ends, so a long invoke's `Date` is
+/// minutes past the midpoint. Refusals and short invokes come back well within this.)
+const MAX_TRUSTED_ROUND_TRIP: Duration = Duration::from_secs(10);
 
 /// How far the service's clock is ahead of ours (milliseconds, negative when behind), from an
 /// answer's `Date` header, measured as the SDK measures it: against the midpoint of the
@@ -574,7 +577,10 @@ struct ServiceFailure {
     message: String,
     reason: Option<String>,
     retry_after: Option<String>,
-    /// The service clock's offset from ours, from the answer's `Date` ([`clock_skew`]).
+    /// How far the time the request was signed with was off the service's, from the answer's
+    /// `Date` ([`clock_skew`]): the direct transport knows the offset it applied; for the SDK's
+    /// requests (which it shifts by its own measure) this is our clock's offset, as the SDK's
+    /// own retry classifier judges it.
     skew_ms: Option<i64>,
 }
 

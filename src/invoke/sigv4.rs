@@ -13,8 +13,9 @@
 //! function's shape against it when it builds the function's target (for both invocation
 //! types, with and without a session token), and signs a function whose shape does not agree
 //! with `aws-sigv4` instead, as it does any invoke [`Shape::sign`] declines (a session token
-//! with whitespace around it, a time before 1970). The fault tests also recompute every
-//! signature on the wire.
+//! with whitespace around it, a time before 1970; the client never signs past 9999, where
+//! both signers' date formatting fails). The fault tests also recompute every signature on
+//! the wire.
 
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -927,6 +927,16 @@ async fn both_transports_sign_every_invoke_as_sigv4_recomputes_it_on_the_wire() 
 /// does (`403 InvalidSignatureException`, "Signature expired"), runs the others (`200 {}`), and
 /// puts its time in every answer's `Date`. Keeps each request's `x-amz-date`.
 async fn skewed_lambda(offset: Duration, ahead: bool) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    skewed_lambda_behind(offset, ahead, None).await
+}
+
+/// [`skewed_lambda`], behind something that answers the first request itself with `200 {}`
+/// and a `Date` `lie` ahead of the time (an intermediary with a wrong clock).
+async fn skewed_lambda_behind(
+    offset: Duration,
+    ahead: bool,
+    lie: Option<Duration>,
+) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -958,14 +968,19 @@ async fn skewed_lambda(offset: Duration, ahead: bool) -> (SocketAddr, Arc<Mutex<
                             let off = at.duration_since(now).unwrap_or_else(|e| e.duration());
                             off <= Duration::from_secs(300)
                         });
-                        record
-                            .lock()
-                            .expect("no holder panics")
-                            .push(signed_at.clone());
+                        let first = {
+                            let mut seen = record.lock().expect("no holder panics");
+                            seen.push(signed_at.clone());
+                            seen.len() == 1
+                        };
+                        let lied = lie.filter(|_| first);
                         let response = hyper::Response::builder()
-                            .header("date", httpdate::fmt_http_date(now))
+                            .header(
+                                "date",
+                                httpdate::fmt_http_date(now + lied.unwrap_or_default()),
+                            )
                             .header("x-amzn-requestid", "0");
-                        let response = if in_time {
+                        let response = if in_time || lied.is_some() {
                             response
                                 .status(200)
                                 .body(Full::new(Bytes::from_static(b"{}")))
@@ -1047,5 +1062,45 @@ async fn a_clock_an_hour_off_lambdas_costs_both_transports_one_refused_attempt()
                 "{transport:?} ahead={ahead}: first signed with our time, then Lambda's: {seen:?}"
             );
         }
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_date_from_an_intermediary_costs_one_refused_attempt() {
+    const HOUR: Duration = Duration::from_secs(3600);
+    for transport in TRANSPORTS {
+        // Lambda's clock is ours; the first answer's `Date` is an hour ahead.
+        let (addr, seen) = skewed_lambda_behind(Duration::ZERO, true, Some(HOUR)).await;
+        let cfg = lambda_config(&format!("http://{addr}"), transport);
+        let invoker = invoker(&cfg, "orders").await;
+        let ok = Outcome::Response {
+            payload: Bytes::from_static(b"{}"),
+            function_error: None,
+        };
+        assert_eq!(
+            invoke_once(&invoker, BATCH, Invocation::RequestResponse).await,
+            ok
+        );
+        // Both transports believed the lie and sign an hour ahead: Lambda refuses.
+        let refused = invoke_once(&invoker, BATCH, Invocation::RequestResponse).await;
+        match transport {
+            // It knows it signed an hour off Lambda's `Date`: the refusal is the clock's.
+            LambdaTransport::Direct => assert_eq!(refused, Outcome::Unavailable),
+            // Judged, as the SDK judges it, by our clock against Lambda's, which agree: a
+            // refused signature, not retried.
+            LambdaTransport::Sdk => assert_eq!(
+                refused,
+                Outcome::Rejected {
+                    kind: "InvalidSignatureException".to_owned()
+                }
+            ),
+        }
+        // The refusal's `Date` set both right again.
+        assert_eq!(
+            invoke_once(&invoker, BATCH, Invocation::RequestResponse).await,
+            ok,
+            "{transport:?}"
+        );
+        assert_eq!(seen.lock().expect("no holder panics").len(), 3);
     }
 }

@@ -23,6 +23,41 @@ fn client(endpoint: &str) -> DirectClient {
     .expect("a client")
 }
 
+/// An `Event` invoke of `orders` in eu-west-1, signed with credentials that carry session
+/// `token`.
+async fn event_signed_with_token(token: &str) -> Request<Full<Bytes>> {
+    let cfg = LambdaConfig {
+        region: "eu-west-1".to_owned(),
+        ..LambdaConfig::default()
+    };
+    let direct = DirectClient::new(
+        &cfg,
+        "http://127.0.0.1:9001",
+        Some(SharedCredentialsProvider::new(Credentials::new(
+            "ASIAEXAMPLE",
+            "secret",
+            Some(token.to_owned()),
+            None,
+            "test",
+        ))),
+    )
+    .expect("a client");
+    let target = direct.target("orders").expect("a target");
+    signed(&direct, &target, Invocation::Event).await
+}
+
+/// `direct`'s request for an invoke of `target` with the payload `{}`, signed at our time.
+async fn signed(
+    direct: &DirectClient,
+    target: &Target,
+    invocation: Invocation,
+) -> Request<Full<Bytes>> {
+    direct
+        .signed(target, Bytes::from_static(b"{}"), invocation, 0)
+        .await
+        .expect("a signed request")
+}
+
 #[tokio::test]
 async fn the_invoke_uri_is_built_once_and_percent_encodes_what_the_sdk_encodes() {
     let direct = client("http://127.0.0.1:9001/");
@@ -380,27 +415,7 @@ async fn a_connect_that_does_not_finish_fails_at_the_connect_timeout_as_a_connec
 
 #[tokio::test]
 async fn a_session_token_is_sent_and_signed() {
-    let cfg = LambdaConfig {
-        region: "eu-west-1".to_owned(),
-        ..LambdaConfig::default()
-    };
-    let direct = DirectClient::new(
-        &cfg,
-        "http://127.0.0.1:9001",
-        Some(SharedCredentialsProvider::new(Credentials::new(
-            "ASIAEXAMPLE",
-            "secret",
-            Some("the-session-token".to_owned()),
-            None,
-            "test",
-        ))),
-    )
-    .expect("a client");
-    let target = direct.target("orders").expect("a target");
-    let request = direct
-        .signed(&target, Bytes::from_static(b"{}"), Invocation::Event, 0)
-        .await
-        .expect("a signed request");
+    let request = event_signed_with_token("the-session-token").await;
     let headers = request.headers();
     assert_eq!(headers["x-amz-security-token"], "the-session-token");
     assert_eq!(headers["x-amz-invocation-type"], "Event");
@@ -480,15 +495,7 @@ async fn a_function_whose_shape_disagrees_with_aws_sigv4_is_signed_by_it() {
         aws_sigv4::http_request::PayloadChecksumKind::XAmzSha256;
     let target = direct.target("orders").expect("a target");
     assert!(target.shape.is_none(), "the check found the disagreement");
-    let request = direct
-        .signed(
-            &target,
-            Bytes::from_static(b"{}"),
-            Invocation::RequestResponse,
-            0,
-        )
-        .await
-        .expect("a signed request");
+    let request = signed(&direct, &target, Invocation::RequestResponse).await;
     assert!(
         request.headers().contains_key("x-amz-content-sha256"),
         "signed by aws-sigv4: {:?}",
@@ -522,26 +529,7 @@ async fn a_session_token_with_whitespace_around_it_is_signed_by_aws_sigv4() {
         );
     }
     // The whole invoke is signed (by aws-sigv4), with the token as it is.
-    let direct = DirectClient::new(
-        &LambdaConfig {
-            region: "eu-west-1".to_owned(),
-            ..LambdaConfig::default()
-        },
-        "http://127.0.0.1:9001",
-        Some(SharedCredentialsProvider::new(Credentials::new(
-            "ASIAEXAMPLE",
-            "secret",
-            Some("abc ".to_owned()),
-            None,
-            "t",
-        ))),
-    )
-    .expect("a client");
-    let target = direct.target("orders").expect("a target");
-    let request = direct
-        .signed(&target, Bytes::from_static(b"{}"), Invocation::Event, 0)
-        .await
-        .expect("a signed request");
+    let request = event_signed_with_token("abc ").await;
     assert!(request.headers().contains_key("authorization"));
 }
 
@@ -568,15 +556,7 @@ async fn a_path_the_direct_signer_would_have_to_normalise_is_signed_by_aws_sigv4
         target.shape.is_none(),
         "a `..` segment is normalised by aws-sigv4 alone"
     );
-    let request = direct
-        .signed(
-            &target,
-            Bytes::from_static(b"{}"),
-            Invocation::RequestResponse,
-            0,
-        )
-        .await
-        .expect("a signed request");
+    let request = signed(&direct, &target, Invocation::RequestResponse).await;
     let authorization = request.headers()["authorization"].to_str().expect("ASCII");
     assert!(
         authorization.starts_with("AWS4-HMAC-SHA256 Credential=AKID/"),

@@ -704,26 +704,40 @@ impl Received {
 /// A Lambda endpoint that checks every request's SigV4 signature and answers as Lambda
 /// would (`200 {}` or, for `Event`, `202`).
 async fn sigv4_verifier() -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let record = Arc::clone(&seen);
+    let addr = serve_loopback(move |request| verify(request, Arc::clone(&record))).await;
+    (addr, seen)
+}
+
+/// Serves HTTP/1 on a free loopback port for the rest of the test, answering each request
+/// with `answer(request)`.
+async fn serve_loopback<F, Fut>(answer: F) -> SocketAddr
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<hyper::Response<Full<Bytes>>, hyper::Error>>
+        + Send
+        + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let record = Arc::clone(&record);
+            let answer = answer.clone();
             tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |request| verify(request, Arc::clone(&record)));
                 let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .serve_connection(
+                        hyper_util::rt::TokioIo::new(stream),
+                        hyper::service::service_fn(answer),
+                    )
                     .await;
             });
         }
     });
-    (addr, seen)
+    addr
 }
 
 async fn verify(
@@ -937,18 +951,9 @@ async fn skewed_lambda_behind(
     ahead: bool,
     lie: Option<Duration>,
 ) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let record = Arc::clone(&seen);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let record = Arc::clone(&record);
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
+    let addr = serve_loopback(move |request: hyper::Request<hyper::body::Incoming>| {
                     let record = Arc::clone(&record);
                     async move {
                         let (parts, body) = request.into_parts();
@@ -996,13 +1001,8 @@ async fn skewed_lambda_behind(
                         };
                         Ok::<_, hyper::Error>(response.expect("a valid response"))
                     }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    })
+    .await;
     (addr, seen)
 }
 

@@ -6,7 +6,8 @@
 //! Everything per function is computed once ([`Target`]: the URI, its text, its fixed part of
 //! the canonical request), so an invoke signs only what changes (`sigv4.rs`, checked against
 //! `aws-sigv4`'s own signer for every function; a function it does not agree on is signed by
-//! `aws-sigv4`), sends and reads. What Lambda answers is read
+//! `aws-sigv4`) at Lambda's time (its clock, read from the `Date` of its quick answers),
+//! sends and reads. What Lambda answers is read
 //! the way the SDK reads it — `X-Amzn-ErrorType` (or the body's `__type`/`code`), the body's
 //! `message` and `Reason`, the `Retry-After` header — and classified by the one table both
 //! transports share ([`super::ServiceFailure`]). A transport failure is sorted the same way
@@ -238,20 +239,9 @@ impl DirectClient {
                     ) else {
                         return false;
                     };
-                    let mut ours = vec![
-                        (
-                            "authorization",
-                            signed.authorization.to_str().unwrap_or_default(),
-                        ),
-                        ("x-amz-date", signed.date.to_str().unwrap_or_default()),
-                    ];
-                    if let Some(token) = &signed.token {
-                        ours.push(("x-amz-security-token", token.to_str().unwrap_or_default()));
-                    }
                     let mut theirs: Vec<(&str, &str)> = reference.headers().collect();
-                    ours.sort_unstable();
                     theirs.sort_unstable();
-                    ours == theirs
+                    signed.pairs() == theirs
                 })
             })
     }

@@ -466,23 +466,11 @@ fn both_signatures(
         assert_ne!(token.trim(), token, "declined without a reason");
         return (theirs.clone(), theirs);
     };
-    let mut ours = vec![
-        (
-            "authorization".to_owned(),
-            signed.authorization.to_str().expect("ASCII").to_owned(),
-        ),
-        (
-            "x-amz-date".to_owned(),
-            signed.date.to_str().expect("ASCII").to_owned(),
-        ),
-    ];
-    if let Some(token) = signed.token {
-        ours.push((
-            "x-amz-security-token".to_owned(),
-            token.to_str().expect("ASCII").to_owned(),
-        ));
-    }
-    ours.sort();
+    let ours = signed
+        .pairs()
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect();
     (ours, theirs)
 }
 

@@ -603,8 +603,8 @@ impl ServiceFailure {
             {
                 InvokeFailure::Unavailable {
                     message: format!(
-                        "{code}: {message} (this machine's clock is {} s off Lambda's; the next \
-                         attempt is signed with Lambda's time)",
+                        "{code}: {message} (the request was signed {} s off Lambda's clock; \
+                         the next attempt is signed with Lambda's time)",
                         skew_ms.unwrap_or_default() / 1000
                     ),
                 }

@@ -48,6 +48,25 @@ pub(super) struct Signed {
     pub(super) token: Option<HeaderValue>,
 }
 
+impl Signed {
+    /// The headers as (name, value) pairs sorted by name, as `aws-sigv4`'s instructions are
+    /// compared with them.
+    pub(super) fn pairs(&self) -> Vec<(&'static str, &str)> {
+        fn text(value: &HeaderValue) -> &str {
+            value.to_str().unwrap_or_default()
+        }
+        let mut pairs = vec![
+            ("authorization", text(&self.authorization)),
+            ("x-amz-date", text(&self.date)),
+        ];
+        if let Some(token) = &self.token {
+            pairs.push(("x-amz-security-token", text(token)));
+        }
+        pairs.sort_unstable();
+        pairs
+    }
+}
+
 /// One credentials' signing key for one UTC day.
 #[derive(Default)]
 pub(super) struct KeyCache(Mutex<Option<(u64, [u8; 32])>>);
